@@ -1,0 +1,95 @@
+"""The `llmops` command: run the pipeline flow, run one stage (as dvc.yaml does), check params."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from llmops.config import ConfigError, PARAMS_FILE, load_params
+
+EXIT_BAD_PARAMS = 2
+
+STAGES = {
+    "prepare_data": "generate (or read your) instruction data and corpus into data/prepared/",
+    "validate_data": "run the Great Expectations suite on data/prepared/; report in reports/validate_data/",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmops",
+        description="LLMOps pipeline: Prefect orchestrates, DVC versions, each stage does one job.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run the pipeline flow (prepare_data -> validate_data -> push)",
+        description=(
+            "Run the pipeline as a Prefect flow. Stages run through DVC, so unchanged ones are skipped. "
+            "Uses Prefect's local API, or the server at PREFECT_API_URL when set."
+        ),
+    )
+    _add_overrides(run)
+    run.add_argument("--no-push", action="store_true", help="do not push outputs to the DVC remote")
+
+    params = sub.add_parser(
+        "params", help="validate params.yaml (with overrides) and print the resolved values",
+        description="Validate params.yaml and -S overrides against the schema and print the result as YAML.",
+    )
+    _add_overrides(params)
+
+    for stage, text in STAGES.items():
+        sub.add_parser(
+            stage, help=f"stage: {text}",
+            description=f"Run the {stage} stage alone with params.yaml (this is the command dvc.yaml runs).",
+        )
+    return parser
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a parameter by its dotted key, e.g. -S data.num_examples=500 (repeatable); "
+        "like `dvc exp run -S`, a run writes it to params.yaml",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command in STAGES:
+        from importlib import import_module
+
+        return import_module(f"tasks.{args.command}").main()
+    try:
+        params = load_params(PARAMS_FILE, args.overrides)
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_BAD_PARAMS
+    if args.command == "params":
+        from ruamel.yaml import YAML
+
+        YAML().dump(params.model_dump(mode="json"), sys.stdout)
+        return 0
+    return _run(params, push=not args.no_push)
+
+
+def _run(params, push: bool) -> int:
+    from flows.build_model import build_model
+
+    state = build_model(params=params, push=push, return_state=True)
+    if not state.is_completed():
+        print(f"error: pipeline {state.name.lower()}: {state.message}", file=sys.stderr)
+        return 1
+    result = state.result()
+    print("\nPipeline completed. Results:")
+    for path in result.outputs:
+        print(f"  {result.project}/{path}")
+    if result.remote:
+        print(f"  pushed to DVC remote: {result.remote}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Detectors for personal data in free text: email, phone, payment card, IP address.
+
+The regexes feed Great Expectations' regex expectations directly; card numbers
+also need the Luhn checksum, which validate_data runs as a custom expectation.
+Phone numbers need separators (so the plain integers of arithmetic data are
+not flagged) and must not sit inside a longer run of digit groups (a card).
+"""
+
+from __future__ import annotations
+
+import re
+
+PATTERNS: dict[str, str] = {
+    "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
+    "phone": r"(?<![\w.])(?<!\d[ -])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?![\w.]|[ -]\d)",
+    "ip": r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.])",
+    # 13 to 19 digits, optionally grouped by single spaces or dashes; Luhn decides.
+    "card": r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])",
+}
+_COMPILED = {kind: re.compile(pattern) for kind, pattern in PATTERNS.items()}
+
+
+def luhn_valid(digits: str) -> bool:
+    """True if the digit string passes the Luhn checksum used by payment cards."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _card_spans(text: str) -> list[tuple[int, int]]:
+    return [
+        m.span() for m in _COMPILED["card"].finditer(text) if luhn_valid(re.sub(r"\D", "", m.group()))
+    ]
+
+
+def find(kind: str, text: str) -> list[tuple[int, int]]:
+    """Spans of `kind` PII in `text`."""
+    if kind == "card":
+        return _card_spans(text)
+    return [m.span() for m in _COMPILED[kind].finditer(text)]
+
+
+def contains(kind: str, text: object) -> bool:
+    """True if `text` holds PII of this kind (non-strings hold none)."""
+    return isinstance(text, str) and bool(find(kind, text))
+
+
+def mask(text: str) -> str:
+    """`text` with every PII match replaced by [EMAIL], [PHONE], [CARD] or [IP], safe to print."""
+    spans = sorted((s, -e, kind) for kind in PATTERNS for s, e in find(kind, text))
+    out, pos = [], 0
+    for start, neg_end, kind in spans:  # longest match first at each start
+        end = -neg_end
+        if start < pos:  # overlapping matches (a card number also looks like a phone)
+            continue
+        out += [text[pos:start], f"[{kind.upper()}]"]
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)

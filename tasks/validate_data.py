@@ -1,0 +1,256 @@
+"""validate_data: the prepared dataset run through a Great Expectations suite.
+
+Both splits get the same suite (columns present and strings, no nulls or blanks,
+length bounds, duplicate rate, no PII); the train split also gets the leakage
+check against the eval prompts. A failure stops the pipeline with each failed
+expectation, its counts and up to 3 example rows, PII masked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel
+
+from llmops import pii
+from llmops.config import Params, ValidateDataParams
+from llmops.datasets import read_jsonl, write_text
+from llmops.repro import repro
+from llmops.stage import StageFailed, run_cli
+
+IN_DIR = Path("data/prepared")
+OUT_DIR = Path("reports/validate_data")
+SPLITS = ("train", "eval")
+EXAMPLES = 3
+
+
+class CheckResult(BaseModel):
+    """One expectation on one split."""
+
+    split: str
+    check: str
+    expectation: str
+    column: str | None
+    success: bool
+    evaluated: bool = True  # False when it could not run (its column is missing)
+    unexpected_count: int = 0
+    element_count: int = 0
+    examples: list[dict[str, str]] = []
+
+
+class ValidationResult(BaseModel):
+    success: bool
+    rows: dict[str, int]
+    checks: list[CheckResult]
+
+    @property
+    def failed(self) -> list[CheckResult]:
+        return [c for c in self.checks if c.evaluated and not c.success]
+
+
+def _expectations(cfg: ValidateDataParams, split: str) -> list[Any]:
+    """The suite for one split; each expectation carries a short check name in its meta."""
+    import great_expectations.expectations as gxe
+
+    from llmops.gx_expectations import ExpectColumnValuesToContainNoCardNumber
+
+    def named(check: str, expectation):
+        expectation.meta = {"check": check}
+        return expectation
+
+    suite = [named("has_rows", gxe.ExpectTableRowCountToBeBetween(min_value=1))]
+    limits = {"prompt": cfg.max_prompt_chars, "response": cfg.max_response_chars}
+    for col, max_chars in limits.items():
+        suite += [
+            named(f"{col}_present", gxe.ExpectColumnToExist(column=col)),
+            named(f"{col}_not_null", gxe.ExpectColumnValuesToNotBeNull(column=col)),
+            named(f"{col}_is_string", gxe.ExpectColumnValuesToBeOfType(column=col, type_="str")),
+            named(f"{col}_not_blank", gxe.ExpectColumnValuesToMatchRegex(column=col, regex=r"\S")),
+            named(
+                f"{col}_length",
+                gxe.ExpectColumnValueLengthsToBeBetween(column=col, min_value=cfg.min_chars, max_value=max_chars),
+            ),
+        ]
+        for kind in cfg.pii:
+            if kind == "card":  # a regex alone would flag order numbers: Luhn decides
+                expectation = ExpectColumnValuesToContainNoCardNumber(column=col)
+            else:
+                expectation = gxe.ExpectColumnValuesToNotMatchRegex(column=col, regex=pii.PATTERNS[kind])
+            suite.append(named(f"{col}_no_{kind}", expectation))
+    suite.append(
+        named(
+            "duplicate_rate",
+            gxe.ExpectCompoundColumnsToBeUnique(column_list=["prompt", "response"], mostly=1 - cfg.max_duplicate_rate),
+        )
+    )
+    if split == "train":
+        suite.append(
+            named(
+                "no_eval_leakage",
+                gxe.ExpectColumnValuesToNotBeInSet(column="prompt", value_set={"$PARAMETER": "eval_prompts"}),
+            )
+        )
+    return suite
+
+
+def _frame(rows: list[dict]):
+    import pandas as pd
+
+    # object dtype keeps each value as read, so a number in a text column stays a number
+    return pd.DataFrame.from_records(rows).astype(object)
+
+
+def _examples(frame, indices: list[int]) -> list[dict[str, str]]:
+    out = []
+    for i in indices[:EXAMPLES]:
+        row = frame.loc[i]
+        out.append(
+            {"line": str(int(i) + 1)}
+            | {col: pii.mask(str(row[col]))[:120] for col in ("prompt", "response") if col in frame.columns}
+        )
+    return out
+
+
+def validate(cfg: ValidateDataParams, splits: dict[str, list[dict]]) -> ValidationResult:
+    """Run the suite through a Great Expectations checkpoint on each split.
+
+    Args:
+        cfg: thresholds.
+        splits: rows of "train" and "eval".
+
+    Returns:
+        One CheckResult per expectation and split.
+    """
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    source = context.data_sources.add_pandas("prepared")
+    frames = {name: _frame(rows) for name, rows in splits.items()}
+    definitions = []
+    for name in splits:
+        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
+        suite = context.suites.add(gx.ExpectationSuite(name=f"{name}_suite", expectations=_expectations(cfg, name)))
+        definitions.append(
+            context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
+        )
+
+    checks = []
+    eval_prompts = sorted({p for p in frames["eval"].get("prompt", []) if isinstance(p, str)})
+    for name, definition in zip(splits, definitions):
+        frame = frames[name]
+        run = definition.run(
+            batch_parameters={"dataframe": frame},
+            expectation_parameters={"eval_prompts": eval_prompts},
+            result_format={"result_format": "COMPLETE", "include_unexpected_rows": False},
+        )
+        for r in run.results:
+            config = r.expectation_config
+            raised = bool(r.exception_info and r.exception_info.get("raised_exception"))
+            result = r.result or {}
+            checks.append(
+                CheckResult(
+                    split=name,
+                    check=config.meta["check"],
+                    expectation=config.type,
+                    column=config.kwargs.get("column"),
+                    success=bool(r.success),
+                    evaluated=not raised,
+                    unexpected_count=int(result.get("unexpected_count") or 0),
+                    element_count=int(result.get("element_count") or result.get("observed_value") or len(frame)),
+                    examples=_examples(frame, result.get("unexpected_index_list") or []),
+                )
+            )
+    success = all(c.success for c in checks)
+    return ValidationResult(success=success, rows={n: len(f) for n, f in frames.items()}, checks=checks)
+
+
+def failure_message(result: ValidationResult) -> str:
+    """Each failed expectation with its counts and up to 3 example rows (PII masked)."""
+    lines = [f"{len(result.failed)} expectation(s) failed:"]
+    for c in result.failed:
+        share = f" ({c.unexpected_count / c.element_count:.1%})" if c.element_count else ""
+        lines.append(f"- {c.split}.{c.check} [{c.expectation}]: {c.unexpected_count} of {c.element_count} rows{share}")
+        for ex in c.examples:
+            fields = ", ".join(f"{k}={v!r}" for k, v in ex.items() if k != "line")
+            lines.append(f"    line {ex['line']}: {fields}")
+    skipped = [c for c in result.checks if not c.evaluated]
+    if skipped:
+        lines.append(f"({len(skipped)} more could not run because their column is missing)")
+    return "\n".join(lines)
+
+
+def report_markdown(result: ValidationResult) -> str:
+    """The report a person reads: verdict, then a table of every expectation."""
+    verdict = "PASSED" if result.success else "FAILED"
+    rows = ", ".join(f"{n}: {k} rows" for n, k in result.rows.items())
+    lines = [
+        f"# Data validation {verdict}",
+        "",
+        f"Great Expectations suite on the prepared dataset ({rows}).",
+        "",
+        "| split | check | expectation | result | unexpected | examples (PII masked) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in result.checks:
+        status = "pass" if c.success else ("not run (column missing)" if not c.evaluated else "**FAIL**")
+        examples = "<br>".join(
+            f"line {ex['line']}: " + "; ".join(f"{k}={v}" for k, v in ex.items() if k != "line") for ex in c.examples
+        ).replace("|", "\\|")
+        lines.append(
+            f"| {c.split} | {c.check} | `{c.expectation}` | {status} | {c.unexpected_count}/{c.element_count} | {examples} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_validate_data(cfg: ValidateDataParams, in_dir: str | Path = IN_DIR, out_dir: str | Path = OUT_DIR) -> ValidationResult:
+    """Validate `in_dir`/{train,eval}.jsonl; write result.json and report.md into `out_dir`.
+
+    Raises:
+        DataError: a split file is missing, empty or malformed.
+        StageFailed: any expectation failed (the message lists them).
+    """
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    for stale in ("result.json", "report.md"):  # never leave a previous run's verdict behind
+        (out_dir / stale).unlink(missing_ok=True)
+    splits = {name: read_jsonl(in_dir / f"{name}.jsonl", require=()) for name in SPLITS}
+    result = validate(cfg, splits)
+    summary = {
+        "success": result.success,
+        "rows": result.rows,
+        "failed": len(result.failed),
+        "checks": [c.model_dump() for c in result.checks],
+    }
+    write_text(out_dir / "result.json", json.dumps(summary, indent=2) + "\n")
+    write_text(out_dir / "report.md", report_markdown(result))
+    if not result.success:
+        raise StageFailed(failure_message(result))
+    return result
+
+
+def _cli_body(params: Params) -> str:
+    result = run_validate_data(params.validate_data)
+    return f"validate_data: all {len(result.checks)} expectations passed ({OUT_DIR}/report.md)"
+
+
+def main() -> int:
+    return run_cli("validate_data", _cli_body)
+
+
+@task(name="validate_data")
+def validate_data(root: str) -> dict:
+    """Run the stage through DVC and publish the report, whether it passed or not."""
+    report = Path(root) / OUT_DIR / "report.md"
+    try:
+        run = repro(root, "validate_data")
+    finally:
+        if report.exists():
+            create_markdown_artifact(key="validate-data", markdown=report.read_text(), description="Data validation")
+    return {"skipped": run.skipped, **json.loads((Path(root) / OUT_DIR / "result.json").read_text())}
