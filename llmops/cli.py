@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from llmops.config import ConfigError, PARAMS_FILE, load_params
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(params, push: bool) -> int:
+    # Prefect's server reports telemetry by default; a pipeline run should not phone home.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.build_model import build_model
 
     state = build_model(params=params, push=push, return_state=True)

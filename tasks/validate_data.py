@@ -37,7 +37,7 @@ class CheckResult(BaseModel):
     expectation: str
     column: str | None
     success: bool
-    evaluated: bool = True  # False when it could not run (its column is missing)
+    evaluated: bool = True  # False when it could not run because its column is missing
     unexpected_count: int = 0
     element_count: int = 0
     examples: list[dict[str, str]] = []
@@ -153,7 +153,9 @@ def validate(cfg: ValidateDataParams, splits: dict[str, list[dict]]) -> Validati
         )
         for r in run.results:
             config = r.expectation_config
-            raised = bool(r.exception_info and r.exception_info.get("raised_exception"))
+            columns = [config.kwargs["column"]] if "column" in config.kwargs else config.kwargs.get("column_list", [])
+            # expectations on an absent column error out: column_present already reports it
+            runnable = config.type == "expect_column_to_exist" or all(c in frame.columns for c in columns)
             result = r.result or {}
             checks.append(
                 CheckResult(
@@ -162,13 +164,13 @@ def validate(cfg: ValidateDataParams, splits: dict[str, list[dict]]) -> Validati
                     expectation=config.type,
                     column=config.kwargs.get("column"),
                     success=bool(r.success),
-                    evaluated=not raised,
+                    evaluated=runnable,
                     unexpected_count=int(result.get("unexpected_count") or 0),
                     element_count=int(result.get("element_count") or result.get("observed_value") or len(frame)),
                     examples=_examples(frame, result.get("unexpected_index_list") or []),
                 )
             )
-    success = all(c.success for c in checks)
+    success = all(c.success for c in checks if c.evaluated) and all(c.evaluated for c in checks if c.check.endswith("_present"))
     return ValidationResult(success=success, rows={n: len(f) for n, f in frames.items()}, checks=checks)
 
 

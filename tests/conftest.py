@@ -1,0 +1,149 @@
+"""Shared fixtures: a throwaway copy of the project as a git repo, and real services on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env or base_env(), capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(
+        DVC_NO_ANALYTICS="1",
+        GX_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com",
+    )
+    for var in ("LLMOPS_S3_BUCKET", "LLMOPS_S3_PREFIX", "LLMOPS_S3_ENDPOINT_URL", "LLMOPS_S3_REGION", "PREFECT_API_URL"):
+        env.pop(var, None)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(autouse=True)
+def _aws_env(monkeypatch):
+    """In-process boto3 calls use fake credentials and never the developer's real ones."""
+    for key, value in base_env().items():
+        if key.startswith(("AWS_", "DVC_", "GX_")):
+            monkeypatch.setenv(key, value)
+    for var in ("LLMOPS_S3_BUCKET", "LLMOPS_S3_PREFIX", "LLMOPS_S3_ENDPOINT_URL", "LLMOPS_S3_REGION"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """The project's files (as they are in this work tree) in a fresh git repo, with a private local remote."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
+    dest = tmp_path / "project"
+    for name in filter(None, files):
+        src = REPO / name
+        if src.is_file() and not name.startswith(("data/prepared", "reports/")) and name != "dvc.lock":
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    params = dest / "params.yaml"
+    params.write_text(
+        params.read_text()
+        .replace("local_dir: ~/.cache/llmops/dvc-remote", f"local_dir: {tmp_path / 'remote'}")
+        .replace("num_examples: 2000", "num_examples: 400")
+        .replace("corpus_lines: 4000", "corpus_lines: 500")
+    )
+    run(["git", "init", "-q", "-b", "main"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-qm", "project under test"], dest)
+    return dest
+
+
+def _wait_http(url: str, proc: subprocess.Popen, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before answering {url}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except Exception:
+            time.sleep(0.5)
+    raise RuntimeError(f"no answer from {url} within {seconds}s")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """moto's standalone S3-compatible server on 127.0.0.1."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log, env=base_env()
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(url, proc, 60)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.fixture
+def bucket(s3_endpoint, request) -> str:
+    """A fresh, empty bucket on the moto server."""
+    import boto3
+
+    name = "llmops-" + request.node.name.lower().replace("_", "-")[:40].strip("-[]")
+    name = "".join(c for c in name if c.isalnum() or c == "-")
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """A real Prefect server (SQLite, temporary PREFECT_HOME) on 127.0.0.1; yields its API URL."""
+    home = tmp_path_factory.mktemp("prefect_home")
+    port = free_port()
+    env = base_env(
+        PREFECT_HOME=str(home),
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
+        PREFECT_UI_ENABLED="false",
+    )
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=log, env=env,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        _wait_http(f"{url}/health", proc, 120)
+        yield url, home
+    finally:
+        proc.terminate()
+        proc.wait(30)

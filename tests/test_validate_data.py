@@ -1,0 +1,117 @@
+"""validate_data runs a real Great Expectations suite: each defect fails exactly its expectation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmops import sample_data
+from llmops.config import ValidateDataParams
+from llmops.datasets import DataError, write_jsonl
+from llmops.stage import StageFailed
+from tasks.validate_data import run_validate_data
+
+
+def _splits():
+    rows = sample_data.instructions(seed=7, n=60)
+    return rows[:50], rows[50:]
+
+
+def _write(tmp_path, train, eval_):
+    write_jsonl(tmp_path / "in" / "train.jsonl", train)
+    write_jsonl(tmp_path / "in" / "eval.jsonl", eval_)
+    return tmp_path / "in"
+
+
+def _failed(tmp_path, train, eval_, cfg=None):
+    cfg = cfg or ValidateDataParams()
+    with pytest.raises(StageFailed) as exc:
+        run_validate_data(cfg, _write(tmp_path, train, eval_), tmp_path / "out")
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    failed = {f"{c['split']}.{c['check']}" for c in result["checks"] if c["evaluated"] and not c["success"]}
+    return failed, str(exc.value), result
+
+
+def test_clean_sample_passes_and_writes_reports(tmp_path):
+    train, eval_ = _splits()
+    result = run_validate_data(ValidateDataParams(), _write(tmp_path, train, eval_), tmp_path / "out")
+    assert result.success and not result.failed
+    summary = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert summary["success"] is True and summary["rows"] == {"train": 50, "eval": 10}
+    names = {c["check"] for c in summary["checks"]}
+    assert {"prompt_no_card", "duplicate_rate", "no_eval_leakage", "response_length"} <= names
+    assert "# Data validation PASSED" in (tmp_path / "out" / "report.md").read_text()
+
+
+def _with(rows, index, **changes):
+    rows = [dict(r) for r in rows]
+    rows[index].update(changes)
+    return rows
+
+
+DEFECTS = {
+    "missing_column": (lambda t: [{k: v for k, v in r.items() if k != "response"} for r in t], "train.response_present"),
+    "null_prompt": (lambda t: _with(t, 3, prompt=None), "train.prompt_not_null"),
+    "non_string_response": (lambda t: _with(t, 4, response=42), "train.response_is_string"),
+    "blank_prompt": (lambda t: _with(t, 5, prompt="   "), "train.prompt_not_blank"),
+    "too_long_response": (lambda t: _with(t, 6, response="x" * 3000), "train.response_length"),
+    "duplicates": (lambda t: t + [dict(r) for r in t[:2]], "train.duplicate_rate"),
+    "email": (lambda t: _with(t, 7, prompt="Write to jane.doe@example.com about 3 + 4."), "train.prompt_no_email"),
+    "phone": (lambda t: _with(t, 8, response="Call +1 415-555-0100"), "train.response_no_phone"),
+    "card": (lambda t: _with(t, 9, prompt="Charge 4111 1111 1111 1111 now."), "train.prompt_no_card"),
+    "ip": (lambda t: _with(t, 10, response="Served from 10.20.30.40"), "train.response_no_ip"),
+}
+
+
+@pytest.mark.parametrize("defect", sorted(DEFECTS))
+def test_each_defect_fails_exactly_its_expectation(tmp_path, defect):
+    make, expected = DEFECTS[defect]
+    train, eval_ = _splits()
+    failed, message, _ = _failed(tmp_path, make(train), eval_)
+    assert failed == {expected}
+    assert expected.split(".")[1] in message
+
+
+def test_leakage_between_splits(tmp_path):
+    train, eval_ = _splits()
+    failed, message, _ = _failed(tmp_path, train + [dict(eval_[0])], eval_)
+    assert failed == {"train.no_eval_leakage"}
+    assert eval_[0]["prompt"] in message
+
+
+def test_failure_message_counts_and_masks_examples(tmp_path):
+    train, eval_ = _splits()
+    for i in range(5):
+        train[i] = dict(train[i], prompt=f"Mail user{i}@example.org the answer to {i} + 1.")
+    failed, message, result = _failed(tmp_path, train, eval_)
+    assert failed == {"train.prompt_no_email"}
+    assert "5 of 50 rows (10.0%)" in message
+    assert message.count("[EMAIL]") == 3  # up to 3 examples, masked
+    assert "@example.org" not in message
+    assert "@example.org" not in (tmp_path / "out" / "report.md").read_text()
+    check = next(c for c in result["checks"] if c["check"] == "prompt_no_email" and c["split"] == "train")
+    assert check["unexpected_count"] == 5 and [e["line"] for e in check["examples"]] == ["1", "2", "3"]
+
+
+def test_thresholds_come_from_params(tmp_path):
+    train, eval_ = _splits()
+    train = train + [dict(train[0])]  # 2 of 51 rows share a pair: 3.9%
+    run_validate_data(ValidateDataParams(max_duplicate_rate=0.05), _write(tmp_path, train, eval_), tmp_path / "out")
+    failed, _, _ = _failed(tmp_path, train, eval_, ValidateDataParams(max_duplicate_rate=0.03))
+    assert failed == {"train.duplicate_rate"}
+    failed, _, _ = _failed(tmp_path, _with(train[:50], 1, prompt="x" * 30), eval_, ValidateDataParams(max_prompt_chars=20))
+    assert "train.prompt_length" in failed
+
+
+def test_pii_kinds_can_be_switched_off(tmp_path):
+    train, eval_ = _splits()
+    train = _with(train, 0, response="ping 192.168.1.1")
+    run_validate_data(ValidateDataParams(pii=["email", "phone", "card"]), _write(tmp_path, train, eval_), tmp_path / "out")
+
+
+def test_missing_split_file_is_a_clear_error(tmp_path):
+    write_jsonl(tmp_path / "in" / "train.jsonl", _splits()[0])
+    with pytest.raises(DataError, match=r"eval\.jsonl: no such file"):
+        run_validate_data(ValidateDataParams(), tmp_path / "in", tmp_path / "out")
+    assert not (tmp_path / "out" / "result.json").exists()
