@@ -1,0 +1,114 @@
+"""prepare_data: deterministic embedded sample, the user's own files (local or s3://), clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmops import sample_data
+from llmops.config import DataParams, StorageParams
+from llmops.datasets import DataError
+from llmops.storage import StorageError
+from tasks.prepare_data import run_prepare_data
+
+FILES = ("train.jsonl", "eval.jsonl", "corpus.txt")
+SMALL = dict(num_examples=300, corpus_lines=200)
+
+
+def _read(out):
+    return {name: (out / name).read_bytes() for name in FILES}
+
+
+def test_same_seed_gives_byte_identical_files(tmp_path):
+    a = run_prepare_data(DataParams(seed=3, **SMALL), StorageParams(), tmp_path / "a")
+    b = run_prepare_data(DataParams(seed=3, **SMALL), StorageParams(), tmp_path / "b")
+    assert _read(tmp_path / "a") == _read(tmp_path / "b")
+    run_prepare_data(DataParams(seed=4, **SMALL), StorageParams(), tmp_path / "c")
+    assert all(_read(tmp_path / "a")[n] != _read(tmp_path / "c")[n] for n in FILES)
+    assert (a.train_rows, a.eval_rows, a.corpus_lines) == (270, 30, 200) == (b.train_rows, b.eval_rows, b.corpus_lines)
+
+
+def test_sample_answers_are_exact_and_splits_disjoint(tmp_path):
+    run_prepare_data(DataParams(**SMALL), StorageParams(), tmp_path)
+    splits = {n: [json.loads(line) for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()] for n in ("train", "eval")}
+    rows = splits["train"] + splits["eval"]
+    assert all(sample_data.solve(r["prompt"]) == r["response"] for r in rows)
+    assert {r["task"] for r in rows} == set(sample_data.TASKS)
+    assert not {r["prompt"] for r in splits["train"]} & {r["prompt"] for r in splits["eval"]}
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["params"]["num_examples"] == 300 and set(manifest["sha256"]) == set(FILES)
+    assert manifest["libraries"]["great_expectations"]
+
+
+def test_solve_checks_answers_exactly():
+    assert sample_data.solve("What is 12 + 30?") == "42"
+    assert sample_data.solve("Convert 3 hours to minutes.") == "180 minutes"
+    assert sample_data.solve("Reverse the word 'stone'.") == "enots"
+    assert sample_data.solve("Tell me a joke.") is None
+
+
+def test_own_jsonl_and_csv_with_separate_eval(tmp_path):
+    (tmp_path / "train.jsonl").write_text(
+        '{"prompt": "Say hi", "response": "hi", "source": "crm"}\n\n{"prompt": "Say bye", "response": "bye"}\n'
+    )
+    (tmp_path / "eval.csv").write_text('prompt,response\n"Say ""yo""","yo"\nSay ok,ok\n')
+    (tmp_path / "corpus.txt").write_text("Some text.\nMore text.\n")
+    cfg = DataParams(
+        instructions=str(tmp_path / "train.jsonl"), eval_instructions=str(tmp_path / "eval.csv"),
+        corpus=str(tmp_path / "corpus.txt"),
+    )
+    result = run_prepare_data(cfg, StorageParams(), tmp_path / "out")
+    assert (result.train_rows, result.eval_rows, result.corpus_lines) == (2, 2, 2)
+    eval_rows = [json.loads(line) for line in (tmp_path / "out" / "eval.jsonl").read_text().splitlines()]
+    assert eval_rows[0] == {"prompt": 'Say "yo"', "response": "yo"}
+    assert (tmp_path / "out" / "corpus.txt").read_text() == "Some text.\nMore text.\n"
+
+
+def test_own_data_is_split_when_no_eval_file(tmp_path):
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(20)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_prepare_data(DataParams(instructions=str(tmp_path / "rows.jsonl"), eval_fraction=0.25), StorageParams(), tmp_path / "out")
+    assert (result.train_rows, result.eval_rows) == (15, 5)
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("missing.jsonl", None, r"missing\.jsonl: no such file"),
+        ("empty.jsonl", "\n\n", r"empty\.jsonl: empty dataset \(no rows\)"),
+        ("bad.jsonl", '{"prompt": "a", "response": "b"}\n{"prompt": "a"\n', r"bad\.jsonl: line 2: invalid JSON"),
+        ("list.jsonl", '{"prompt": "a", "response": "b"}\n["a", "b"]\n', r"list\.jsonl: line 2: expected a JSON object"),
+        ("cols.jsonl", '{"instruction": "a", "output": "b"}\n', r"cols\.jsonl: missing column\(s\) prompt, response \(found: instruction, output\)"),
+        ("ragged.csv", "prompt,response\na,b\nc,d,e\n", r"ragged\.csv: line 3: 3 fields, the header has 2"),
+        ("header.csv", "prompt\nonly\n", r"header\.csv: missing column\(s\) response"),
+        ("latin1.jsonl", b'{"prompt": "caf\xe9", "response": "b"}\n', r"latin1\.jsonl: line 1: not valid UTF-8"),
+    ],
+)
+def test_bad_files_name_file_and_line_and_keep_previous_output(tmp_path, name, content, expected):
+    out = tmp_path / "out"
+    run_prepare_data(DataParams(**SMALL), StorageParams(), out)
+    before = _read(out)
+    if content is not None:
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DataError, match=expected) if content is not None else pytest.raises(StorageError, match=expected):
+        run_prepare_data(DataParams(instructions=str(tmp_path / name)), StorageParams(), out)
+    assert _read(out) == before
+
+
+@pytest.mark.services
+def test_reads_s3_uris(tmp_path, s3_endpoint, bucket):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.put_object(Bucket=bucket, Key="in/rows.jsonl", Body=b'{"prompt": "p1", "response": "r1"}\n{"prompt": "p2", "response": "r2"}\n')
+    s3.put_object(Bucket=bucket, Key="in/corpus.txt", Body=b"hello corpus\n")
+    storage = StorageParams(endpoint_url=s3_endpoint)
+    cfg = DataParams(instructions=f"s3://{bucket}/in/rows.jsonl", corpus=f"s3://{bucket}/in/corpus.txt")
+    result = run_prepare_data(cfg, storage, tmp_path / "out")
+    assert (result.train_rows + result.eval_rows, result.corpus_lines) == (2, 1)
+    with pytest.raises(StorageError, match=rf"s3://{bucket}/in/nope.jsonl: no such object"):
+        run_prepare_data(DataParams(instructions=f"s3://{bucket}/in/nope.jsonl"), storage, tmp_path / "out")
+    with pytest.raises(StorageError, match="cannot reach the S3 endpoint http://127.0.0.1:9"):
+        run_prepare_data(cfg, StorageParams(endpoint_url="http://127.0.0.1:9"), tmp_path / "out")
