@@ -10,15 +10,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import State, flow, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.states import Failed
 from pydantic import BaseModel
 
-from llmops.config import PARAMS_FILE, Params, StorageParams, load_params, storage_from_env, write_params
-from llmops.remote import configure_remote, push
-from llmops.storage import check_remote
+from llmops.config import PARAMS_FILE, ConfigError, Params, StorageParams, load_params, storage_from_env, write_params
+from llmops.remote import push
+from llmops.repro import StageError
+from llmops.storage import StorageError, check_remote
 from tasks.prepare_data import prepare_data
 from tasks.validate_data import validate_data
+
+OUTPUTS = ["data/prepared/", "reports/validate_data/report.md", "reports/validate_data/result.json"]
 
 
 class PipelineResult(BaseModel):
@@ -27,16 +31,29 @@ class PipelineResult(BaseModel):
     remote: str | None
 
 
+class _Stopped(Exception):
+    """A task ended in a failed state; its message says why."""
+
+
 @task(name="push", retries=2, retry_delay_seconds=5)
-def push_outputs(root: str, storage: StorageParams) -> str:
+def push_outputs(root: str, storage: StorageParams) -> str | State:
     """Push every output recorded in dvc.lock to the remote."""
-    log = push(root, storage)
+    try:
+        log = push(root, storage)
+    except (StageError, StorageError) as exc:
+        return Failed(message=str(exc))
     create_markdown_artifact(key="push", markdown=f"Pushed to `{storage.url}`\n\n```\n{log.strip()}\n```")
     return storage.url
 
 
+def _completed(state: State):
+    if not state.is_completed():
+        raise _Stopped(state.message)
+    return state.result()
+
+
 @flow(name="build-model", log_prints=True)
-def build_model(params: Params | None = None, push: bool = True, project_dir: str | None = None) -> PipelineResult:
+def build_model(params: Params | None = None, push: bool = True, project_dir: str | None = None) -> PipelineResult | State:
     """Prepare and validate the dataset, then push it to the DVC remote.
 
     Args:
@@ -46,14 +63,16 @@ def build_model(params: Params | None = None, push: bool = True, project_dir: st
         project_dir: the project root (holds dvc.yaml); defaults to the working directory.
     """
     root = Path(project_dir or os.getcwd()).resolve()
-    if params is not None and write_params(root / PARAMS_FILE, params):
-        print(f"params.yaml updated with this run's parameters")
-    params = load_params(root / PARAMS_FILE)
-    storage = storage_from_env(params.storage)
-    if push:
-        check_remote(storage)  # fail before any work rather than after it
-    prepared = prepare_data(str(root))
-    validated = validate_data(str(root), wait_for=[prepared])
-    remote = push_outputs(str(root), storage, wait_for=[validated]) if push else None
-    outputs = ["data/prepared/", "reports/validate_data/report.md", "reports/validate_data/result.json"]
-    return PipelineResult(project=str(root), outputs=outputs, remote=remote)
+    try:
+        if params is not None and write_params(root / PARAMS_FILE, params):
+            print("params.yaml updated with this run's parameters")
+        storage = storage_from_env(load_params(root / PARAMS_FILE).storage)
+        if push:
+            check_remote(storage)  # fail before any work rather than after it
+        _completed(prepare_data(str(root), return_state=True))
+        _completed(validate_data(str(root), return_state=True))
+        remote = _completed(push_outputs(str(root), storage, return_state=True)) if push else None
+    except (ConfigError, StorageError, _Stopped) as exc:
+        # expected failures end the run with their message; anything else keeps its traceback
+        return Failed(message=str(exc))
+    return PipelineResult(project=str(root), outputs=OUTPUTS, remote=remote)

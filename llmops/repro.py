@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +56,7 @@ def reason(log: str) -> str:
             if line.startswith("ERROR: "):  # DVC's own summary follows the stage's message
                 break
             ours.append(line)
-        return "\n".join(ours).removeprefix("error: ")
+        return re.sub(r"^error: \w+: ", "", "\n".join(ours))
     dvc_errors = [line.removeprefix("ERROR: ") for line in lines if line.startswith("ERROR: ")]
     return "\n".join(dvc_errors) or "\n".join(lines[-5:])
 

@@ -10,14 +10,15 @@ import json
 import shutil
 from pathlib import Path
 
-from prefect import task
+from prefect import State, task
 from prefect.artifacts import create_table_artifact
+from prefect.states import Failed
 from pydantic import BaseModel
 
 from llmops import provenance, sample_data
 from llmops.config import DataParams, Params, StorageParams, storage_from_env
 from llmops.datasets import DataError, parse_instructions, write_jsonl, write_text
-from llmops.repro import repro
+from llmops.repro import StageError, repro
 from llmops.stage import run_cli
 from llmops.storage import read_bytes
 
@@ -112,9 +113,12 @@ def main() -> int:
 
 
 @task(name="prepare_data")
-def prepare_data(root: str) -> PrepareResult:
+def prepare_data(root: str) -> PrepareResult | State:
     """Run the stage through DVC (cached when nothing changed) and publish its summary."""
-    run = repro(root, "prepare_data")
+    try:
+        run = repro(root, "prepare_data")
+    except StageError as exc:  # an expected failure: its message, not a traceback
+        return Failed(message=str(exc))
     manifest = json.loads((Path(root) / OUT_DIR / "manifest.json").read_text())
     result = PrepareResult.model_validate(manifest["result"])
     create_table_artifact(

@@ -13,14 +13,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import State, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.states import Failed
 from pydantic import BaseModel
 
 from llmops import pii
 from llmops.config import Params, ValidateDataParams
 from llmops.datasets import read_jsonl, write_text
-from llmops.repro import repro
+from llmops.repro import StageError, repro
 from llmops.stage import StageFailed, run_cli
 
 IN_DIR = Path("data/prepared")
@@ -182,7 +183,7 @@ def failure_message(result: ValidationResult) -> str:
         lines.append(f"- {c.split}.{c.check} [{c.expectation}]: {c.unexpected_count} of {c.element_count} rows{share}")
         for ex in c.examples:
             fields = ", ".join(f"{k}={v!r}" for k, v in ex.items() if k != "line")
-            lines.append(f"    line {ex['line']}: {fields}")
+            lines.append(f"    {c.split}.jsonl:{ex['line']}: {fields}")
     skipped = [c for c in result.checks if not c.evaluated]
     if skipped:
         lines.append(f"({len(skipped)} more could not run because their column is missing)")
@@ -247,11 +248,13 @@ def main() -> int:
 
 
 @task(name="validate_data")
-def validate_data(root: str) -> dict:
+def validate_data(root: str) -> dict | State:
     """Run the stage through DVC and publish the report, whether it passed or not."""
     report = Path(root) / OUT_DIR / "report.md"
     try:
         run = repro(root, "validate_data")
+    except StageError as exc:  # an expected failure: its message, not a traceback
+        return Failed(message=str(exc))
     finally:
         if report.exists():
             create_markdown_artifact(key="validate-data", markdown=report.read_text(), description="Data validation")

@@ -1,0 +1,123 @@
+"""The pipeline flow against a real Prefect server and a real S3-compatible server, both on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+
+import boto3
+import pytest
+
+from conftest import base_env, run
+
+pytestmark = pytest.mark.services
+
+
+def _client_query(api_url: str, flow_run_id: str | None = None):
+    """Flow runs (newest first), and for one run its task runs and artifacts, read through the Prefect client."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort, TaskRunSort
+
+    async def query():
+        async with get_client() as client:
+            runs = await client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+            run_ = runs[0]
+            flow = await client.read_flow(run_.flow_id)
+            tasks = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_.id])), sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=50
+            )
+            artifacts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_.id])), sort=ArtifactSort.ID_DESC, limit=50
+            )
+            return flow, run_, tasks, artifacts
+
+    return _against(api_url, query)
+
+
+def _against(api_url: str, query):
+    """Run an async client query against the test server (never an ephemeral one)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        return asyncio.run(query())
+
+
+def _env(api_url, home, s3_endpoint, bucket):
+    return base_env(
+        PREFECT_API_URL=api_url, PREFECT_HOME=str(home),
+        LLMOPS_S3_BUCKET=bucket, LLMOPS_S3_ENDPOINT_URL=s3_endpoint, LLMOPS_S3_PREFIX="pipeline",
+    )
+
+
+def test_flow_runs_on_the_server_and_pushes_to_s3(project, prefect_api, s3_endpoint, bucket):
+    api_url, home = prefect_api
+    proc = run(["llmops", "run"], project, env=_env(api_url, home, s3_endpoint, bucket))
+    assert "Pipeline completed" in proc.stdout and f"s3://{bucket}/pipeline" in proc.stdout
+
+    flow, flow_run, task_runs, artifacts = _client_query(api_url)
+    assert flow.name == "build-model"
+    assert flow_run.state.is_completed()
+    assert sorted((t.name.rsplit("-", 1)[0], t.state.type.value) for t in task_runs) == [
+        ("prepare_data", "COMPLETED"), ("push", "COMPLETED"), ("validate_data", "COMPLETED"),
+    ]
+    by_key = {a.key: a for a in artifacts}
+    assert set(by_key) == {"prepare-data", "validate-data", "push"}
+    assert "# Data validation PASSED" in by_key["validate-data"].data
+    table = json.loads(by_key["prepare-data"].data)
+    assert {row["file"] for row in table} >= {"data/prepared/train.jsonl", "data/prepared/eval.jsonl"}
+
+    keys = {
+        obj["Key"]
+        for page in boto3.client("s3", endpoint_url=s3_endpoint).get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        for obj in page.get("Contents", [])
+    }
+    lock = (project / "dvc.lock").read_text()
+    digest = hashlib.md5((project / "data/prepared/train.jsonl").read_bytes()).hexdigest()
+    assert f"pipeline/files/md5/{digest[:2]}/{digest[2:]}" in keys
+    assert "data/prepared" in lock
+
+
+def test_failing_validation_fails_the_flow_with_the_reason_and_pushes_nothing(project, tmp_path, prefect_api, s3_endpoint, bucket):
+    api_url, home = prefect_api
+    rows = [{"prompt": f"What is {i} + 1?", "response": str(i + 1)} for i in range(40)]
+    rows[5]["response"] = "Ask 555-867-5309 or jenny@example.com"
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run(
+        ["llmops", "run", "-S", f"data.instructions={data}"], project,
+        env=_env(api_url, home, s3_endpoint, bucket), check=False,
+    )
+    assert proc.returncode == 1
+    assert "response_no_email" in proc.stderr and "response_no_phone" in proc.stderr
+
+    _, flow_run, task_runs, artifacts = _client_query(api_url)
+    assert flow_run.state.is_failed()
+    assert "validate_data failed" in flow_run.state.message and "response_no_email" in flow_run.state.message
+    assert "jenny@example.com" not in flow_run.state.message  # PII masked in the reason
+    states = {t.name.rsplit("-", 1)[0]: t.state.type.value for t in task_runs}
+    assert states == {"prepare_data": "COMPLETED", "validate_data": "FAILED"}  # push never ran
+    assert "FAIL" in {a.key: a for a in artifacts}["validate-data"].data
+    assert boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
+
+def test_deployment_has_a_cron_schedule_and_a_typed_parameter_form(project, prefect_api):
+    api_url, home = prefect_api
+    env = base_env(PREFECT_API_URL=api_url, PREFECT_HOME=str(home), LLMOPS_PROJECT_DIR=str(project))
+    run(["prefect", "work-pool", "create", "llmops", "--type", "process", "--overwrite"], project, env=env)
+    run(["prefect", "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all"], project, env=env)
+
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_deployment_by_name("build-model/nightly")
+
+    deployment = _against(api_url, read)
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
+    schema = deployment.parameter_openapi_schema
+    assert schema["properties"]["push"]["type"] == "boolean"
+    data = schema["definitions"]["DataParams"]["properties"]
+    assert data["num_examples"]["type"] == "integer" and data["eval_fraction"]["exclusiveMaximum"] == 1
+    assert schema["definitions"]["StorageParams"]["properties"]["remote"]["enum"] == ["local", "s3"]
