@@ -15,8 +15,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Failed
 from pydantic import BaseModel
 
+from llmops import remote
 from llmops.config import PARAMS_FILE, ConfigError, Params, StorageParams, load_params, storage_from_env, write_params
-from llmops.remote import push
 from llmops.repro import StageError
 from llmops.storage import StorageError, check_remote
 from tasks.prepare_data import prepare_data
@@ -39,7 +39,7 @@ class _Stopped(Exception):
 def push_outputs(root: str, storage: StorageParams) -> str | State:
     """Push every output recorded in dvc.lock to the remote."""
     try:
-        log = push(root, storage)
+        log = remote.push(root, storage)
     except (StageError, StorageError) as exc:
         return Failed(message=str(exc))
     create_markdown_artifact(key="push", markdown=f"Pushed to `{storage.url}`\n\n```\n{log.strip()}\n```")
@@ -71,8 +71,8 @@ def build_model(params: Params | None = None, push: bool = True, project_dir: st
             check_remote(storage)  # fail before any work rather than after it
         _completed(prepare_data(str(root), return_state=True))
         _completed(validate_data(str(root), return_state=True))
-        remote = _completed(push_outputs(str(root), storage, return_state=True)) if push else None
+        pushed_to = _completed(push_outputs(str(root), storage, return_state=True)) if push else None
     except (ConfigError, StorageError, _Stopped) as exc:
         # expected failures end the run with their message; anything else keeps its traceback
         return Failed(message=str(exc))
-    return PipelineResult(project=str(root), outputs=OUTPUTS, remote=remote)
+    return PipelineResult(project=str(root), outputs=OUTPUTS, remote=pushed_to)

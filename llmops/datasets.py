@@ -78,7 +78,7 @@ def _parse_csv(text: str, name: str) -> list[dict[str, Any]]:
                 raise DataError(
                     f"{name}: line {reader.line_num}: {len(fields)} fields, the header has {len(header)}"
                 )
-            rows.append(dict(zip(header, fields)))
+            rows.append(dict(zip(header, fields, strict=True)))
         return rows
     except csv.Error as exc:
         raise DataError(f"{name}: line {reader.line_num}: malformed CSV: {exc}") from None

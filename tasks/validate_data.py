@@ -145,7 +145,7 @@ def validate(cfg: ValidateDataParams, splits: dict[str, list[dict]]) -> Validati
 
     checks = []
     eval_prompts = sorted({p for p in frames["eval"].get("prompt", []) if isinstance(p, str)})
-    for name, definition in zip(splits, definitions):
+    for name, definition in zip(splits, definitions, strict=True):
         frame = frames[name]
         run = definition.run(
             batch_parameters={"dataframe": frame},
@@ -171,7 +171,7 @@ def validate(cfg: ValidateDataParams, splits: dict[str, list[dict]]) -> Validati
                     examples=_examples(frame, result.get("unexpected_index_list") or []),
                 )
             )
-    success = all(c.success for c in checks if c.evaluated) and all(c.evaluated for c in checks if c.check.endswith("_present"))
+    success = all(c.success for c in checks if c.evaluated)  # a missing column fails its *_present check
     return ValidationResult(success=success, rows={n: len(f) for n, f in frames.items()}, checks=checks)
 
 

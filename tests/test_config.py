@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from ruamel.yaml import YAML
 
 from conftest import REPO, run
 from llmops.config import ConfigError, Params, StorageParams, load_params, storage_from_env, write_params
