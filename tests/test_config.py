@@ -107,3 +107,13 @@ def test_storage_from_environment():
     storage = storage_from_env(StorageParams(), {"LLMOPS_S3_BUCKET": "b", "LLMOPS_S3_ENDPOINT_URL": "http://127.0.0.1:9"})
     assert (storage.remote, storage.url, storage.endpoint_url) == ("s3", "s3://b/llmops", "http://127.0.0.1:9")
     assert storage_from_env(StorageParams(), {}) == StorageParams()
+
+
+def test_stage_cli_reports_a_bad_data_file_with_file_and_line(project):
+    (project / "mine.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": \n')
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace("instructions: null ", "instructions: mine.jsonl"))
+    proc = run(["llmops", "prepare_data"], project, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: prepare_data: mine.jsonl: line 2: invalid JSON")
+    assert "Traceback" not in proc.stderr and not (project / "data" / "prepared").exists()
