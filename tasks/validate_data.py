@@ -118,7 +118,7 @@ def _examples(frame, indices: list[int]) -> list[dict[str, str]]:
 
 
 def validate(cfg: ValidateDataParams, splits: dict[str, list[dict]]) -> ValidationResult:
-    """Run the suite through a Great Expectations checkpoint on each split.
+    """Run the suite through a Great Expectations validation definition on each split.
 
     Args:
         cfg: thresholds.
