@@ -13,6 +13,8 @@ EXIT_BAD_PARAMS = 2
 STAGES = {
     "prepare_data": "generate (or read your) instruction data and corpus into data/prepared/",
     "validate_data": "run the Great Expectations suite on data/prepared/; report in reports/validate_data/",
+    "train": "pretrain from scratch, or fine-tune with a peft adapter, with DeepSpeed; into models/<mode>/",
+    "evaluate": "perplexity and exact match on the eval split, base vs fine-tuned; reports/evaluate/",
 }
 
 
@@ -41,10 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_overrides(params)
 
     for stage, text in STAGES.items():
-        sub.add_parser(
+        cmd = sub.add_parser(
             stage, help=f"stage: {text}",
             description=f"Run the {stage} stage alone with params.yaml (this is the command dvc.yaml runs).",
         )
+        if stage == "train":
+            cmd.add_argument("mode", choices=["pretrain", "finetune"], help="params section train.<mode>")
     return parser
 
 
@@ -61,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in STAGES:
         from importlib import import_module
 
-        return import_module(f"tasks.{args.command}").main()
+        return import_module(f"tasks.{args.command}").main(*([args.mode] if args.command == "train" else []))
     try:
         params = load_params(PARAMS_FILE, args.overrides)
     except ConfigError as exc:

@@ -11,9 +11,11 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
+
+from llmops.adapters import METHODS, LoraParams, PromptTuningParams
 
 PARAMS_FILE = "params.yaml"
 
@@ -111,11 +113,133 @@ class StorageParams(Section):
         return self.local_dir
 
 
+class DeepSpeedParams(Section):
+    """How DeepSpeed shards and places the training state, and how many processes run."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="0: plain DDP; 1: shard optimizer; 2: + gradients; 3: + parameters")
+    offload_optimizer: bool = Field(False, description="keep optimizer states in CPU memory (ZeRO 1-3)")
+    offload_params: bool = Field(False, description="keep parameters in CPU memory (ZeRO 3 only)")
+    precision: Literal["bf16", "fp32"] = "fp32"
+    num_procs: int = Field(1, ge=1, description="training processes (one per GPU; CPU ranks when there is none)")
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self):
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage 3 (got zero_stage {self.zero_stage}); set zero_stage: 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3 (ZeRO-Offload); got zero_stage 0")
+        return self
+
+
+class TrainRunParams(Section):
+    """What every training run shares: optimization, schedule, batch, checkpoints, DeepSpeed."""
+
+    steps: int = Field(ge=1, description="optimizer steps")
+    lr: float = Field(gt=0, description="peak learning rate")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="after warmup")
+    warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine: final lr as a share of lr")
+    weight_decay: float = Field(0.0, ge=0)
+    micro_batch: int = Field(16, ge=1, description="sequences per process per forward pass")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 turns clipping off")
+    max_seq_len: int = Field(128, ge=8, description="tokens per sequence")
+    seed: int = 0
+    checkpoint_every: int = Field(50, ge=0, description="steps between resumable checkpoints; 0: none")
+    keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept while training")
+    deepspeed: DeepSpeedParams = Field(default_factory=DeepSpeedParams)
+
+    @model_validator(mode="after")
+    def _warmup_within_steps(self):
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        return self
+
+
+class ModelParams(Section):
+    """A Llama-style decoder built from scratch. The vocabulary is the tokenizer trained on the corpus."""
+
+    vocab_size: int = Field(1024, ge=260, description="BPE vocabulary trained on the corpus (256 bytes + merges + specials)")
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int | None = Field(None, ge=1, description="grouped-query attention; null: as num_heads")
+    intermediate_size: int = Field(384, ge=1)
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})")
+        if self.num_kv_heads and self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        return self
+
+
+class PretrainParams(TrainRunParams):
+    """train@pretrain: tokenizer and model from scratch on the corpus."""
+
+    steps: int = Field(300, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    model: ModelParams = Field(default_factory=ModelParams)
+
+
+class FinetuneParams(TrainRunParams):
+    """train@finetune: a peft adapter on a base model, trained on the instruction data (response tokens only)."""
+
+    steps: int = Field(300, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    base_model: str = Field(
+        "pretrain", description="'pretrain' (this pipeline's checkpoint), a local model directory or a hub id"
+    )
+    method: str = Field("lora", description=f"one of: {', '.join(METHODS)}")
+    lora: LoraParams = Field(default_factory=LoraParams)
+    prompt_tuning: PromptTuningParams = Field(default_factory=PromptTuningParams)
+    adapter: str | None = Field(None, description="start from this saved adapter directory instead of a new one")
+    merge: bool = Field(False, description="also write the base model with the adapter merged in (LoRA)")
+    prompt_overflow: Literal["truncate", "refuse"] = Field(
+        "refuse", description="examples longer than max_seq_len: cut the prompt's start (with a count) or stop"
+    )
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, value):
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r}; registered: {', '.join(METHODS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _merge_needs_lora(self):
+        if self.merge and self.method != "lora":
+            raise ValueError(f"merge needs method 'lora' (a {self.method} adapter has no weights to merge)")
+        return self
+
+    @property
+    def method_params(self) -> BaseModel:
+        return getattr(self, self.method)
+
+
+class TrainParams(Section):
+    """The two modes of the train stage (dvc.yaml runs them as train@pretrain and train@finetune)."""
+
+    pretrain: PretrainParams = Field(default_factory=PretrainParams)
+    finetune: FinetuneParams = Field(default_factory=FinetuneParams)
+
+
+class EvaluateParams(Section):
+    """evaluate: held-out perplexity and exact match of greedy answers, base vs fine-tuned."""
+
+    max_examples: int | None = Field(None, ge=1, description="first N eval examples; null: all")
+    max_new_tokens: int = Field(32, ge=1, description="generation budget per answer")
+    batch_size: int = Field(32, ge=1)
+
+
 class Params(Section):
     """Everything in params.yaml: one section per stage, plus storage."""
 
     data: DataParams = Field(default_factory=DataParams)
     validate_data: ValidateDataParams = Field(default_factory=ValidateDataParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     storage: StorageParams = Field(default_factory=StorageParams)
 
 

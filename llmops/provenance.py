@@ -8,7 +8,10 @@ import os
 import subprocess
 from pathlib import Path
 
-LIBRARIES = ("llmops", "torch", "great_expectations", "dvc", "prefect", "pandas", "pydantic")
+LIBRARIES = (
+    "llmops", "torch", "deepspeed", "transformers", "peft", "tokenizers", "safetensors",
+    "great_expectations", "dvc", "prefect", "pandas", "pydantic",
+)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -7,6 +7,8 @@ from typing import Callable
 
 from llmops.config import ConfigError, Params, load_params
 from llmops.datasets import DataError
+from llmops.fit import FitError
+from llmops.modeling import ModelError
 from llmops.storage import StorageError
 
 EXIT_BAD_PARAMS = 2
@@ -30,7 +32,7 @@ def run_cli(stage: str, body: Callable[[Params], str], params_file: str = "param
         return EXIT_BAD_PARAMS
     try:
         print(body(params))
-    except (DataError, StorageError, StageFailed) as exc:
+    except (DataError, StorageError, StageFailed, ModelError, FitError) as exc:
         _print_error(stage, exc)
         return EXIT_FAILED
     return 0

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from llmops import provenance, sample_data
 from llmops.config import DataParams, Params, StorageParams, storage_from_env
-from llmops.datasets import DataError, parse_instructions, write_jsonl, write_text
+from llmops.datasets import DataError, parse_instructions, replace_dir, write_jsonl, write_text
 from llmops.repro import StageError, repro
 from llmops.stage import run_cli
 from llmops.storage import read_bytes
@@ -91,12 +91,7 @@ def run_prepare_data(cfg: DataParams, storage: StorageParams, out_dir: str | Pat
     manifest = provenance.manifest(cfg.model_dump(), files, result=result.model_dump())
     write_text(tmp / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out_dir)
     return result
 
 

@@ -1,0 +1,67 @@
+"""Parameter-efficient fine-tuning methods, registered by name (as peft's own method registry).
+
+Each method has a params model (a section of `train.finetune` in params.yaml) and
+a function turning it into a peft config. Adding a method is one registration;
+the training core never branches on the method's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class LoraParams(BaseModel):
+    """LoRA: low-rank updates W + (alpha / r) * B @ A on the target linear layers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(8, ge=1, description="rank of the update")
+    alpha: float = Field(16, gt=0, description="scale numerator: the update is multiplied by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1, description="names (last path component) of the linear layers to adapt",
+    )
+
+
+class PromptTuningParams(BaseModel):
+    """Prompt tuning: trainable virtual-token embeddings prepended to every input; the model stays frozen."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_virtual_tokens: int = Field(16, ge=1)
+
+
+def _lora(p: LoraParams) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        task_type="CAUSAL_LM", r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=list(p.target_modules)
+    )
+
+
+def _prompt_tuning(p: PromptTuningParams) -> Any:
+    from peft import PromptTuningConfig
+
+    return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=p.num_virtual_tokens)
+
+
+@dataclass(frozen=True)
+class Method:
+    params: type[BaseModel]
+    peft_config: Callable[[Any], Any]
+    peft_type: str  # as written in adapter_config.json
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, method: Method) -> None:
+    METHODS[name] = method
+
+
+register("lora", Method(LoraParams, _lora, "LORA"))
+register("prompt_tuning", Method(PromptTuningParams, _prompt_tuning, "PROMPT_TUNING"))

@@ -1,0 +1,258 @@
+"""Models, tokenizers and the instruction prompt template, shared by train and evaluate.
+
+The prompt template (one place, used for training and for generation):
+
+    ### Instruction:
+    {prompt}
+
+    ### Response:
+    {response}<|endoftext|>
+
+The prompt part and the response part are tokenized separately and concatenated,
+so the tokens the model is trained to produce are exactly the tokens it starts
+from at generation time. Only the response tokens (and the end-of-text token)
+count in the fine-tuning loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from llmops.config import ModelParams
+from llmops.datasets import DataError
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+IGNORE = -100  # label value the loss skips (transformers' convention)
+PRETRAINED = Path("models/pretrain")
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+class ModelError(Exception):
+    """A base model or adapter that cannot be used; the message says which and why."""
+
+
+def format_prompt(prompt: str) -> str:
+    return PROMPT_TEMPLATE.format(prompt=prompt)
+
+
+def train_tokenizer(text_lines: Iterable[str], vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer trained on `text_lines`, wrapped for transformers (save_pretrained works)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS, PAD], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(text_lines, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, model_max_length=1 << 30)
+
+
+def llama_config(model: ModelParams, vocab_size: int, max_seq_len: int, eos_id: int, pad_id: int) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=model.hidden_size,
+        intermediate_size=model.intermediate_size,
+        num_hidden_layers=model.num_layers,
+        num_attention_heads=model.num_heads,
+        num_key_value_heads=model.num_kv_heads or model.num_heads,
+        max_position_embeddings=max_seq_len,
+        bos_token_id=None,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        tie_word_embeddings=True,
+    )
+
+
+def resolve_base(base_model: str, root: str | os.PathLike = ".") -> str:
+    """The local directory or hub id that `train.finetune.base_model` names.
+
+    Raises:
+        ModelError: 'pretrain' before train@pretrain ran, or a path that is not a model directory.
+    """
+    if base_model == "pretrain":
+        path = Path(root) / PRETRAINED
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"base model 'pretrain': {PRETRAINED}/ has no trained model yet; "
+                "run train@pretrain first (dvc repro train@pretrain) or set train.finetune.base_model"
+            )
+        return str(path)
+    path = Path(base_model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"base model {base_model!r}: directory has no config.json (not a transformers model)")
+        return str(path)
+    if base_model.startswith((".", "/", "~")) or not _HUB_ID.match(base_model):
+        raise ModelError(f"base model {base_model!r}: no such directory")
+    return base_model  # a hub id: loaded (and checked) by transformers below
+
+
+def load_config(name: str) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"base model {name!r}: cannot load its config: {str(exc).splitlines()[0]}") from None
+
+
+def meta_model(config: Any) -> Any:
+    """The model's module tree without allocating weights (for sizes and shape checks)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    total: int
+    trainable: int
+
+
+def count_params(model: Any) -> ParamCount:
+    params = {id(p): p for p in model.parameters()}.values()  # tied weights once
+    return ParamCount(sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad))
+
+
+def check_adapter(adapter_dir: str | os.PathLike, base_config: Any, peft_type: str) -> None:
+    """Refuse an adapter whose type or tensor shapes do not fit the base model.
+
+    Raises:
+        ModelError: the adapter is missing, of another method, or shaped for another model.
+    """
+    from safetensors import safe_open
+
+    adapter_dir = Path(adapter_dir)
+    cfg_file, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    if not cfg_file.is_file() or not weights.is_file():
+        raise ModelError(f"adapter {adapter_dir}: expected adapter_config.json and adapter_model.safetensors")
+    kind = json.loads(cfg_file.read_text()).get("peft_type")
+    if kind != peft_type:
+        raise ModelError(f"adapter {adapter_dir}: is {kind}, but train.finetune.method needs {peft_type}")
+    modules = dict(meta_model(base_config).named_modules())
+    with safe_open(str(weights), framework="pt") as fh:
+        for key in fh.keys():
+            shape = tuple(fh.get_slice(key).get_shape())
+            problem = _shape_problem(key, shape, modules, base_config)
+            if problem:
+                raise ModelError(f"adapter {adapter_dir} does not match its base model: {problem}")
+
+
+def _shape_problem(key: str, shape: tuple[int, ...], modules: dict, config: Any) -> str | None:
+    if key.startswith("prompt_embeddings") or "prompt_encoder" in key:
+        hidden = config.hidden_size
+        return None if shape[-1] == hidden else f"{key} has width {shape[-1]}, base hidden_size is {hidden}"
+    m = re.match(r"base_model\.model\.(.+)\.lora_([AB])\.weight$", key)
+    if not m:
+        return None
+    name, part = m.groups()
+    layer = modules.get(name)
+    if layer is None:
+        return f"{key}: base model has no module {name}"
+    expected = layer.in_features if part == "A" else layer.out_features
+    got = shape[1] if part == "A" else shape[0]
+    if got != expected:
+        return f"{key} expects {got} features, {name} has {expected}"
+    return None
+
+
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer saved with a model (ours or a hub model's); a pad token is added as EOS when missing."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"base model {name!r}: cannot load its tokenizer: {str(exc).splitlines()[0]}") from None
+    if tok.eos_token_id is None:
+        raise ModelError(f"base model {name!r}: its tokenizer has no end-of-text token")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def encode_instruction(tok: Any, prompt: str, response: str | None) -> tuple[list[int], list[int]]:
+    """Token ids of the templated prompt, and of the response followed by EOS (empty when None)."""
+    head = tok(format_prompt(prompt), add_special_tokens=False)["input_ids"]
+    tail = [] if response is None else tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return head, tail
+
+
+def fit_to_length(head: list[int], tail: list[int], max_len: int) -> tuple[list[int], list[int]] | None:
+    """Cut the prompt's start so prompt + response fit in max_len; None if the response alone does not fit."""
+    if len(head) + len(tail) <= max_len:
+        return head, tail
+    room = max_len - len(tail)
+    if room < 1:
+        return None
+    return head[-room:], tail
+
+
+def instruction_tensors(tok: Any, rows: list[dict], max_len: int, overflow: str, source: str) -> tuple[dict, int]:
+    """Right-padded input_ids / labels / attention_mask for instruction rows; labels are -100 outside the response.
+
+    Returns:
+        The tensors and how many examples were truncated.
+
+    Raises:
+        DataError: an example is over max_len and overflow is 'refuse', or its response alone is over.
+    """
+    import torch
+
+    pairs, too_long = [], []
+    for i, row in enumerate(rows, 1):
+        head, tail = encode_instruction(tok, row["prompt"], row["response"])
+        if len(head) + len(tail) > max_len:
+            too_long.append((i, len(head) + len(tail)))
+            fitted = fit_to_length(head, tail, max_len) if overflow == "truncate" else None
+            if fitted is None:
+                what = "its response alone is" if overflow == "truncate" else "it is"
+                raise DataError(
+                    f"{source}: row {i}: {what} longer than max_seq_len ({len(head) + len(tail)} > {max_len} tokens); "
+                    f"{len(too_long)} such row(s) so far. Raise max_seq_len"
+                    + ("" if overflow == "truncate" else " or set prompt_overflow: truncate")
+                )
+            head, tail = fitted
+        pairs.append((head, tail))
+    if not pairs:
+        raise DataError(f"{source}: no examples")
+    width = max(len(h) + len(t) for h, t in pairs)
+    ids = torch.full((len(pairs), width), tok.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(pairs), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for row, (head, tail) in enumerate(pairs):
+        n = len(head) + len(tail)
+        ids[row, :n] = torch.tensor(head + tail)
+        labels[row, len(head):n] = torch.tensor(tail)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}, len(too_long)
+
+
+def corpus_tensors(tok: Any, text: str, max_len: int, source: str) -> dict:
+    """The corpus as consecutive blocks of max_len tokens (lines joined by EOS; the tail shorter than a block dropped)."""
+    import torch
+
+    ids: list[int] = []
+    for line in text.splitlines():
+        if line.strip():
+            ids += tok(line, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    blocks = len(ids) // max_len
+    if blocks < 1:
+        raise DataError(f"{source}: {len(ids)} tokens, fewer than one block of max_seq_len ({max_len})")
+    data = torch.tensor(ids[: blocks * max_len]).view(blocks, max_len)
+    return {"input_ids": data, "labels": data.clone(), "attention_mask": torch.ones_like(data)}

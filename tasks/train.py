@@ -1,0 +1,269 @@
+"""train: pretrain a model from scratch, or fine-tune a base model with a peft adapter, with DeepSpeed ZeRO.
+
+This process prepares and checks everything before any training process starts
+(tokenizer, tokenized data, base model and adapter, the memory fit), then
+launches `deepspeed.num_procs` processes with torchrun (llmops/trainer.py) and
+finally publishes their weights atomically with the tokenizer and a manifest.
+
+Outputs (train@<mode> in dvc.yaml):
+    models/<mode>/                 pretrain: model.safetensors + config + tokenizer
+                                   finetune: adapter_model.safetensors + adapter_config + tokenizer (+ merged/)
+    models/<mode>/manifest.json    params, dataset hash, parent model, git commit, libraries, world size, results
+    reports/train/<mode>/log.csv   loss, lr, tokens/s per optimizer step (`dvc plots show`)
+    reports/train/<mode>/summary.json
+Scratch, kept between runs for resume: checkpoints/train/<mode>/.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import State, task
+from prefect.artifacts import create_table_artifact
+from prefect.states import Failed
+from pydantic import BaseModel
+
+from llmops import checkpoints, provenance
+from llmops.adapters import METHODS
+from llmops.config import FinetuneParams, Params, PretrainParams, TrainRunParams
+from llmops.datasets import DataError, read_jsonl, replace_dir, write_text
+from llmops.fit import Shape, check_fit, describe, devices
+from llmops.modeling import (
+    check_adapter, corpus_tensors, count_params, instruction_tensors, llama_config, load_config,
+    load_tokenizer, meta_model, resolve_base, train_tokenizer,
+)
+from llmops.repro import StageError, repro
+from llmops.stage import StageFailed, run_cli
+from llmops.trainer import TrainJob, sanitized_env
+
+Mode = Literal["pretrain", "finetune"]
+MODES: tuple[Mode, ...] = ("pretrain", "finetune")
+PREPARED = Path("data/prepared")
+MODELS = Path("models")
+REPORTS = Path("reports/train")
+RUNS = Path("checkpoints/train")
+
+
+class TrainResult(BaseModel):
+    """What a train run produced (also stored in its manifest and summary.json)."""
+
+    mode: Mode
+    out_dir: str
+    steps: int
+    first_loss: float
+    final_loss: float
+    tokens_per_s: float  # median over steps, all processes together
+    resumed_from: int
+    world_size: int
+    params_total: int
+    params_trainable: int
+    truncated_examples: int = 0
+
+
+class _Prepared(BaseModel):
+    model: str  # what the training processes load: a config directory (pretrain) or the base model
+    dataset: str
+    parent: dict[str, Any] | None
+    truncated: int
+
+
+def _sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _model_files_hash(path: Path) -> dict[str, str]:
+    return {f.name: provenance.sha256_file(f) for f in sorted(path.iterdir()) if f.suffix in (".json", ".safetensors")}
+
+
+def _prepare_pretrain(cfg: PretrainParams, root: Path, run_dir: Path) -> tuple[_Prepared, Any, Any, dict]:
+    corpus = root / PREPARED / "corpus.txt"
+    if not corpus.is_file():
+        raise DataError(f"{PREPARED}/corpus.txt: no such file; run prepare_data first")
+    text = corpus.read_text(encoding="utf-8")
+    tok = train_tokenizer((line for line in text.splitlines() if line.strip()), cfg.model.vocab_size)
+    config = llama_config(cfg.model, len(tok), cfg.max_seq_len, tok.eos_token_id, tok.pad_token_id)
+    init = run_dir / "init"
+    shutil.rmtree(init, ignore_errors=True)
+    config.save_pretrained(init)
+    tok.save_pretrained(init)
+    tensors = corpus_tensors(tok, text, cfg.max_seq_len, f"{PREPARED}/corpus.txt")
+    return _Prepared(model=str(init), dataset=str(corpus), parent=None, truncated=0), tok, config, tensors
+
+
+def _prepare_finetune(cfg: FinetuneParams, root: Path) -> tuple[_Prepared, Any, Any, dict]:
+    base = resolve_base(cfg.base_model, root)
+    config = load_config(base)
+    if cfg.adapter:
+        check_adapter(cfg.adapter, config, METHODS[cfg.method].peft_type)
+    tok = load_tokenizer(base)
+    data = root / PREPARED / "train.jsonl"
+    rows = read_jsonl(data)
+    limit = cfg.max_seq_len - (cfg.prompt_tuning.num_virtual_tokens if cfg.method == "prompt_tuning" else 0)
+    tensors, truncated = instruction_tensors(tok, rows, limit, cfg.prompt_overflow, f"{PREPARED}/train.jsonl")
+    if truncated:
+        print(f"warning: train@finetune: {truncated} of {len(rows)} examples were longer than max_seq_len "
+              f"({limit} tokens) and had the start of their prompt cut (prompt_overflow: truncate)")
+    local = Path(base)
+    parent = {"base_model": cfg.base_model, "path": base,
+              "sha256": _model_files_hash(local) if local.is_dir() else None,
+              "revision": getattr(config, "_commit_hash", None)}
+    if cfg.adapter:
+        parent["adapter"] = {"path": cfg.adapter, "sha256": _model_files_hash(Path(cfg.adapter))}
+    return _Prepared(model=base, dataset=str(data), parent=parent, truncated=truncated), tok, config, tensors
+
+
+def _counts(mode: Mode, cfg: TrainRunParams, config: Any):
+    model = meta_model(config)
+    if mode == "finetune":
+        from peft import get_peft_model
+
+        assert isinstance(cfg, FinetuneParams)
+        model = get_peft_model(model, METHODS[cfg.method].peft_config(cfg.method_params))
+    return count_params(model)
+
+
+def run_train(mode: Mode, params: Params, root: str | Path = ".") -> TrainResult:
+    """Train (or resume training) and publish models/<mode>/ with its manifest and the step log.
+
+    Raises:
+        DataError: missing or unusable data (e.g. an example longer than max_seq_len with prompt_overflow: refuse).
+        ModelError: a missing base model, or an adapter that does not match it.
+        FitError: the configuration cannot fit in the devices' memory.
+        StageFailed: a training process failed; complete checkpoints are kept for the next run to resume.
+    """
+    root = Path(root).resolve()
+    cfg: TrainRunParams = getattr(params.train, mode)
+    run_dir = root / RUNS / mode
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if mode == "pretrain":
+        prep, tok, config, tensors = _prepare_pretrain(cfg, root, run_dir)
+    else:
+        prep, tok, config, tensors = _prepare_finetune(cfg, root)
+
+    counts = _counts(mode, cfg, config)
+    shape = Shape(config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.vocab_size)
+    estimate = check_fit(counts, shape, cfg, devices(cfg.deepspeed.num_procs), finetune=mode == "finetune")
+
+    from safetensors.torch import save_file
+
+    data_file = run_dir / "data.safetensors"
+    save_file(tensors, str(data_file))
+    fingerprint = _sha256_json({
+        "mode": mode, "cfg": cfg.model_dump(mode="json"), "data": provenance.sha256_file(data_file),
+        "model": _model_files_hash(Path(prep.model)) if Path(prep.model).is_dir() else prep.model,
+    })
+    ckpt_dir = run_dir / "checkpoints"
+    for name in checkpoints.clean(ckpt_dir, fingerprint):
+        print(f"train@{mode}: removed checkpoint {name} (incomplete, or of other params or data)")
+    found = checkpoints.latest(ckpt_dir, fingerprint)
+    resumed_from = found[0] if found else 0
+
+    tmp_out = root / MODELS / f".{mode}.tmp"
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    tmp_out.mkdir(parents=True)
+    log_file = run_dir / "log.csv"
+    job = TrainJob(mode=mode, cfg=cfg.model_dump(mode="json"), data=str(data_file), model=prep.model,
+                   out_dir=str(tmp_out), ckpt_dir=str(ckpt_dir), log_file=str(log_file), fingerprint=fingerprint)
+    job_file = run_dir / "job.json"
+    job_file.write_text(job.model_dump_json(indent=2))
+    n = cfg.deepspeed.num_procs
+    print(f"train@{mode}: {counts.total:,} parameters ({counts.trainable:,} trainable), "
+          f"{tensors['input_ids'].shape[0]} sequences; fits: {describe(estimate)}", flush=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+         "-m", "llmops.trainer", str(job_file)],
+        cwd=root, env=sanitized_env(),
+    )
+    if proc.returncode != 0:
+        shutil.rmtree(tmp_out, ignore_errors=True)
+        raise StageFailed(
+            f"training processes exited with code {proc.returncode} (their output is above); "
+            f"complete checkpoints in {RUNS / mode}/checkpoints are kept, and the next run resumes from the latest"
+        )
+    return _publish(mode, cfg, root, tmp_out, tok, prep, counts, log_file, resumed_from, n)
+
+
+def _publish(mode: Mode, cfg: TrainRunParams, root: Path, tmp_out: Path, tok: Any, prep: _Prepared, counts,
+             log_file: Path, resumed_from: int, world: int) -> TrainResult:
+    with open(log_file, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    tok.save_pretrained(tmp_out)
+    if mode == "finetune" and isinstance(cfg, FinetuneParams) and cfg.merge:
+        _merge(prep.model, tmp_out, tok)
+    result = TrainResult(
+        mode=mode, out_dir=str(MODELS / mode), steps=int(rows[-1]["step"]), first_loss=float(rows[0]["loss"]),
+        final_loss=float(rows[-1]["loss"]), tokens_per_s=statistics.median(float(r["tokens_per_s"]) for r in rows),
+        resumed_from=resumed_from, world_size=world, params_total=counts.total, params_trainable=counts.trainable,
+        truncated_examples=prep.truncated,
+    )
+    weights = {f.name: f for f in sorted(tmp_out.glob("*.safetensors"))}
+    manifest = provenance.manifest(
+        cfg.model_dump(mode="json"), {"dataset": Path(prep.dataset), **weights},
+        mode=mode, dataset=str(Path(prep.dataset).relative_to(root)), parent_model=prep.parent,
+        world_size=world, result=result.model_dump(),
+    )
+    write_text(tmp_out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    replace_dir(tmp_out, root / MODELS / mode)
+
+    reports = root / REPORTS / mode
+    reports.mkdir(parents=True, exist_ok=True)
+    write_text(reports / "log.csv", log_file.read_text())
+    write_text(reports / "summary.json", json.dumps(result.model_dump(), indent=2) + "\n")
+    shutil.rmtree(root / RUNS / mode)  # done: the resume checkpoints have served their purpose
+    return result
+
+
+def _merge(base: str, adapter_dir: Path, tok: Any) -> None:
+    """Write adapter_dir/merged: the base model with the LoRA update folded into its weights (servable alone)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter_dir))
+    merged = adapter_dir / "merged"
+    model.merge_and_unload().save_pretrained(merged, safe_serialization=True)
+    tok.save_pretrained(merged)
+
+
+def _cli_body(mode: Mode):
+    def body(params: Params) -> str:
+        r = run_train(mode, params)
+        resumed = f", resumed from step {r.resumed_from}" if r.resumed_from else ""
+        return (f"train@{mode}: {r.steps} steps{resumed}, loss {r.first_loss:.3f} -> {r.final_loss:.3f}, "
+                f"{r.tokens_per_s:,.0f} tokens/s on {r.world_size} process(es) -> {r.out_dir}/")
+    return body
+
+
+def main(mode: Mode) -> int:
+    return run_cli(f"train@{mode}", _cli_body(mode))
+
+
+@task(name="train", task_run_name="train@{mode}")
+def train(root: str, mode: Mode) -> TrainResult | State:
+    """Run train@<mode> through DVC (skipped when its data, params and code are unchanged)."""
+    try:
+        run = repro(root, f"train@{mode}")
+    except StageError as exc:
+        return Failed(message=str(exc))
+    result = TrainResult.model_validate_json((Path(root) / REPORTS / mode / "summary.json").read_text())
+    with open(Path(root) / REPORTS / mode / "log.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    every = max(1, len(rows) // 20)
+    create_table_artifact(
+        key=f"train-{mode}",
+        table=[{k: r[k] for k in ("step", "loss", "lr", "tokens_per_s")} for r in rows[::every]],
+        description=(
+            f"**train@{mode}** ({'cached, unchanged' if run.skipped else 'ran'}): {result.steps} steps, "
+            f"loss {result.first_loss:.3f} -> {result.final_loss:.3f}, {result.tokens_per_s:,.0f} tokens/s, "
+            f"{result.params_trainable:,} of {result.params_total:,} parameters trained, "
+            f"{result.world_size} process(es) -> `{result.out_dir}/`"
+        ),
+    )
+    return result
