@@ -1,8 +1,8 @@
-"""The pipeline flow: prepared data -> validated data -> pushed to the DVC remote.
+"""The pipeline flow: prepare_data -> validate_data -> train@pretrain -> train@finetune -> evaluate -> push.
 
 Prefect decides when and whether; DVC (dvc.yaml) says what each stage does and
-skips stages whose inputs did not change. Later stages (train, evaluate, ...)
-join here as tasks in order.
+skips stages whose inputs did not change. A stage that fails stops the run
+with its reason; nothing after it runs and nothing is pushed.
 """
 
 from __future__ import annotations
@@ -19,15 +19,21 @@ from llmops import remote
 from llmops.config import PARAMS_FILE, ConfigError, Params, StorageParams, load_params, storage_from_env, write_params
 from llmops.repro import StageError
 from llmops.storage import StorageError, check_remote
+from tasks.evaluate import EvalResult, evaluate
 from tasks.prepare_data import prepare_data
+from tasks.train import train
 from tasks.validate_data import validate_data
 
-OUTPUTS = ["data/prepared/", "reports/validate_data/report.md", "reports/validate_data/result.json"]
+OUTPUTS = [
+    "data/prepared/", "reports/validate_data/report.md", "reports/validate_data/result.json",
+    "models/pretrain/", "models/finetune/", "reports/train/", "reports/evaluate/metrics.json",
+]
 
 
 class PipelineResult(BaseModel):
     project: str
     outputs: list[str]
+    evaluation: EvalResult
     remote: str | None
 
 
@@ -54,7 +60,7 @@ def _completed(state: State):
 
 @flow(name="build-model", log_prints=True)
 def build_model(params: Params | None = None, push: bool = True, project_dir: str | None = None) -> PipelineResult | State:
-    """Prepare and validate the dataset, then push it to the DVC remote.
+    """Prepare and validate the data, pretrain and fine-tune, evaluate, then push everything to the DVC remote.
 
     Args:
         params: the run's parameters; when given they are written to params.yaml
@@ -71,8 +77,11 @@ def build_model(params: Params | None = None, push: bool = True, project_dir: st
             check_remote(storage)  # fail before any work rather than after it
         _completed(prepare_data(str(root), return_state=True))
         _completed(validate_data(str(root), return_state=True))
+        for mode in ("pretrain", "finetune"):
+            _completed(train(str(root), mode, return_state=True))
+        evaluation = _completed(evaluate(str(root), return_state=True))
         pushed_to = _completed(push_outputs(str(root), storage, return_state=True)) if push else None
     except (ConfigError, StorageError, _Stopped) as exc:
         # expected failures end the run with their message; anything else keeps its traceback
         return Failed(message=str(exc))
-    return PipelineResult(project=str(root), outputs=OUTPUTS, remote=pushed_to)
+    return PipelineResult(project=str(root), outputs=OUTPUTS, evaluation=evaluation, remote=pushed_to)

@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser(
         "run",
-        help="run the pipeline flow (prepare_data -> validate_data -> push)",
+        help="run the pipeline flow (prepare_data -> validate_data -> train -> evaluate -> push)",
         description=(
             "Run the pipeline as a Prefect flow. Stages run through DVC, so unchanged ones are skipped. "
             "Uses Prefect's local API, or the server at PREFECT_API_URL when set."
@@ -93,6 +93,10 @@ def _run(params, push: bool) -> int:
     print("\nPipeline completed. Results:")
     for path in result.outputs:
         print(f"  {result.project}/{path}")
+    ev = result.evaluation
+    print(f"Eval split ({ev.base.examples} examples), base '{ev.base_model}' -> fine-tuned:")
+    print(f"  perplexity  {ev.base.perplexity:.3f} -> {ev.finetuned.perplexity:.3f}")
+    print(f"  exact match {ev.base.exact_match:.1%} -> {ev.finetuned.exact_match:.1%}")
     if result.remote:
         print(f"  pushed to DVC remote: {result.remote}")
     return 0

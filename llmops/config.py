@@ -137,7 +137,7 @@ class TrainRunParams(Section):
     steps: int = Field(ge=1, description="optimizer steps")
     lr: float = Field(gt=0, description="peak learning rate")
     lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="after warmup")
-    warmup_steps: int = Field(20, ge=0)
+    warmup_steps: int = Field(20, ge=1, description="linear warmup (DeepSpeed's schedulers need at least 1)")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine: final lr as a share of lr")
     weight_decay: float = Field(0.0, ge=0)
     micro_batch: int = Field(16, ge=1, description="sequences per process per forward pass")

@@ -36,6 +36,8 @@ def base_env(**extra: str) -> dict[str, str]:
     env.update(
         DVC_NO_ANALYTICS="1",
         GX_ANALYTICS_ENABLED="false",
+        HF_HUB_OFFLINE="1",  # tests never reach a model hub
+        TOKENIZERS_PARALLELISM="false",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         AWS_ACCESS_KEY_ID="testing",
         AWS_SECRET_ACCESS_KEY="testing",
@@ -53,35 +55,61 @@ def base_env(**extra: str) -> dict[str, str]:
 def _aws_env(monkeypatch):
     """In-process boto3 calls use fake credentials and never the developer's real ones."""
     for key, value in base_env().items():
-        if key.startswith(("AWS_", "DVC_", "GX_")):
+        if key.startswith(("AWS_", "DVC_", "GX_", "HF_", "TOKENIZERS_")):
             monkeypatch.setenv(key, value)
     for var in ("LLMOPS_S3_BUCKET", "LLMOPS_S3_PREFIX", "LLMOPS_S3_ENDPOINT_URL", "LLMOPS_S3_REGION"):
         monkeypatch.delenv(var, raising=False)
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
-    """The project's files (as they are in this work tree) in a fresh git repo, with a private local remote."""
+# A model small enough to train in seconds on 2 CPU cores, yet big enough for its loss to fall clearly.
+TINY_TRAIN = [
+    "model.vocab_size=300", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
+    "model.intermediate_size=64",
+]
+TINY_RUN = ["steps=60", "warmup_steps=5", "max_seq_len=64", "micro_batch=8", "checkpoint_every=0"]
+
+
+def set_params(project: Path, *overrides: str) -> None:
+    """Write dotted overrides into the project's params.yaml (checked by the schema, as `-S` is)."""
+    from llmops.config import load_params, write_params
+
+    write_params(project / "params.yaml", load_params(project / "params.yaml", overrides))
+
+
+def make_project(dest: Path, remote: Path) -> Path:
+    """The project's files (as they are in this work tree) in a fresh git repo: small data, tiny model."""
     files = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.split("\0")
-    dest = tmp_path / "project"
     for name in filter(None, files):
         src = REPO / name
-        if src.is_file() and not name.startswith(("data/prepared", "reports/")) and name != "dvc.lock":
+        if src.is_file() and not name.startswith(("data/prepared", "reports/", "models/", "benchmarks/")) \
+                and name != "dvc.lock":
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     params = dest / "params.yaml"
     params.write_text(
         params.read_text()
-        .replace("local_dir: ~/.cache/llmops/dvc-remote", f"local_dir: {tmp_path / 'remote'}")
+        .replace("local_dir: ~/.cache/llmops/dvc-remote", f"local_dir: {remote}")
         .replace("num_examples: 2000", "num_examples: 400")
         .replace("corpus_lines: 4000", "corpus_lines: 500")
+    )
+    set_params(
+        dest,
+        *(f"train.pretrain.{o}" for o in TINY_TRAIN + TINY_RUN),
+        *(f"train.finetune.{o}" for o in TINY_RUN + ["lora.r=4"]),
+        "evaluate.max_new_tokens=8",
     )
     run(["git", "init", "-q", "-b", "main"], dest)
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "project under test"], dest)
     return dest
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A fresh copy of the project with a private local remote."""
+    return make_project(tmp_path / "project", tmp_path / "remote")
 
 
 def _wait_http(url: str, proc: subprocess.Popen, seconds: float) -> None:
