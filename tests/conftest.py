@@ -64,9 +64,9 @@ def _aws_env(monkeypatch):
 # A model small enough to train in seconds on 2 CPU cores, yet big enough for its loss to fall clearly.
 TINY_TRAIN = [
     "model.vocab_size=300", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
-    "model.intermediate_size=64",
+    "model.intermediate_size=64", "lr=0.01",
 ]
-TINY_RUN = ["steps=60", "warmup_steps=5", "max_seq_len=64", "micro_batch=8", "checkpoint_every=0"]
+TINY_RUN = ["steps=60", "warmup_steps=5", "max_seq_len=128", "micro_batch=8", "checkpoint_every=0"]
 
 
 def set_params(project: Path, *overrides: str) -> None:

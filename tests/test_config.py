@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run
+from conftest import REPO, run, set_params
 from llmops.config import ConfigError, Params, StorageParams, load_params, storage_from_env, write_params
 
 # YAML files that are not params, each checked by its own tool elsewhere in the suite.
@@ -80,7 +80,7 @@ def test_cli_refuses_bad_params_with_exit_2_before_any_work(project):
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.strip().splitlines() == [proc.stderr.strip().splitlines()[0]]
         assert proc.stderr.startswith(expected)
-    (project / "params.yaml").write_text((project / "params.yaml").read_text().replace("seed: 0", "sed: 0"))
+    (project / "params.yaml").write_text((project / "params.yaml").read_text().replace("  seed: 0", "  sed: 0", 1))
     proc = run(["llmops", "prepare_data"], project, check=False)
     assert proc.returncode == 2 and "params.yaml: data.sed: unknown key" in proc.stderr
     assert not (project / "data" / "prepared").exists()
@@ -111,8 +111,7 @@ def test_storage_from_environment():
 
 def test_stage_cli_reports_a_bad_data_file_with_file_and_line(project):
     (project / "mine.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": \n')
-    params = project / "params.yaml"
-    params.write_text(params.read_text().replace("instructions: null ", "instructions: mine.jsonl"))
+    set_params(project, "data.instructions=mine.jsonl")
     proc = run(["llmops", "prepare_data"], project, check=False)
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: prepare_data: mine.jsonl: line 2: invalid JSON")

@@ -3,33 +3,51 @@
 from __future__ import annotations
 
 import filecmp
+import json
 
 import boto3
 import pytest
 
-from conftest import base_env, run
+from conftest import base_env, run, set_params
 
 pytestmark = pytest.mark.services
 
 
-def test_repro_runs_both_stages_then_skips_both(project):
-    first = run(["dvc", "repro"], project).stdout
-    assert "Running stage 'prepare_data'" in first and "Running stage 'validate_data'" in first
+STAGES = ["prepare_data", "validate_data", "train@pretrain", "train@finetune", "evaluate"]
+
+
+def _ran(log: str) -> list[str]:
+    return [s for s in STAGES if f"Running stage '{s}'" in log]
+
+
+def test_repro_runs_every_stage_then_only_what_changed(project):
+    assert _ran(run(["dvc", "repro"], project).stdout) == STAGES
     second = run(["dvc", "repro"], project).stdout
-    assert "Stage 'prepare_data' didn't change, skipping" in second
-    assert "Stage 'validate_data' didn't change, skipping" in second
-    # a param only validate_data reads re-runs only validate_data
+    assert _ran(second) == [] and all(f"Stage '{s}' didn't change, skipping" in second for s in STAGES)
+
+    # a param only validate_data reads re-runs only validate_data (its verdict, which train reads, is unchanged)
     params = project / "params.yaml"
     params.write_text(params.read_text().replace("max_duplicate_rate: 0.01", "max_duplicate_rate: 0.02"))
-    third = run(["dvc", "repro"], project).stdout
-    assert "Stage 'prepare_data' didn't change, skipping" in third and "Running stage 'validate_data'" in third
+    assert _ran(run(["dvc", "repro"], project).stdout) == ["validate_data"]
+    # a fine-tuning param re-runs fine-tuning and evaluation, not pretraining
+    params.write_text(params.read_text().replace("      r: 4", "      r: 2"))
+    assert _ran(run(["dvc", "repro"], project).stdout) == ["train@finetune", "evaluate"]
+
+    # the step log renders as a loss curve; the metrics are read by dvc metrics
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)
+    curve = plots["data"]["reports/train/pretrain/log.csv"][0]
+    assert curve["type"] == "vega" and curve["content"]["encoding"]["x"]["field"] == "step"
+    assert curve["content"]["layer"][0]["encoding"]["y"]["field"] == "loss"
+    assert [row["step"] for row in curve["content"]["data"]["values"]] == [str(i) for i in range(1, 61)]
+    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
+    evaluated = metrics[""]["data"]["reports/evaluate/metrics.json"]["data"]
+    assert {"base", "finetuned", "by_task"} <= set(evaluated)
+    assert evaluated["finetuned"]["perplexity"] < evaluated["base"]["perplexity"]
 
 
 def _use_s3(project, endpoint, bucket, prefix="ds"):
-    params = project / "params.yaml"
-    text = params.read_text().replace("remote: local ", "remote: s3    ")
-    text = text.replace("bucket: null", f"bucket: {bucket}").replace("endpoint_url: null", f"endpoint_url: {endpoint}")
-    params.write_text(text.replace("prefix: llmops", f"prefix: {prefix}"))
+    set_params(project, "storage.remote=s3", f"storage.bucket={bucket}", f"storage.endpoint_url={endpoint}",
+               f"storage.prefix={prefix}")
 
 
 def _keys(endpoint, bucket):
@@ -48,8 +66,10 @@ def test_push_then_fresh_clone_pulls_identical_data(project, tmp_path, s3_endpoi
     run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
     assert not (clone / "data" / "prepared").exists()
     run(["dvc", "pull"], clone)
-    for name in ("train.jsonl", "eval.jsonl", "corpus.txt", "manifest.json"):
-        assert filecmp.cmp(project / "data/prepared" / name, clone / "data/prepared" / name, shallow=False)
+    for name in ("data/prepared/train.jsonl", "data/prepared/eval.jsonl", "data/prepared/corpus.txt",
+                 "data/prepared/manifest.json", "models/pretrain/model.safetensors", "models/pretrain/tokenizer.json",
+                 "models/finetune/adapter_model.safetensors", "models/finetune/manifest.json"):
+        assert filecmp.cmp(project / name, clone / name, shallow=False), name
     status = run(["dvc", "status", "-c"], clone).stdout
     assert "Cache and remote 'storage' are in sync" in status
 

@@ -60,10 +60,16 @@ def test_flow_runs_on_the_server_and_pushes_to_s3(project, prefect_api, s3_endpo
     assert flow.name == "build-model"
     assert flow_run.state.is_completed()
     assert sorted((t.name.rsplit("-", 1)[0], t.state.type.value) for t in task_runs) == [
-        ("prepare_data", "COMPLETED"), ("push", "COMPLETED"), ("validate_data", "COMPLETED"),
+        ("evaluate", "COMPLETED"), ("prepare_data", "COMPLETED"), ("push", "COMPLETED"),
+        ("train@finetune", "COMPLETED"), ("train@pretrain", "COMPLETED"), ("validate_data", "COMPLETED"),
     ]
     by_key = {a.key: a for a in artifacts}
-    assert set(by_key) == {"prepare-data", "validate-data", "push"}
+    assert set(by_key) == {"prepare-data", "validate-data", "train-pretrain", "train-finetune", "evaluate", "push"}
+    curve = json.loads(by_key["train-pretrain"].data)
+    assert curve[0]["step"] == "1" and float(curve[-1]["loss"]) < float(curve[0]["loss"])
+    scores = {row["metric"]: row for row in json.loads(by_key["evaluate"].data)}
+    assert scores["perplexity"]["finetuned"] < scores["perplexity"]["base"]
+    assert "exact match" in proc.stdout and "perplexity" in proc.stdout
     assert "# Data validation PASSED" in by_key["validate-data"].data
     table = json.loads(by_key["prepare-data"].data)
     assert {row["file"] for row in table} >= {"data/prepared/train.jsonl", "data/prepared/eval.jsonl"}
@@ -76,7 +82,9 @@ def test_flow_runs_on_the_server_and_pushes_to_s3(project, prefect_api, s3_endpo
     lock = (project / "dvc.lock").read_text()
     digest = hashlib.md5((project / "data/prepared/train.jsonl").read_bytes()).hexdigest()
     assert f"pipeline/files/md5/{digest[:2]}/{digest[2:]}" in keys
-    assert "data/prepared" in lock
+    assert "data/prepared" in lock and "models/finetune" in lock
+    digest = hashlib.md5((project / "models/pretrain/model.safetensors").read_bytes()).hexdigest()
+    assert f"pipeline/files/md5/{digest[:2]}/{digest[2:]}" in keys  # the checkpoint is versioned too
 
 
 def test_failing_validation_fails_the_flow_with_the_reason_and_pushes_nothing(project, tmp_path, prefect_api, s3_endpoint, bucket):
