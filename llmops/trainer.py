@@ -152,13 +152,16 @@ def train_steps(engine: Any, batches: Callable[[int, int], dict[str, Any]], star
     for step in range(start, steps):
         t0 = time.perf_counter()
         torch.manual_seed(seed * 1_000_003 + step * world + rank)
-        stats = torch.zeros(2, dtype=torch.float64)  # summed micro-batch loss, tokens
+        loss_sum, tokens = 0.0, 0
         for micro in range(gas):
             batch = batches(step, micro)
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
-            stats += torch.tensor([loss.item(), float(batch["attention_mask"].sum())], dtype=torch.float64)
+            loss_sum += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        # on the engine's device: NCCL, the GPU backend, has no CPU tensors
+        stats = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=engine.device)
         dist.all_reduce(stats)
         on_step(step + 1, stats[0].item() / (gas * world), engine.get_lr()[0], int(stats[1].item()),
                 time.perf_counter() - t0)
