@@ -121,16 +121,18 @@ def test_finetune_merged_model_equals_base_plus_adapter(trained):
     torch.testing.assert_close(folded, adapted, atol=1e-4, rtol=1e-4)
 
 
-def test_prompt_tuning(project):
-    """Prompt tuning on a pretrained base: only the virtual tokens train, and the loss falls."""
-    set_params(project, "train.pretrain.steps=30", "train.finetune.method=prompt_tuning",
-               "train.finetune.prompt_tuning.num_virtual_tokens=4", "train.finetune.lr=0.03")
+def test_prompt_tuning(project, trained):
+    """Prompt tuning on the pretrained base: only the virtual tokens train, and they help on held-out data."""
+    set_params(project, f"train.finetune.base_model={trained / 'models/pretrain'}", "train.finetune.method=prompt_tuning",
+               "train.finetune.prompt_tuning.num_virtual_tokens=8", "train.finetune.lr=0.1",
+               "train.finetune.steps=100")
     llmops(project, "prepare_data")
-    llmops(project, "train", "pretrain")
     llmops(project, "train", "finetune")
     cfg = json.loads((project / "models/finetune/adapter_config.json").read_text())
-    assert cfg["peft_type"] == "PROMPT_TUNING" and cfg["num_virtual_tokens"] == 4
+    assert cfg["peft_type"] == "PROMPT_TUNING" and cfg["num_virtual_tokens"] == 8
     m = json.loads((project / "models/finetune/manifest.json").read_text())
-    assert m["result"]["params_trainable"] == 4 * 32
-    rows = log_rows(project / "reports/train/finetune/log.csv")
-    assert mean(float(r["loss"]) for r in rows[-5:]) < mean(float(r["loss"]) for r in rows[:5])
+    assert m["result"]["params_trainable"] == 8 * 32
+    # single micro-batch losses are noisy; the eval split's perplexity is the steadier measure
+    llmops(project, "evaluate")
+    scores = json.loads((project / "reports/evaluate/metrics.json").read_text())
+    assert scores["finetuned"]["perplexity"] < 0.9 * scores["base"]["perplexity"], scores
