@@ -17,6 +17,7 @@ import csv
 import logging
 import os
 import re
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -216,7 +217,25 @@ def _save_final(engine: Any, out_dir: str, zero_stage: int) -> None:
     dist.barrier()
 
 
+def _die_with_launcher() -> None:
+    """Have the kernel SIGKILL this process when its launcher dies (Linux).
+
+    torchrun starts every worker in a session of its own, so killing the launcher's
+    process group (Ctrl-C, a scheduler's SIGKILL) would otherwise leave the workers
+    training on as orphans, writing into the checkpoints the next run resumes from.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    launcher = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != launcher:  # it died before we asked
+        os._exit(1)
+
+
 def main(argv: list[str]) -> int:
+    _die_with_launcher()
     job = TrainJob.model_validate_json(Path(argv[0]).read_text())
     os.environ.update(sanitized_env())
     import deepspeed

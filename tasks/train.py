@@ -17,6 +17,7 @@ Scratch, kept between runs for resume: checkpoints/train/<mode>/.
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import json
 import shutil
@@ -143,6 +144,15 @@ def run_train(mode: Mode, params: Params, root: str | Path = ".") -> TrainResult
     cfg: TrainRunParams = getattr(params.train, mode)
     run_dir = root / RUNS / mode
     run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f".{mode}.lock", "w") as lock:
+        try:  # two runs of one mode would write into the same checkpoints
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StageFailed(f"train@{mode} is already running in this project ({RUNS / mode} is locked)") from None
+        return _train(mode, cfg, root, run_dir)
+
+
+def _train(mode: Mode, cfg: TrainRunParams, root: Path, run_dir: Path) -> TrainResult:
     if mode == "pretrain":
         prep, tok, config, tensors = _prepare_pretrain(cfg, root, run_dir)
     else:

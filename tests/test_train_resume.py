@@ -48,6 +48,11 @@ def test_killed_run_resumes_from_latest_complete_checkpoint(project):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    # torchrun puts workers in sessions of their own; they must not train on as orphans
+    deadline = time.monotonic() + 10
+    while _trainers(project) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _trainers(project)
     assert not (project / "models/pretrain").exists()
     done = checkpoints.complete(ckpt, _fingerprint(ckpt))
     assert done and done[-1][0] < STEPS
@@ -65,6 +70,19 @@ def test_killed_run_resumes_from_latest_complete_checkpoint(project):
     # the resumed run the same computation; only float reduction order may differ (~1e-6 in fp32).
     # 1e-3 is far below what a restart from step 0 or a lost optimizer state changes (> 5e-2 here).
     assert resumed == pytest.approx(reference, rel=1e-3)
+
+
+def _trainers(project: Path) -> list[str]:
+    """Live training processes of this project."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"llmops.trainer" in args and any(str(project).encode() in a for a in args):
+            found.append(cmdline.parent.name)
+    return found
 
 
 def _fingerprint(ckpt: Path) -> str:
