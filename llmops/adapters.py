@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 class LoraParams(BaseModel):
     """LoRA: low-rank updates W + (alpha / r) * B @ A on the target linear layers."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    r: int = Field(8, ge=1, description="rank of the update")
+    r: int = Field(8, ge=1, le=65_536, description="rank of the update")
     alpha: float = Field(16, gt=0, description="scale numerator: the update is multiplied by alpha / r")
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(
@@ -30,9 +30,9 @@ class LoraParams(BaseModel):
 class PromptTuningParams(BaseModel):
     """Prompt tuning: trainable virtual-token embeddings prepended to every input; the model stays frozen."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    num_virtual_tokens: int = Field(16, ge=1)
+    num_virtual_tokens: int = Field(16, ge=1, le=65_536)
 
 
 def _lora(p: LoraParams) -> Any:

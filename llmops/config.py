@@ -13,11 +13,14 @@ from typing import Any, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 
 from llmops.adapters import METHODS, LoraParams, PromptTuningParams
 
 PARAMS_FILE = "params.yaml"
+MAX_STEPS = 100_000_000
+MAX_LR = 1.0  # above this Adam only diverges; prompt tuning, the most lr-hungry method, uses <= 0.3
 
 
 class ConfigError(Exception):
@@ -25,7 +28,9 @@ class ConfigError(Exception):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a quoted "128" is a string, not a number, and is refused like any other wrong type
+    # allow_inf_nan=False: `lr: .inf` or `nan` can only be a mistake
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class DataParams(Section):
@@ -35,9 +40,9 @@ class DataParams(Section):
     """
 
     seed: int = 0
-    num_examples: int = Field(2000, ge=2, description="generated instruction examples (train + eval)")
+    num_examples: int = Field(2000, ge=2, le=10_000_000, description="generated instruction examples (train + eval)")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of examples held out for eval")
-    corpus_lines: int = Field(4000, ge=1, description="lines of generated pretraining text")
+    corpus_lines: int = Field(4000, ge=1, le=100_000_000, description="lines of generated pretraining text")
     instructions: str | None = Field(None, description="your instruction data: JSONL or CSV, local path or s3:// URI")
     eval_instructions: str | None = Field(
         None, description="your eval split (same format); when null, eval is split off `instructions`"
@@ -134,16 +139,18 @@ class DeepSpeedParams(Section):
 class TrainRunParams(Section):
     """What every training run shares: optimization, schedule, batch, checkpoints, DeepSpeed."""
 
-    steps: int = Field(ge=1, description="optimizer steps")
-    lr: float = Field(gt=0, description="peak learning rate")
+    # Upper bounds catch values that can only be typos (lr 1e30 trains a dead model and reports success).
+    steps: int = Field(ge=1, le=MAX_STEPS, description="optimizer steps")
+    lr: float = Field(gt=0, le=MAX_LR, description="peak learning rate")
     lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="after warmup")
     warmup_steps: int = Field(20, ge=1, description="linear warmup (DeepSpeed's schedulers need at least 1)")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine: final lr as a share of lr")
-    weight_decay: float = Field(0.0, ge=0)
-    micro_batch: int = Field(16, ge=1, description="sequences per process per forward pass")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    micro_batch: int = Field(16, ge=1, le=65_536, description="sequences per process per forward pass")
+    grad_accum: int = Field(1, ge=1, le=65_536, description="micro-batches per optimizer step")
     grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 turns clipping off")
-    max_seq_len: int = Field(128, ge=8, description="tokens per sequence")
+    max_seq_len: int = Field(128, ge=8, le=1 << 20, description="tokens per sequence")
+    eval_every: int = Field(50, ge=0, description="steps between held-out loss measurements; 0: none")
     seed: int = 0
     checkpoint_every: int = Field(50, ge=0, description="steps between resumable checkpoints; 0: none")
     keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept while training")
@@ -159,12 +166,13 @@ class TrainRunParams(Section):
 class ModelParams(Section):
     """A Llama-style decoder built from scratch. The vocabulary is the tokenizer trained on the corpus."""
 
-    vocab_size: int = Field(1024, ge=260, description="BPE vocabulary trained on the corpus (256 bytes + merges + specials)")
-    hidden_size: int = Field(128, ge=8)
-    num_layers: int = Field(4, ge=1)
-    num_heads: int = Field(4, ge=1)
+    vocab_size: int = Field(1024, ge=260, le=1_000_000,
+                            description="BPE vocabulary trained on the corpus (256 bytes + merges + specials)")
+    hidden_size: int = Field(128, ge=8, le=65_536)
+    num_layers: int = Field(4, ge=1, le=1_000)
+    num_heads: int = Field(4, ge=1, le=1_024)
     num_kv_heads: int | None = Field(None, ge=1, description="grouped-query attention; null: as num_heads")
-    intermediate_size: int = Field(384, ge=1)
+    intermediate_size: int = Field(384, ge=1, le=262_144)
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -178,16 +186,16 @@ class ModelParams(Section):
 class PretrainParams(TrainRunParams):
     """train@pretrain: tokenizer and model from scratch on the corpus."""
 
-    steps: int = Field(300, ge=1)
-    lr: float = Field(3e-3, gt=0)
+    steps: int = Field(300, ge=1, le=MAX_STEPS)
+    lr: float = Field(3e-3, gt=0, le=MAX_LR)
     model: ModelParams = Field(default_factory=ModelParams)
 
 
 class FinetuneParams(TrainRunParams):
     """train@finetune: a peft adapter on a base model, trained on the instruction data (response tokens only)."""
 
-    steps: int = Field(300, ge=1)
-    lr: float = Field(3e-3, gt=0)
+    steps: int = Field(300, ge=1, le=MAX_STEPS)
+    lr: float = Field(3e-3, gt=0, le=MAX_LR)
     base_model: str = Field(
         "pretrain", description="'pretrain' (this pipeline's checkpoint), a local model directory or a hub id"
     )
@@ -256,14 +264,24 @@ STORAGE_ENV = {
 def _yaml() -> YAML:
     yaml = YAML()  # round-trip: keeps comments when we write params back
     yaml.preserve_quotes = True
+    # a value set to None is written `null`, as the file spells it (ruamel's default is an empty value)
+    yaml.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
     return yaml
 
 
 def _read_yaml(path: Path) -> Any:
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, expected a YAML file") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not valid UTF-8 (save the file as UTF-8)") from None
     try:
         return _yaml().load(text)
     except YAMLError as exc:
@@ -359,35 +377,62 @@ def storage_from_env(storage: StorageParams, environ: dict[str, str] | None = No
         raise ConfigError(_format_errors(exc, "environment", set()).replace("environment: ", "environment: storage.")) from None
 
 
-def write_params(path: str | os.PathLike, params: Params) -> bool:
-    """Write `params` into the params file, keeping its comments and layout.
+def write_params(path: str | os.PathLike, params: Params) -> list[str]:
+    """Write the values of `params` that differ from the params file into it, and nothing else.
 
     Used when a flow run is given parameters (from the UI or the CLI's -S): like
     `dvc exp run -S`, the values land in params.yaml so dvc.lock records them.
+    Comments, layout and every untouched line stay as they are, so `git diff params.yaml`
+    shows exactly the changed keys.
 
     Returns:
-        True if the file changed.
+        The dotted keys that changed (empty: the file was left alone).
     """
     path = Path(path)
     doc = _read_yaml(path) if path.exists() else None
     if doc is None:
-        doc = {}
-    changed = _merge(doc, params.model_dump(mode="json"))
+        doc = CommentedMap()
+    try:
+        current = Params.model_validate(_plain(doc)).model_dump(mode="json")
+    except ValidationError:
+        current = {}
+    changed = _changed_leaves(current, params.model_dump(mode="json"))
+    for key, value in changed.items():
+        _set_node(doc, key, value)
     if changed:
         buf = io.StringIO()
         _yaml().dump(doc, buf)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(buf.getvalue())
         tmp.replace(path)
-    return changed
+    return sorted(changed)
 
 
-def _merge(doc: dict, values: dict) -> bool:
-    changed = False
-    for key, value in values.items():
-        if isinstance(value, dict) and isinstance(doc.get(key), dict):
-            changed |= _merge(doc[key], value)
-        elif key not in doc or _plain(doc[key]) != value:
-            doc[key] = value
-            changed = True
-    return changed
+def _changed_leaves(old: Any, new: dict, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> new value for every leaf (scalar or list) of `new` that differs from `old`."""
+    out: dict[str, Any] = {}
+    for key, value in new.items():
+        dotted = f"{prefix}{key}"
+        before = old.get(key) if isinstance(old, dict) else None
+        if isinstance(value, dict):
+            out |= _changed_leaves(before, value, dotted + ".")
+        elif not isinstance(old, dict) or key not in old or before != value:
+            out[dotted] = value
+    return out
+
+
+def _set_node(doc: CommentedMap, key: str, value: Any) -> None:
+    """Set one dotted key in the round-trip document, creating sections as needed; lists keep their style."""
+    *parents, leaf = key.split(".")
+    node = doc
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = CommentedMap()
+        node = node[part]
+    if isinstance(value, list):
+        seq = CommentedSeq(value)
+        old = node.get(leaf)
+        if not isinstance(old, CommentedSeq) or old.fa.flow_style():
+            seq.fa.set_flow_style()
+        value = seq
+    node[leaf] = value

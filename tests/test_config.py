@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run, set_params
+from conftest import REPO, base_env, run, set_params
 from llmops.config import ConfigError, Params, StorageParams, load_params, storage_from_env, write_params
 
 # YAML files that are not params, each checked by its own tool elsewhere in the suite.
@@ -93,14 +93,61 @@ def test_every_subcommand_has_help(project):
         assert run(["llmops", command, "--help"], project).stdout.startswith("usage: llmops " + command)
 
 
-def test_write_params_keeps_comments_and_round_trips(tmp_path):
-    path = _params(tmp_path, (REPO / "params.yaml").read_text())
-    params = load_params(path, ["data.num_examples=123"])
-    assert write_params(path, params) is True
-    text = path.read_text()
-    assert "# The single source of truth" in text and "num_examples: 123" in text
+def test_write_params_changes_only_the_overridden_lines(tmp_path):
+    original = (REPO / "params.yaml").read_text()
+    path = _params(tmp_path, original)
+    params = load_params(path, ["train.finetune.lr=0.0005", "train.finetune.lora.target_modules=[q_proj, v_proj]"])
+    assert write_params(path, params) == ["train.finetune.lora.target_modules", "train.finetune.lr"]
+    old, new = original.splitlines(), path.read_text().splitlines()
+    assert len(old) == len(new)
+    changed = [(a, b) for a, b in zip(old, new) if a != b]
+    # exactly the two keys, in the file's own style; every null, comment and list elsewhere untouched
+    assert [b.split("#")[0].strip() for _, b in changed] == ["target_modules: [q_proj, v_proj]", "lr: 0.0005"]
     assert load_params(path) == params
-    assert write_params(path, params) is False
+    assert write_params(path, params) == []
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.pretrain.lr=1e30", "-S train.pretrain.lr: Input should be less than or equal to 1"),
+    ("train.pretrain.lr=.inf", "-S train.pretrain.lr: Input should be"),
+    ("train.finetune.lr=.nan", "-S train.finetune.lr: Input should be"),
+    ("data.num_examples=1000000000000000000", "-S data.num_examples: Input should be less than or equal to"),
+    ("train.pretrain.steps=1000000000000000000", "-S train.pretrain.steps: Input should be less than or equal to"),
+    ("train.finetune.max_seq_len='128'", "-S train.finetune.max_seq_len: Input should be a valid integer (got '128')"),
+])
+def test_values_that_can_only_be_mistakes_are_refused(tmp_path, override, expected):
+    with pytest.raises(ConfigError) as exc:
+        load_params(_params(tmp_path, ""), [override])
+    assert str(exc.value).startswith(expected), str(exc.value)
+
+
+def test_a_quoted_number_in_the_file_is_a_type_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"params.yaml: train.pretrain.max_seq_len: Input should be a valid integer"):
+        load_params(_params(tmp_path, 'train:\n  pretrain:\n    max_seq_len: "128"\n'))
+
+
+def test_non_utf8_params_file_is_one_clear_line(project):
+    path = project / "params.yaml"
+    path.write_bytes(path.read_bytes().replace(b"# The single", b"# The s\xe9ngle", 1))
+    for args in (["params"], ["prepare_data"], ["run"]):
+        proc = run(["llmops", *args], project, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+        assert "params.yaml: line 1: not valid UTF-8" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_params_command_shows_what_a_run_uses_env_included(project):
+    env = base_env(LLMOPS_S3_BUCKET="team-bucket", LLMOPS_S3_ENDPOINT_URL="http://127.0.0.1:9")
+    out = run(["llmops", "params", "-S", "data.seed=7"], project, env=env).stdout
+    assert "seed: 7" in out and "bucket: team-bucket" in out and "remote: s3" in out
+    assert "endpoint_url: http://127.0.0.1:9" in out
+    assert "team-bucket" not in (project / "params.yaml").read_text()  # shown, never written
+
+
+def test_version(project):
+    from importlib.metadata import version
+
+    assert run(["llmops", "--version"], project).stdout.strip() == f"llmops {version('llmops')}"
 
 
 def test_storage_from_environment():
