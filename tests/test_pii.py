@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import functools
+import multiprocessing
+import re
+
 import pytest
 
 from llmops import pii
@@ -42,3 +46,81 @@ def test_leaves_ordinary_text_alone(text):
 
 def test_luhn():
     assert pii.luhn_valid("79927398713") and not pii.luhn_valid("79927398710")
+
+
+def test_overlong_local_part_is_still_flagged():
+    # the pattern bounds the local part at 64 characters (RFC 5321): a longer one
+    # matches from 64 characters before the "@", so the address is still caught
+    text = "mail " + "x" * 200 + "@example.com now"
+    assert pii.contains("email", text)
+    assert re.search(pii.PATTERNS["email"], text)
+    assert "@example.com" not in pii.mask(text)
+
+
+# No input can hang the pipeline. Each generator below makes about 2 MB of text
+# aimed at a detector's weak spot: long runs of what a pattern repeats, with what
+# it needs next missing, so a backtracking pattern retries the run from every
+# start. Linear detectors take under a second on each; the old email pattern
+# (`[...]+@...`) was quadratic: 40k characters of "a" took 4.5 s, 2 MB hours.
+ADVERSARIAL_CHARS = 2_000_000
+TIME_LIMIT_S = 5.0  # generous for a loaded 2-core CI machine, hours below quadratic
+
+
+def _repeat(unit: str):
+    return lambda n: (unit * (n // len(unit) + 1))[:n]
+
+
+ADVERSARIAL = {
+    "letters": _repeat("a"),  # one local-part run with no "@" (the issue's case)
+    "digits": _repeat("1"),  # a run for card, phone and ip, and a local part too
+    "a_dot": _repeat("a."),  # local part or dotted labels, no "@"
+    "a_at": _repeat("a@"),  # an "@" everywhere, never a domain with a TLD
+    "at_a_dot": _repeat("@a."),
+    "a_dot_at": _repeat("a.a.a.a@"),  # several starts reach each "@"
+    # up to 64 starts reach each "@", each rescans a domain that has no TLD
+    "local_at_short_labels": _repeat("a" * 64 + "@" + "1." * 200),
+    "local_at_long_labels": _repeat("a" * 64 + "@" + ("1" * 63 + ".") * 12 + " "),
+    "digit_space": _repeat("1 "),  # card matches back to back, each Luhn-checked
+    "digit_dash": _repeat("1-"),
+    "paren_digits": lambda n: "(" + "1" * (n - 1),  # an area code that never closes
+    "phone_near_miss": _repeat("+123 (1234) 123 "),
+    "ip_prefix": _repeat("255.255.255."),  # three octets, and the fourth never ends
+    "cards": _repeat("4111 1111 1111 1111 "),  # every match passes Luhn: many spans to mask
+}
+
+
+@functools.cache
+def _adversarial(name: str) -> str:
+    return ADVERSARIAL[name](ADVERSARIAL_CHARS)
+
+
+def _finishes_in_time(work) -> None:
+    """Run `work` in a forked child and fail if it is still running at the limit.
+
+    A regex scan seldom lets Python handle signals (an alarm at 1 s stopped the old
+    email scan after 23 s) and a thread cannot stop it: a regression would hang the
+    test run instead of failing it.
+    """
+    child = multiprocessing.get_context("fork").Process(target=work)
+    child.start()
+    child.join(TIME_LIMIT_S)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+        pytest.fail(f"still running after {TIME_LIMIT_S} s on {ADVERSARIAL_CHARS} characters")
+    assert child.exitcode == 0
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL))
+@pytest.mark.parametrize("kind", list(pii.PATTERNS))
+def test_detector_runs_in_linear_time(kind, name):
+    text = _adversarial(name)
+    _finishes_in_time(lambda: pii.find(kind, text))
+    # the raw pattern as Great Expectations runs it (pandas str.contains: re.search)
+    _finishes_in_time(lambda: re.search(pii.PATTERNS[kind], text))
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL))
+def test_mask_runs_in_linear_time(name):
+    text = _adversarial(name)
+    _finishes_in_time(lambda: pii.mask(text))
