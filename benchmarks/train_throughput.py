@@ -128,7 +128,8 @@ class Timer:
         self.losses: list[float] = []
         self._last = 0.0
 
-    def on_step(self, step: int, loss: float, lr: float, tokens: int, seconds: float) -> None:
+    def on_step(self, step: int, loss: float, lr: float, tokens: int, seconds: float,
+                grad_norm: float | None = None) -> None:
         self.sync()
         now = time.perf_counter()
         if step == self.warmup:

@@ -8,6 +8,11 @@ Layout under a run's checkpoint directory:
 A checkpoint is complete only when its directory has the final name and holds
 complete.json with the run's fingerprint (a hash of everything the training
 processes consume). A checkpoint of other params or data is never resumed.
+
+complete.json also holds the sha256 of every file of the checkpoint, taken when it
+was completed. DeepSpeed loads its checkpoints with pickle, which can run code, so
+only a checkpoint whose files still match (verified()) is ever loaded: a file
+changed or planted since then makes it skipped, with a warning, for the previous one.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
+
+from llmops import provenance
 
 MARKER = "complete.json"
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -28,6 +36,15 @@ def name(step: int) -> str:
 
 def partial_name(step: int) -> str:
     return f".partial-{name(step)}"
+
+
+def step_of(tag: str) -> int:
+    return int(tag.removeprefix("step-"))
+
+
+def _file_hashes(path: Path) -> dict[str, str]:
+    return {str(f.relative_to(path)): provenance.sha256_file(f)
+            for f in sorted(path.rglob("*")) if f.is_file() and f.name != MARKER}
 
 
 def complete(root: str | os.PathLike, fingerprint: str) -> list[tuple[int, Path]]:
@@ -54,6 +71,23 @@ def latest(root: str | os.PathLike, fingerprint: str) -> tuple[int, Path] | None
     return found[-1] if found else None
 
 
+def verified(root: str | os.PathLike, fingerprint: str, warn: Callable[[str], object] = print) -> tuple[int, Path] | None:
+    """The newest complete checkpoint whose files are exactly those hashed when it was completed.
+
+    A mismatch (a changed, missing or extra file) skips that checkpoint with a warning
+    and falls back to the previous one, so a damaged checkpoint never fails every re-run.
+    """
+    for step, path in reversed(complete(root, fingerprint)):
+        expected = json.loads((path / MARKER).read_text()).get("files")
+        actual = _file_hashes(path)
+        if expected == actual:
+            return step, path
+        changed = sorted(set(expected or {}) ^ set(actual) | {k for k in actual if (expected or {}).get(k, actual[k]) != actual[k]})
+        warn(f"warning: checkpoint {path.name} skipped: its files differ from those hashed when it was completed "
+             f"({', '.join(changed[:3]) or 'no file hashes recorded'}); falling back to an earlier one")
+    return None
+
+
 def clean(root: str | os.PathLike, fingerprint: str) -> list[str]:
     """Remove partial checkpoints and those of other runs; returns what was removed (for the log)."""
     root = Path(root)
@@ -72,8 +106,9 @@ def commit(root: str | os.PathLike, step: int, fingerprint: str, keep: int, info
     root = Path(root)
     partial, final = root / partial_name(step), root / name(step)
     marker = partial / MARKER
+    files = _file_hashes(partial)
     with open(marker, "w") as fh:
-        json.dump({"step": step, "fingerprint": fingerprint, **info}, fh)
+        json.dump({"step": step, "fingerprint": fingerprint, **info, "files": files}, fh)
         fh.flush()
         os.fsync(fh.fileno())
     if final.exists():

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from importlib.metadata import version
+from pathlib import Path
 
-from llmops.config import ConfigError, PARAMS_FILE, load_params
+from llmops import locks
+from llmops.config import ConfigError, PARAMS_FILE, load_params, storage_for
+from llmops.preflight import check_inputs
+from llmops.prefect_api import PrefectUnavailable, prefect_api
 
 EXIT_BAD_PARAMS = 2
 
@@ -23,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="llmops",
         description="LLMOps pipeline: Prefect orchestrates, DVC versions, each stage does one job.",
     )
+    parser.add_argument("--version", action="version", version=f"llmops {version('llmops')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser(
@@ -37,8 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-push", action="store_true", help="do not push outputs to the DVC remote")
 
     params = sub.add_parser(
-        "params", help="validate params.yaml (with overrides) and print the resolved values",
-        description="Validate params.yaml and -S overrides against the schema and print the result as YAML.",
+        "params", help="validate params.yaml (with overrides) and print the values a run will use",
+        description="Validate params.yaml and -S overrides against the schema and print the values a run "
+        "will use as YAML (LLMOPS_S3_* environment variables applied).",
     )
     _add_overrides(params)
 
@@ -66,26 +74,39 @@ def main(argv: list[str] | None = None) -> int:
         from importlib import import_module
 
         return import_module(f"tasks.{args.command}").main(*([args.mode] if args.command == "train" else []))
-    try:
+    root = Path.cwd()
+    try:  # everything that can be refused without work is refused here, before Prefect or DVC start
         params = load_params(PARAMS_FILE, args.overrides)
+        storage = storage_for(params.storage, root)  # what the run uses (LLMOPS_S3_*); never written to params.yaml
+        if args.command == "params":
+            from ruamel.yaml import YAML
+
+            YAML().dump(params.model_copy(update={"storage": storage}).model_dump(mode="json"), sys.stdout)
+            return 0
+        check_inputs(params, root)
     except ConfigError as exc:
         for line in str(exc).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return EXIT_BAD_PARAMS
-    if args.command == "params":
-        from ruamel.yaml import YAML
-
-        YAML().dump(params.model_dump(mode="json"), sys.stdout)
-        return 0
-    return _run(params, push=not args.no_push)
+    return _run(root, params, push=not args.no_push)
 
 
-def _run(params, push: bool) -> int:
+def _run(root: Path, params, push: bool) -> int:
     # Prefect's server reports telemetry by default; a pipeline run should not phone home.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.build_model import build_model
+    previous = _previous_scores(root)
+    try:
+        with locks.exclusive(root / locks.RUN_LOCK, "`llmops run`"), prefect_api(root):
+            from flows.build_model import build_model
 
-    state = build_model(params=params, push=push, return_state=True)
+            state = build_model(params=params, push=push, return_state=True)
+    except (locks.Busy, PrefectUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: the run stopped; outputs of completed stages and complete training checkpoints "
+              "are kept, and `llmops run` continues from them", file=sys.stderr)
+        return 130
     if not state.is_completed():
         print(f"error: pipeline {state.name.lower()}: {state.message}", file=sys.stderr)
         return 1
@@ -95,12 +116,21 @@ def _run(params, push: bool) -> int:
         print(f"  {result.project}/{path}")
     ev = result.evaluation
     print(f"Eval split ({ev.base.examples} examples), base '{ev.base_model}' -> fine-tuned:")
-    print(f"  perplexity  {ev.base.perplexity:.3f} -> {ev.finetuned.perplexity:.3f}")
-    print(f"  exact match {ev.base.exact_match:.1%} -> {ev.finetuned.exact_match:.1%}")
+    was = ("", "") if not previous else (
+        f"   (previous run: {previous['perplexity']:.3f})", f"   (previous run: {previous['exact_match']:.1%})")
+    print(f"  perplexity  {ev.base.perplexity:.3f} -> {ev.finetuned.perplexity:.3f}{was[0]}")
+    print(f"  exact match {ev.base.exact_match:.1%} -> {ev.finetuned.exact_match:.1%}{was[1]}")
     if result.remote:
         print(f"  pushed to DVC remote: {result.remote}")
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _previous_scores(root: Path) -> dict | None:
+    """The fine-tuned model's scores of the last completed run, to print beside this run's.
+
+    Read as plain JSON: the stage modules import Prefect, which must wait until its API is chosen.
+    """
+    try:
+        return json.loads((root / "reports/evaluate/metrics.json").read_text())["finetuned"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -97,7 +97,8 @@ class StorageParams(Section):
     """
 
     remote: Literal["local", "s3"] = "local"
-    local_dir: str = Field("~/.cache/llmops/dvc-remote", description="the local remote's directory")
+    local_dir: str | None = Field(
+        None, description="the local remote's directory; null: ~/.cache/llmops/dvc-remote/<project>-<first commit>")
     bucket: str | None = Field(None, validate_default=True)
     prefix: str = Field("llmops", description="key prefix inside the bucket")
     endpoint_url: str | None = Field(None, description="for S3-compatible stores (MinIO, moto, R2...)")
@@ -115,6 +116,8 @@ class StorageParams(Section):
         """The remote's URL as DVC takes it."""
         if self.remote == "s3":
             return f"s3://{self.bucket}/{self.prefix.strip('/')}" if self.prefix.strip("/") else f"s3://{self.bucket}"
+        if self.local_dir is None:
+            raise ValueError("storage.local_dir is resolved per project: use storage_for(storage, root)")
         return self.local_dir
 
 
@@ -150,7 +153,7 @@ class TrainRunParams(Section):
     grad_accum: int = Field(1, ge=1, le=65_536, description="micro-batches per optimizer step")
     grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 turns clipping off")
     max_seq_len: int = Field(128, ge=8, le=1 << 20, description="tokens per sequence")
-    eval_every: int = Field(50, ge=0, description="steps between held-out loss measurements; 0: none")
+    eval_every: int = Field(50, ge=0, description="steps between held-out loss measurements; 0: only at the end")
     seed: int = 0
     checkpoint_every: int = Field(50, ge=0, description="steps between resumable checkpoints; 0: none")
     keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept while training")
@@ -361,6 +364,33 @@ def load_params(path: str | os.PathLike = PARAMS_FILE, overrides: Iterable[str] 
         return Params.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, str(path), keys)) from None
+
+
+def storage_for(storage: StorageParams, root: str | os.PathLike) -> StorageParams:
+    """The storage a run in project `root` uses: LLMOPS_S3_* applied, and a local remote of its own.
+
+    One default local remote per project (named after the repository's first commit, which
+    every clone shares), so `dvc gc -c` in one project never deletes another's data.
+    """
+    storage = storage_from_env(storage)
+    if storage.local_dir is not None:
+        return storage
+    return storage.model_copy(update={"local_dir": f"~/.cache/llmops/dvc-remote/{project_id(root)}"})
+
+
+def project_id(root: str | os.PathLike) -> str:
+    """`<directory>-<first commit>`: the same in every clone of a repository, different between projects."""
+    import hashlib
+    import subprocess
+
+    root = Path(root).resolve()
+    try:
+        out = subprocess.run(["git", "rev-list", "--max-parents=0", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=30)
+        first = out.stdout.split()[-1][:12] if out.returncode == 0 and out.stdout.split() else None
+    except (OSError, subprocess.TimeoutExpired):
+        first = None
+    return f"{root.name}-{first or hashlib.sha256(str(root).encode()).hexdigest()[:12]}"
 
 
 def storage_from_env(storage: StorageParams, environ: dict[str, str] | None = None) -> StorageParams:

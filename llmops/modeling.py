@@ -42,7 +42,7 @@ def format_prompt(prompt: str) -> str:
     return PROMPT_TEMPLATE.format(prompt=prompt)
 
 
-def train_tokenizer(text_lines: Iterable[str], vocab_size: int) -> Any:
+def train_tokenizer(text_lines: Iterable[str], vocab_size: int, max_len: int) -> Any:
     """A byte-level BPE tokenizer trained on `text_lines`, wrapped for transformers (save_pretrained works)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -55,7 +55,8 @@ def train_tokenizer(text_lines: Iterable[str], vocab_size: int) -> Any:
         show_progress=False,
     )
     tok.train_from_iterator(text_lines, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, model_max_length=1 << 30)
+    # model_max_length: the model's context, so the tokenizer warns about longer inputs instead of passing them
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, model_max_length=max_len)
 
 
 def llama_config(model: ModelParams, vocab_size: int, max_seq_len: int, eos_id: int, pad_id: int) -> Any:
@@ -87,7 +88,7 @@ def resolve_base(base_model: str, root: str | os.PathLike = ".") -> str:
         if not (path / "config.json").is_file():
             raise ModelError(
                 f"base model 'pretrain': {PRETRAINED}/ has no trained model yet; "
-                "run train@pretrain first (dvc repro train@pretrain) or set train.finetune.base_model"
+                "run train@pretrain first (`llmops run`, or `dvc pull` in a fresh clone), or set train.finetune.base_model"
             )
         return str(path)
     path = Path(base_model).expanduser()
@@ -98,6 +99,101 @@ def resolve_base(base_model: str, root: str | os.PathLike = ".") -> str:
     if base_model.startswith((".", "/", "~")) or not _HUB_ID.match(base_model):
         raise ModelError(f"base model {base_model!r}: no such directory")
     return base_model  # a hub id: loaded (and checked) by transformers below
+
+
+def verify_model_dir(path: str | os.PathLike) -> None:
+    """Check a local model or adapter directory before anything loads it; a hub id passes through.
+
+    Weights are loaded only from safetensors (pickle files can run code), and where a
+    manifest.json lies beside them (our own models), every weights file must still have
+    the sha256 it recorded.
+
+    Raises:
+        ModelError: no safetensors weights, or weights that differ from the manifest.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights and (path / "config.json").is_file() | (path / "adapter_config.json").is_file():
+        pickled = [f.name for f in path.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".pkl")]
+        raise ModelError(
+            f"{path}: no .safetensors weights" + (f" (found {', '.join(sorted(pickled))}: pickle files, "
+                                                   "which can run code when loaded, are refused)" if pickled else "")
+            + "; convert the weights to safetensors, or run `dvc pull` / the stage that makes them")
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        return
+    recorded = json.loads(manifest.read_text()).get("sha256", {})
+    from llmops.provenance import sha256_file
+
+    for f in weights:
+        if f.name in recorded and sha256_file(f) != recorded[f.name]:
+            raise ModelError(
+                f"{f}: does not match its manifest (sha256 differs: changed or damaged since it was written); "
+                f"restore it with `dvc checkout {path}` or `dvc pull`, or re-run the stage that made it")
+
+
+def load_causal_lm(name: str, **kwargs: Any) -> Any:
+    """A causal LM from a checked model directory (or a hub id), from safetensors only.
+
+    Raises:
+        ModelError: see verify_model_dir, or weights that cannot be read (e.g. a truncated file).
+    """
+    from transformers import AutoModelForCausalLM
+
+    verify_model_dir(name)
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, use_safetensors=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:  # safetensors' errors, a truncated file included
+        raise ModelError(f"model {name}: cannot load its weights: {str(exc).splitlines()[0]}") from None
+
+
+def load_adapter(model: Any, adapter_dir: str | os.PathLike, **kwargs: Any) -> Any:
+    """The peft adapter saved in `adapter_dir` on `model`, from adapter_model.safetensors only."""
+    from peft import PeftModel
+
+    verify_model_dir(adapter_dir)
+    if not (Path(adapter_dir) / "adapter_model.safetensors").is_file():
+        raise ModelError(f"adapter {adapter_dir}: no adapter_model.safetensors")
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"adapter {adapter_dir}: cannot load it: {str(exc).splitlines()[0]}") from None
+
+
+def model_card(mode: str, manifest: dict) -> str:
+    """README.md for a trained model directory: what it is, where it came from, how to load it."""
+    result = manifest.get("result", {})
+    parent = manifest.get("parent_model") or {}
+    if mode == "pretrain":
+        what = "A Llama-style causal language model trained from scratch by `train@pretrain`"
+        load = ('from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
+                'model = AutoModelForCausalLM.from_pretrained("models/pretrain", use_safetensors=True)\n'
+                'tokenizer = AutoTokenizer.from_pretrained("models/pretrain")')
+    else:
+        method = manifest.get("params", {}).get("method", "peft")
+        what = f"A {method} adapter trained by `train@finetune` on the base `{parent.get('path', '?')}`"
+        load = ('from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
+                f'base = AutoModelForCausalLM.from_pretrained("{parent.get("path", "models/pretrain")}", '
+                'use_safetensors=True)\n'
+                'model = PeftModel.from_pretrained(base, "models/finetune")\n'
+                'tokenizer = AutoTokenizer.from_pretrained("models/finetune")')
+    eval_loss = result.get("final_eval_loss")
+    lines = [
+        f"# models/{mode}", "", f"{what}, on `{manifest.get('dataset')}` "
+        f"(sha256 `{manifest.get('sha256', {}).get('dataset', '?')[:16]}…`).", "",
+        f"- steps: {result.get('steps')}, loss {result.get('first_loss', 0):.4f} -> {result.get('final_loss', 0):.4f}"
+        + (f", held-out loss {eval_loss:.4f}" if eval_loss is not None else ""),
+        f"- parameters: {result.get('params_total', 0):,} ({result.get('params_trainable', 0):,} trained)",
+        f"- code: git {str((manifest.get('git') or {}).get('commit'))[:12]}, "
+        f"params, hashes and library versions in manifest.json", "",
+        "Load it with plain transformers/peft, from the project root (weights are safetensors only):", "",
+        "```python", load, "```", "",
+        "Prompts use the template `### Instruction:\\n{prompt}\\n\\n### Response:\\n`; "
+        "the answer ends at `<|endoftext|>`.", "",
+    ]
+    return "\n".join(lines)
 
 
 def load_config(name: str) -> Any:

@@ -14,7 +14,9 @@ the same dropout masks as an uninterrupted one.
 from __future__ import annotations
 
 import csv
+import json
 import logging
+import math
 import os
 import re
 import signal
@@ -30,7 +32,8 @@ from llmops import checkpoints
 from llmops.adapters import METHODS
 from llmops.config import FinetuneParams, PretrainParams, TrainRunParams
 
-LOG_COLUMNS = ["step", "loss", "lr", "tokens_per_s", "elapsed_s"]
+LOG_COLUMNS = ["step", "loss", "eval_loss", "grad_norm", "lr", "tokens_per_s", "elapsed_s"]
+FAILURE = "failure.json"  # what rank 0 writes when training stops on an expected failure (e.g. divergence)
 
 
 class TrainJob(BaseModel):
@@ -39,9 +42,11 @@ class TrainJob(BaseModel):
     mode: Literal["pretrain", "finetune"]
     cfg: dict[str, Any]
     data: str  # safetensors: input_ids, labels, attention_mask, each [examples, seq]
+    eval_data: str | None = None  # the same for held-out examples: eval loss every cfg.eval_every steps
     model: str  # pretrain: a directory with config.json; finetune: the base model directory or hub id
     out_dir: str  # rank 0 writes the final weights here
     ckpt_dir: str
+    resume_from: str | None = None  # a complete, verified checkpoint's tag (the parent checked its hashes)
     log_file: str
     fingerprint: str
 
@@ -59,7 +64,14 @@ def sanitize_cuda_arch_list(value: str) -> str:
 
 
 def sanitized_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The training processes' environment: a sanitized TORCH_CUDA_ARCH_LIST, and DeepSpeed's ops built per venv.
+
+    DeepSpeed JIT-builds its C++ ops into TORCH_EXTENSIONS_DIR (~/.cache/torch_extensions
+    by default) and rebuilds them whenever another environment built them last; one
+    directory per virtual environment keeps each build.
+    """
     env = dict(os.environ if environ is None else environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     if env.get("TORCH_CUDA_ARCH_LIST"):
         env["TORCH_CUDA_ARCH_LIST"] = sanitize_cuda_arch_list(env["TORCH_CUDA_ARCH_LIST"])
     return env
@@ -74,14 +86,17 @@ def deepspeed_config(cfg: TrainRunParams) -> dict[str, Any]:
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu"}
     warmup = {"warmup_num_steps": cfg.warmup_steps, "warmup_type": "linear"}
+    # Warmup starts at lr / warmup_steps, not 0: a first step at lr 0 computes a batch and learns nothing.
+    start = 1 / cfg.warmup_steps
     if cfg.lr_schedule == "cosine":
         scheduler = {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": cfg.steps, "warmup_min_ratio": 0.0, "cos_min_ratio": cfg.min_lr_ratio, **warmup}}
+            "total_num_steps": cfg.steps, "warmup_min_ratio": start, "cos_min_ratio": cfg.min_lr_ratio, **warmup}}
     elif cfg.lr_schedule == "linear":
         scheduler = {"type": "WarmupDecayLR", "params": {
-            "total_num_steps": cfg.steps, "warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr, **warmup}}
+            "total_num_steps": cfg.steps, "warmup_min_lr": cfg.lr * start, "warmup_max_lr": cfg.lr, **warmup}}
     else:
-        scheduler = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr, **warmup}}
+        scheduler = {"type": "WarmupLR", "params": {
+            "warmup_min_lr": cfg.lr * start, "warmup_max_lr": cfg.lr, **warmup}}
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": cfg.grad_accum,
@@ -107,7 +122,8 @@ def build_model(job: TrainJob, cfg: TrainRunParams) -> Any:
     from peft import PeftModel, get_peft_model
 
     assert isinstance(cfg, FinetuneParams)
-    base = AutoModelForCausalLM.from_pretrained(job.model, dtype=torch.float32)
+    # safetensors only (pickle can run code); the parent verified the base and the adapter before launch
+    base = AutoModelForCausalLM.from_pretrained(job.model, dtype=torch.float32, use_safetensors=True)
     if cfg.adapter:
         return PeftModel.from_pretrained(base, cfg.adapter, is_trainable=True)
     return get_peft_model(base, METHODS[cfg.method].peft_config(cfg.method_params))
@@ -140,10 +156,11 @@ class Batches:
 
 
 def train_steps(engine: Any, batches: Callable[[int, int], dict[str, Any]], start: int, steps: int, seed: int,
-                on_step: Callable[[int, float, float, int, float], None]) -> None:
-    """Run optimizer steps start..steps-1; after each, on_step(step, mean loss, lr, global tokens, seconds).
+                on_step: Callable[..., None]) -> None:
+    """Run optimizer steps start..steps-1; after each, on_step(step, mean loss, lr, global tokens, seconds, grad norm).
 
-    The same loop serves pretraining, every fine-tuning method and the throughput benchmark.
+    The lr passed is the one the step ran with. The same loop serves pretraining, every
+    fine-tuning method and the throughput benchmark.
     """
     import torch
     import torch.distributed as dist
@@ -153,6 +170,7 @@ def train_steps(engine: Any, batches: Callable[[int, int], dict[str, Any]], star
     for step in range(start, steps):
         t0 = time.perf_counter()
         torch.manual_seed(seed * 1_000_003 + step * world + rank)
+        lr = engine.get_lr()[0]  # engine.step() moves the scheduler on to the next step's lr
         loss_sum, tokens = 0.0, 0
         for micro in range(gas):
             batch = batches(step, micro)
@@ -164,20 +182,69 @@ def train_steps(engine: Any, batches: Callable[[int, int], dict[str, Any]], star
         # on the engine's device: NCCL, the GPU backend, has no CPU tensors
         stats = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=engine.device)
         dist.all_reduce(stats)
-        on_step(step + 1, stats[0].item() / (gas * world), engine.get_lr()[0], int(stats[1].item()),
-                time.perf_counter() - t0)
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else None
+        on_step(step + 1, stats[0].item() / (gas * world), lr, int(stats[1].item()), time.perf_counter() - t0,
+                grad_norm)
+
+
+def eval_loss(engine: Any, tensors: dict[str, Any], micro_batch: int) -> float:
+    """Token-weighted mean loss on held-out tensors, shared out over the ranks.
+
+    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters in
+    each one), the last ones on an empty share when the examples run out.
+    """
+    import torch
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    n = tensors["input_ids"].shape[0]
+    rounds = -(-n // (micro_batch * world))
+    total = torch.zeros(2, dtype=torch.float64, device=engine.device)
+    engine.eval()
+    with torch.no_grad():
+        for r in range(rounds):
+            lo = (r * world + rank) * micro_batch
+            idx = torch.arange(lo, min(lo + micro_batch, n)) if lo < n else torch.arange(0, 1)
+            batch = {k: v[idx].to(engine.device) for k, v in tensors.items()}
+            loss = engine(**batch).loss
+            counted = int((batch["labels"][:, 1:] != -100).sum()) if lo < n else 0
+            if counted:
+                total += torch.tensor([loss.item() * counted, counted], dtype=torch.float64, device=engine.device)
+    engine.train()
+    dist.all_reduce(total)
+    return total[0].item() / max(total[1].item(), 1)
+
+
+class Diverged(Exception):
+    """The loss or the gradient norm left the range of a model that is learning."""
+
+
+def check_finite(step: int, loss: float, grad_norm: float | None, vocab_size: int, cfg: TrainRunParams,
+                 mode: str) -> None:
+    """Stop a run whose loss is not finite or is above twice the loss of guessing uniformly.
+
+    ln(vocab) is the loss of a uniform guess, about where a model starts from scratch;
+    no model that is learning goes above twice it. Every rank sees the same all-reduced
+    loss and global grad norm, so every rank stops at the same step.
+    """
+    bound = 2 * math.log(vocab_size)
+    norm = f", grad norm {grad_norm:.3g}" if grad_norm is not None else ""
+    if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)) or loss > bound:
+        raise Diverged(
+            f"training diverged at step {step}: loss {loss:.4g}{norm} (a uniform guess over {vocab_size} tokens "
+            f"scores {bound / 2:.3g}); nothing was published. Lower train.{mode}.lr (now {cfg.lr:g}), raise "
+            f"warmup_steps (now {cfg.warmup_steps}) or set grad_clip (now {cfg.grad_clip:g})")
 
 
 def _resume(engine: Any, job: TrainJob, finetune: bool) -> int:
-    found = checkpoints.latest(job.ckpt_dir, job.fingerprint)
-    if not found:
+    if not job.resume_from:
         return 0
-    step, path = found
     # fine-tuning checkpoints hold only the trainable (adapter) weights; the frozen base comes from the base model
-    loaded, _ = engine.load_checkpoint(job.ckpt_dir, tag=path.name, load_module_strict=not finetune)
+    loaded, _ = engine.load_checkpoint(job.ckpt_dir, tag=job.resume_from, load_module_strict=not finetune)
     if loaded is None:
-        raise RuntimeError(f"checkpoint {path} could not be loaded")
-    return step
+        raise RuntimeError(f"checkpoint {job.resume_from} could not be loaded")
+    return checkpoints.step_of(job.resume_from)
 
 
 def _save_checkpoint(engine: Any, job: TrainJob, cfg: TrainRunParams, step: int, loss: float, finetune: bool) -> None:
@@ -234,6 +301,11 @@ def _die_with_launcher() -> None:
         os._exit(1)
 
 
+def _format_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 def main(argv: list[str]) -> int:
     _die_with_launcher()
     job = TrainJob.model_validate_json(Path(argv[0]).read_text())
@@ -251,37 +323,64 @@ def main(argv: list[str]) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = job.params()
     finetune = job.mode == "finetune"
+    name = f"train@{job.mode}"
 
     model = build_model(job, cfg)
+    vocab = model.config.vocab_size
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=deepspeed_config(cfg))
+    # DeepSpeed's schedulers start before iteration 0, at lr 0: without this step 1 would learn nothing.
+    # (A resumed run loads the scheduler's state from its checkpoint over this.)
+    engine.lr_scheduler.step()
     batches = Batches(load_file(job.data), cfg, world)
+    held_out = load_file(job.eval_data) if job.eval_data else None
     start = _resume(engine, job, finetune)
     if rank == 0:
-        print(f"train@{job.mode}: {'resumed from step ' + str(start) if start else 'starting at step 0'} "
+        print(f"{name}: {'resumed from step ' + str(start) if start else 'starting at step 0'} "
               f"of {cfg.steps}, {world} process(es), ZeRO-{cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision}",
               flush=True)
 
     log = _log_writer(Path(job.log_file), start) if rank == 0 else None
     writer = csv.DictWriter(log, LOG_COLUMNS) if log else None
-    elapsed = 0.0
+    elapsed, last_print = 0.0, time.monotonic()
+    every = max(1, cfg.steps // 20)
 
-    def on_step(step: int, loss: float, lr: float, tokens: int, seconds: float) -> None:
-        nonlocal elapsed
+    def on_step(step: int, loss: float, lr: float, tokens: int, seconds: float, grad_norm: float | None) -> None:
+        nonlocal elapsed, last_print
         elapsed += seconds
+        check_finite(step, loss, grad_norm, vocab, cfg, job.mode)
+        evaluated = held_out is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps)
+        held = eval_loss(engine, held_out, cfg.micro_batch) if evaluated else None
         if writer:
-            writer.writerow({"step": step, "loss": f"{loss:.6f}", "lr": f"{lr:.6g}",
+            writer.writerow({"step": step, "loss": f"{loss:.6f}", "eval_loss": "" if held is None else f"{held:.6f}",
+                             "grad_norm": "" if grad_norm is None else f"{grad_norm:.6g}", "lr": f"{lr:.6g}",
                              "tokens_per_s": f"{tokens / seconds:.1f}", "elapsed_s": f"{elapsed:.3f}"})
             log.flush()
-            if step % 10 == 0 or step == cfg.steps:
-                print(f"step {step}/{cfg.steps} loss {loss:.4f} lr {lr:.3g} {tokens / seconds:,.0f} tokens/s", flush=True)
+            # a line every 5% of the run, and at least every 30 s: progress a person can follow
+            if step % every == 0 or step == cfg.steps or held is not None or time.monotonic() - last_print > 30:
+                last_print = time.monotonic()
+                eta = elapsed / (step - start) * (cfg.steps - step)
+                print(f"{name}: step {step}/{cfg.steps} loss {loss:.4f}"
+                      + (f" eval_loss {held:.4f}" if held is not None else "")
+                      + (f" grad_norm {grad_norm:.3g}" if grad_norm is not None else "")
+                      + f" lr {lr:.3g} {tokens / seconds:,.0f} tokens/s ETA {_format_eta(eta)}", flush=True)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
             _save_checkpoint(engine, job, cfg, step, loss, finetune)
 
     device = engine.device
-    train_steps(engine, lambda step, micro: batches(step, micro, rank, device), start, cfg.steps, cfg.seed, on_step)
-    if log:
-        log.close()
+    try:
+        train_steps(engine, lambda step, micro: batches(step, micro, rank, device), start, cfg.steps, cfg.seed,
+                    on_step)
+    except Diverged as exc:
+        # An expected failure: rank 0 leaves its reason for the launcher, and every rank exits 0, because
+        # torchrun turns any non-zero worker exit into a ChildFailedError traceback the user need not see.
+        if rank == 0:
+            Path(job.out_dir, FAILURE).write_text(json.dumps({"error": str(exc)}))
+        dist.destroy_process_group()
+        return 0
+    finally:
+        if log:
+            log.close()
     _save_final(engine, job.out_dir, cfg.deepspeed.zero_stage)
     dist.destroy_process_group()
     return 0

@@ -31,9 +31,10 @@ from prefect.states import Failed
 from pydantic import BaseModel
 
 from llmops.config import Params
-from llmops.datasets import read_jsonl, write_jsonl, write_text
+from llmops.datasets import DataError, read_jsonl, write_jsonl, write_text
 from llmops.modeling import (
-    ModelError, encode_instruction, fit_to_length, instruction_tensors, load_tokenizer, resolve_base,
+    ModelError, encode_instruction, fit_to_length, instruction_tensors, load_adapter, load_causal_lm, load_tokenizer,
+    resolve_base,
 )
 from llmops.repro import StageError, repro
 from llmops.stage import run_cli
@@ -128,22 +129,23 @@ def run_evaluate(params: Params, root: str | Path = ".") -> EvalResult:
         ModelError: the base model or the fine-tuned adapter is missing.
     """
     import torch
-    from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForCausalLM
+    from peft import PeftConfig
 
     root = Path(root)
+    if not (root / EVAL_DATA).is_file():
+        raise DataError(f"{EVAL_DATA}: no such file; run `llmops run` (or `dvc pull` in a fresh clone)")
     rows = read_jsonl(root / EVAL_DATA)[: params.evaluate.max_examples]
     base_name = resolve_base(params.train.finetune.base_model, root)
     adapter = root / ADAPTER
     if not (adapter / "adapter_config.json").is_file():
-        raise ModelError(f"{ADAPTER}/ has no trained adapter; run train@finetune first")
+        raise ModelError(f"{ADAPTER}/ has no trained adapter; run `llmops run` (or `dvc pull` in a fresh clone)")
     tok = load_tokenizer(str(adapter))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(base_name, dtype=torch.float32).to(device).eval()
+    model = load_causal_lm(base_name, dtype=torch.float32).to(device).eval()
     base, base_answers = _score(model, tok, rows, params, 0)
 
     virtual = getattr(PeftConfig.from_pretrained(str(adapter)), "num_virtual_tokens", 0) or 0
-    model = PeftModel.from_pretrained(model, str(adapter)).to(device).eval()
+    model = load_adapter(model, adapter).to(device).eval()
     tuned, tuned_answers = _score(model, tok, rows, params, virtual)
 
     per_task: dict[str, list[tuple[bool, bool]]] = defaultdict(list)

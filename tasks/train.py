@@ -17,7 +17,6 @@ Scratch, kept between runs for resume: checkpoints/train/<mode>/.
 from __future__ import annotations
 
 import csv
-import fcntl
 import hashlib
 import json
 import shutil
@@ -32,18 +31,18 @@ from prefect.artifacts import create_table_artifact
 from prefect.states import Failed
 from pydantic import BaseModel
 
-from llmops import checkpoints, provenance
+from llmops import checkpoints, locks, provenance
 from llmops.adapters import METHODS
 from llmops.config import FinetuneParams, Params, PretrainParams, TrainRunParams
 from llmops.datasets import DataError, read_jsonl, replace_dir, write_text
 from llmops.fit import Shape, check_fit, describe, devices
 from llmops.modeling import (
     check_adapter, corpus_tensors, count_params, instruction_tensors, llama_config, load_config,
-    load_tokenizer, meta_model, resolve_base, train_tokenizer,
+    load_tokenizer, meta_model, model_card, resolve_base, train_tokenizer, verify_model_dir,
 )
 from llmops.repro import StageError, repro
 from llmops.stage import StageFailed, run_cli
-from llmops.trainer import TrainJob, sanitized_env
+from llmops.trainer import FAILURE, TrainJob, sanitized_env
 
 Mode = Literal["pretrain", "finetune"]
 MODES: tuple[Mode, ...] = ("pretrain", "finetune")
@@ -61,6 +60,7 @@ class TrainResult(BaseModel):
     steps: int
     first_loss: float
     final_loss: float
+    final_eval_loss: float | None = None  # on held-out data, at the last step
     tokens_per_s: float  # median over steps, all processes together
     resumed_from: int
     world_size: int
@@ -84,23 +84,35 @@ def _model_files_hash(path: Path) -> dict[str, str]:
     return {f.name: provenance.sha256_file(f) for f in sorted(path.iterdir()) if f.suffix in (".json", ".safetensors")}
 
 
-def _prepare_pretrain(cfg: PretrainParams, root: Path, run_dir: Path) -> tuple[_Prepared, Any, Any, dict]:
+def _prepare_pretrain(cfg: PretrainParams, root: Path, run_dir: Path) -> tuple[_Prepared, Any, Any, dict, dict | None]:
     corpus = root / PREPARED / "corpus.txt"
     if not corpus.is_file():
-        raise DataError(f"{PREPARED}/corpus.txt: no such file; run prepare_data first")
+        raise DataError(f"{PREPARED}/corpus.txt: no such file; run prepare_data first (or `dvc pull`)")
     text = corpus.read_text(encoding="utf-8")
-    tok = train_tokenizer((line for line in text.splitlines() if line.strip()), cfg.model.vocab_size)
+    tok = train_tokenizer((line for line in text.splitlines() if line.strip()), cfg.model.vocab_size, cfg.max_seq_len)
     config = llama_config(cfg.model, len(tok), cfg.max_seq_len, tok.eos_token_id, tok.pad_token_id)
     init = run_dir / "init"
     shutil.rmtree(init, ignore_errors=True)
     config.save_pretrained(init)
     tok.save_pretrained(init)
     tensors = corpus_tensors(tok, text, cfg.max_seq_len, f"{PREPARED}/corpus.txt")
-    return _Prepared(model=str(init), dataset=str(corpus), parent=None, truncated=0), tok, config, tensors
+    tensors, held_out = _hold_out_blocks(tensors)
+    return _Prepared(model=str(init), dataset=str(corpus), parent=None, truncated=0), tok, config, tensors, held_out
 
 
-def _prepare_finetune(cfg: FinetuneParams, root: Path) -> tuple[_Prepared, Any, Any, dict]:
+def _hold_out_blocks(tensors: dict) -> tuple[dict, dict | None]:
+    """The corpus blocks split into training and held-out ones: every 20th block, at most 64, for the eval loss."""
+    n = tensors["input_ids"].shape[0]
+    if n < 20:
+        return tensors, None
+    held = list(range(19, n, 20))[:64]
+    kept = sorted(set(range(n)) - set(held))
+    return {k: v[kept] for k, v in tensors.items()}, {k: v[held] for k, v in tensors.items()}
+
+
+def _prepare_finetune(cfg: FinetuneParams, root: Path) -> tuple[_Prepared, Any, Any, dict, dict | None]:
     base = resolve_base(cfg.base_model, root)
+    verify_model_dir(base)
     config = load_config(base)
     if cfg.adapter:
         check_adapter(cfg.adapter, config, METHODS[cfg.method].peft_type)
@@ -112,13 +124,28 @@ def _prepare_finetune(cfg: FinetuneParams, root: Path) -> tuple[_Prepared, Any, 
     if truncated:
         print(f"warning: train@finetune: {truncated} of {len(rows)} examples were longer than max_seq_len "
               f"({limit} tokens) and had the start of their prompt cut (prompt_overflow: truncate)")
+    eval_file = root / PREPARED / "eval.jsonl"
+    held_out = None
+    if eval_file.is_file():  # the eval loss during training; evaluate scores the whole split afterwards
+        held_out, _ = instruction_tensors(tok, read_jsonl(eval_file)[:256], limit, "truncate", str(eval_file))
     local = Path(base)
-    parent = {"base_model": cfg.base_model, "path": base,
+    parent = {"base_model": cfg.base_model, "path": _portable(base, root),
               "sha256": _model_files_hash(local) if local.is_dir() else None,
               "revision": getattr(config, "_commit_hash", None)}
     if cfg.adapter:
-        parent["adapter"] = {"path": cfg.adapter, "sha256": _model_files_hash(Path(cfg.adapter))}
-    return _Prepared(model=base, dataset=str(data), parent=parent, truncated=truncated), tok, config, tensors
+        parent["adapter"] = {"path": _portable(cfg.adapter, root), "sha256": _model_files_hash(Path(cfg.adapter))}
+    return _Prepared(model=base, dataset=str(data), parent=parent, truncated=truncated), tok, config, tensors, held_out
+
+
+def _portable(path: str, root: Path) -> str:
+    """A path as a clone elsewhere can use it: relative to the project when inside it (a hub id stays as it is)."""
+    p = Path(path)
+    if not p.exists():
+        return path
+    try:
+        return str(p.resolve().relative_to(root))
+    except ValueError:
+        return str(p.resolve())
 
 
 def _counts(mode: Mode, cfg: TrainRunParams, config: Any):
@@ -144,19 +171,18 @@ def run_train(mode: Mode, params: Params, root: str | Path = ".") -> TrainResult
     cfg: TrainRunParams = getattr(params.train, mode)
     run_dir = root / RUNS / mode
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir.parent / f".{mode}.lock", "w") as lock:
-        try:  # two runs of one mode would write into the same checkpoints
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StageFailed(f"train@{mode} is already running in this project ({RUNS / mode} is locked)") from None
-        return _train(mode, cfg, root, run_dir)
+    try:  # two runs of one mode would write into the same checkpoints
+        with locks.exclusive(run_dir.parent / f".{mode}.lock", f"train@{mode}"):
+            return _train(mode, cfg, root, run_dir)
+    except locks.Busy as exc:
+        raise StageFailed(str(exc)) from None
 
 
 def _train(mode: Mode, cfg: TrainRunParams, root: Path, run_dir: Path) -> TrainResult:
     if mode == "pretrain":
-        prep, tok, config, tensors = _prepare_pretrain(cfg, root, run_dir)
+        prep, tok, config, tensors, held_out = _prepare_pretrain(cfg, root, run_dir)
     else:
-        prep, tok, config, tensors = _prepare_finetune(cfg, root)
+        prep, tok, config, tensors, held_out = _prepare_finetune(cfg, root)
 
     counts = _counts(mode, cfg, config)
     shape = Shape(config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.vocab_size)
@@ -164,8 +190,10 @@ def _train(mode: Mode, cfg: TrainRunParams, root: Path, run_dir: Path) -> TrainR
 
     from safetensors.torch import save_file
 
-    data_file = run_dir / "data.safetensors"
+    data_file, eval_file = run_dir / "data.safetensors", run_dir / "eval.safetensors"
     save_file(tensors, str(data_file))
+    if held_out is not None:
+        save_file(held_out, str(eval_file))
     fingerprint = _sha256_json({
         "mode": mode, "cfg": cfg.model_dump(mode="json"), "data": provenance.sha256_file(data_file),
         "model": _model_files_hash(Path(prep.model)) if Path(prep.model).is_dir() else prep.model,
@@ -173,15 +201,17 @@ def _train(mode: Mode, cfg: TrainRunParams, root: Path, run_dir: Path) -> TrainR
     ckpt_dir = run_dir / "checkpoints"
     for name in checkpoints.clean(ckpt_dir, fingerprint):
         print(f"train@{mode}: removed checkpoint {name} (incomplete, or of other params or data)")
-    found = checkpoints.latest(ckpt_dir, fingerprint)
+    found = checkpoints.verified(ckpt_dir, fingerprint, warn=print)
     resumed_from = found[0] if found else 0
 
     tmp_out = root / MODELS / f".{mode}.tmp"
     shutil.rmtree(tmp_out, ignore_errors=True)
     tmp_out.mkdir(parents=True)
     log_file = run_dir / "log.csv"
-    job = TrainJob(mode=mode, cfg=cfg.model_dump(mode="json"), data=str(data_file), model=prep.model,
-                   out_dir=str(tmp_out), ckpt_dir=str(ckpt_dir), log_file=str(log_file), fingerprint=fingerprint)
+    job = TrainJob(mode=mode, cfg=cfg.model_dump(mode="json"), data=str(data_file),
+                   eval_data=str(eval_file) if held_out is not None else None, model=prep.model,
+                   out_dir=str(tmp_out), ckpt_dir=str(ckpt_dir), resume_from=found[1].name if found else None,
+                   log_file=str(log_file), fingerprint=fingerprint)
     job_file = run_dir / "job.json"
     job_file.write_text(job.model_dump_json(indent=2))
     n = cfg.deepspeed.num_procs
@@ -192,12 +222,13 @@ def _train(mode: Mode, cfg: TrainRunParams, root: Path, run_dir: Path) -> TrainR
          "-m", "llmops.trainer", str(job_file)],
         cwd=root, env=sanitized_env(),
     )
-    if proc.returncode != 0:
+    failure = tmp_out / FAILURE  # an expected failure, e.g. divergence, explained by rank 0
+    if proc.returncode != 0 or failure.exists():
+        reason = json.loads(failure.read_text())["error"] if failure.exists() else (
+            f"training processes exited with code {proc.returncode} (their output is above); complete "
+            f"checkpoints in {RUNS / mode}/checkpoints are kept, and the next run resumes from the latest")
         shutil.rmtree(tmp_out, ignore_errors=True)
-        raise StageFailed(
-            f"training processes exited with code {proc.returncode} (their output is above); "
-            f"complete checkpoints in {RUNS / mode}/checkpoints are kept, and the next run resumes from the latest"
-        )
+        raise StageFailed(reason)
     return _publish(mode, cfg, root, tmp_out, tok, prep, counts, log_file, resumed_from, n)
 
 
@@ -206,11 +237,19 @@ def _publish(mode: Mode, cfg: TrainRunParams, root: Path, tmp_out: Path, tok: An
     with open(log_file, newline="") as fh:
         rows = list(csv.DictReader(fh))
     tok.save_pretrained(tmp_out)
-    if mode == "finetune" and isinstance(cfg, FinetuneParams) and cfg.merge:
-        _merge(prep.model, tmp_out, tok)
+    if mode == "finetune":
+        # peft records the absolute path of the base: name it as a clone elsewhere finds it
+        adapter_cfg = tmp_out / "adapter_config.json"
+        value = json.loads(adapter_cfg.read_text())
+        value["base_model_name_or_path"] = prep.parent["path"] if prep.parent else value["base_model_name_or_path"]
+        write_text(adapter_cfg, json.dumps(value, indent=2, sort_keys=True) + "\n")
+        if isinstance(cfg, FinetuneParams) and cfg.merge:
+            _merge(prep.model, tmp_out, tok)
+    evals = [float(r["eval_loss"]) for r in rows if r.get("eval_loss")]
     result = TrainResult(
         mode=mode, out_dir=str(MODELS / mode), steps=int(rows[-1]["step"]), first_loss=float(rows[0]["loss"]),
-        final_loss=float(rows[-1]["loss"]), tokens_per_s=statistics.median(float(r["tokens_per_s"]) for r in rows),
+        final_loss=float(rows[-1]["loss"]), final_eval_loss=evals[-1] if evals else None,
+        tokens_per_s=statistics.median(float(r["tokens_per_s"]) for r in rows),
         resumed_from=resumed_from, world_size=world, params_total=counts.total, params_trainable=counts.trainable,
         truncated_examples=prep.truncated,
     )
@@ -221,6 +260,7 @@ def _publish(mode: Mode, cfg: TrainRunParams, root: Path, tmp_out: Path, tok: An
         world_size=world, result=result.model_dump(),
     )
     write_text(tmp_out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_text(tmp_out / "README.md", model_card(mode, manifest))  # instead of peft's empty template
     replace_dir(tmp_out, root / MODELS / mode)
 
     reports = root / REPORTS / mode
@@ -236,7 +276,8 @@ def _merge(base: str, adapter_dir: Path, tok: Any) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter_dir))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, use_safetensors=True),
+                                      str(adapter_dir))
     merged = adapter_dir / "merged"
     model.merge_and_unload().save_pretrained(merged, safe_serialization=True)
     tok.save_pretrained(merged)

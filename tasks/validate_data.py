@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,12 @@ def failure_message(result: ValidationResult) -> str:
     return "\n".join(lines)
 
 
+def _md_text(value: str) -> str:
+    """A data value as literal text in a markdown table: no link, image or HTML in it renders (or loads)."""
+    value = value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return re.sub(r"([\\`*_\[\]()!|#~])", r"\\\1", value)
+
+
 def report_markdown(result: ValidationResult) -> str:
     """The report a person reads: verdict, then a table of every expectation."""
     verdict = "PASSED" if result.success else "FAILED"
@@ -205,8 +212,9 @@ def report_markdown(result: ValidationResult) -> str:
     for c in result.checks:
         status = "pass" if c.success else ("not run (column missing)" if not c.evaluated else "**FAIL**")
         examples = "<br>".join(
-            f"line {ex['line']}: " + "; ".join(f"{k}={v}" for k, v in ex.items() if k != "line") for ex in c.examples
-        ).replace("|", "\\|")
+            f"line {ex['line']}: " + "; ".join(f"{k}={_md_text(v)}" for k, v in ex.items() if k != "line")
+            for ex in c.examples
+        )
         lines.append(
             f"| {c.split} | {c.check} | `{c.expectation}` | {status} | {c.unexpected_count}/{c.element_count} | {examples} |"
         )
@@ -221,8 +229,7 @@ def run_validate_data(cfg: ValidateDataParams, in_dir: str | Path = IN_DIR, out_
         StageFailed: any expectation failed (the message lists them).
     """
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    for stale in ("result.json", "report.md"):  # never leave a previous run's verdict behind
-        (out_dir / stale).unlink(missing_ok=True)
+    # Input that cannot be read leaves the previous report in place; a verdict, pass or fail, replaces it.
     splits = {name: read_jsonl(in_dir / f"{name}.jsonl", require=()) for name in SPLITS}
     result = validate(cfg, splits)
     summary = {

@@ -90,7 +90,7 @@ def make_project(dest: Path, remote: Path) -> Path:
     params = dest / "params.yaml"
     params.write_text(
         params.read_text()
-        .replace("local_dir: ~/.cache/llmops/dvc-remote", f"local_dir: {remote}")
+        .replace("local_dir: null", f"local_dir: {remote}")
         .replace("num_examples: 2000", "num_examples: 400")
         .replace("corpus_lines: 4000", "corpus_lines: 500")
     )
@@ -110,6 +110,35 @@ def make_project(dest: Path, remote: Path) -> Path:
 def project(tmp_path: Path) -> Path:
     """A fresh copy of the project with a private local remote."""
     return make_project(tmp_path / "project", tmp_path / "remote")
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory) -> Path:
+    """The tiny pipeline, run once per test session through `dvc repro`: copy it with `ran_project`."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    project = make_project(tmp / "project", tmp / "remote")
+    run(["dvc", "repro"], project)
+    return project
+
+
+@pytest.fixture
+def ran_project(pipeline: Path, tmp_path: Path) -> Path:
+    """A copy of the session's run pipeline (outputs, dvc.lock, DVC cache), with a remote of its own."""
+    dest = tmp_path / "project"
+    shutil.copytree(pipeline, dest, symlinks=True)
+    set_params(dest, f"storage.local_dir={tmp_path / 'remote'}")
+    run(["git", "commit", "-qam", "a remote of its own"], dest)
+    return dest
+
+
+def snapshot(project: Path, *paths: str) -> dict[str, bytes]:
+    """The bytes of every file under `paths`, to check that a failed run left them as they were."""
+    found = {}
+    for top in paths:
+        for f in sorted((project / top).rglob("*")) if (project / top).is_dir() else [project / top]:
+            if f.is_file():
+                found[str(f.relative_to(project))] = f.read_bytes()
+    return found
 
 
 def _wait_http(url: str, proc: subprocess.Popen, seconds: float) -> None:

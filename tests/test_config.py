@@ -163,3 +163,31 @@ def test_stage_cli_reports_a_bad_data_file_with_file_and_line(project):
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: prepare_data: mine.jsonl: line 2: invalid JSON")
     assert "Traceback" not in proc.stderr and not (project / "data" / "prepared").exists()
+
+
+def test_each_project_gets_a_local_remote_of_its_own(tmp_path):
+    from llmops.config import storage_for
+
+    def repo(path: Path, message: str) -> Path:
+        path.mkdir()
+        run(["git", "init", "-q"], path)
+        run(["git", "commit", "-q", "--allow-empty", "-m", message], path)
+        return path
+
+    one, other = repo(tmp_path / "one", "first"), repo(tmp_path / "other", "another project")
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(one), str(clone)], tmp_path)
+    url = storage_for(StorageParams(), one).url
+    assert url.startswith("~/.cache/llmops/dvc-remote/one-")
+    assert storage_for(StorageParams(), other).url != url  # another project: another remote
+    assert storage_for(StorageParams(), clone).url.split("-")[-1] == url.split("-")[-1]  # a clone finds the data
+    assert storage_for(StorageParams(local_dir="/srv/remote"), one).url == "/srv/remote"
+
+
+def test_unreachable_prefect_server_is_one_line(project):
+    proc = run(["llmops", "run"], project, env=base_env(PREFECT_API_URL="http://127.0.0.1:9/api"), check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "error: no Prefect server answers at PREFECT_API_URL=http://127.0.0.1:9/api; start it "
+        "(`prefect server start`) or unset PREFECT_API_URL to use a local one for this run")
+    assert not (project / "data/prepared").exists()

@@ -20,6 +20,7 @@ def _ran(log: str) -> list[str]:
     return [s for s in STAGES if f"Running stage '{s}'" in log]
 
 
+@pytest.mark.training
 def test_repro_runs_every_stage_then_only_what_changed(project):
     assert _ran(run(["dvc", "repro"], project).stdout) == STAGES
     second = run(["dvc", "repro"], project).stdout
@@ -55,7 +56,9 @@ def _keys(endpoint, bucket):
     return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
 
 
-def test_push_then_fresh_clone_pulls_identical_data(project, tmp_path, s3_endpoint, bucket):
+@pytest.mark.training
+def test_push_then_fresh_clone_pulls_identical_data(ran_project, tmp_path, s3_endpoint, bucket):
+    project = ran_project  # the session's run pipeline: nothing to retrain, everything to push
     _use_s3(project, s3_endpoint, bucket)
     run(["llmops", "run"], project, env=base_env(PREFECT_HOME=str(tmp_path / "ph")))
     assert _keys(s3_endpoint, bucket) and all(k.startswith("ds/files/md5/") for k in _keys(s3_endpoint, bucket))

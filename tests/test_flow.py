@@ -51,6 +51,7 @@ def _env(api_url, home, s3_endpoint, bucket):
     )
 
 
+@pytest.mark.training
 def test_flow_runs_on_the_server_and_pushes_to_s3(project, prefect_api, s3_endpoint, bucket):
     api_url, home = prefect_api
     proc = run(["llmops", "run"], project, env=_env(api_url, home, s3_endpoint, bucket))
@@ -85,6 +86,45 @@ def test_flow_runs_on_the_server_and_pushes_to_s3(project, prefect_api, s3_endpo
     assert "data/prepared" in lock and "models/finetune" in lock
     digest = hashlib.md5((project / "models/pretrain/model.safetensors").read_bytes()).hexdigest()
     assert f"pipeline/files/md5/{digest[:2]}/{digest[2:]}" in keys  # the checkpoint is versioned too
+
+    # the stages' own output (training progress) is in the run's log, as it is on the console
+    logs = _logs(api_url, flow_run.id)
+    assert "train@pretrain: step 60/60" in logs and "eval_loss" in logs and "ETA" in logs
+    assert "train@pretrain: step 60/60" in proc.stdout + proc.stderr
+
+    # a re-run with one changed value: says what it skipped, what changed, and how the result moved
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "first run"], project)
+    again = run(["llmops", "run", "-S", "evaluate.max_new_tokens=4"], project, env=_env(api_url, home, s3_endpoint, bucket))
+    out = again.stdout + again.stderr
+    assert "params.yaml: evaluate.max_new_tokens: 8 -> 4 for this run" in out
+    for stage in ("prepare_data", "validate_data", "train@pretrain", "train@finetune"):
+        assert f"{stage}: unchanged since the last run" in out
+    assert "evaluate: unchanged" not in out and "(previous run: " in again.stdout
+    diff = [line for line in run(["git", "diff", "-U0", "params.yaml"], project).stdout.splitlines()
+            if line.startswith(("+ ", "- ", "+  ", "-  "))]
+    assert [line.split("#")[0].strip() for line in diff] == ["-  max_new_tokens: 8", "+  max_new_tokens: 4"]
+
+
+def _logs(api_url: str, flow_run_id) -> str:
+    """Every log line of a flow run and its task runs, as the UI shows them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async def query():
+        async with get_client() as client:
+            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                          limit=200)
+            offset = len(logs)
+            while True:
+                more = await client.read_logs(
+                    log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200, offset=offset)
+                if not more:
+                    return logs
+                logs += more
+                offset += len(more)
+
+    return "\n".join(log.message for log in _against(api_url, query))
 
 
 def test_failing_validation_fails_the_flow_with_the_reason_and_pushes_nothing(project, tmp_path, prefect_api, s3_endpoint, bucket):

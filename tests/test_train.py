@@ -55,6 +55,21 @@ def test_pretrain_zero2_two_ranks_loss_falls(trained):
     assert all(float(r["tokens_per_s"]) > 0 for r in rows)
     lrs = [float(r["lr"]) for r in rows]
     assert max(lrs) == pytest.approx(1e-2, rel=0.02) and lrs[-1] < 0.2 * max(lrs)  # warmup, then cosine decay
+    assert lrs[0] == pytest.approx(1e-2 / 5)  # the first step learns: warmup starts at lr / warmup_steps
+    assert lrs[:5] == sorted(lrs[:5]) and lrs[4] < max(lrs)
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "finetune"])
+def test_log_has_grad_norm_and_held_out_loss(trained, mode):
+    rows = log_rows(trained / f"reports/train/{mode}/log.csv")
+    norms = [float(r["grad_norm"]) for r in rows]
+    assert all(0 < n < 1e3 for n in norms), norms
+    held = {int(r["step"]): float(r["eval_loss"]) for r in rows if r["eval_loss"]}
+    assert sorted(held) == [50, 60]  # every eval_every (50) steps, and at the end
+    summary = json.loads((trained / f"reports/train/{mode}/summary.json").read_text())
+    assert summary["final_eval_loss"] == held[60]
+    # held-out loss tracks the training loss: far below where the run started
+    assert held[60] < 0.8 * float(rows[0]["loss"]), (held, rows[0]["loss"])
 
 
 def test_pretrain_outputs_load_and_reproduce_the_logged_loss(trained):

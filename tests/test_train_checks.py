@@ -25,7 +25,7 @@ def llmops(project: Path, *args: str):
 def tokenizer():
     from llmops import sample_data
 
-    return train_tokenizer(sample_data.corpus(0, 300).splitlines(), 300)
+    return train_tokenizer(sample_data.corpus(0, 300).splitlines(), 300, 128)
 
 
 def save_base(path: Path, tok, hidden: int = 32) -> Path:
@@ -155,7 +155,15 @@ def test_cuda_arch_list_suffixes_are_dropped_for_deepspeed():
     assert sanitize_cuda_arch_list("9.0a") == "9.0"
     assert sanitize_cuda_arch_list("8.0;9.0a+PTX") == "8.0;9.0+PTX"
     assert sanitize_cuda_arch_list("7.5 8.6") == "7.5 8.6"
-    assert sanitized_env({"TORCH_CUDA_ARCH_LIST": "9.0a", "X": "1"}) == {"TORCH_CUDA_ARCH_LIST": "9.0", "X": "1"}
+    env = sanitized_env({"TORCH_CUDA_ARCH_LIST": "9.0a", "X": "1"})
+    assert (env["TORCH_CUDA_ARCH_LIST"], env["X"]) == ("9.0", "1")
+
+
+def test_deepspeed_ops_are_built_per_virtual_environment():
+    import sys
+
+    assert sanitized_env({})["TORCH_EXTENSIONS_DIR"] == str(Path(sys.prefix) / "torch_extensions")
+    assert sanitized_env({"TORCH_EXTENSIONS_DIR": "/mine"})["TORCH_EXTENSIONS_DIR"] == "/mine"
 
 
 def test_deepspeed_config_follows_params():
@@ -205,3 +213,28 @@ def test_incomplete_checkpoints_are_never_used(tmp_path):
     assert checkpoints.latest(root, "fp")[0] == 30
     assert checkpoints.latest(root, "other-params") is None
     assert checkpoints.clean(root, "fp") == [".partial-step-00000040", "step-00000050"]
+
+
+def test_checkpoint_files_are_verified_before_loading(tmp_path):
+    root = tmp_path / "ckpt"
+    for step in (10, 20):
+        (root / checkpoints.partial_name(step) / "global").mkdir(parents=True)
+        (root / checkpoints.partial_name(step) / "global" / "model.pt").write_bytes(b"weights %d" % step)
+        checkpoints.commit(root, step, "fp", keep=2, info={})
+    assert checkpoints.verified(root, "fp")[0] == 20
+    (root / checkpoints.name(20) / "global" / "model.pt").write_bytes(b"planted")
+    warnings: list[str] = []
+    assert checkpoints.verified(root, "fp", warn=warnings.append)[0] == 10  # falls back, does not fail
+    assert "step-00000020 skipped" in warnings[0] and "global/model.pt" in warnings[0]
+    (root / checkpoints.name(10) / "extra.pkl").write_bytes(b"planted")  # a file added is a change too
+    assert checkpoints.verified(root, "fp", warn=warnings.append) is None
+
+
+@pytest.mark.training
+def test_diverging_training_stops_with_a_clear_error_and_publishes_nothing(project):
+    llmops(project, "prepare_data")
+    set_params(project, "train.pretrain.lr=1.0", "train.pretrain.grad_clip=0.0")
+    proc = llmops(project, "train", "pretrain")
+    assert_refused(proc, "error: train@pretrain: training diverged at step ", "Lower train.pretrain.lr (now 1)")
+    assert len(proc.stderr.strip().splitlines()) == 1 and "ChildFailedError" not in proc.stdout + proc.stderr
+    assert not (project / "models").exists() and not (project / "reports/train").exists()

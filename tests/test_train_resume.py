@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import pickle
 import signal
 import subprocess
 import time
@@ -55,21 +56,35 @@ def test_killed_run_resumes_from_latest_complete_checkpoint(project):
     assert not _trainers(project)
     assert not (project / "models/pretrain").exists()
     done = checkpoints.complete(ckpt, _fingerprint(ckpt))
-    assert done and done[-1][0] < STEPS
+    assert len(done) == 2 and done[-1][0] < STEPS
 
     # what a crash during a save leaves behind must never be loaded
     (ckpt / checkpoints.partial_name(done[-1][0] + EVERY)).mkdir()
     (ckpt / checkpoints.name(done[-1][0] + 2 * EVERY)).mkdir()  # final name, but no complete.json
+    # nor a pickle planted in a complete checkpoint: DeepSpeed would unpickle it, and run its code
+    marker = project.parent / "pwned"
+    planted = done[-1][1] / "mp_rank_00_model_states.pt"
+    assert planted.is_file()
+    planted.write_bytes(pickle.dumps(_RunsCode(f"touch {marker}")))
 
     out = run([str(BIN / "llmops"), "train", "pretrain"], project).stdout
-    assert f"resumed from step {done[-1][0]}" in out
-    assert done[-1][0] > 0
+    assert f"checkpoint {done[-1][1].name} skipped: its files differ" in out and "mp_rank_00_model_states.pt" in out
+    assert f"resumed from step {done[-2][0]}" in out  # the previous complete checkpoint
+    assert done[-2][0] > 0 and not marker.exists()
     resumed, steps = final_loss(project)
     assert steps == list(range(1, STEPS + 1))  # one continuous log: rows after the checkpoint were replaced
     # Same batches (a function of seed and step), re-seeded RNG and the restored Adam state make
     # the resumed run the same computation; only float reduction order may differ (~1e-6 in fp32).
     # 1e-3 is far below what a restart from step 0 or a lost optimizer state changes (> 5e-2 here).
     assert resumed == pytest.approx(reference, rel=1e-3)
+
+
+class _RunsCode:
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
 
 
 def _trainers(project: Path) -> list[str]:

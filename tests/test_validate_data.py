@@ -115,3 +115,14 @@ def test_missing_split_file_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match=r"eval\.jsonl: no such file"):
         run_validate_data(ValidateDataParams(), tmp_path / "in", tmp_path / "out")
     assert not (tmp_path / "out" / "result.json").exists()
+
+
+def test_report_shows_data_as_text_never_as_markup_that_loads():
+    from tasks.validate_data import CheckResult, ValidationResult, report_markdown
+
+    row = {"line": "3", "prompt": "![x](http://evil.example/p.png)", "response": "<img src=http://evil.example/q>|"}
+    check = CheckResult(split="train", check="duplicate_rate", expectation="expect_compound_columns_to_be_unique",
+                        column=None, success=False, unexpected_count=1, element_count=3, examples=[row])
+    line = report_markdown(ValidationResult(success=False, rows={"train": 3}, checks=[check])).splitlines()[-1]
+    assert "<img" not in line and "](" not in line and "![" not in line
+    assert "&lt;img src=http://evil.example/q&gt;\\|" in line and line.count(" | ") == 5  # six cells, pipe escaped

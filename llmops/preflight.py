@@ -1,0 +1,38 @@
+"""Checks that need no work: run before the Prefect server starts and before DVC touches any output."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from llmops.config import ConfigError, Params
+
+
+def check_inputs(params: Params, root: str | os.PathLike = ".") -> None:
+    """Refuse a run whose local input files or directories do not exist.
+
+    s3:// inputs and hub ids are checked by their stage, which can reach them; this
+    catches the typo in a local path before any previous output is touched.
+
+    Raises:
+        ConfigError: one line per missing input, naming its dotted key.
+    """
+    root = Path(root)
+    files = {
+        "data.instructions": params.data.instructions,
+        "data.eval_instructions": params.data.eval_instructions,
+        "data.corpus": params.data.corpus,
+    }
+    dirs = {"train.finetune.adapter": params.train.finetune.adapter}
+    base = params.train.finetune.base_model
+    if base != "pretrain" and base.startswith((".", "/", "~")):
+        dirs["train.finetune.base_model"] = base
+    problems = []
+    for key, value in files.items():
+        if value and not value.startswith("s3://") and not (root / Path(value).expanduser()).is_file():
+            problems.append(f"{key}: {value}: no such file")
+    for key, value in dirs.items():
+        if value and not (root / Path(value).expanduser()).is_dir():
+            problems.append(f"{key}: {value}: no such directory")
+    if problems:
+        raise ConfigError("\n".join(problems))

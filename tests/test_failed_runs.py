@@ -1,0 +1,147 @@
+"""A failed, refused or interrupted run leaves the last good outputs, checkpoints and params.yaml as they were."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, base_env, run, set_params, snapshot
+
+pytestmark = [pytest.mark.services, pytest.mark.training]
+
+OUTPUTS = ("data/prepared", "models", "reports", "dvc.lock")
+
+
+def llmops_run(project: Path, *args: str, env: dict | None = None):
+    return run([str(BIN / "llmops"), "run", "--no-push", *args], project, env=env, check=False)
+
+
+def params_diff(project: Path) -> str:
+    return run(["git", "diff", "params.yaml"], project).stdout
+
+
+def test_missing_input_is_refused_before_prefect_or_dvc_start(ran_project):
+    before = snapshot(ran_project, *OUTPUTS)
+    started = time.monotonic()
+    proc = llmops_run(ran_project, "-S", "data.instructions=/nope.jsonl")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: data.instructions: /nope.jsonl: no such file"
+    assert time.monotonic() - started < 20
+    assert not (ran_project / ".llmops/prefect").exists()  # no Prefect server was started
+    assert snapshot(ran_project, *OUTPUTS) == before and params_diff(ran_project) == ""
+
+
+@pytest.mark.parametrize("case", ["empty_file", "malformed_file", "training_refused"])
+def test_failed_flow_run_keeps_outputs_and_puts_params_back(ran_project, case):
+    before = snapshot(ran_project, *OUTPUTS)
+    if case == "training_refused":  # the examples do not fit: train@finetune stops before launching
+        args = ["-S", "train.finetune.max_seq_len=8"]
+    else:
+        data = ran_project / "mine.jsonl"
+        data.write_text("" if case == "empty_file" else '{"prompt": "a", "response": "b"}\n{"prompt": \n')
+        args = ["-S", "data.instructions=mine.jsonl"]
+    proc = llmops_run(ran_project, *args)
+    assert proc.returncode == 1, proc.stderr
+    message = proc.stderr.strip().splitlines()[0]
+    expected = {"empty_file": "prepare_data failed: mine.jsonl: empty dataset",
+                "malformed_file": "prepare_data failed: mine.jsonl: line 2: invalid JSON",
+                "training_refused": "train@finetune failed: data/prepared/train.jsonl: row 1: it is longer"}[case]
+    assert message.startswith(f"error: pipeline failed: {expected}"), proc.stderr
+    assert "error: train@finetune:" not in proc.stderr  # the stage is named once
+    assert "NoneType: None" not in proc.stdout + proc.stderr
+    assert snapshot(ran_project, *OUTPUTS) == before  # the failed stage's outputs, and all others, as they were
+    assert params_diff(ran_project) == ""  # the run's -S values did not stay behind
+
+
+def test_dvc_repro_failure_keeps_the_stage_outputs(ran_project):
+    before = snapshot(ran_project, "data/prepared", "models")
+    (ran_project / "mine.jsonl").write_text("")
+    set_params(ran_project, "data.instructions=mine.jsonl")
+    proc = run(["dvc", "repro"], ran_project, check=False)
+    assert proc.returncode != 0 and "mine.jsonl: empty dataset" in proc.stdout + proc.stderr
+    assert snapshot(ran_project, "data/prepared", "models") == before
+
+    # a params typo: the stage refuses to start, its outputs stay
+    params = ran_project / "params.yaml"
+    params.write_text(params.read_text().replace("  max_new_tokens:", "  max_new_tokenz:"))
+    before = snapshot(ran_project, "reports/evaluate")
+    assert run(["dvc", "repro", "evaluate"], ran_project, check=False).returncode != 0
+    assert snapshot(ran_project, "reports/evaluate") == before
+
+
+def test_dvc_lock_message_names_the_blocking_process(ran_project):
+    blocker = subprocess.Popen(["sleep", "120"])
+    try:
+        lock = ran_project / ".dvc/tmp/rwlock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        info = {"pid": blocker.pid, "cmd": "dvc repro train@pretrain"}
+        lock.write_text(json.dumps({"read": {}, "write": {str(ran_project / "data/prepared"): info}}))
+        set_params(ran_project, "data.seed=5")  # prepare_data must run, and wants data/prepared
+        proc = llmops_run(ran_project)
+    finally:
+        blocker.kill()
+        blocker.wait()
+    assert proc.returncode == 1
+    assert "is being blocked by:" in proc.stderr and f"(PID {blocker.pid}): dvc repro train@pretrain" in proc.stderr
+
+
+def _wait_for(predicate, seconds: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert proc.poll() is None, f"the run ended early ({proc.returncode})"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_second_run_is_refused_and_ctrl_c_stops_the_first_cleanly(ran_project, tmp_path):
+    set_params(ran_project, "train.pretrain.steps=2000", "train.pretrain.checkpoint_every=20")
+    run(["git", "commit", "-qam", "a long pretraining"], ran_project)
+    out = open(tmp_path / "first.log", "w+")
+    # a session of its own: SIGINT to its process group is what Ctrl-C in a terminal sends
+    first = subprocess.Popen([str(BIN / "llmops"), "run", "--no-push", "-S", "train.pretrain.seed=1"], cwd=ran_project,
+                             env=base_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    ckpt = ran_project / "checkpoints/train/pretrain/checkpoints"
+    try:
+        _wait_for(lambda: ckpt.is_dir() and any(p.name.startswith("step-") for p in ckpt.iterdir()), 300, first)
+
+        second = llmops_run(ran_project, "-S", "data.seed=2")
+        assert second.returncode == 1
+        assert second.stderr.strip().startswith(
+            f"error: `llmops run` is already running in this checkout (pid {first.pid}, since ")
+        assert "llmops run --no-push -S train.pretrain.seed=1" in second.stderr
+
+        os.killpg(first.pid, signal.SIGINT)
+        started = time.monotonic()
+        first.wait(90)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert time.monotonic() - started < 60
+    out.seek(0)
+    log = out.read()
+    assert first.returncode == 130, log
+    tail = log.strip().splitlines()[-1]
+    assert tail.startswith("interrupted: the run stopped"), log
+    assert "httpx.ConnectError" not in log and "Error logging to API" not in log
+    assert [p.name for p in ckpt.iterdir() if p.name.startswith("step-")]  # complete checkpoints kept
+    assert not _live(ran_project)  # no training process, DVC or Prefect server left behind
+    assert params_diff(ran_project) == ""
+
+
+def _live(project: Path) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = b" ".join(cmdline.read_bytes().split(b"\0"))
+            cwd = os.readlink(cmdline.parent / "cwd")
+        except OSError:
+            continue
+        if cwd.startswith(str(project)) and (b"llmops" in args or b"dvc" in args or b"uvicorn" in args):
+            found.append(args.decode(errors="replace"))
+    return found
