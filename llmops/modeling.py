@@ -140,25 +140,27 @@ def load_causal_lm(name: str, **kwargs: Any) -> Any:
     Raises:
         ModelError: see verify_model_dir, or weights that cannot be read (e.g. a truncated file).
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     verify_model_dir(name)
     try:
         return AutoModelForCausalLM.from_pretrained(name, use_safetensors=True, **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:  # safetensors' errors, a truncated file included
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # a truncated file, a missing one
         raise ModelError(f"model {name}: cannot load its weights: {str(exc).splitlines()[0]}") from None
 
 
 def load_adapter(model: Any, adapter_dir: str | os.PathLike, **kwargs: Any) -> Any:
     """The peft adapter saved in `adapter_dir` on `model`, from adapter_model.safetensors only."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     verify_model_dir(adapter_dir)
     if not (Path(adapter_dir) / "adapter_model.safetensors").is_file():
         raise ModelError(f"adapter {adapter_dir}: no adapter_model.safetensors")
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir), **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise ModelError(f"adapter {adapter_dir}: cannot load it: {str(exc).splitlines()[0]}") from None
 
 

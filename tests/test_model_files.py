@@ -57,8 +57,9 @@ def test_pickled_weights_are_refused(ran_project):
     from transformers import AutoModelForCausalLM
 
     pickled = ran_project.parent / "pickled"
-    AutoModelForCausalLM.from_pretrained(ran_project / "models/pretrain").save_pretrained(
-        pickled, safe_serialization=False)
+    model = AutoModelForCausalLM.from_pretrained(ran_project / "models/pretrain")
+    model.config.save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")  # what older tools and untrusted uploads hold
     assert (pickled / "pytorch_model.bin").is_file() and not list(pickled.glob("*.safetensors"))
     set_params(ran_project, f"train.finetune.base_model={pickled}")
     one_line_error(llmops(ran_project, "train", "finetune"), "no .safetensors weights",
