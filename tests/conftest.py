@@ -117,7 +117,7 @@ def pipeline(tmp_path_factory) -> Path:
     """The tiny pipeline, run once per test session through `dvc repro`: copy it with `ran_project`."""
     tmp = tmp_path_factory.mktemp("pipeline")
     project = make_project(tmp / "project", tmp / "remote")
-    run(["dvc", "repro"], project)
+    (tmp / "repro.log").write_text(run(["dvc", "repro"], project).stdout)
     return project
 
 

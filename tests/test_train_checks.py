@@ -237,4 +237,5 @@ def test_diverging_training_stops_with_a_clear_error_and_publishes_nothing(proje
     proc = llmops(project, "train", "pretrain")
     assert_refused(proc, "error: train@pretrain: training diverged at step ", "Lower train.pretrain.lr (now 1)")
     assert len(proc.stderr.strip().splitlines()) == 1 and "ChildFailedError" not in proc.stdout + proc.stderr
-    assert not (project / "models").exists() and not (project / "reports/train").exists()
+    assert not (project / "models/pretrain").exists() and not (project / "reports/train").exists()
+    assert not list((project / "models").iterdir())  # no temporary directory left either
