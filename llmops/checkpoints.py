@@ -82,7 +82,8 @@ def verified(root: str | os.PathLike, fingerprint: str, warn: Callable[[str], ob
         actual = _file_hashes(path)
         if expected == actual:
             return step, path
-        changed = sorted(set(expected or {}) ^ set(actual) | {k for k in actual if (expected or {}).get(k, actual[k]) != actual[k]})
+        expected = expected or {}
+        changed = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
         warn(f"warning: checkpoint {path.name} skipped: its files differ from those hashed when it was completed "
              f"({', '.join(changed[:3]) or 'no file hashes recorded'}); falling back to an earlier one")
     return None

@@ -115,7 +115,7 @@ def verify_model_dir(path: str | os.PathLike) -> None:
     if not path.is_dir():
         return
     weights = sorted(path.glob("*.safetensors"))
-    if not weights and (path / "config.json").is_file() | (path / "adapter_config.json").is_file():
+    if not weights and ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
         pickled = [f.name for f in path.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".pkl")]
         raise ModelError(
             f"{path}: no .safetensors weights" + (f" (found {', '.join(sorted(pickled))}: pickle files, "
