@@ -258,8 +258,11 @@ def _save_checkpoint(engine: Any, job: TrainJob, cfg: TrainRunParams, step: int,
     dist.barrier()
 
 
-def _log_writer(path: Path, start: int):
-    """Append rows to the CSV log, first dropping rows after `start` (left by a run that was killed later)."""
+def _log_writer(path: Path, start: int) -> tuple[Any, float]:
+    """Append rows to the CSV log, first dropping rows after `start` (left by a run that was killed later).
+
+    Returns the open log and the training time its kept rows already account for.
+    """
     rows = []
     if start and path.exists():
         with open(path, newline="") as fh:
@@ -268,7 +271,7 @@ def _log_writer(path: Path, start: int):
         writer = csv.DictWriter(fh, LOG_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    return open(path, "a", newline="")
+    return open(path, "a", newline=""), float(rows[-1]["elapsed_s"]) if rows else 0.0
 
 
 def _save_final(engine: Any, out_dir: str, zero_stage: int) -> None:
@@ -340,9 +343,9 @@ def main(argv: list[str]) -> int:
               f"of {cfg.steps}, {world} process(es), ZeRO-{cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision}",
               flush=True)
 
-    log = _log_writer(Path(job.log_file), start) if rank == 0 else None
+    log, elapsed_before = _log_writer(Path(job.log_file), start) if rank == 0 else (None, 0.0)
     writer = csv.DictWriter(log, LOG_COLUMNS) if log else None
-    elapsed, last_print = 0.0, time.monotonic()
+    elapsed, last_print = 0.0, time.monotonic()  # this process's training time: the ETA's base
     every = max(1, cfg.steps // 20)
 
     def on_step(step: int, loss: float, lr: float, tokens: int, seconds: float, grad_norm: float | None) -> None:
@@ -354,7 +357,7 @@ def main(argv: list[str]) -> int:
         if writer:
             writer.writerow({"step": step, "loss": f"{loss:.6f}", "eval_loss": "" if held is None else f"{held:.6f}",
                              "grad_norm": "" if grad_norm is None else f"{grad_norm:.6g}", "lr": f"{lr:.6g}",
-                             "tokens_per_s": f"{tokens / seconds:.1f}", "elapsed_s": f"{elapsed:.3f}"})
+                             "tokens_per_s": f"{tokens / seconds:.1f}", "elapsed_s": f"{elapsed_before + elapsed:.3f}"})
             log.flush()
             # a line every 5% of the run, and at least every 30 s: progress a person can follow
             if step % every == 0 or step == cfg.steps or held is not None or time.monotonic() - last_print > 30:

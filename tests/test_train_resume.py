@@ -73,6 +73,9 @@ def test_killed_run_resumes_from_latest_complete_checkpoint(project):
     assert done[-2][0] > 0 and not marker.exists()
     resumed, steps = final_loss(project)
     assert steps == list(range(1, STEPS + 1))  # one continuous log: rows after the checkpoint were replaced
+    with open(project / "reports/train/pretrain/log.csv", newline="") as fh:
+        elapsed = [float(r["elapsed_s"]) for r in csv.DictReader(fh)]
+    assert elapsed == sorted(elapsed)  # training time goes on across the resume
     # Same batches (a function of seed and step), re-seeded RNG and the restored Adam state make
     # the resumed run the same computation; only float reduction order may differ (~1e-6 in fp32).
     # 1e-3 is far below what a restart from step 0 or a lost optimizer state changes (> 5e-2 here).
