@@ -98,7 +98,7 @@ class StorageParams(Section):
 
     remote: Literal["local", "s3"] = "local"
     local_dir: str | None = Field(
-        None, description="the local remote's directory; null: ~/.cache/llmops/dvc-remote/<project>-<first commit>")
+        None, description="the local remote's directory; null: ~/.cache/llmops/dvc-remote/<first commit>, one per project")
     bucket: str | None = Field(None, validate_default=True)
     prefix: str = Field("llmops", description="key prefix inside the bucket")
     endpoint_url: str | None = Field(None, description="for S3-compatible stores (MinIO, moto, R2...)")
@@ -379,7 +379,10 @@ def storage_for(storage: StorageParams, root: str | os.PathLike) -> StorageParam
 
 
 def project_id(root: str | os.PathLike) -> str:
-    """`<directory>-<first commit>`: the same in every clone of a repository, different between projects."""
+    """The repository's first commit: the same in every clone, wherever it lies, different between projects.
+
+    Outside git, a hash of the directory's path.
+    """
     import hashlib
     import subprocess
 
@@ -390,7 +393,7 @@ def project_id(root: str | os.PathLike) -> str:
         first = out.stdout.split()[-1][:12] if out.returncode == 0 and out.stdout.split() else None
     except (OSError, subprocess.TimeoutExpired):
         first = None
-    return f"{root.name}-{first or hashlib.sha256(str(root).encode()).hexdigest()[:12]}"
+    return first or "path-" + hashlib.sha256(str(root).encode()).hexdigest()[:12]
 
 
 def storage_from_env(storage: StorageParams, environ: dict[str, str] | None = None) -> StorageParams:

@@ -177,10 +177,11 @@ def test_each_project_gets_a_local_remote_of_its_own(tmp_path):
     one, other = repo(tmp_path / "one", "first"), repo(tmp_path / "other", "another project")
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(one), str(clone)], tmp_path)
+    first = run(["git", "rev-list", "--max-parents=0", "HEAD"], one).stdout.strip()
     url = storage_for(StorageParams(), one).url
-    assert url.startswith("~/.cache/llmops/dvc-remote/one-")
+    assert url == f"~/.cache/llmops/dvc-remote/{first[:12]}"
     assert storage_for(StorageParams(), other).url != url  # another project: another remote
-    assert storage_for(StorageParams(), clone).url.split("-")[-1] == url.split("-")[-1]  # a clone finds the data
+    assert storage_for(StorageParams(), clone).url == url  # a clone, under another name, finds the data
     assert storage_for(StorageParams(local_dir="/srv/remote"), one).url == "/srv/remote"
 
 
