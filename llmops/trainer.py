@@ -313,6 +313,11 @@ def main(argv: list[str]) -> int:
     _die_with_launcher()
     job = TrainJob.model_validate_json(Path(argv[0]).read_text())
     os.environ.update(sanitized_env())
+    ops = Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    if os.environ.get("RANK", "0") == "0" and not any(ops.glob("*/*.so")):
+        # the build is silent for minutes: say why nothing moves
+        print(f"train@{job.mode}: DeepSpeed builds its C++ ops once for this environment (about 2 minutes on "
+              f"2 CPU cores) into {ops}", flush=True)
     import deepspeed
     import torch
     import torch.distributed as dist
