@@ -220,20 +220,23 @@ class Diverged(Exception):
     """The loss or the gradient norm left the range of a model that is learning."""
 
 
-def check_finite(step: int, loss: float, grad_norm: float | None, vocab_size: int, cfg: TrainRunParams,
-                 mode: str) -> None:
-    """Stop a run whose loss is not finite or is above twice the loss of guessing uniformly.
+def check_finite(step: int, loss: float, grad_norm: float | None, first_loss: float, vocab_size: int,
+                 cfg: TrainRunParams, mode: str) -> None:
+    """Stop a run whose loss is not finite, or above twice both a uniform guess and its own first loss.
 
-    ln(vocab) is the loss of a uniform guess, about where a model starts from scratch;
-    no model that is learning goes above twice it. Every rank sees the same all-reduced
-    loss and global grad norm, so every rank stops at the same step.
+    ln(vocab) is the loss of a uniform guess, about where a model starts from scratch; a
+    fine-tuning run may start above it (a base that is confidently wrong on a new format).
+    No model that is learning goes above twice the larger of the two. Every rank sees the
+    same all-reduced loss and global grad norm, so every rank stops at the same step.
     """
-    bound = 2 * math.log(vocab_size)
+    uniform = math.log(vocab_size)
+    bound = 2 * max(uniform, first_loss)
     norm = f", grad norm {grad_norm:.3g}" if grad_norm is not None else ""
     if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)) or loss > bound:
         raise Diverged(
-            f"training diverged at step {step}: loss {loss:.4g}{norm} (a uniform guess over {vocab_size} tokens "
-            f"scores {bound / 2:.3g}); nothing was published. Lower train.{mode}.lr (now {cfg.lr:g}), raise "
+            f"training diverged at step {step}: loss {loss:.4g}{norm}, above {bound:.3g} (twice the larger of a "
+            f"uniform guess over {vocab_size} tokens, {uniform:.3g}, and the first loss, {first_loss:.3g}); "
+            f"nothing was published. Lower train.{mode}.lr (now {cfg.lr:g}), raise "
             f"warmup_steps (now {cfg.warmup_steps}) or set grad_clip (now {cfg.grad_clip:g})")
 
 
@@ -353,10 +356,13 @@ def main(argv: list[str]) -> int:
     elapsed, last_print = 0.0, time.monotonic()  # this process's training time: the ETA's base
     every = max(1, cfg.steps // 20)
 
+    first_loss: float | None = None
+
     def on_step(step: int, loss: float, lr: float, tokens: int, seconds: float, grad_norm: float | None) -> None:
-        nonlocal elapsed, last_print
+        nonlocal elapsed, last_print, first_loss
         elapsed += seconds
-        check_finite(step, loss, grad_norm, vocab, cfg, job.mode)
+        first_loss = loss if first_loss is None else first_loss
+        check_finite(step, loss, grad_norm, first_loss, vocab, cfg, job.mode)
         evaluated = held_out is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps)
         held = eval_loss(engine, held_out, cfg.micro_batch) if evaluated else None
         if writer:
