@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -95,6 +96,8 @@ def _run(root: Path, params, push: bool) -> int:
     # Prefect's server reports telemetry by default; a pipeline run should not phone home.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     previous = _previous_scores(root)
+    # a scheduler or a supervisor stops a run with SIGTERM: end it as Ctrl-C does, training processes included
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         with locks.exclusive(root / locks.RUN_LOCK, "`llmops run`"), prefect_api(root):
             from flows.build_model import build_model
@@ -123,6 +126,10 @@ def _run(root: Path, params, push: bool) -> int:
     if result.remote:
         print(f"  pushed to DVC remote: {result.remote}")
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _previous_scores(root: Path) -> dict | None:

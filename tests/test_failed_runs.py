@@ -145,3 +145,21 @@ def _live(project: Path) -> list[str]:
         if cwd.startswith(str(project)) and (b"llmops" in args or b"dvc" in args or b"uvicorn" in args):
             found.append(args.decode(errors="replace"))
     return found
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does(ran_project, tmp_path):
+    set_params(ran_project, "train.pretrain.steps=2000", "train.pretrain.checkpoint_every=20")
+    out = open(tmp_path / "run.log", "w+")
+    proc = subprocess.Popen([str(BIN / "llmops"), "run", "--no-push"], cwd=ran_project, env=base_env(), stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    ckpt = ran_project / "checkpoints/train/pretrain/checkpoints"
+    try:
+        _wait_for(lambda: ckpt.is_dir() and any(p.name.startswith("step-") for p in ckpt.iterdir()), 300, proc)
+        proc.terminate()  # to the run alone, as a supervisor does
+        proc.wait(90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out.seek(0)
+    assert proc.returncode == 130 and out.read().strip().splitlines()[-1].startswith("interrupted: the run stopped")
+    assert not _live(ran_project)  # DVC, training and the Prefect server ended with it
