@@ -5,12 +5,14 @@ Why not Prefect's ephemeral server: it waits 20 s for its server to start (a bus
 and it runs in our process group, so Ctrl-C kills it first and the flow then
 retries the dead API for minutes. Ours keeps its state in the checkout
 (.llmops/prefect), waits as long as a slow start needs, lives in a session of
-its own so Ctrl-C reaches only the run, and is stopped when the run ends.
+its own so Ctrl-C reaches only the run, and is stopped when the run ends (by the
+kernel, if the run is killed outright).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +21,8 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from llmops.procs import die_with_parent
 
 START_TIMEOUT_S = 300
 STATE_DIR = Path(".llmops/prefect")
@@ -79,11 +83,8 @@ def prefect_api(root: str | os.PathLike) -> Iterator[str]:
                PREFECT__SERVER_EPHEMERAL="1")  # no UI and fewer background services, as Prefect's own
     log = home / "server.log"
     with open(log, "w") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
-             "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        server = subprocess.Popen([sys.executable, "-m", "llmops.prefect_api", str(port)], env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not _healthy(url, timeout=2):
@@ -108,3 +109,16 @@ def prefect_api(root: str | os.PathLike) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def _serve(port: int) -> None:
+    """The server process: Prefect's API app under uvicorn, as Prefect's own temporary server runs it."""
+    die_with_parent(signal.SIGTERM)
+    import uvicorn
+
+    uvicorn.run("prefect.server.api.server:create_app", factory=True, host="127.0.0.1", port=port,
+                log_level="error", lifespan="on")
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]))

@@ -29,6 +29,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel
 
 from llmops import checkpoints
+from llmops.procs import die_with_parent
 from llmops.adapters import METHODS
 from llmops.config import FinetuneParams, PretrainParams, TrainRunParams
 
@@ -290,30 +291,15 @@ def _save_final(engine: Any, out_dir: str, zero_stage: int) -> None:
     dist.barrier()
 
 
-def _die_with_launcher() -> None:
-    """Have the kernel SIGKILL this process when its launcher dies (Linux).
-
-    torchrun starts every worker in a session of its own, so killing the launcher's
-    process group (Ctrl-C, a scheduler's SIGKILL) would otherwise leave the workers
-    training on as orphans, writing into the checkpoints the next run resumes from.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    launcher = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != launcher:  # it died before we asked
-        os._exit(1)
-
-
 def _format_eta(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def main(argv: list[str]) -> int:
-    _die_with_launcher()
+    # torchrun starts every worker in a session of its own: without this, killing the launcher's
+    # process group would leave workers training on, writing into the checkpoints a re-run resumes from
+    die_with_parent()
     job = TrainJob.model_validate_json(Path(argv[0]).read_text())
     os.environ.update(sanitized_env())
     ops = Path(os.environ["TORCH_EXTENSIONS_DIR"])

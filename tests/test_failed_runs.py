@@ -163,3 +163,31 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(ran_project, tmp_path):
     out.seek(0)
     assert proc.returncode == 130 and out.read().strip().splitlines()[-1].startswith("interrupted: the run stopped")
     assert not _live(ran_project)  # DVC, training and the Prefect server ended with it
+
+
+def test_prefect_server_does_not_outlive_a_killed_run(project, tmp_path):
+    proc = subprocess.Popen([str(BIN / "llmops"), "run", "--no-push"], cwd=project, env=base_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    servers = lambda: [a for a in _live(project) if "prefect_api" in a or "uvicorn" in a]  # noqa: E731
+    try:
+        _wait_for(lambda: servers() and (project / "data/prepared").exists(), 300, proc)
+        proc.kill()  # SIGKILL: no handler of ours runs
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while servers() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not servers()
+    finally:
+        for pid in _pids(project):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _pids(project: Path) -> list[int]:
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.readlink(proc / "cwd").startswith(str(project)):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
