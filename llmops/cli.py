@@ -14,6 +14,7 @@ from llmops import locks
 from llmops.config import ConfigError, PARAMS_FILE, load_params, storage_for
 from llmops.preflight import check_inputs
 from llmops.prefect_api import PrefectUnavailable, prefect_api
+from llmops.storage import StorageError, check_remote
 
 EXIT_BAD_PARAMS = 2
 
@@ -89,7 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(exc).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return EXIT_BAD_PARAMS
-    return _run(root, params, push=not args.no_push)
+    push = not args.no_push
+    if push:
+        try:  # an unreachable remote is refused before the Prefect server starts (the flow checks it again)
+            check_remote(storage)
+        except StorageError as exc:
+            print(f"error: pipeline failed: {exc}", file=sys.stderr)
+            return 1
+    return _run(root, params, push=push)
 
 
 def _run(root: Path, params, push: bool) -> int:

@@ -88,4 +88,5 @@ def test_bad_remote_is_a_clear_error_and_nothing_is_done(project, tmp_path, s3_e
     assert expected in proc.stderr
     assert "Traceback" not in proc.stderr.split("error: pipeline")[-1]
     assert not (project / "data" / "prepared").exists()  # failed before any work
+    assert not (project / ".llmops/prefect").exists()  # and before a Prefect server was started
     assert _keys(s3_endpoint, bucket) == []
