@@ -66,11 +66,6 @@ def complete(root: str | os.PathLike, fingerprint: str) -> list[tuple[int, Path]
     return sorted(found)
 
 
-def latest(root: str | os.PathLike, fingerprint: str) -> tuple[int, Path] | None:
-    found = complete(root, fingerprint)
-    return found[-1] if found else None
-
-
 def verified(root: str | os.PathLike, fingerprint: str, warn: Callable[[str], object] = print) -> tuple[int, Path] | None:
     """The newest complete checkpoint whose files are exactly those hashed when it was completed.
 

@@ -210,8 +210,8 @@ def test_incomplete_checkpoints_are_never_used(tmp_path):
     assert [s for s, _ in checkpoints.complete(root, "fp")] == [20, 30]  # pruned to keep=2
     (root / checkpoints.partial_name(40)).mkdir()  # a save that was killed
     (root / checkpoints.name(50)).mkdir()  # renamed but without its marker
-    assert checkpoints.latest(root, "fp")[0] == 30
-    assert checkpoints.latest(root, "other-params") is None
+    assert checkpoints.verified(root, "fp")[0] == 30
+    assert checkpoints.verified(root, "other-params") is None
     assert checkpoints.clean(root, "fp") == [".partial-step-00000040", "step-00000050"]
 
 
