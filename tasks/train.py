@@ -196,7 +196,9 @@ def _train(mode: Mode, cfg: TrainRunParams, root: Path, run_dir: Path) -> TrainR
         save_file(held_out, str(eval_file))
     fingerprint = _sha256_json({
         "mode": mode, "cfg": cfg.model_dump(mode="json"), "data": provenance.sha256_file(data_file),
-        "model": _model_files_hash(Path(prep.model)) if Path(prep.model).is_dir() else prep.model,
+        # a fine-tuning base was hashed for the manifest already; hashing gigabytes twice buys nothing
+        "model": (prep.parent or {}).get("sha256")
+        or (_model_files_hash(Path(prep.model)) if Path(prep.model).is_dir() else prep.model),
     })
     ckpt_dir = run_dir / "checkpoints"
     for name in checkpoints.clean(ckpt_dir, fingerprint):
