@@ -134,15 +134,20 @@ def test_second_run_is_refused_and_ctrl_c_stops_the_first_cleanly(ran_project, t
 
 
 def _live(project: Path) -> list[str]:
+    """Command lines of our processes (llmops, DVC, the Prefect server) still running in the project."""
+    return [args for _, args in _processes(project) if "llmops" in args or "dvc" in args or "uvicorn" in args]
+
+
+def _processes(project: Path) -> list[tuple[int, str]]:
+    """(pid, command line) of every process whose working directory is in the project."""
     found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            args = b" ".join(cmdline.read_bytes().split(b"\0"))
-            cwd = os.readlink(cmdline.parent / "cwd")
+            if os.readlink(proc / "cwd").startswith(str(project)):
+                args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append((int(proc.name), args))
         except OSError:
             continue
-        if cwd.startswith(str(project)) and (b"llmops" in args or b"dvc" in args or b"uvicorn" in args):
-            found.append(args.decode(errors="replace"))
     return found
 
 
@@ -174,16 +179,5 @@ def test_prefect_server_does_not_outlive_a_killed_run(project, tmp_path):
             time.sleep(0.2)
         assert not servers()
     finally:
-        for pid in _pids(project):
+        for pid, _ in _processes(project):
             os.kill(pid, signal.SIGKILL)
-
-
-def _pids(project: Path) -> list[int]:
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if os.readlink(proc / "cwd").startswith(str(project)):
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
