@@ -1,4 +1,4 @@
-"""The pipeline flow: prepare_data -> validate_data -> train@pretrain -> train@finetune -> evaluate -> push.
+"""The pipeline flow: every stage of dvc.yaml in its DAG order, then push.
 
 Prefect decides when and whether; DVC (dvc.yaml) says what each stage does and
 skips stages whose inputs did not change. A stage that fails stops the run
@@ -11,7 +11,7 @@ import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from prefect import State, flow, task
 from prefect.artifacts import create_markdown_artifact
@@ -19,31 +19,40 @@ from prefect.states import Failed
 from pydantic import BaseModel
 
 from llmops import locks, remote
-from llmops.config import PARAMS_FILE, ConfigError, Params, StorageParams, load_params, storage_for, write_params
+from llmops.config import PARAMS_FILE, Params, StorageParams, load_params, storage_for, write_params
 from llmops.datasets import write_text
+from llmops.errors import LlmopsError
 from llmops.preflight import check_inputs
-from llmops.repro import StageError
-from llmops.storage import StorageError, check_remote
-from tasks.evaluate import EvalResult, evaluate
-from tasks.prepare_data import prepare_data
-from tasks.train import train
-from tasks.validate_data import validate_data
-
-OUTPUTS = [
-    "data/prepared/", "reports/validate_data/report.md", "reports/validate_data/result.json",
-    "models/pretrain/", "models/finetune/", "reports/train/", "reports/evaluate/metrics.json",
-]
+from llmops.repro import StageError, repro
+from llmops.stage import declared, plan
+from llmops.storage import check_remote
 
 
 class PipelineResult(BaseModel):
     project: str
     outputs: list[str]
-    evaluation: EvalResult
+    results: dict[str, Any]  # DVC stage name (e.g. train@pretrain) -> what the stage's publish() returned
     remote: str | None
 
 
-class _Stopped(Exception):
+class _Stopped(LlmopsError):
     """A task ended in a failed state; its message says why."""
+
+
+@task
+def run_stage(root: str, stage: str) -> Any:
+    """Run one DVC stage (skipped by DVC when unchanged); publish its artifacts, or what a failure still shows.
+
+    Its output (progress, or a worker's traceback) streams to the console and the run's log as it comes.
+    """
+    module = declared(root)[stage.split("@")[0]].module
+    try:
+        run = repro(root, stage)
+    except StageError as exc:  # an expected failure: its message, not a traceback
+        if hasattr(module, "publish_failed"):
+            module.publish_failed(Path(root), stage)
+        return Failed(message=str(exc))
+    return module.publish(Path(root), run)
 
 
 @task(name="push", retries=2, retry_delay_seconds=5)
@@ -51,7 +60,7 @@ def push_outputs(root: str, storage: StorageParams) -> str | State:
     """Push every output recorded in dvc.lock to the remote."""
     try:
         log = remote.push(root, storage)
-    except (StageError, StorageError) as exc:
+    except LlmopsError as exc:
         return Failed(message=str(exc))
     create_markdown_artifact(key="push", markdown=f"Pushed to `{storage.url}`\n\n```\n{log.strip()}\n```")
     return storage.url
@@ -65,7 +74,7 @@ def _completed(state: State):
 
 @flow(name="build-model", log_prints=True)
 def build_model(params: Params | None = None, push: bool = True, project_dir: str | None = None) -> PipelineResult | State:
-    """Prepare and validate the data, pretrain and fine-tune, evaluate, then push everything to the DVC remote.
+    """Run every stage of dvc.yaml in order (data, validation, training, evaluation and the release gate), then push.
 
     Args:
         params: the run's parameters; the values that differ from params.yaml are written
@@ -82,7 +91,7 @@ def build_model(params: Params | None = None, push: bool = True, project_dir: st
                 check_inputs(params, root)  # before any output is touched
             with _params_applied(root / PARAMS_FILE, params):
                 return _stages(root, push)
-    except (ConfigError, StorageError, _Stopped, locks.Busy) as exc:
+    except LlmopsError as exc:
         # expected failures end the run with their message; anything else keeps its traceback
         return Failed(message=str(exc))
 
@@ -91,13 +100,13 @@ def _stages(root: Path, push: bool) -> PipelineResult:
     storage = storage_for(load_params(root / PARAMS_FILE).storage, root)
     if push:
         check_remote(storage)  # fail before any work rather than after it
-    _completed(prepare_data(str(root), return_state=True))
-    _completed(validate_data(str(root), return_state=True))
-    for mode in ("pretrain", "finetune"):
-        _completed(train(str(root), mode, return_state=True))
-    evaluation = _completed(evaluate(str(root), return_state=True))
+    results, outputs = {}, []
+    for stage in plan(root):
+        task_run = run_stage.with_options(name=stage.spec.name, task_run_name=stage.dvc_name)
+        results[stage.dvc_name] = _completed(task_run(str(root), stage.dvc_name, return_state=True))
+        outputs += stage.outs
     pushed_to = _completed(push_outputs(str(root), storage, return_state=True)) if push else None
-    return PipelineResult(project=str(root), outputs=OUTPUTS, evaluation=evaluation, remote=pushed_to)
+    return PipelineResult(project=str(root), outputs=outputs, results=results, remote=pushed_to)
 
 
 class _NoEmptyTraceback(logging.Filter):

@@ -11,19 +11,14 @@ from importlib.metadata import version
 from pathlib import Path
 
 from llmops import locks
-from llmops.config import ConfigError, PARAMS_FILE, load_params, storage_for
-from llmops.preflight import check_inputs
+from llmops.config import PARAMS_FILE, ConfigError, load_params, storage_for
 from llmops.prefect_api import PrefectUnavailable, prefect_api
+from llmops.preflight import check_inputs
+from llmops.stage import declared
 from llmops.storage import StorageError, check_remote
 
 EXIT_BAD_PARAMS = 2
 
-STAGES = {
-    "prepare_data": "generate (or read your) instruction data and corpus into data/prepared/",
-    "validate_data": "run the Great Expectations suite on data/prepared/; report in reports/validate_data/",
-    "train": "pretrain from scratch, or fine-tune with a peft adapter, with DeepSpeed; into models/<mode>/",
-    "evaluate": "perplexity and exact match on the eval split, base vs fine-tuned; reports/evaluate/",
-}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser(
         "run",
-        help="run the pipeline flow (prepare_data -> validate_data -> train -> evaluate -> push)",
+        help=f"run the pipeline flow ({' -> '.join(declared())} -> push)",
         description=(
             "Run the pipeline as a Prefect flow. Stages run through DVC, so unchanged ones are skipped. "
             "Uses Prefect's local API, or the server at PREFECT_API_URL when set."
@@ -52,13 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_overrides(params)
 
-    for stage, text in STAGES.items():
+    for spec in declared().values():
         cmd = sub.add_parser(
-            stage, help=f"stage: {text}",
-            description=f"Run the {stage} stage alone with params.yaml (this is the command dvc.yaml runs).",
+            spec.name, help=f"stage: {spec.desc}",
+            description=f"Run the {spec.name} stage alone with params.yaml (this is the command dvc.yaml runs).",
         )
-        if stage == "train":
-            cmd.add_argument("mode", choices=["pretrain", "finetune"], help="params section train.<mode>")
+        if spec.keys:
+            cmd.add_argument("key", choices=spec.keys, help=f"which one: params section {spec.name}.<key>")
     return parser
 
 
@@ -72,10 +67,9 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command in STAGES:
-        from importlib import import_module
-
-        return import_module(f"tasks.{args.command}").main(*([args.mode] if args.command == "train" else []))
+    stages = declared()
+    if args.command in stages:
+        return stages[args.command].module.main(*([args.key] if stages[args.command].keys else []))
     root = Path.cwd()
     try:  # everything that can be refused without work is refused here, before Prefect or DVC start
         params = load_params(PARAMS_FILE, args.overrides)
@@ -125,7 +119,7 @@ def _run(root: Path, params, push: bool) -> int:
     print("\nPipeline completed. Results:")
     for path in result.outputs:
         print(f"  {result.project}/{path}")
-    ev = result.evaluation
+    ev = result.results["evaluate"]
     print(f"Eval split ({ev.base.examples} examples), base '{ev.base_model}' -> fine-tuned:")
     was = ("", "") if not previous else (
         f"   (previous run: {previous['perplexity']:.3f})", f"   (previous run: {previous['exact_match']:.1%})")

@@ -17,13 +17,14 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 
 from llmops.adapters import METHODS, LoraParams, PromptTuningParams
+from llmops.errors import LlmopsError
 
 PARAMS_FILE = "params.yaml"
 MAX_STEPS = 100_000_000
 MAX_LR = 1.0  # above this Adam only diverges; prompt tuning, the most lr-hungry method, uses <= 0.3
 
 
-class ConfigError(Exception):
+class ConfigError(LlmopsError):
     """Bad parameters. The message names the source and the dotted key, one line per problem."""
 
 
@@ -242,6 +243,20 @@ class EvaluateParams(Section):
     max_examples: int | None = Field(None, ge=1, description="first N eval examples; null: all")
     max_new_tokens: int = Field(32, ge=1, description="generation budget per answer")
     batch_size: int = Field(32, ge=1)
+    bootstrap_resamples: int = Field(1000, ge=100, le=100_000, description="for the perplexity interval")
+    seed: int = 0
+
+
+class AuditBiasParams(Section):
+    """audit_bias: paired log-likelihood audit (CrowS-Pairs format) of the base and the fine-tuned model."""
+
+    data: str | None = Field(None, description="CrowS-Pairs-format CSV/JSONL, local path or s3:// URI; "
+                             "null: generated counterfactual pairs")
+    pairs_per_type: int = Field(50, ge=1, le=10_000, description="generated pairs per bias type (data: null)")
+    max_pairs: int | None = Field(None, ge=1, description="first N pairs of the file; null: all")
+    bootstrap_resamples: int = Field(1000, ge=100, le=100_000)
+    seed: int = 0
+    batch_size: int = Field(32, ge=1)
 
 
 class Params(Section):
@@ -251,6 +266,7 @@ class Params(Section):
     validate_data: ValidateDataParams = Field(default_factory=ValidateDataParams)
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    audit_bias: AuditBiasParams = Field(default_factory=AuditBiasParams)
     storage: StorageParams = Field(default_factory=StorageParams)
 
 

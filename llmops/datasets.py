@@ -15,15 +15,22 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
+from llmops.errors import LlmopsError
+
 REQUIRED_COLUMNS = ("prompt", "response")
 
 
-class DataError(Exception):
+class DataError(LlmopsError):
     """A dataset file that cannot be used: the message names the file and, where known, the line."""
 
 
 def parse_instructions(raw: bytes, name: str, require: tuple[str, ...] = REQUIRED_COLUMNS) -> list[dict[str, Any]]:
-    """Rows of a JSONL (one object per line) or CSV (header row) instruction file.
+    """Rows of a JSONL (one object per line) or CSV (header row) instruction file (see parse_rows)."""
+    return [row for _, row in parse_rows(raw, name, require)]
+
+
+def parse_rows(raw: bytes, name: str, require: tuple[str, ...] = REQUIRED_COLUMNS) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) of each row of a JSONL (one object per line) or CSV (header row) file.
 
     Args:
         raw: the file's bytes.
@@ -41,7 +48,7 @@ def parse_instructions(raw: bytes, name: str, require: tuple[str, ...] = REQUIRE
     rows = _parse_csv(text, name) if name.lower().endswith(".csv") else _parse_jsonl(text, name)
     if not rows:
         raise DataError(f"{name}: empty dataset (no rows)")
-    found = set().union(*(row.keys() for row in rows))
+    found = set().union(*(row.keys() for _, row in rows))
     missing = [c for c in require if c not in found]
     if missing:
         raise DataError(
@@ -50,7 +57,7 @@ def parse_instructions(raw: bytes, name: str, require: tuple[str, ...] = REQUIRE
     return rows
 
 
-def _parse_jsonl(text: str, name: str) -> list[dict[str, Any]]:
+def _parse_jsonl(text: str, name: str) -> list[tuple[int, dict[str, Any]]]:
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -61,25 +68,29 @@ def _parse_jsonl(text: str, name: str) -> list[dict[str, Any]]:
             raise DataError(f"{name}: line {number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
         if not isinstance(row, dict):
             raise DataError(f"{name}: line {number}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
+        rows.append((number, row))
     return rows
 
 
-def _parse_csv(text: str, name: str) -> list[dict[str, Any]]:
+def _parse_csv(text: str, name: str) -> list[tuple[int, dict[str, Any]]]:
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         header = next(reader, None)
         if header is None:
             return []
         rows = []
-        for fields in reader:
+        while True:
+            start = reader.line_num + 1  # a quoted field may span lines: a row is named by its first
+            fields = next(reader, None)
+            if fields is None:
+                break
             if not any(f.strip() for f in fields):
                 continue
             if len(fields) != len(header):
                 raise DataError(
                     f"{name}: line {reader.line_num}: {len(fields)} fields, the header has {len(header)}"
                 )
-            rows.append(dict(zip(header, fields, strict=True)))
+            rows.append((start, dict(zip(header, fields, strict=True))))
         return rows
     except csv.Error as exc:
         raise DataError(f"{name}: line {reader.line_num}: malformed CSV: {exc}") from None

@@ -21,13 +21,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmops.config import TrainRunParams
+from llmops.errors import LlmopsError
 from llmops.modeling import ParamCount
 
 GIB = 1 << 30
 MARGIN = 1.10
 
 
-class FitError(Exception):
+class FitError(LlmopsError):
     """The configuration cannot fit on the devices present; the message has the numbers and what to change."""
 
 

@@ -16,11 +16,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from llmops.errors import LlmopsError
+
 RUN_LOCK = Path(".llmops/run.lock")  # one pipeline run per checkout
 _HELD: set[Path] = set()  # locks this process holds: taking one again is a no-op (the CLI, then its flow)
 
 
-class Busy(Exception):
+class Busy(LlmopsError):
     """Another process holds the lock; the message names it."""
 
 

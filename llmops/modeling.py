@@ -25,6 +25,7 @@ from typing import Any, Iterable
 
 from llmops.config import ModelParams
 from llmops.datasets import DataError
+from llmops.errors import LlmopsError
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -34,7 +35,7 @@ PRETRAINED = Path("models/pretrain")
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
-class ModelError(Exception):
+class ModelError(LlmopsError):
     """A base model or adapter that cannot be used; the message says which and why."""
 
 
@@ -143,7 +144,10 @@ def load_causal_lm(name: str, **kwargs: Any) -> Any:
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
     verify_model_dir(name)
+    hf_logging.disable_progress_bar()  # a bar redrawn through a pipe is noise in a log
     try:
         return AutoModelForCausalLM.from_pretrained(name, use_safetensors=True, **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # a truncated file, a missing one

@@ -22,13 +22,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from llmops.errors import LlmopsError
 from llmops.procs import die_with_parent
 
 START_TIMEOUT_S = 300
 STATE_DIR = Path(".llmops/prefect")
 
 
-class PrefectUnavailable(Exception):
+class PrefectUnavailable(LlmopsError):
     """No Prefect API to report to; the message says what to do."""
 
 

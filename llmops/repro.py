@@ -12,10 +12,12 @@ from typing import Callable
 
 from pydantic import BaseModel
 
+from llmops.errors import LlmopsError
+
 STOP_GRACE_S = 20  # after Ctrl-C, how long the stage may take to end its training processes
 
 
-class StageError(Exception):
+class StageError(LlmopsError):
     """A DVC command failed; the message carries the stage's own error (or DVC's)."""
 
 

@@ -1,22 +1,99 @@
-"""The command-line shell shared by every stage: load params, run, turn errors into exit codes."""
+"""What a stage is, declared once: an entry in dvc.yaml, a module tasks/<name>.py, a params section <name>.
+
+dvc.yaml is the declaration: the stage's command, inputs, outputs and `desc`. The CLI
+(`llmops <name>`), the flow (its order is dvc.yaml's DAG) and the tests read the stages
+from it. The module `tasks/<name>.py` holds the work and defines:
+
+    main(*keys) -> int          the command dvc.yaml runs (`llmops <name> [<key>]`), through run_cli
+    publish(root, run) -> Any   after DVC ran the stage (or found it unchanged) in a flow: its
+                                Prefect artifacts and the flow's result for it
+    publish_failed(root, run)   optional: what a failed run still shows (a report, a verdict)
+
+A foreach stage (train) has one DVC stage per key (train@pretrain, train@finetune), one CLI
+command with the key as its argument, and one Prefect task run per key.
+"""
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from importlib import import_module
+from pathlib import Path
+from types import ModuleType
 from typing import Callable
 
 from llmops.config import ConfigError, Params, load_params
-from llmops.datasets import DataError
-from llmops.fit import FitError
-from llmops.modeling import ModelError
-from llmops.storage import StorageError
+from llmops.errors import LlmopsError
 
 EXIT_BAD_PARAMS = 2
 EXIT_FAILED = 1
+DVC_YAML = "dvc.yaml"
 
 
-class StageFailed(Exception):
-    """The stage ran and its verdict is no (e.g. the data failed validation)."""
+class StageFailed(LlmopsError):
+    """The stage ran and its verdict is no (e.g. the data failed validation, the gate refused)."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str  # the dvc.yaml stage, the CLI command, the params section, the Prefect task, tasks/<name>.py
+    desc: str
+    keys: tuple[str, ...] = ()  # foreach keys: the DVC stages are <name>@<key>
+
+    @property
+    def module(self) -> ModuleType:
+        return import_module(f"tasks.{self.name}")
+
+
+def declared(root: str | Path | None = None) -> dict[str, StageSpec]:
+    """The stages of dvc.yaml, in file order (read as YAML: cheap enough for `llmops --help`).
+
+    `root` defaults to the working directory when it holds a dvc.yaml, else the project
+    this package was installed from.
+    """
+    from ruamel.yaml import YAML
+
+    path = _dvc_yaml(root)
+    if path is None:
+        return {}
+    stages = YAML(typ="safe").load(path.read_text()).get("stages") or {}
+    return {
+        name: StageSpec(name=name, desc=str(body.get("desc") or body.get("do", {}).get("desc") or ""),
+                        keys=tuple(body.get("foreach") or ()))
+        for name, body in stages.items()
+    }
+
+
+def _dvc_yaml(root: str | Path | None) -> Path | None:
+    for base in ([Path(root)] if root is not None else [Path.cwd(), Path(__file__).resolve().parents[1]]):
+        if (base / DVC_YAML).is_file():
+            return base / DVC_YAML
+    return None
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    dvc_name: str  # e.g. train@pretrain
+    spec: StageSpec
+    outs: tuple[str, ...]
+
+
+def plan(root: str | Path) -> list[PlannedStage]:
+    """Every DVC stage in the order it must run: dvc.yaml's DAG, file order between independent stages."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    specs = declared(root)
+    with Repo(str(root)) as repo:
+        stages = list(repo.index.stages)
+        position = {s.addressing: i for i, s in enumerate(stages)}
+        # DVC's edges run from a stage to the stages it depends on
+        ordered = nx.lexicographical_topological_sort(repo.index.graph.reverse(), key=lambda s: position[s.addressing])
+        return [
+            PlannedStage(dvc_name=s.addressing, spec=specs[s.addressing.split("@")[0]],
+                         outs=tuple(str(o.def_path) for o in s.outs))
+            for s in ordered
+        ]
 
 
 def run_cli(stage: str, body: Callable[[Params], str], params_file: str = "params.yaml") -> int:
@@ -32,7 +109,10 @@ def run_cli(stage: str, body: Callable[[Params], str], params_file: str = "param
         return EXIT_BAD_PARAMS
     try:
         print(body(params))
-    except (DataError, StorageError, StageFailed, ModelError, FitError) as exc:
+    except ConfigError as exc:  # a contradiction only the stage can see (e.g. between two sections)
+        _print_error(stage, exc)
+        return EXIT_BAD_PARAMS
+    except LlmopsError as exc:
         _print_error(stage, exc)
         return EXIT_FAILED
     return 0

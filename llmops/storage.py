@@ -10,9 +10,10 @@ import os
 from pathlib import Path
 
 from llmops.config import StorageParams
+from llmops.errors import LlmopsError
 
 
-class StorageError(Exception):
+class StorageError(LlmopsError):
     """Storage that cannot be used: the message says which and why."""
 
 

@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import re
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -29,9 +28,9 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel
 
 from llmops import checkpoints
-from llmops.procs import die_with_parent
 from llmops.adapters import METHODS
 from llmops.config import FinetuneParams, PretrainParams, TrainRunParams
+from llmops.procs import die_with_parent
 
 LOG_COLUMNS = ["step", "loss", "eval_loss", "grad_norm", "lr", "tokens_per_s", "elapsed_s"]
 FAILURE = "failure.json"  # what rank 0 writes when training stops on an expected failure (e.g. divergence)

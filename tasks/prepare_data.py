@@ -10,15 +10,13 @@ import json
 import shutil
 from pathlib import Path
 
-from prefect import State, task
 from prefect.artifacts import create_table_artifact
-from prefect.states import Failed
 from pydantic import BaseModel
 
 from llmops import provenance, sample_data
 from llmops.config import DataParams, Params, StorageParams, storage_from_env
 from llmops.datasets import DataError, parse_instructions, replace_dir, write_jsonl, write_text
-from llmops.repro import StageError, repro
+from llmops.repro import StageRun
 from llmops.stage import run_cli
 from llmops.storage import read_bytes
 
@@ -107,14 +105,9 @@ def main() -> int:
     return run_cli("prepare_data", _cli_body)
 
 
-@task(name="prepare_data")
-def prepare_data(root: str) -> PrepareResult | State:
-    """Run the stage through DVC (cached when nothing changed) and publish its summary."""
-    try:
-        run = repro(root, "prepare_data")
-    except StageError as exc:  # an expected failure: its message, not a traceback
-        return Failed(message=str(exc))
-    manifest = json.loads((Path(root) / OUT_DIR / "manifest.json").read_text())
+def publish(root: Path, run: StageRun) -> PrepareResult:
+    """The flow's summary of the stage: a table of the files it wrote, with their hashes."""
+    manifest = json.loads((root / OUT_DIR / "manifest.json").read_text())
     result = PrepareResult.model_validate(manifest["result"])
     create_table_artifact(
         key="prepare-data",

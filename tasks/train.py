@@ -26,9 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import State, task
 from prefect.artifacts import create_table_artifact
-from prefect.states import Failed
 from pydantic import BaseModel
 
 from llmops import checkpoints, locks, provenance
@@ -37,10 +35,10 @@ from llmops.config import FinetuneParams, Params, PretrainParams, TrainRunParams
 from llmops.datasets import DataError, read_jsonl, replace_dir, write_text
 from llmops.fit import Shape, check_fit, describe, devices
 from llmops.modeling import (
-    check_adapter, corpus_tensors, count_params, instruction_tensors, llama_config, load_config,
-    load_tokenizer, meta_model, model_card, resolve_base, train_tokenizer, verify_model_dir,
+    check_adapter, corpus_tensors, count_params, instruction_tensors, llama_config, load_config, load_tokenizer,
+    meta_model, model_card, resolve_base, train_tokenizer, verify_model_dir,
 )
-from llmops.repro import StageError, repro
+from llmops.repro import StageRun
 from llmops.stage import StageFailed, run_cli
 from llmops.trainer import FAILURE, TrainJob, sanitized_env
 
@@ -269,6 +267,7 @@ def _publish(mode: Mode, cfg: TrainRunParams, root: Path, tmp_out: Path, tok: An
     reports.mkdir(parents=True, exist_ok=True)
     write_text(reports / "log.csv", log_file.read_text())
     write_text(reports / "summary.json", json.dumps(result.model_dump(), indent=2) + "\n")
+    write_text(reports / "manifest.json", (root / MODELS / mode / "manifest.json").read_text())
     shutil.rmtree(root / RUNS / mode)  # done: the resume checkpoints have served their purpose
     return result
 
@@ -298,15 +297,11 @@ def main(mode: Mode) -> int:
     return run_cli(f"train@{mode}", _cli_body(mode))
 
 
-@task(name="train", task_run_name="train@{mode}")
-def train(root: str, mode: Mode) -> TrainResult | State:
-    """Run train@<mode> through DVC (skipped when its data, params and code are unchanged)."""
-    try:
-        run = repro(root, f"train@{mode}")
-    except StageError as exc:
-        return Failed(message=str(exc))
-    result = TrainResult.model_validate_json((Path(root) / REPORTS / mode / "summary.json").read_text())
-    with open(Path(root) / REPORTS / mode / "log.csv", newline="") as fh:
+def publish(root: Path, run: StageRun) -> TrainResult:
+    """The loss curve (every 5%) as a table, and the run's summary."""
+    mode = run.stage.split("@")[1]
+    result = TrainResult.model_validate_json((root / REPORTS / mode / "summary.json").read_text())
+    with open(root / REPORTS / mode / "log.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     every = max(1, len(rows) // 20)
     create_table_artifact(

@@ -14,15 +14,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-from prefect import State, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.states import Failed
 from pydantic import BaseModel
 
-from llmops import pii
+from llmops import pii, provenance
 from llmops.config import Params, ValidateDataParams
 from llmops.datasets import read_jsonl, write_text
-from llmops.repro import StageError, repro
+from llmops.repro import StageRun
 from llmops.stage import StageFailed, run_cli
 
 IN_DIR = Path("data/prepared")
@@ -240,6 +238,7 @@ def run_validate_data(cfg: ValidateDataParams, in_dir: str | Path = IN_DIR, out_
     }
     write_text(out_dir / "result.json", json.dumps(summary, indent=2) + "\n")
     write_text(out_dir / "report.md", report_markdown(result))
+    provenance.write_report_manifest(out_dir, cfg, data=[in_dir / f"{name}.jsonl" for name in SPLITS])
     if not result.success:
         raise StageFailed(failure_message(result))
     return result
@@ -254,15 +253,14 @@ def main() -> int:
     return run_cli("validate_data", _cli_body)
 
 
-@task(name="validate_data")
-def validate_data(root: str) -> dict | State:
-    """Run the stage through DVC and publish the report, whether it passed or not."""
-    report = Path(root) / OUT_DIR / "report.md"
-    try:
-        run = repro(root, "validate_data")
-    except StageError as exc:  # an expected failure: its message, not a traceback
-        return Failed(message=str(exc))
-    finally:
-        if report.exists():
-            create_markdown_artifact(key="validate-data", markdown=report.read_text(), description="Data validation")
-    return {"skipped": run.skipped, **json.loads((Path(root) / OUT_DIR / "result.json").read_text())}
+def publish(root: Path, run: StageRun) -> dict:
+    """The report as a Prefect artifact, and the result for the flow."""
+    publish_failed(root, run.stage)
+    return {"skipped": run.skipped, **json.loads((root / OUT_DIR / "result.json").read_text())}
+
+
+def publish_failed(root: Path, stage: str) -> None:
+    """A failed validation still shows its report: which expectations failed, with examples."""
+    report = root / OUT_DIR / "report.md"
+    if report.exists():
+        create_markdown_artifact(key="validate-data", markdown=report.read_text(), description="Data validation")

@@ -8,12 +8,13 @@ import json
 import boto3
 import pytest
 
-from conftest import base_env, run, set_params
+from conftest import REPO, base_env, run, set_params
+from llmops.stage import plan
 
 pytestmark = pytest.mark.services
 
 
-STAGES = ["prepare_data", "validate_data", "train@pretrain", "train@finetune", "evaluate"]
+STAGES = [s.dvc_name for s in plan(REPO)]
 
 
 def _ran(log: str) -> list[str]:
