@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any, Iterable
 
 LIBRARIES = (
     "llmops", "torch", "deepspeed", "transformers", "peft", "tokenizers", "safetensors",
-    "great_expectations", "dvc", "prefect", "pandas", "pydantic",
+    "great_expectations", "dvc", "prefect", "pandas", "pydantic", "scipy", "torchao", "bitsandbytes",
 )
 
 
@@ -53,3 +55,37 @@ def manifest(params: dict, files: dict[str, Path], **extra: object) -> dict[str,
         "libraries": library_versions(),
         **extra,
     }
+
+
+def model_hashes(path: str | os.PathLike, root: str | os.PathLike = ".") -> dict[str, object]:
+    """What identifies a model a report was made with: the sha256 of its weights and configs, or its hub id.
+
+    A model directory of ours carries a manifest.json whose weight hashes were checked when
+    the model was loaded (modeling.verify_model_dir); those are reused rather than read again.
+    """
+    local = Path(root) / path
+    if not local.is_dir():
+        return {"hub_id": str(path)}
+    recorded = {}
+    if (local / "manifest.json").is_file():
+        recorded = json.loads((local / "manifest.json").read_text()).get("sha256", {})
+    files = sorted(f for f in local.iterdir() if f.suffix in (".safetensors", ".json") and f.name != "manifest.json")
+    return {"path": str(path), "sha256": {f.name: recorded.get(f.name) or sha256_file(f) for f in files}}
+
+
+def write_report_manifest(out_dir: str | os.PathLike, params: Any, root: str | os.PathLike = ".",
+                          data: Iterable[str | os.PathLike] = (), models: dict[str, str | os.PathLike] | None = None,
+                          **extra: object) -> None:
+    """manifest.json beside a report: the stage's params, the hashes of the data and models it read, the code version."""
+    from llmops.datasets import write_text
+
+    root = Path(root)
+    body = {
+        "params": params.model_dump(mode="json") if hasattr(params, "model_dump") else params,
+        "data": {str(p): sha256_file(root / p) for p in data},
+        "models": {name: model_hashes(path, root) for name, path in (models or {}).items()},
+        "git": git_commit(root),
+        "libraries": library_versions(),
+        **extra,
+    }
+    write_text(Path(out_dir) / "manifest.json", json.dumps(body, indent=2, sort_keys=True) + "\n")

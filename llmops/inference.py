@@ -1,0 +1,152 @@
+"""Loading the trained model and scoring it: one place for evaluate, audit_bias, quantize and the server.
+
+- `load_finetuned`: the base model (checked, safetensors only) with the fine-tuned adapter on it.
+- `continuation_logprobs`: the summed log-probability of each continuation given its context,
+  the quantity behind perplexity, the bias audit's paired likelihoods and lm-evaluation-harness's
+  `loglikelihood` requests.
+- `perplexity` and `greedy_answers` on instruction rows, built on the two above.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from llmops.config import Params
+from llmops.modeling import (
+    ModelError, encode_instruction, fit_to_length, load_adapter, load_causal_lm, load_tokenizer, resolve_base,
+)
+
+ADAPTER = Path("models/finetune")
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class Loaded:
+    tokenizer: Any
+    model: Any  # a PeftModel: `with model.disable_adapter():` scores the base
+    base_path: str  # the directory or hub id of the base
+    virtual_tokens: int  # prompt tuning prepends these to every input
+
+    @property
+    def context(self) -> int:
+        """Tokens of text the model can take (its positions, less the virtual tokens)."""
+        return int(getattr(self.model.config, "max_position_embeddings", 2048)) - self.virtual_tokens
+
+
+def load_finetuned(params: Params, root: str | os.PathLike = ".", adapter: str | os.PathLike = ADAPTER,
+                   **kwargs: Any) -> Loaded:
+    """The base model named by train.finetune.base_model with the adapter in `adapter`, in eval mode.
+
+    Raises:
+        ModelError: the base or the adapter is missing, damaged, or not loadable from safetensors.
+    """
+    import torch
+    from peft import PeftConfig
+
+    root = Path(root)
+    adapter = root / adapter
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelError(f"{Path(adapter).relative_to(root)}/ has no trained adapter; "
+                         "run `llmops run` (or `dvc pull` in a fresh clone)")
+    base = resolve_base(params.train.finetune.base_model, root)
+    tok = load_tokenizer(str(adapter))
+    kwargs.setdefault("dtype", torch.float32)
+    model = load_adapter(load_causal_lm(base, **kwargs), adapter).to(device()).eval()
+    virtual = getattr(PeftConfig.from_pretrained(str(adapter)), "num_virtual_tokens", 0) or 0
+    return Loaded(tokenizer=tok, model=model, base_path=base, virtual_tokens=virtual)
+
+
+def continuation_logprobs(model: Any, pad_id: int, items: Iterable[tuple[list[int], list[int]]],
+                          batch_size: int) -> list[tuple[float, int]]:
+    """For each (context ids, continuation ids): the summed log-probability of the continuation and its length.
+
+    Each item is its own right-padded row (no text shared between rows); the caller fits
+    it to the model's context. A prompt-tuning model's virtual positions come first in its
+    logits and are skipped.
+    """
+    import torch
+
+    items = list(items)
+    out: list[tuple[float, int]] = []
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        for i in range(0, len(items), batch_size):
+            chunk = items[i:i + batch_size]
+            width = max(len(c) + len(t) for c, t in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, (c, t) in enumerate(chunk):
+                ids[r, :len(c) + len(t)] = torch.tensor(c + t)
+                mask[r, :len(c) + len(t)] = 1
+            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()[:, -width:]
+            logprobs = torch.log_softmax(logits[:, :-1], dim=-1).cpu()
+            for r, (c, t) in enumerate(chunk):
+                # the token at position p is predicted by the logits at p - 1
+                positions = torch.arange(len(c) - 1, len(c) + len(t) - 1)
+                picked = logprobs[r, positions, torch.tensor(t)]
+                out.append((float(picked.double().sum()), len(t)))
+    return out
+
+
+def response_logprobs(loaded: Loaded, rows: list[dict], batch_size: int) -> list[tuple[float, int]]:
+    """Summed log-probability of each row's response (and end-of-text) given its templated prompt.
+
+    A row longer than the context has the start of its prompt cut, so every response
+    token is scored with as much of its prompt as fits.
+
+    Raises:
+        ModelError: a response alone is longer than the model's context.
+    """
+    items = []
+    for i, row in enumerate(rows, 1):
+        head, tail = encode_instruction(loaded.tokenizer, row["prompt"], row["response"])
+        fitted = fit_to_length(head, tail, loaded.context)
+        if fitted is None:
+            raise ModelError(f"eval row {i}: its response alone is longer than the model's context "
+                             f"({len(tail)} > {loaded.context} tokens)")
+        items.append(fitted)
+    return continuation_logprobs(loaded.model, loaded.tokenizer.pad_token_id, items, batch_size)
+
+
+def perplexity(scores: list[tuple[float, int]]) -> float:
+    """exp of the mean negative log-likelihood per token, token-weighted over all rows."""
+    return math.exp(-sum(s for s, _ in scores) / sum(n for _, n in scores))
+
+
+def greedy_answers(loaded: Loaded, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy generations from the templated prompts (left-padded batches), cut at end-of-text, stripped."""
+    import torch
+
+    tok, model = loaded.tokenizer, loaded.model
+    dev = next(model.parameters()).device
+    answers = []
+    for i in range(0, len(prompts), batch_size):
+        heads = []
+        for prompt in prompts[i:i + batch_size]:
+            head, _ = encode_instruction(tok, prompt, None)
+            heads.append(fit_to_length(head, [], loaded.context - max_new_tokens)[0])
+        width = max(map(len, heads))
+        ids = torch.full((len(heads), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, head in enumerate(heads):
+            ids[r, width - len(head):] = torch.tensor(head)
+            mask[r, width - len(head):] = 1
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            )
+        for seq in out[:, width:].tolist():
+            if tok.eos_token_id in seq:
+                seq = seq[: seq.index(tok.eos_token_id)]
+            answers.append(tok.decode(seq, skip_special_tokens=True).strip())
+    return answers
