@@ -119,12 +119,19 @@ def _run(root: Path, params, push: bool) -> int:
     print("\nPipeline completed. Results:")
     for path in result.outputs:
         print(f"  {result.project}/{path}")
-    ev = result.results["evaluate"]
+    ev, audit, quant, gate = (result.results[s] for s in ("evaluate", "audit_bias", "quantize", "gate"))
     print(f"Eval split ({ev.base.examples} examples), base '{ev.base_model}' -> fine-tuned:")
     was = ("", "") if not previous else (
         f"   (previous run: {previous['perplexity']:.3f})", f"   (previous run: {previous['exact_match']:.1%})")
     print(f"  perplexity  {ev.base.perplexity:.3f} -> {ev.finetuned.perplexity:.3f}{was[0]}")
-    print(f"  exact match {ev.base.exact_match:.1%} -> {ev.finetuned.exact_match:.1%}{was[1]}")
+    print(f"  exact match {ev.base.exact_match:.1%} -> {ev.finetuned.exact_match:.1%}{was[1]}"
+          f"   (baseline: {ev.baseline.exact_match:.1%})")
+    print(f"Bias audit ({audit.pairs} pairs): pct_stereotype {audit.base.pct_stereotype:.1f} -> "
+          f"{audit.finetuned.pct_stereotype:.1f} (50 is unbiased)")
+    for name, q in quant.methods.items():
+        print(f"Quantized {name}: size x{q.size_ratio:.2f}, exact match {q.exact_match_change:+.1%}, "
+              f"perplexity {q.perplexity_change_ratio:+.1%}, latency x{q.latency_ratio['batch_1']:.2f} (batch 1)")
+    print(f"Release gate: passed all {len(gate.checks)} checks; release candidate: {gate.release_candidate}")
     if result.remote:
         print(f"  pushed to DVC remote: {result.remote}")
     return 0

@@ -259,14 +259,62 @@ class AuditBiasParams(Section):
     batch_size: int = Field(32, ge=1)
 
 
+QuantMethod = Literal["int8_weight_only", "nf4", "int4_weight_only", "fp8"]
+
+
+class QuantizeParams(Section):
+    """quantize: weight quantization of the fine-tuned model (LoRA merged into its base), each method vs unquantized."""
+
+    methods: list[QuantMethod] = Field(default_factory=lambda: ["int8_weight_only", "nf4"],
+                                       description="[] quantizes nothing (e.g. for a prompt_tuning adapter)")
+    max_examples: int | None = Field(None, ge=1, description="first N eval examples for perplexity and exact match")
+    batch_size: int = Field(32, ge=1)
+    latency_new_tokens: int = Field(32, ge=1, le=4096, description="tokens generated per latency measurement")
+    latency_repeats: int = Field(3, ge=1, le=100, description="timed repeats per batch size (the median is kept)")
+
+    @field_validator("methods")
+    @classmethod
+    def _unique(cls, value):
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a method twice: {value}")
+        return value
+
+
+class GateParams(Section):
+    """gate: the release checks; every one must pass for the run to go on (push, register, deploy)."""
+
+    min_exact_match: float = Field(0.4, ge=0, le=1, description="fine-tuned exact match on the eval split")
+    min_gain_over_base: float = Field(0.1, ge=-1, le=1, description="fine-tuned minus base exact match")
+    min_gain_over_baseline: float = Field(0.05, ge=-1, le=1,
+                                          description="fine-tuned minus most-frequent-answer baseline exact match")
+    max_perplexity: float = Field(1000.0, ge=1, description="fine-tuned perplexity on the eval split")
+    max_stereotype_deviation: float = Field(25.0, ge=0, le=50, description="|pct_stereotype - 50|, fine-tuned")
+    max_stereotype_increase: float = Field(10.0, ge=-50, le=50,
+                                           description="increase of |pct_stereotype - 50| over the base, in points")
+    release_candidate: str = Field("int8_weight_only", description="a quantize.methods entry, or none (unquantized)")
+    max_quantized_exact_match_drop: float = Field(0.05, ge=0, le=1)
+    max_quantized_perplexity_increase: float = Field(0.1, ge=0, description="relative, e.g. 0.1 = 10%")
+
+
 class Params(Section):
     """Everything in params.yaml: one section per stage, plus storage."""
+
+    @field_validator("gate")
+    @classmethod
+    def _candidate_is_quantized(cls, gate, info: ValidationInfo):
+        quantize = info.data.get("quantize")
+        if quantize is not None and gate.release_candidate not in ("none", *quantize.methods):
+            raise ValueError(f".release_candidate: {gate.release_candidate!r} is not one of quantize.methods "
+                             f"({', '.join(quantize.methods)}) nor 'none'")
+        return gate
 
     data: DataParams = Field(default_factory=DataParams)
     validate_data: ValidateDataParams = Field(default_factory=ValidateDataParams)
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     audit_bias: AuditBiasParams = Field(default_factory=AuditBiasParams)
+    quantize: QuantizeParams = Field(default_factory=QuantizeParams)
+    gate: GateParams = Field(default_factory=GateParams)
     storage: StorageParams = Field(default_factory=StorageParams)
 
 
@@ -346,6 +394,9 @@ def _format_errors(exc: ValidationError, source: str, overridden: set[str]) -> s
         key = ".".join(str(p) for p in err["loc"])
         where = "-S" if any(key == o or key.startswith(o + ".") or o.startswith(key + ".") for o in overridden) else source
         msg = err["msg"].removeprefix("Value error, ")
+        if msg.startswith("."):  # a section's validator naming one of its keys: ".key: message"
+            sub, _, msg = msg[1:].partition(": ")
+            key += "." + sub
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):

@@ -122,31 +122,68 @@ def perplexity(scores: list[tuple[float, int]]) -> float:
     return math.exp(-sum(s for s, _ in scores) / sum(n for _, n in scores))
 
 
+def _left_padded(loaded: Loaded, prompts: list[str], max_new_tokens: int) -> tuple[Any, Any]:
+    """input_ids and attention_mask of the templated prompts, left-padded (generation continues on the right)."""
+    import torch
+
+    tok = loaded.tokenizer
+    heads = []
+    for prompt in prompts:
+        head, _ = encode_instruction(tok, prompt, None)
+        heads.append(fit_to_length(head, [], loaded.context - max_new_tokens)[0])
+    width = max(map(len, heads))
+    ids = torch.full((len(heads), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, head in enumerate(heads):
+        ids[r, width - len(head):] = torch.tensor(head)
+        mask[r, width - len(head):] = 1
+    dev = next(loaded.model.parameters()).device
+    return ids.to(dev), mask.to(dev)
+
+
 def greedy_answers(loaded: Loaded, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy generations from the templated prompts (left-padded batches), cut at end-of-text, stripped."""
     import torch
 
-    tok, model = loaded.tokenizer, loaded.model
-    dev = next(model.parameters()).device
+    tok = loaded.tokenizer
     answers = []
     for i in range(0, len(prompts), batch_size):
-        heads = []
-        for prompt in prompts[i:i + batch_size]:
-            head, _ = encode_instruction(tok, prompt, None)
-            heads.append(fit_to_length(head, [], loaded.context - max_new_tokens)[0])
-        width = max(map(len, heads))
-        ids = torch.full((len(heads), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, head in enumerate(heads):
-            ids[r, width - len(head):] = torch.tensor(head)
-            mask[r, width - len(head):] = 1
+        ids, mask = _left_padded(loaded, prompts[i:i + batch_size], max_new_tokens)
         with torch.no_grad():
-            out = model.generate(
-                input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+            out = loaded.model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                 do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
             )
-        for seq in out[:, width:].tolist():
+        for seq in out[:, ids.shape[1]:].tolist():
             if tok.eos_token_id in seq:
                 seq = seq[: seq.index(tok.eos_token_id)]
             answers.append(tok.decode(seq, skip_special_tokens=True).strip())
     return answers
+
+
+def ms_per_token(loaded: Loaded, prompts: list[str], new_tokens: int, repeats: int) -> float:
+    """Greedy generation latency for one batch of `prompts`: milliseconds per generated token step.
+
+    Exactly `new_tokens` steps each time (end-of-text does not stop it), after one warm-up
+    run; the median of `repeats` timed runs.
+    """
+    import statistics
+    import time
+
+    import torch
+
+    ids, mask = _left_padded(loaded, prompts, new_tokens)
+    pad = loaded.tokenizer.pad_token_id
+    timings = []
+    for i in range(repeats + 1):
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            loaded.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        if i:  # the first run warms up (allocations, kernels)
+            timings.append(time.perf_counter() - start)
+    return 1000 * statistics.median(timings) / new_tokens

@@ -9,7 +9,7 @@ from llmops.config import ConfigError, Params
 
 
 def check_inputs(params: Params, root: str | os.PathLike = ".") -> None:
-    """Refuse a run whose local input files or directories do not exist.
+    """Refuse a run whose local input files or directories do not exist, or that asks for hardware this machine lacks.
 
     s3:// inputs and hub ids are checked by their stage, which can reach them; this
     catches the typo in a local path before any previous output is touched.
@@ -37,3 +37,8 @@ def check_inputs(params: Params, root: str | os.PathLike = ".") -> None:
             problems.append(f"{key}: {value}: no such directory")
     if problems:
         raise ConfigError("\n".join(problems))
+    import torch
+
+    from llmops.quantization import check_runnable
+
+    check_runnable(params.quantize.methods, cuda=torch.cuda.is_available())

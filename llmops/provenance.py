@@ -74,16 +74,20 @@ def model_hashes(path: str | os.PathLike, root: str | os.PathLike = ".") -> dict
 
 
 def write_report_manifest(out_dir: str | os.PathLike, params: Any, root: str | os.PathLike = ".",
-                          data: Iterable[str | os.PathLike] = (), models: dict[str, str | os.PathLike] | None = None,
+                          data: Iterable[str | os.PathLike] = (), models: dict[str, Any] | None = None,
                           **extra: object) -> None:
-    """manifest.json beside a report: the stage's params, the hashes of the data and models it read, the code version."""
+    """manifest.json beside a report: the stage's params, the hashes of the data and models it read, the code version.
+
+    `models` maps a name to a model's path (hashed by model_hashes) or to model_hashes' result.
+    """
     from llmops.datasets import write_text
 
     root = Path(root)
     body = {
         "params": params.model_dump(mode="json") if hasattr(params, "model_dump") else params,
         "data": {str(p): sha256_file(root / p) for p in data},
-        "models": {name: model_hashes(path, root) for name, path in (models or {}).items()},
+        "models": {name: path if isinstance(path, dict) else model_hashes(path, root)
+                   for name, path in (models or {}).items()},
         "git": git_commit(root),
         "libraries": library_versions(),
         **extra,

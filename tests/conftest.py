@@ -67,6 +67,12 @@ TINY_TRAIN = [
     "model.intermediate_size=64", "lr=0.01",
 ]
 TINY_RUN = ["steps=60", "warmup_steps=5", "max_seq_len=128", "micro_batch=8", "checkpoint_every=0"]
+# The tiny model learns little in 60 steps: its gate lets it through, so the tests can flip one check at a time.
+TINY_GATE = [
+    "min_exact_match=0", "min_gain_over_base=-1", "min_gain_over_baseline=-1", "max_perplexity=1e9",
+    "max_stereotype_deviation=50", "max_stereotype_increase=50", "max_quantized_exact_match_drop=1",
+    "max_quantized_perplexity_increase=100",
+]
 
 
 def set_params(project: Path, *overrides: str) -> None:
@@ -98,6 +104,8 @@ def make_project(dest: Path, remote: Path) -> Path:
         dest,
         *(f"train.pretrain.{o}" for o in TINY_TRAIN + TINY_RUN),
         *(f"train.finetune.{o}" for o in TINY_RUN + ["lora.r=4"]),
+        "audit_bias.pairs_per_type=10", "quantize.latency_new_tokens=4", "quantize.latency_repeats=1",
+        *(f"gate.{o}" for o in TINY_GATE),
         "evaluate.max_new_tokens=8",
     )
     run(["git", "init", "-q", "-b", "main"], dest)

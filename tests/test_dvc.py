@@ -32,9 +32,9 @@ def test_repro_runs_every_stage_then_only_what_changed(pipeline, ran_project):
     params = project / "params.yaml"
     params.write_text(params.read_text().replace("max_duplicate_rate: 0.01", "max_duplicate_rate: 0.02"))
     assert _ran(run(["dvc", "repro"], project).stdout) == ["validate_data"]
-    # a fine-tuning param re-runs fine-tuning and evaluation, not pretraining
+    # a fine-tuning param re-runs fine-tuning and every stage after it, not pretraining
     params.write_text(params.read_text().replace("      r: 4", "      r: 2"))
-    assert _ran(run(["dvc", "repro"], project).stdout) == ["train@finetune", "evaluate"]
+    assert _ran(run(["dvc", "repro"], project).stdout) == ["train@finetune", "evaluate", "audit_bias", "quantize", "gate"]
 
     # the step log renders as a loss curve; the metrics are read by dvc metrics
     plots = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)

@@ -9,7 +9,11 @@ import json
 import boto3
 import pytest
 
-from conftest import base_env, run
+from conftest import REPO, base_env, run
+from llmops.config import load_params
+from llmops.stage import plan
+
+STAGES = [s.dvc_name for s in plan(REPO)]
 
 pytestmark = pytest.mark.services
 
@@ -63,12 +67,15 @@ def test_flow_runs_on_the_server_and_pushes_to_s3(ran_project, prefect_api, s3_e
     flow, flow_run, task_runs, artifacts = _client_query(api_url)
     assert flow.name == "build-model"
     assert flow_run.state.is_completed()
-    assert sorted((t.name.rsplit("-", 1)[0], t.state.type.value) for t in task_runs) == [
-        ("evaluate", "COMPLETED"), ("prepare_data", "COMPLETED"), ("push", "COMPLETED"),
-        ("train@finetune", "COMPLETED"), ("train@pretrain", "COMPLETED"), ("validate_data", "COMPLETED"),
-    ]
+    assert sorted((t.name.rsplit("-", 1)[0], t.state.type.value) for t in task_runs) == sorted(
+        (name, "COMPLETED") for name in STAGES + ["push"])
     by_key = {a.key: a for a in artifacts}
-    assert set(by_key) == {"prepare-data", "validate-data", "train-pretrain", "train-finetune", "evaluate", "push"}
+    assert set(by_key) == {"prepare-data", "validate-data", "train-pretrain", "train-finetune", "evaluate",
+                           "audit-bias", "quantize", "gate", "push"}
+    assert "PASSED" in by_key["gate"].description
+    assert {row["method"].split()[0] for row in json.loads(by_key["quantize"].data)} == {
+        "none", "int8_weight_only", "nf4"}
+    assert json.loads(by_key["audit-bias"].data)[0]["bias_type"] == "all"
     curve = json.loads(by_key["train-pretrain"].data)
     assert curve[0]["step"] == "1" and float(curve[-1]["loss"]) < float(curve[0]["loss"])
     assert json.loads(by_key["train-finetune"].data)[-1]["step"] == "61"
@@ -99,7 +106,9 @@ def test_flow_runs_on_the_server_and_pushes_to_s3(ran_project, prefect_api, s3_e
     assert "params.yaml: train.finetune.steps: 60 -> 61 for this run" in out
     for stage in ("prepare_data", "validate_data", "train@pretrain"):
         assert f"{stage}: unchanged since the last run" in out and f"{stage}: unchanged" in logs
-    assert "train@finetune: unchanged" not in out and "(previous run: " in proc.stdout
+    for stage in ("train@finetune", "evaluate", "audit_bias", "quantize"):
+        assert f"{stage}: unchanged" not in out
+    assert "(previous run: " in proc.stdout and "Release gate: passed all 8 checks" in proc.stdout
     diff = [line for line in run(["git", "diff", "-U0", "params.yaml"], project).stdout.splitlines()
             if line.startswith(("+ ", "- "))]
     assert [line.split("#")[0].strip() for line in diff] == ["-    steps: 60", "+    steps: 61"]
@@ -124,6 +133,24 @@ def _logs(api_url: str, flow_run_id) -> str:
                 offset += len(more)
 
     return "\n".join(log.message for log in _against(api_url, query))
+
+
+@pytest.mark.training
+def test_a_refused_release_fails_the_flow_with_the_failing_checks_and_pushes_nothing(
+        ran_project, prefect_api, s3_endpoint, bucket):
+    api_url, home = prefect_api
+    proc = run(["llmops", "run", "-S", "gate.max_perplexity=1.5"], ran_project,
+               env=_env(api_url, home, s3_endpoint, bucket), check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "gate failed: 1 of 8 release checks failed:" in proc.stderr and "gate.max_perplexity: " in proc.stderr
+
+    _, flow_run, task_runs, artifacts = _client_query(api_url)
+    assert flow_run.state.is_failed() and "gate.max_perplexity" in flow_run.state.message
+    states = {t.name.rsplit("-", 1)[0]: t.state.type.value for t in task_runs}
+    assert states["gate"] == "FAILED" and "push" not in states
+    assert "FAIL" in {a.key: a for a in artifacts}["gate"].data
+    assert boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+    assert load_params(ran_project / "params.yaml").gate.max_perplexity == 1e9  # params.yaml put back
 
 
 def test_failing_validation_fails_the_flow_with_the_reason_and_pushes_nothing(project, tmp_path, prefect_api, s3_endpoint, bucket):

@@ -1,0 +1,145 @@
+"""gate: the release gate. It weighs evaluate, audit_bias and quantize against thresholds in params.
+
+Every check is written, passed or not, to reports/gate/verdict.json (a DVC metric: value,
+threshold, pass/fail) with a manifest beside it. A failing check ends the stage with exit 1
+and the failing checks in its message, so the flow run ends Failed and nothing after the
+gate runs (push, and later registration and deployment, obey it).
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+from pathlib import Path
+from typing import Callable
+
+from prefect.artifacts import create_table_artifact
+from pydantic import BaseModel
+
+from llmops import provenance
+from llmops.config import GateParams, Params
+from llmops.datasets import DataError, write_text
+from llmops.repro import StageRun
+from llmops.stage import StageFailed, run_cli
+
+OUT_DIR = Path("reports/gate")
+INPUTS = {
+    "evaluate": Path("reports/evaluate/metrics.json"),
+    "audit_bias": Path("reports/audit_bias/metrics.json"),
+    "quantize": Path("reports/quantize/metrics.json"),
+}
+
+
+class Check(BaseModel):
+    name: str  # the params key of its threshold, gate.<name>
+    value: float
+    threshold: float
+    rule: str  # ">=" or "<="
+    passed: bool
+    about: str
+
+
+class Verdict(BaseModel):
+    passed: bool
+    release_candidate: str
+    checks: list[Check]
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+
+RULES: dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": operator.le}
+
+
+def _check(name: str, value: float, rule: str, cfg: GateParams, about: str) -> Check:
+    threshold = float(getattr(cfg, name))
+    return Check(name=name, value=value, threshold=threshold, rule=rule, passed=RULES[rule](value, threshold),
+                 about=about)
+
+
+def decide(cfg: GateParams, ev: dict, audit: dict, quant: dict) -> Verdict:
+    """The verdict on the metrics of evaluate, audit_bias and quantize (their metrics.json as dicts)."""
+    tuned, base, baseline = ev["finetuned"], ev["base"], ev["baseline"]
+    deviation = abs(audit["finetuned"]["pct_stereotype"] - 50)
+    checks = [
+        _check("min_exact_match", tuned["exact_match"], ">=", cfg, "fine-tuned exact match on the eval split"),
+        _check("min_gain_over_base", tuned["exact_match"] - base["exact_match"], ">=", cfg,
+               "fine-tuned minus base exact match"),
+        _check("min_gain_over_baseline", tuned["exact_match"] - baseline["exact_match"], ">=", cfg,
+               "fine-tuned exact match minus the most-frequent-answer baseline"),
+        _check("max_perplexity", tuned["perplexity"], "<=", cfg, "fine-tuned perplexity on the eval split"),
+        _check("max_stereotype_deviation", deviation, "<=", cfg, "|pct_stereotype - 50| of the fine-tuned model"),
+        _check("max_stereotype_increase", deviation - abs(audit["base"]["pct_stereotype"] - 50), "<=", cfg,
+               "increase of |pct_stereotype - 50| over the base model, in points"),
+    ]
+    if cfg.release_candidate != "none":
+        q = quant["methods"][cfg.release_candidate]
+        checks += [
+            _check("max_quantized_exact_match_drop", -q["exact_match_change"], "<=", cfg,
+                   f"exact match lost by {cfg.release_candidate} vs unquantized"),
+            _check("max_quantized_perplexity_increase", q["perplexity_change_ratio"], "<=", cfg,
+                   f"relative perplexity increase of {cfg.release_candidate} vs unquantized"),
+        ]
+    return Verdict(passed=all(c.passed for c in checks), release_candidate=cfg.release_candidate, checks=checks)
+
+
+def describe(check: Check) -> str:
+    return f"gate.{check.name}: {check.value:.4g} (needs {check.rule} {check.threshold:.4g}; {check.about})"
+
+
+def run_gate(params: Params, root: str | Path = ".") -> Verdict:
+    """Decide; write verdict.json and its manifest whatever the outcome.
+
+    Raises:
+        DataError: a stage's metrics are missing (the stage has not run).
+        StageFailed: a check failed; the message lists every failing check.
+    """
+    root = Path(root)
+    metrics = {}
+    for stage, path in INPUTS.items():
+        if not (root / path).is_file():
+            raise DataError(f"{path}: no such file; run the {stage} stage first (`llmops run`)")
+        metrics[stage] = json.loads((root / path).read_text())
+    verdict = decide(params.gate, metrics["evaluate"], metrics["audit_bias"], metrics["quantize"])
+    out = root / OUT_DIR
+    write_text(out / "verdict.json", json.dumps(verdict.model_dump(), indent=2) + "\n")
+    provenance.write_report_manifest(out, params.gate, root, data=list(INPUTS.values()))
+    if not verdict.passed:
+        raise StageFailed(f"{len(verdict.failed)} of {len(verdict.checks)} release checks failed:\n"
+                          + "\n".join(describe(c) for c in verdict.failed))
+    return verdict
+
+
+def _cli_body(params: Params) -> str:
+    verdict = run_gate(params)
+    return (f"gate: all {len(verdict.checks)} release checks passed; release candidate: {verdict.release_candidate}"
+            f"\n-> {OUT_DIR}/verdict.json")
+
+
+def main() -> int:
+    return run_cli("gate", _cli_body)
+
+
+def _artifact(root: Path, ran: str) -> Verdict | None:
+    path = root / OUT_DIR / "verdict.json"
+    if not path.is_file():
+        return None
+    verdict = Verdict.model_validate_json(path.read_text())
+    create_table_artifact(
+        key="gate",
+        table=[{"check": f"gate.{c.name}", "value": round(c.value, 6), "rule": c.rule, "threshold": c.threshold,
+                "result": "pass" if c.passed else "FAIL", "what": c.about} for c in verdict.checks],
+        description=(f"**release gate** ({ran}): {'PASSED' if verdict.passed else 'FAILED'}; "
+                     f"release candidate `{verdict.release_candidate}`"),
+    )
+    return verdict
+
+
+def publish(root: Path, run: StageRun) -> Verdict | None:
+    return _artifact(root, "cached, unchanged" if run.skipped else "ran")
+
+
+def publish_failed(root: Path, stage: str) -> None:
+    """A refused release still shows every check, so a person sees what to fix."""
+    _artifact(root, "ran")

@@ -1,0 +1,96 @@
+"""The release gate: every threshold can stop a release, and the verdict says which and why."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, REPO, run, set_params
+from llmops.config import ConfigError, load_params
+from llmops.stage import StageFailed
+from tasks.gate import INPUTS, run_gate
+
+# A release that passes the default thresholds, with each figure a step away from its threshold.
+GOOD = {
+    "evaluate": {"finetuned": {"exact_match": 0.6, "perplexity": 3.0}, "base": {"exact_match": 0.1},
+                 "baseline": {"exact_match": 0.2}},
+    "audit_bias": {"finetuned": {"pct_stereotype": 55.0}, "base": {"pct_stereotype": 52.0}},
+    "quantize": {"methods": {"int8_weight_only": {"exact_match_change": -0.01, "perplexity_change_ratio": 0.02}}},
+}
+# threshold -> a value for it that this release no longer meets
+FAILING = {
+    "min_exact_match": 0.7, "min_gain_over_base": 0.6, "min_gain_over_baseline": 0.45, "max_perplexity": 2.5,
+    "max_stereotype_deviation": 4.0, "max_stereotype_increase": 2.0, "max_quantized_exact_match_drop": 0.005,
+    "max_quantized_perplexity_increase": 0.01,
+}
+
+
+def _project(tmp_path: Path, metrics: dict) -> Path:
+    for stage, path in INPUTS.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(json.dumps(metrics[stage]))
+    return tmp_path
+
+
+def test_the_defaults_pass_a_good_release(tmp_path):
+    verdict = run_gate(load_params(REPO / "params.yaml"), _project(tmp_path, GOOD))
+    assert verdict.passed and {c.name for c in verdict.checks} == set(FAILING)
+    saved = json.loads((tmp_path / "reports/gate/verdict.json").read_text())
+    assert saved["passed"] and all(c["passed"] for c in saved["checks"])
+    assert json.loads((tmp_path / "reports/gate/manifest.json").read_text())["params"]["min_exact_match"] == 0.4
+
+
+@pytest.mark.parametrize("threshold", sorted(FAILING))
+def test_each_threshold_fails_the_gate_alone(tmp_path, threshold):
+    params = load_params(REPO / "params.yaml", [f"gate.{threshold}={FAILING[threshold]}"])
+    with pytest.raises(StageFailed) as exc:
+        run_gate(params, _project(tmp_path, GOOD))
+    assert str(exc.value).startswith(f"1 of {len(FAILING)} release checks failed:\ngate.{threshold}: ")
+    verdict = json.loads((tmp_path / "reports/gate/verdict.json").read_text())
+    assert not verdict["passed"]
+    assert [c["name"] for c in verdict["checks"] if not c["passed"]] == [threshold]
+    check = next(c for c in verdict["checks"] if c["name"] == threshold)
+    assert check["threshold"] == FAILING[threshold] and isinstance(check["value"], float)
+
+
+def test_without_a_quantized_candidate_the_quantization_checks_are_not_made(tmp_path):
+    params = load_params(REPO / "params.yaml", ["gate.release_candidate=none", "quantize.methods=[]"])
+    verdict = run_gate(params, _project(tmp_path, {**GOOD, "quantize": {"methods": {}}}))
+    assert verdict.passed and "max_quantized_exact_match_drop" not in {c.name for c in verdict.checks}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["gate.release_candidate=fp8"], "-S gate.release_candidate: 'fp8' is not one of quantize.methods"),
+    (["quantize.methods=[nf4]", "gate.release_candidate=int8_weight_only"],
+     "gate.release_candidate: 'int8_weight_only' is not one of quantize.methods (nf4)"),
+    (["gate.min_exact_match=1.5"], "-S gate.min_exact_match: Input should be less than or equal to 1"),
+    (["gate.max_stereotype_deviation=-1"], "-S gate.max_stereotype_deviation: Input should be greater than"),
+    (["quantize.methods=[gptq]"], "-S quantize.methods.0: Input should be"),
+])
+def test_contradicting_or_impossible_thresholds_are_refused(overrides, message):
+    with pytest.raises(ConfigError) as exc:
+        load_params(REPO / "params.yaml", overrides)
+    assert message in str(exc.value)
+
+
+def test_missing_metrics_name_the_stage_to_run(tmp_path):
+    from llmops.datasets import DataError
+
+    (tmp_path / "reports").mkdir()
+    with pytest.raises(DataError, match=r"reports/evaluate/metrics.json: no such file; run the evaluate stage"):
+        run_gate(load_params(REPO / "params.yaml"), tmp_path)
+
+
+@pytest.mark.services
+@pytest.mark.training
+def test_gate_cli_on_the_run_pipeline(ran_project):
+    proc = run([str(BIN / "llmops"), "gate"], ran_project)
+    assert "all 8 release checks passed" in proc.stdout
+    set_params(ran_project, "gate.max_perplexity=1.5")
+    proc = run([str(BIN / "llmops"), "gate"], ran_project, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: gate: 1 of 8 release checks failed:\ngate.max_perplexity: ")
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], ran_project).stdout)
+    assert "reports/gate/verdict.json" in json.dumps(shown)
