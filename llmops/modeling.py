@@ -44,16 +44,24 @@ def format_prompt(prompt: str) -> str:
 
 
 def train_tokenizer(text_lines: Iterable[str], vocab_size: int, max_len: int) -> Any:
-    """A byte-level BPE tokenizer trained on `text_lines`, wrapped for transformers (save_pretrained works)."""
+    """A byte-level BPE tokenizer trained on `text_lines`, wrapped for transformers (save_pretrained works).
+
+    Digits are always single tokens, and the two parts of the prompt template are single
+    special tokens. At vocab_size 260 (256 bytes + those 4 specials: end of text, padding
+    and the two template parts) no merges are learnt: one token per character, which is
+    what lets a small model count letters and step numbers; a larger vocab_size adds BPE merges.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
+    head, tail = PROMPT_TEMPLATE.split("{prompt}")
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS, PAD], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        vocab_size=vocab_size, special_tokens=[EOS, PAD, head, tail],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(text_lines, trainer=trainer)
     # model_max_length: the model's context, so the tokenizer warns about longer inputs instead of passing them

@@ -2,37 +2,40 @@
 
 Everything is drawn from one `random.Random(seed)`, so the same seed gives the
 same rows in the same order on every machine. Each task family is registered
-with a generator returning (prompt, response); `solve` recomputes the answer from
-the prompt, which is how tests (and later the evaluation) check exactness.
+with a generator returning (prompt, response, statement); `solve` recomputes the
+answer from the prompt, which is how tests (and later the evaluation) check exactness.
+
+The families are skills a small character-level model learns in a few minutes on a
+CPU: reading letters off made-up words (so no answer can be recalled from a list),
+counting them, stepping and comparing numbers, converting units by powers of ten.
+
+The corpus teaches the same skills in plain sentences and in question/answer lines,
+about other instances: every item (a prompt) belongs either to the corpus or to the
+instruction rows, by a hash of its text, never to both. No answer of the eval split
+(nor of the train split) is in the pretraining text, so exact match on the eval
+split measures the skill, not recall.
 """
 
 from __future__ import annotations
 
 import random
 import re
+import zlib
 from typing import Callable
 
-WORDS = """
-apple river stone garden planet window silver bridge forest candle marble pencil
-orange rocket yellow castle dragon mirror summer winter spring autumn cloud thunder
-basket button copper desert engine feather guitar harbor island jacket kettle ladder
-meadow needle ocean pepper quartz rabbit saddle tunnel velvet wagon zebra anchor
-blanket cactus dolphin falcon glacier hammer insect jungle lantern magnet nectar
-orchid parrot quiver ribbon shadow timber violet walnut lemon tiger piano coffee
-""".split()
-
-UNITS = {  # name -> (target unit, factor): exact integer conversions only
-    "kilometers": ("meters", 1000),
-    "meters": ("centimeters", 100),
+UNITS = {  # name -> (target unit, factor): exact conversions by powers of ten
+    "centimeters": ("millimeters", 10),
+    "centuries": ("years", 100),
+    "decades": ("years", 10),
     "kilograms": ("grams", 1000),
-    "hours": ("minutes", 60),
-    "minutes": ("seconds", 60),
-    "feet": ("inches", 12),
-    "yards": ("feet", 3),
+    "kilometers": ("meters", 1000),
     "liters": ("milliliters", 1000),
+    "meters": ("centimeters", 100),
+    "tonnes": ("kilograms", 1000),
 }
+CONSONANTS, VOWELS = "bcdfghklmnprstvz", "aeiou"
 
-Task = Callable[[random.Random], tuple[str, str]]
+Task = Callable[[random.Random], tuple[str, str, str]]  # rng -> (prompt, response, the fact as a sentence)
 TASKS: dict[str, Task] = {}
 
 
@@ -44,64 +47,68 @@ def task(name: str):
     return register
 
 
-@task("add")
-def _add(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(0, 999), rng.randint(0, 999)
-    return f"What is {a} + {b}?", str(a + b)
-
-
-@task("subtract")
-def _subtract(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(0, 999), rng.randint(0, 999)
-    return f"What is {a} - {b}?", str(a - b)
-
-
-@task("multiply")
-def _multiply(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
-    return f"What is {a} * {b}?", str(a * b)
-
-
-@task("reverse")
-def _reverse(rng: random.Random) -> tuple[str, str]:
-    word = rng.choice(WORDS)
-    return f"Reverse the word '{word}'.", word[::-1]
-
-
-@task("uppercase")
-def _uppercase(rng: random.Random) -> tuple[str, str]:
-    words = " ".join(rng.sample(WORDS, 2))
-    return f"Write '{words}' in uppercase.", words.upper()
+def made_up_word(rng: random.Random) -> str:
+    """A pronounceable made-up word of 3 to 8 letters ('tamuzo', 'ekvalo')."""
+    while True:
+        word = "".join(rng.choice(CONSONANTS) + rng.choice(VOWELS) + (rng.choice(CONSONANTS) if rng.random() < 0.3 else "")
+                       for _ in range(rng.randint(2, 3)))
+        if rng.random() < 0.3:
+            word = rng.choice(VOWELS) + word
+        if 3 <= len(word) <= 8:
+            return word
 
 
 @task("count_letters")
-def _count_letters(rng: random.Random) -> tuple[str, str]:
-    word = rng.choice(WORDS)
-    return f"How many letters are in '{word}'?", str(len(word))
+def _count_letters(rng: random.Random) -> tuple[str, str, str]:
+    w = made_up_word(rng)
+    return f"How many letters are in '{w}'?", str(len(w)), f"The word {w} has {len(w)} letters."
 
 
-@task("sort_letters")
-def _sort_letters(rng: random.Random) -> tuple[str, str]:
-    word = rng.choice(WORDS)
-    return f"Sort the letters of '{word}' alphabetically.", "".join(sorted(word))
+@task("first_letter")
+def _first_letter(rng: random.Random) -> tuple[str, str, str]:
+    w = made_up_word(rng)
+    return f"What is the first letter of '{w}'?", w[0], f"The word {w} starts with {w[0]}."
+
+
+@task("last_letter")
+def _last_letter(rng: random.Random) -> tuple[str, str, str]:
+    w = made_up_word(rng)
+    return f"What is the last letter of '{w}'?", w[-1], f"The word {w} ends with {w[-1]}."
+
+
+@task("next_number")
+def _next_number(rng: random.Random) -> tuple[str, str, str]:
+    n = rng.randint(0, 999)
+    return f"What number comes after {n}?", str(n + 1), f"After {n} comes {n + 1}."
+
+
+@task("prev_number")
+def _prev_number(rng: random.Random) -> tuple[str, str, str]:
+    n = rng.randint(1, 999)
+    return f"What number comes before {n}?", str(n - 1), f"Before {n} comes {n - 1}."
+
+
+@task("larger")
+def _larger(rng: random.Random) -> tuple[str, str, str]:
+    a, b = rng.sample(range(100), 2)
+    return f"Which is larger, {a} or {b}?", str(max(a, b)), f"Of {a} and {b}, the larger is {max(a, b)}."
 
 
 @task("convert_units")
-def _convert_units(rng: random.Random) -> tuple[str, str]:
+def _convert_units(rng: random.Random) -> tuple[str, str, str]:
     unit = rng.choice(sorted(UNITS))
     target, factor = UNITS[unit]
-    n = rng.randint(1, 50)
-    return f"Convert {n} {unit} to {target}.", f"{n * factor} {target}"
+    n = rng.randint(1, 99)
+    return f"Convert {n} {unit} to {target}.", f"{n * factor} {target}", f"{n} {unit} are {n * factor} {target}."
 
 
 _SOLVERS: list[tuple[re.Pattern, Callable[..., str]]] = [
-    (re.compile(r"What is (\d+) \+ (\d+)\?"), lambda a, b: str(int(a) + int(b))),
-    (re.compile(r"What is (\d+) - (\d+)\?"), lambda a, b: str(int(a) - int(b))),
-    (re.compile(r"What is (\d+) \* (\d+)\?"), lambda a, b: str(int(a) * int(b))),
-    (re.compile(r"Reverse the word '(\w+)'\."), lambda w: w[::-1]),
-    (re.compile(r"Write '([\w ]+)' in uppercase\."), str.upper),
-    (re.compile(r"How many letters are in '(\w+)'\?"), lambda w: str(len(w))),
-    (re.compile(r"Sort the letters of '(\w+)' alphabetically\."), lambda w: "".join(sorted(w))),
+    (re.compile(r"How many letters are in '([a-z]+)'\?"), lambda w: str(len(w))),
+    (re.compile(r"What is the first letter of '([a-z]+)'\?"), lambda w: w[0]),
+    (re.compile(r"What is the last letter of '([a-z]+)'\?"), lambda w: w[-1]),
+    (re.compile(r"What number comes after (\d+)\?"), lambda n: str(int(n) + 1)),
+    (re.compile(r"What number comes before (\d+)\?"), lambda n: str(int(n) - 1)),
+    (re.compile(r"Which is larger, (\d+) or (\d+)\?"), lambda a, b: str(max(int(a), int(b)))),
     (re.compile(r"Convert (\d+) (\w+) to (\w+)\."), lambda n, u, t: f"{int(n) * UNITS[u][1]} {t}"),
 ]
 
@@ -115,8 +122,15 @@ def solve(prompt: str) -> str | None:
     return None
 
 
+def in_corpus_share(prompt: str) -> bool:
+    """Whether an item belongs to the corpus (a quarter of each family, by a hash of its prompt) or to the rows."""
+    return zlib.crc32(prompt.encode()) % 4 == 0
+
+
 def instructions(seed: int, n: int) -> list[dict[str, str]]:
     """`n` distinct instruction rows {prompt, response, task}, drawn round-robin from the task families.
+
+    Items of the corpus's share are skipped, so no row's answer is stated in the corpus.
 
     Raises:
         ValueError: the task families cannot produce `n` distinct prompts.
@@ -130,8 +144,8 @@ def instructions(seed: int, n: int) -> list[dict[str, str]]:
         if attempts > 50 * n:
             raise ValueError(f"could only generate {len(rows)} distinct examples, asked for {n}")
         name = names[attempts % len(names)]  # a family that runs out of prompts yields to the others
-        prompt, response = TASKS[name](rng)
-        if prompt in seen:
+        prompt, response, _ = TASKS[name](rng)
+        if prompt in seen or in_corpus_share(prompt):
             continue
         seen.add(prompt)
         rows.append({"prompt": prompt, "response": response, "task": name})
@@ -148,39 +162,19 @@ def split(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict]
     return order[n_eval:], order[:n_eval]
 
 
-_SENTENCES = [
-    "The {a} {noun} rests beside the {noun2}.",
-    "A {noun} and a {noun2} were found near the {noun3}.",
-    "Every {season} the {noun} turns {color}.",
-    "She carried the {noun} across the {noun2} before the {weather}.",
-    "Nobody expected the {noun} to outlast the {noun2}.",
-    "The word {word} has {length} letters.",
-    "Reversed, the word {word} reads {reversed}.",
-    "{x} plus {y} equals {sum}.",
-    "{x} minus {y} equals {diff}.",
-    "{n} {unit} are {converted}.",
-]
-
-
 def corpus(seed: int, lines: int) -> str:
-    """Plain English pretraining text: `lines` templated sentences, some stating checkable facts."""
+    """Pretraining text: `lines` lines, each a fact of a task family, as a sentence or as a Q/A line.
+
+    Only items of the corpus's share (`in_corpus_share`) appear, so no instruction row's answer does.
+    """
     rng = random.Random(seed + 1)  # its own stream: the corpus does not echo the instruction rows
-    colors = ["red", "green", "gold", "grey", "blue", "brown"]
+    names = list(TASKS)
     out = []
     for _ in range(lines):
-        unit = rng.choice(sorted(UNITS))
-        target, factor = UNITS[unit]
-        n, x, y, word = rng.randint(1, 50), rng.randint(0, 999), rng.randint(0, 999), rng.choice(WORDS)
-        nouns = rng.sample(WORDS, 3)
-        out.append(
-            rng.choice(_SENTENCES).format(
-                a=rng.choice(["old", "small", "bright", "quiet", "heavy"]),
-                noun=nouns[0], noun2=nouns[1], noun3=nouns[2],
-                season=rng.choice(["summer", "winter", "spring", "autumn"]),
-                color=rng.choice(colors), weather=rng.choice(["storm", "rain", "snow", "dusk"]),
-                word=word, length=len(word), reversed=word[::-1],
-                x=x, y=y, sum=x + y, diff=x - y,
-                n=n, unit=unit, converted=f"{n * factor} {target}",
-            )
-        )
+        generate = TASKS[rng.choice(names)]
+        while True:
+            prompt, response, statement = generate(rng)
+            if in_corpus_share(prompt):
+                break
+        out.append(f"Q: {prompt} A: {response}" if rng.random() < 0.5 else statement)
     return "\n".join(out) + "\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -42,10 +43,22 @@ def test_sample_answers_are_exact_and_splits_disjoint(tmp_path):
 
 
 def test_solve_checks_answers_exactly():
-    assert sample_data.solve("What is 12 + 30?") == "42"
-    assert sample_data.solve("Convert 3 hours to minutes.") == "180 minutes"
-    assert sample_data.solve("Reverse the word 'stone'.") == "enots"
+    assert sample_data.solve("What number comes after 399?") == "400"
+    assert sample_data.solve("Convert 3 kilometers to meters.") == "3000 meters"
+    assert sample_data.solve("What is the last letter of 'tamuzo'?") == "o"
     assert sample_data.solve("Tell me a joke.") is None
+
+
+def test_corpus_states_no_instruction_rows_answer():
+    rows = sample_data.instructions(0, 2000)
+    text = sample_data.corpus(0, 4000)
+    assert not [r for r in rows if r["prompt"] in text]  # no row's question, in Q/A form
+    facts = set(text.splitlines())
+    for name, generate in sample_data.TASKS.items():  # nor its fact as a sentence
+        rng = random.Random(name)
+        for _ in range(200):
+            prompt, _, statement = generate(rng)
+            assert (statement in facts) <= sample_data.in_corpus_share(prompt)
 
 
 def test_own_jsonl_and_csv_with_separate_eval(tmp_path):
