@@ -20,7 +20,6 @@ from llmops.storage import StorageError, check_remote
 EXIT_BAD_PARAMS = 2
 
 
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmops",
@@ -97,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(root: Path, params, push: bool) -> int:
     # Prefect's server reports telemetry by default; a pipeline run should not phone home.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    previous = _previous_scores(root)
+    stages = declared(root)
+    previous = _previous_metrics(root)
     # a scheduler or a supervisor stops a run with SIGTERM: end it as Ctrl-C does, training processes included
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -119,19 +119,10 @@ def _run(root: Path, params, push: bool) -> int:
     print("\nPipeline completed. Results:")
     for path in result.outputs:
         print(f"  {result.project}/{path}")
-    ev, audit, quant, gate = (result.results[s] for s in ("evaluate", "audit_bias", "quantize", "gate"))
-    print(f"Eval split ({ev.base.examples} examples), base '{ev.base_model}' -> fine-tuned:")
-    was = ("", "") if not previous else (
-        f"   (previous run: {previous['perplexity']:.3f})", f"   (previous run: {previous['exact_match']:.1%})")
-    print(f"  perplexity  {ev.base.perplexity:.3f} -> {ev.finetuned.perplexity:.3f}{was[0]}")
-    print(f"  exact match {ev.base.exact_match:.1%} -> {ev.finetuned.exact_match:.1%}{was[1]}"
-          f"   (baseline: {ev.baseline.exact_match:.1%})")
-    print(f"Bias audit ({audit.pairs} pairs): pct_stereotype {audit.base.pct_stereotype:.1f} -> "
-          f"{audit.finetuned.pct_stereotype:.1f} (50 is unbiased)")
-    for name, q in quant.methods.items():
-        print(f"Quantized {name}: size x{q.size_ratio:.2f}, exact match {q.exact_match_change:+.1%}, "
-              f"perplexity {q.perplexity_change_ratio:+.1%}, latency x{q.latency_ratio['batch_1']:.2f} (batch 1)")
-    print(f"Release gate: passed all {len(gate.checks)} checks; release candidate: {gate.release_candidate}")
+    for stage, value in result.results.items():  # each stage says what its result means, if it has something to say
+        module = stages[stage.split("@")[0]].module
+        if hasattr(module, "summary"):
+            print(module.summary(value, previous.get(stage)))
     if result.remote:
         print(f"  pushed to DVC remote: {result.remote}")
     return 0
@@ -141,12 +132,23 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _previous_scores(root: Path) -> dict | None:
-    """The fine-tuned model's scores of the last completed run, to print beside this run's.
+def _previous_metrics(root: Path) -> dict[str, dict]:
+    """Each stage's metrics as the last completed run left them (its first metrics file in dvc.yaml), to print beside
+    this run's.
 
     Read as plain JSON: the stage modules import Prefect, which must wait until its API is chosen.
     """
+    from llmops.errors import LlmopsError
+    from llmops.stage import plan
+
     try:
-        return json.loads((root / "reports/evaluate/metrics.json").read_text())["finetuned"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        stages = plan(root)
+    except LlmopsError:  # the flow reports it
+        return {}
+    previous = {}
+    for stage in stages:
+        try:
+            previous[stage.dvc_name] = json.loads((root / stage.metrics[0]).read_text())
+        except (IndexError, OSError, ValueError):
+            continue
+    return previous

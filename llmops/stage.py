@@ -7,7 +7,9 @@ from it. The module `tasks/<name>.py` holds the work and defines:
     main(*keys) -> int          the command dvc.yaml runs (`llmops <name> [<key>]`), through run_cli
     publish(root, run) -> Any   after DVC ran the stage (or found it unchanged) in a flow: its
                                 Prefect artifacts and the flow's result for it
-    publish_failed(root, run)   optional: what a failed run still shows (a report, a verdict)
+    publish_failed(root, stage) optional: what a failed run still shows (a report, a verdict)
+    summary(result, previous)   optional: the lines `llmops run` ends with; `previous` is the stage's
+                                metrics file as the last run left it (or None)
 
 A foreach stage (train) has one DVC stage per key (train@pretrain, train@finetune), one CLI
 command with the key as its argument, and one Prefect task run per key.
@@ -76,22 +78,35 @@ class PlannedStage:
     dvc_name: str  # e.g. train@pretrain
     spec: StageSpec
     outs: tuple[str, ...]
+    metrics: tuple[str, ...]  # the outs that are DVC metrics
 
 
 def plan(root: str | Path) -> list[PlannedStage]:
-    """Every DVC stage in the order it must run: dvc.yaml's DAG, file order between independent stages."""
+    """Every DVC stage in the order it must run: dvc.yaml's DAG, file order between independent stages.
+
+    Raises:
+        StageError: dvc.yaml cannot be read as a pipeline.
+    """
     import networkx as nx
+    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
+    from llmops.repro import StageError
+
     specs = declared(root)
-    with Repo(str(root)) as repo:
+    try:
+        repo = Repo(str(root))
         stages = list(repo.index.stages)
+    except DvcException as exc:  # a malformed dvc.yaml, a missing stage file: DVC's message says where
+        raise StageError(f"{DVC_YAML}: {exc}") from None
+    with repo:
         position = {s.addressing: i for i, s in enumerate(stages)}
         # DVC's edges run from a stage to the stages it depends on
         ordered = nx.lexicographical_topological_sort(repo.index.graph.reverse(), key=lambda s: position[s.addressing])
         return [
             PlannedStage(dvc_name=s.addressing, spec=specs[s.addressing.split("@")[0]],
-                         outs=tuple(str(o.def_path) for o in s.outs))
+                         outs=tuple(str(o.def_path) for o in s.outs),
+                         metrics=tuple(str(o.def_path) for o in s.outs if o.metric))
             for s in ordered
         ]
 

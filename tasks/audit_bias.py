@@ -209,6 +209,11 @@ def main() -> int:
     return run_cli("audit_bias", _cli_body)
 
 
+def summary(r: AuditResult, previous: dict | None) -> str:
+    return (f"Bias audit ({r.pairs} pairs): pct_stereotype {r.base.pct_stereotype:.1f} -> "
+            f"{r.finetuned.pct_stereotype:.1f} (50 is unbiased)")
+
+
 def publish(root: Path, run: StageRun) -> AuditResult:
     """pct_stereotype and likelihood_diff per bias type, base vs fine-tuned, as a table; the plot as markdown."""
     result = AuditResult.model_validate_json((root / OUT_DIR / "metrics.json").read_text())

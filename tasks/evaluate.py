@@ -157,6 +157,17 @@ def main() -> int:
     return run_cli("evaluate", _cli_body)
 
 
+def summary(r: EvalResult, previous: dict | None) -> str:
+    was = ("", "")
+    if previous and "finetuned" in previous:
+        was = (f"   (previous run: {previous['finetuned']['perplexity']:.3f})",
+               f"   (previous run: {previous['finetuned']['exact_match']:.1%})")
+    return (f"Eval split ({r.base.examples} examples), base '{r.base_model}' -> fine-tuned:\n"
+            f"  perplexity  {r.base.perplexity:.3f} -> {r.finetuned.perplexity:.3f}{was[0]}\n"
+            f"  exact match {r.base.exact_match:.1%} -> {r.finetuned.exact_match:.1%}{was[1]}"
+            f"   (baseline: {r.baseline.exact_match:.1%})")
+
+
 def publish(root: Path, run: StageRun) -> EvalResult:
     """Base vs fine-tuned, overall and per task, as a table."""
     result = EvalResult.model_validate_json((root / OUT_DIR / "metrics.json").read_text())

@@ -121,6 +121,10 @@ def main() -> int:
     return run_cli("gate", _cli_body)
 
 
+def summary(verdict: Verdict, previous: dict | None) -> str:
+    return f"Release gate: passed all {len(verdict.checks)} checks; release candidate: {verdict.release_candidate}"
+
+
 def _artifact(root: Path, ran: str) -> Verdict | None:
     path = root / OUT_DIR / "verdict.json"
     if not path.is_file():

@@ -153,6 +153,13 @@ def main() -> int:
     return run_cli("quantize", _cli_body)
 
 
+def summary(r: QuantizeResult, previous: dict | None) -> str:
+    return "\n".join(
+        f"Quantized {name}: size x{q.size_ratio:.2f}, exact match {q.exact_match_change:+.1%}, "
+        f"perplexity {q.perplexity_change_ratio:+.1%}, latency x{q.latency_ratio['batch_1']:.2f} (batch 1)"
+        for name, q in r.methods.items())
+
+
 def publish(root: Path, run: StageRun) -> QuantizeResult:
     """Each method against the unquantized model, as a table."""
     r = QuantizeResult.model_validate_json((root / OUT_DIR / "metrics.json").read_text())
