@@ -99,6 +99,26 @@ def run_quantize(params: Params, root: str | Path = ".") -> QuantizeResult:
               "adapter": provenance.model_hashes(inference.ADAPTER, root)}
     tmp = root / "models/.quantized.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        reference, methods = _quantize_all(params, loaded, rows, tmp, parent, dev)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind; models/quantized/ is untouched
+        raise
+    result = QuantizeResult(examples=len(rows), device=dev, reference=reference, methods=methods)
+    replace_dir(tmp, root / MODELS)
+    out = root / OUT_DIR
+    write_text(out / "metrics.json", json.dumps(result.model_dump(), indent=2) + "\n")
+    provenance.write_report_manifest(out, cfg, root, data=[EVAL_DATA], models=parent)
+    return result
+
+
+def _quantize_all(params: Params, loaded: inference.Loaded, rows: list[dict], tmp: Path, parent: dict,
+                  dev: str) -> tuple[Measured, dict[str, Quantized]]:
+    """The merged model measured, then each method: quantized, saved into tmp/<method>/, reloaded, measured."""
+    import torch
+
+    cfg = params.quantize
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32  # GPU kernels (int4, fp8) compute in bf16
     merged_dir = tmp / ".merged"
     merged = loaded.model.merge_and_unload()
     merged.save_pretrained(merged_dir)
@@ -109,9 +129,9 @@ def run_quantize(params: Params, root: str | Path = ".") -> QuantizeResult:
     methods = {}
     for name in cfg.methods:
         out = tmp / name
-        quantization.quantize(str(merged_dir), name, dev).save_pretrained(out)
+        quantization.quantize(str(merged_dir), name, dev, dtype).save_pretrained(out)
         tok.save_pretrained(out)
-        model = load_causal_lm(str(out))  # what ships: reloaded from safetensors alone, as a user would
+        model = load_causal_lm(str(out), device_map=dev)  # what ships: reloaded from safetensors, as a user would
         m = _measure(inference.Loaded(tok, model, str(out), 0), rows, params, _size(out))
         del model
         methods[name] = Quantized(
@@ -124,17 +144,10 @@ def run_quantize(params: Params, root: str | Path = ".") -> QuantizeResult:
         )
         weights = {f.name: f for f in out.glob("*.safetensors")}
         write_text(out / "manifest.json", json.dumps(provenance.manifest(
-            {"method": name, **cfg.model_dump(mode="json")}, weights,
-            parent=parent,
+            {"method": name, **cfg.model_dump(mode="json")}, weights, parent=parent,
             result=methods[name].model_dump()), indent=2, sort_keys=True) + "\n")
     shutil.rmtree(merged_dir)
-
-    result = QuantizeResult(examples=len(rows), device=dev, reference=reference, methods=methods)
-    replace_dir(tmp, root / MODELS)
-    out = root / OUT_DIR
-    write_text(out / "metrics.json", json.dumps(result.model_dump(), indent=2) + "\n")
-    provenance.write_report_manifest(out, cfg, root, data=[EVAL_DATA], models=parent)
-    return result
+    return reference, methods
 
 
 def _cli_body(params: Params) -> str:
