@@ -170,10 +170,10 @@ class TrainRunParams(Section):
 class ModelParams(Section):
     """A Llama-style decoder built from scratch. The vocabulary is the tokenizer trained on the corpus."""
 
-    vocab_size: int = Field(1024, ge=260, le=1_000_000,
+    vocab_size: int = Field(260, ge=260, le=1_000_000,
                             description="BPE vocabulary trained on the corpus (256 bytes + merges + specials)")
     hidden_size: int = Field(128, ge=8, le=65_536)
-    num_layers: int = Field(4, ge=1, le=1_000)
+    num_layers: int = Field(2, ge=1, le=1_000)
     num_heads: int = Field(4, ge=1, le=1_024)
     num_kv_heads: int | None = Field(None, ge=1, description="grouped-query attention; null: as num_heads")
     intermediate_size: int = Field(384, ge=1, le=262_144)
@@ -190,7 +190,7 @@ class ModelParams(Section):
 class PretrainParams(TrainRunParams):
     """train@pretrain: tokenizer and model from scratch on the corpus."""
 
-    steps: int = Field(300, ge=1, le=MAX_STEPS)
+    steps: int = Field(900, ge=1, le=MAX_STEPS)
     lr: float = Field(3e-3, gt=0, le=MAX_LR)
     model: ModelParams = Field(default_factory=ModelParams)
 
@@ -198,8 +198,8 @@ class PretrainParams(TrainRunParams):
 class FinetuneParams(TrainRunParams):
     """train@finetune: a peft adapter on a base model, trained on the instruction data (response tokens only)."""
 
-    steps: int = Field(300, ge=1, le=MAX_STEPS)
-    lr: float = Field(3e-3, gt=0, le=MAX_LR)
+    steps: int = Field(900, ge=1, le=MAX_STEPS)
+    lr: float = Field(4e-3, gt=0, le=MAX_LR)
     base_model: str = Field(
         "pretrain", description="'pretrain' (this pipeline's checkpoint), a local model directory or a hub id"
     )
@@ -241,7 +241,7 @@ class EvaluateParams(Section):
     """evaluate: held-out perplexity and exact match of greedy answers, base vs fine-tuned."""
 
     max_examples: int | None = Field(None, ge=1, description="first N eval examples; null: all")
-    max_new_tokens: int = Field(32, ge=1, description="generation budget per answer")
+    max_new_tokens: int = Field(24, ge=1, description="generation budget per answer")
     batch_size: int = Field(32, ge=1)
     bootstrap_resamples: int = Field(1000, ge=100, le=100_000, description="for the perplexity interval")
     seed: int = 0
