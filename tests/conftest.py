@@ -104,7 +104,8 @@ def make_project(dest: Path, remote: Path) -> Path:
         dest,
         *(f"train.pretrain.{o}" for o in TINY_TRAIN + TINY_RUN),
         *(f"train.finetune.{o}" for o in TINY_RUN + ["lora.r=4"]),
-        "audit_bias.pairs_per_type=10", "quantize.latency_new_tokens=4", "quantize.latency_repeats=1",
+        "audit_bias.pairs_per_type=10", "quantize.max_examples=16", "quantize.latency_new_tokens=4",
+        "quantize.latency_repeats=1",
         *(f"gate.{o}" for o in TINY_GATE),
         "evaluate.max_new_tokens=8",
     )

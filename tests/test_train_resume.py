@@ -16,7 +16,7 @@ from conftest import BIN, base_env, run, set_params
 from llmops import checkpoints
 
 pytestmark = pytest.mark.training
-STEPS, EVERY = 400, 50
+STEPS, EVERY = 200, 25
 
 
 def final_loss(project: Path) -> tuple[float, list[int]]:
