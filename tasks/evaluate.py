@@ -49,9 +49,11 @@ class Scores(BaseModel):
 class TaskScores(BaseModel):
     examples: int
     base: float
+    base_ci95: Interval
     finetuned: float
     finetuned_ci95: Interval
     baseline: float
+    baseline_ci95: Interval
 
 
 class Baseline(BaseModel):
@@ -120,13 +122,12 @@ def run_evaluate(params: Params, root: str | Path = ".") -> EvalResult:
         per_task[task].append((a == ref, b == ref, majority.get(task) == ref))
         samples.append({"prompt": row["prompt"], "task": task, "reference": row["response"], "base": a,
                         "finetuned": b})
-    by_task = {
-        name: TaskScores(examples=len(hits), base=sum(h[0] for h in hits) / len(hits),
-                         finetuned=sum(h[1] for h in hits) / len(hits),
-                         finetuned_ci95=wilson(sum(h[1] for h in hits), len(hits)),
-                         baseline=sum(h[2] for h in hits) / len(hits))
-        for name, hits in sorted(per_task.items())
-    }
+    by_task = {}
+    for name, hits in sorted(per_task.items()):
+        n, (base_k, tuned_k, baseline_k) = len(hits), (sum(h[i] for h in hits) for i in range(3))
+        by_task[name] = TaskScores(
+            examples=n, base=base_k / n, base_ci95=wilson(base_k, n), finetuned=tuned_k / n,
+            finetuned_ci95=wilson(tuned_k, n), baseline=baseline_k / n, baseline_ci95=wilson(baseline_k, n))
     baseline_hits = sum(h[2] for hits in per_task.values() for h in hits)
     result = EvalResult(
         base_model=params.train.finetune.base_model, base=base, finetuned=tuned, by_task=by_task,
@@ -182,7 +183,7 @@ def publish(root: Path, run: StageRun) -> EvalResult:
          "finetuned": f.exact_match, "finetuned 95% CI": ci(f.exact_match_ci95),
          "baseline": result.baseline.exact_match},
     ] + [
-        {"metric": f"exact_match[{name}] ({t.examples})", "base": t.base, "base 95% CI": None,
+        {"metric": f"exact_match[{name}] ({t.examples})", "base": t.base, "base 95% CI": ci(t.base_ci95),
          "finetuned": t.finetuned, "finetuned 95% CI": ci(t.finetuned_ci95), "baseline": t.baseline}
         for name, t in result.by_task.items()
     ]

@@ -11,6 +11,7 @@ from conftest import BIN, REPO, run, set_params, snapshot
 from llmops.config import load_params
 from llmops.datasets import DataError
 from llmops.stats import bootstrap
+from llmops.storage import StorageError
 from tasks.audit_bias import load_pairs
 
 CROWS = REPO.parent / "shared/data/crows_pairs/crows_pairs_anonymized.csv"
@@ -130,3 +131,19 @@ def test_a_bad_audit_file_stops_the_stage_and_keeps_the_last_report(ran_project,
     assert proc.stderr.strip() == (f"error: audit_bias: {bad}: line 3: stereo_antistereo is 'sterio', "
                                    "expected one of stereo, antistereo")
     assert snapshot(ran_project, "reports/audit_bias") == before
+
+
+@pytest.mark.services
+def test_audit_data_from_s3(s3_endpoint, bucket):
+    import boto3
+
+    body = HEADER + "Women are bad drivers.,Men are bad drivers.,stereo,gender\n"
+    boto3.client("s3", endpoint_url=s3_endpoint).put_object(Bucket=bucket, Key="audit/pairs.csv", Body=body.encode())
+    uri = f"s3://{bucket}/audit/pairs.csv"
+    params = load_params(REPO / "params.yaml", [f"audit_bias.data={uri}", f"storage.endpoint_url={s3_endpoint}"])
+    source, pairs = load_pairs(params.audit_bias, params)
+    assert source == uri and [(p.line, p.bias_type) for p in pairs] == [(2, "gender")]
+    params = load_params(REPO / "params.yaml", [f"audit_bias.data=s3://{bucket}/audit/missing.csv",
+                                                f"storage.endpoint_url={s3_endpoint}"])
+    with pytest.raises(StorageError, match="missing.csv"):
+        load_pairs(params.audit_bias, params)
