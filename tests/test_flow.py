@@ -153,6 +153,23 @@ def test_a_refused_release_fails_the_flow_with_the_failing_checks_and_pushes_not
     assert load_params(ran_project / "params.yaml").gate.max_perplexity == 1e9  # params.yaml put back
 
 
+@pytest.mark.training
+def test_a_crashing_stage_shows_its_traceback_in_the_run_log(ran_project, prefect_api, s3_endpoint, bucket):
+    """An unexpected crash (here: the gate's command replaced by one that raises) is visible in the UI, traceback and all."""
+    dvc_yaml = ran_project / "dvc.yaml"
+    dvc_yaml.write_text(dvc_yaml.read_text().replace(
+        "cmd: llmops gate", "cmd: python -c \"import json; json.loads('{broken')\""))
+    run(["git", "commit", "-qam", "a gate that crashes"], ran_project)
+    api_url, home = prefect_api
+    proc = run(["llmops", "run", "--no-push"], ran_project, env=_env(api_url, home, s3_endpoint, bucket), check=False)
+    assert proc.returncode == 1 and "gate failed" in proc.stderr
+
+    _, flow_run, task_runs, _ = _client_query(api_url)
+    assert flow_run.state.is_failed() and "gate failed" in flow_run.state.message
+    logs = _logs(api_url, flow_run.id)
+    assert "Traceback (most recent call last)" in logs and "json.decoder.JSONDecodeError" in logs
+
+
 def test_failing_validation_fails_the_flow_with_the_reason_and_pushes_nothing(project, tmp_path, prefect_api, s3_endpoint, bucket):
     api_url, home = prefect_api
     rows = [{"prompt": f"What is {i} + 1?", "response": str(i + 1)} for i in range(40)]
