@@ -97,11 +97,11 @@ def _run(root: Path, params, push: bool) -> int:
     # Prefect's server reports telemetry by default; a pipeline run should not phone home.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     stages = declared(root)
-    previous = _previous_metrics(root)
     # a scheduler or a supervisor stops a run with SIGTERM: end it as Ctrl-C does, training processes included
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         with locks.exclusive(root / locks.RUN_LOCK, "`llmops run`"), prefect_api(root):
+            previous = _previous_metrics(root)  # once the run is ours: a refused run returns at once
             from flows.build_model import build_model
 
             state = build_model(params=params, push=push, return_state=True)

@@ -37,8 +37,6 @@ def check_inputs(params: Params, root: str | os.PathLike = ".") -> None:
             problems.append(f"{key}: {value}: no such directory")
     if problems:
         raise ConfigError("\n".join(problems))
-    import torch
-
     from llmops.quantization import check_runnable
 
-    check_runnable(params.quantize.methods, cuda=torch.cuda.is_available())
+    check_runnable(params.quantize.methods)

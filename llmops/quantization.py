@@ -63,16 +63,20 @@ METHODS: dict[str, Method] = {
 }
 
 
-def check_runnable(methods: list[str], cuda: bool) -> None:
+def check_runnable(methods: list[str]) -> None:
     """Refuse, before any work, a method this machine cannot run.
 
     Raises:
         ConfigError: naming the method and the key, and what runs here instead.
     """
-    missing = [m for m in methods if METHODS[m].needs_cuda and not cuda]
-    if missing:
+    gpu_only = [m for m in methods if METHODS[m].needs_cuda]
+    if not gpu_only:
+        return
+    import torch  # only asked when it matters: importing torch costs seconds before a run starts
+
+    if not torch.cuda.is_available():
         here = ", ".join(m for m, spec in METHODS.items() if not spec.needs_cuda)
-        raise ConfigError(f"quantize.methods: {', '.join(missing)} needs a CUDA GPU and this machine has none; "
+        raise ConfigError(f"quantize.methods: {', '.join(gpu_only)} needs a CUDA GPU and this machine has none; "
                           f"methods that run on CPU: {here}")
 
 

@@ -85,7 +85,7 @@ def run_quantize(params: Params, root: str | Path = ".") -> QuantizeResult:
     cfg = params.quantize
     root = Path(root)
     dev = inference.device()
-    quantization.check_runnable(cfg.methods, cuda=dev == "cuda")
+    quantization.check_runnable(cfg.methods)
     if not (root / EVAL_DATA).is_file():
         raise DataError(f"{EVAL_DATA}: no such file; run `llmops run` (or `dvc pull` in a fresh clone)")
     rows = read_jsonl(root / EVAL_DATA)[: cfg.max_examples]

@@ -99,7 +99,8 @@ def _wait_for(predicate, seconds: float, proc: subprocess.Popen) -> None:
 
 
 def test_second_run_is_refused_and_ctrl_c_stops_the_first_cleanly(ran_project, tmp_path):
-    set_params(ran_project, "train.pretrain.steps=2000", "train.pretrain.checkpoint_every=20")
+    # long enough that the interrupt always lands in pretraining, however fast the machine
+    set_params(ran_project, "train.pretrain.steps=20000", "train.pretrain.checkpoint_every=20")
     run(["git", "commit", "-qam", "a long pretraining"], ran_project)
     out = open(tmp_path / "first.log", "w+")
     # a session of its own: SIGINT to its process group is what Ctrl-C in a terminal sends
