@@ -99,6 +99,9 @@ def _run(root: Path, params, push: bool) -> int:
     stages = declared(root)
     # a scheduler or a supervisor stops a run with SIGTERM: end it as Ctrl-C does, training processes included
     signal.signal(signal.SIGTERM, _interrupt)
+    # and Ctrl-C always interrupts, even when the parent started us with SIGINT ignored (an ignored signal is
+    # inherited through exec, and Python then leaves it ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with locks.exclusive(root / locks.RUN_LOCK, "`llmops run`"), prefect_api(root):
             previous = _previous_metrics(root)  # once the run is ours: a refused run returns at once
