@@ -98,10 +98,6 @@ def _wait_for(predicate, seconds: float, proc: subprocess.Popen) -> None:
         time.sleep(0.2)
 
 
-# Passes alone (and in the targeted runs of 2026-11-26), but in the full suite's order the interrupted run
-# kept training for 90 s without reacting to SIGINT, three times out of three; a SIGINT sent by hand during
-# training or quantize stopped `llmops run` in seconds. Not understood yet: kept running, reported, not hidden.
-@pytest.mark.xfail(reason="in the full suite, the first run ignored SIGINT (under investigation)", strict=False)
 def test_second_run_is_refused_and_ctrl_c_stops_the_first_cleanly(ran_project, tmp_path):
     # long enough that the interrupt always lands in pretraining, however fast the machine
     set_params(ran_project, "train.pretrain.steps=20000", "train.pretrain.checkpoint_every=20")
