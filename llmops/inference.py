@@ -161,6 +161,11 @@ def greedy_answers(loaded: Loaded, prompts: list[str], max_new_tokens: int, batc
     return answers
 
 
+def exact_matches(answers: list[str], rows: list[dict]) -> list[bool]:
+    """Whether each answer equals its row's reference response, stripped: the one exact-match rule."""
+    return [a == r["response"].strip() for a, r in zip(answers, rows, strict=True)]
+
+
 def ms_per_token(loaded: Loaded, prompts: list[str], new_tokens: int, repeats: int) -> float:
     """Greedy generation latency for one batch of `prompts`: milliseconds per generated token step.
 

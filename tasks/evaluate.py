@@ -91,7 +91,7 @@ def _scores(loaded: inference.Loaded, rows: list[dict], params: Params) -> tuple
         ([s for s, _ in logprobs], [n for _, n in logprobs]),
         lambda lp, n, axis: np.exp(-lp.sum(axis=axis) / n.sum(axis=axis)), cfg.bootstrap_resamples, cfg.seed)
     answers = inference.greedy_answers(loaded, [r["prompt"] for r in rows], cfg.max_new_tokens, cfg.batch_size)
-    hits = sum(a == r["response"].strip() for a, r in zip(answers, rows))
+    hits = sum(inference.exact_matches(answers, rows))
     scores = Scores(perplexity=inference.perplexity(logprobs), perplexity_ci95=ppl_ci,
                     exact_match=hits / len(rows), exact_match_ci95=wilson(hits, len(rows)), examples=len(rows))
     return scores, answers
@@ -115,12 +115,14 @@ def run_evaluate(params: Params, root: str | Path = ".") -> EvalResult:
         base, base_answers = _scores(loaded, rows, params)
     tuned, tuned_answers = _scores(loaded, rows, params)
 
+    baseline_answers = [majority.get(_task(row), "") for row in rows]
+    matches = zip(*(inference.exact_matches(answers, rows)
+                    for answers in (base_answers, tuned_answers, baseline_answers)))
     per_task: dict[str, list[tuple[bool, bool, bool]]] = defaultdict(list)
     samples = []
-    for row, a, b in zip(rows, base_answers, tuned_answers):
-        ref, task = row["response"].strip(), _task(row)
-        per_task[task].append((a == ref, b == ref, majority.get(task) == ref))
-        samples.append({"prompt": row["prompt"], "task": task, "reference": row["response"], "base": a,
+    for row, a, b, hits in zip(rows, base_answers, tuned_answers, matches):
+        per_task[_task(row)].append(hits)
+        samples.append({"prompt": row["prompt"], "task": _task(row), "reference": row["response"], "base": a,
                         "finetuned": b})
     by_task = {}
     for name, hits in sorted(per_task.items()):

@@ -70,7 +70,7 @@ def _measure(loaded: inference.Loaded, rows: list[dict], params: Params, size: i
     }
     return Measured(
         size_bytes=size, perplexity=inference.perplexity(inference.response_logprobs(loaded, rows, cfg.batch_size)),
-        exact_match=sum(a == r["response"].strip() for a, r in zip(answers, rows)) / len(rows), ms_per_token=latency,
+        exact_match=sum(inference.exact_matches(answers, rows)) / len(rows), ms_per_token=latency,
     )
 
 
