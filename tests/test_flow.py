@@ -106,7 +106,7 @@ def test_flow_runs_on_the_server_and_pushes_to_s3(ran_project, prefect_api, s3_e
     assert "params.yaml: train.finetune.steps: 60 -> 61 for this run" in out
     for stage in ("prepare_data", "validate_data", "train@pretrain"):
         assert f"{stage}: unchanged since the last run" in out and f"{stage}: unchanged" in logs
-    for stage in ("train@finetune", "evaluate", "audit_bias", "quantize"):
+    for stage in ("train@finetune", "evaluate", "audit_bias", "quantize", "gate"):
         assert f"{stage}: unchanged" not in out
     assert "(previous run: " in proc.stdout and "Release gate: passed all 8 checks" in proc.stdout
     diff = [line for line in run(["git", "diff", "-U0", "params.yaml"], project).stdout.splitlines()
