@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -121,13 +122,41 @@ def project(tmp_path: Path) -> Path:
     return make_project(tmp_path / "project", tmp_path / "remote")
 
 
-@pytest.fixture(scope="session")
-def pipeline(tmp_path_factory) -> Path:
-    """The tiny pipeline, run once per test session through `dvc repro`: copy it with `ran_project`."""
-    tmp = tmp_path_factory.mktemp("pipeline")
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """`build(dir)` run once per test run, however many pytest-xdist workers ask: the first builds, under
+    a file lock, and the others wait for it. A failed build is retried by the next to ask."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's base directory, which every worker's lies in
+    path, done = root / name, root / f"{name}.done"
+    with FileLock(root / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir()
+            build(path)
+            done.touch()
+    return path
+
+
+def _run_pipeline(tmp: Path) -> None:
     project = make_project(tmp / "project", tmp / "remote")
     (tmp / "repro.log").write_text(run(["dvc", "repro"], project).stdout)
-    return project
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory) -> Path:
+    """The tiny pipeline, run once per test run through `dvc repro`: copy it with `ran_project`."""
+    return built_once(tmp_path_factory, "pipeline", _run_pipeline) / "project"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """One test that needs the run pipeline first, the rest of those last: the first xdist worker builds
+    the pipeline while the other runs tests that need none (xdist hands out contiguous chunks in order)."""
+    needs = [item for item in items if "pipeline" in getattr(item, "fixturenames", ())]
+    others = [item for item in items if "pipeline" not in getattr(item, "fixturenames", ())]
+    items[:] = needs[:1] + others + needs[1:]
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, make_project, run, set_params
+from conftest import BIN, built_once, make_project, run, set_params
 from llmops import provenance
 
 pytestmark = pytest.mark.training
@@ -29,10 +29,7 @@ def mean(xs) -> float:
     return sum(xs) / len(xs)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A project whose tiny model was pretrained with ZeRO-2 and LoRA-fine-tuned with ZeRO-3, each on 2 ranks."""
-    tmp = tmp_path_factory.mktemp("trained")
+def _train_two_ranks(tmp: Path) -> None:
     project = make_project(tmp / "project", tmp / "remote")
     set_params(
         project,
@@ -43,7 +40,12 @@ def trained(tmp_path_factory) -> Path:
     llmops(project, "prepare_data")
     llmops(project, "train", "pretrain")
     llmops(project, "train", "finetune")
-    return project
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Path:
+    """A project whose tiny model was pretrained with ZeRO-2 and LoRA-fine-tuned with ZeRO-3, each on 2 ranks."""
+    return built_once(tmp_path_factory, "trained", _train_two_ranks) / "project"
 
 
 def test_pretrain_zero2_two_ranks_loss_falls(trained):
