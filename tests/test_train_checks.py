@@ -92,6 +92,7 @@ def test_incompatible_zero_and_offload_is_a_params_error(project):
     assert_refused(llmops(project, "params", "-S", "train.finetune.method=ia3"), "unknown method 'ia3'", code=2)
 
 
+@pytest.mark.training  # the truncated run trains two steps
 def test_prompts_over_max_seq_len_refused_or_truncated_with_a_count(project, tokenizer, tmp_path):
     llmops(project, "prepare_data")
     base = save_base(tmp_path / "base", tokenizer)
