@@ -1,4 +1,4 @@
-"""The pipeline flow: every stage of dvc.yaml in its DAG order, then push.
+"""The pipeline flow: every stage of dvc.yaml in its DAG order, then push, then register the release.
 
 Prefect decides when and whether; DVC (dvc.yaml) says what each stage does and
 skips stages whose inputs did not change. A stage that fails stops the run
@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Failed
 from pydantic import BaseModel
 
-from llmops import locks, remote
+from llmops import locks, registry, remote
 from llmops.config import PARAMS_FILE, Params, StorageParams, load_params, storage_for, write_params
 from llmops.datasets import write_text
 from llmops.errors import LlmopsError
@@ -33,6 +33,7 @@ class PipelineResult(BaseModel):
     outputs: list[str]
     results: dict[str, Any]  # DVC stage name (e.g. train@pretrain) -> what the stage's publish() returned
     remote: str | None
+    version: str  # the registered model version of this run's release
 
 
 class _Stopped(LlmopsError):
@@ -66,6 +67,21 @@ def push_outputs(root: str, storage: StorageParams) -> str | State:
     return storage.url
 
 
+@task(name="register")
+def register_model(root: str) -> str | State:
+    """Register models/release/ (what the gate passed) as the next model version, unless it already is one."""
+    from prefect.runtime import flow_run
+
+    try:
+        version, new = registry.register(root, f"passed the release gate in flow run {flow_run.name}")
+    except LlmopsError as exc:
+        return Failed(message=str(exc))
+    create_markdown_artifact(key="register", markdown=(
+        f"{'Registered' if new else 'Already registered as'} **{registry.ARTIFACT} {version.version}** "
+        f"(`{version.lineage.get('variant')}`); `llmops registry lineage {version.version}` shows where it came from"))
+    return version.version
+
+
 def _completed(state: State):
     if not state.is_completed():
         raise _Stopped(state.message)
@@ -74,7 +90,8 @@ def _completed(state: State):
 
 @flow(name="build-model", log_prints=True)
 def build_model(params: Params | None = None, push: bool = True, project_dir: str | None = None) -> PipelineResult | State:
-    """Run every stage of dvc.yaml in order (data, validation, training, evaluation and the release gate), then push.
+    """Run every stage of dvc.yaml in order (data, validation, training, evaluation, the gate, the release), then push
+    and register the release as a model version.
 
     Args:
         params: the run's parameters; the values that differ from params.yaml are written
@@ -106,7 +123,8 @@ def _stages(root: Path, push: bool) -> PipelineResult:
         results[stage.dvc_name] = _completed(task_run(str(root), stage.dvc_name, return_state=True))
         outputs += stage.outs
     pushed_to = _completed(push_outputs(str(root), storage, return_state=True)) if push else None
-    return PipelineResult(project=str(root), outputs=outputs, results=results, remote=pushed_to)
+    version = _completed(register_model(str(root), return_state=True))
+    return PipelineResult(project=str(root), outputs=outputs, results=results, remote=pushed_to, version=version)
 
 
 class _NoEmptyTraceback(logging.Filter):

@@ -10,7 +10,7 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from llmops import locks
+from llmops import locks, registry, registry_cli
 from llmops.config import PARAMS_FILE, ConfigError, load_params, storage_for
 from llmops.prefect_api import PrefectUnavailable, prefect_api
 from llmops.preflight import check_inputs
@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_overrides(params)
 
+    registry_cli.add_parser(sub)
+
     for spec in declared().values():
         cmd = sub.add_parser(
             spec.name, help=f"stage: {spec.desc}",
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     stages = declared()
     if args.command in stages:
         return stages[args.command].module.main(*([args.key] if stages[args.command].keys else []))
+    if args.command == "registry":
+        return registry_cli.main(args)
     root = Path.cwd()
     try:  # everything that can be refused without work is refused here, before Prefect or DVC start
         params = load_params(PARAMS_FILE, args.overrides)
@@ -128,6 +132,7 @@ def _run(root: Path, params, push: bool) -> int:
             print(module.summary(value, previous.get(stage)))
     if result.remote:
         print(f"  pushed to DVC remote: {result.remote}")
+    print(f"Registered as {registry.ARTIFACT} {result.version} (`llmops registry lineage {result.version}`)")
     return 0
 
 

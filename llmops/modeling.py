@@ -43,6 +43,23 @@ def format_prompt(prompt: str) -> str:
     return PROMPT_TEMPLATE.format(prompt=prompt)
 
 
+def chat_template() -> str:
+    """PROMPT_TEMPLATE as a tokenizer chat template (Jinja), so a chat request renders as a training prompt.
+
+    Each user message becomes an instruction and each assistant message a response ending in
+    end-of-text; a system message is a preamble; the rendering always ends ready for a response.
+    """
+    head, tail = (json.dumps(part) for part in PROMPT_TEMPLATE.split("{prompt}"))
+    return (
+        "{%- for m in messages -%}"
+        "{%- if m['role'] == 'system' -%}{{ m['content'] + '\\n\\n' }}"
+        f"{{%- elif m['role'] == 'user' -%}}{{{{ {head} + m['content'] + {tail} }}}}"
+        "{%- elif m['role'] == 'assistant' -%}{{ m['content'] + eos_token }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )
+
+
 def train_tokenizer(text_lines: Iterable[str], vocab_size: int, max_len: int) -> Any:
     """A byte-level BPE tokenizer trained on `text_lines`, wrapped for transformers (save_pretrained works).
 

@@ -32,10 +32,10 @@ def test_repro_runs_every_stage_then_only_what_changed(pipeline, ran_project):
     params = project / "params.yaml"
     params.write_text(params.read_text().replace("max_duplicate_rate: 0.01", "max_duplicate_rate: 0.02"))
     assert _ran(run(["dvc", "repro"], project).stdout) == ["validate_data"]
-    # an evaluate param re-runs evaluate and the gate that reads its metrics, not the audit or quantize beside it
+    # an evaluate param re-runs evaluate and what reads its metrics (gate, release), not the audit or quantize beside it
     # (a fine-tuning param re-running fine-tuning and all after it: test_flow.py)
     set_params(project, "evaluate.bootstrap_resamples=500")
-    assert _ran(run(["dvc", "repro"], project).stdout) == ["evaluate", "gate"]
+    assert _ran(run(["dvc", "repro"], project).stdout) == ["evaluate", "gate", "release"]
 
     # the step log renders as a loss curve; the metrics are read by dvc metrics
     plots = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)

@@ -68,10 +68,10 @@ def test_flow_runs_on_the_server_and_pushes_to_s3(ran_project, prefect_api, s3_e
     assert flow.name == "build-model"
     assert flow_run.state.is_completed()
     assert sorted((t.name.rsplit("-", 1)[0], t.state.type.value) for t in task_runs) == sorted(
-        (name, "COMPLETED") for name in STAGES + ["push"])
+        (name, "COMPLETED") for name in STAGES + ["push", "register"])
     by_key = {a.key: a for a in artifacts}
     assert set(by_key) == {"prepare-data", "validate-data", "train-pretrain", "train-finetune", "evaluate",
-                           "audit-bias", "quantize", "gate", "push"}
+                           "audit-bias", "quantize", "gate", "release", "push", "register"}
     assert "PASSED" in by_key["gate"].description
     assert {row["method"].split()[0] for row in json.loads(by_key["quantize"].data)} == {
         "none", "int8_weight_only", "nf4"}
@@ -106,7 +106,7 @@ def test_flow_runs_on_the_server_and_pushes_to_s3(ran_project, prefect_api, s3_e
     assert "params.yaml: train.finetune.steps: 60 -> 61 for this run" in out
     for stage in ("prepare_data", "validate_data", "train@pretrain"):
         assert f"{stage}: unchanged since the last run" in out and f"{stage}: unchanged" in logs
-    for stage in ("train@finetune", "evaluate", "audit_bias", "quantize", "gate"):
+    for stage in ("train@finetune", "evaluate", "audit_bias", "quantize", "gate", "release"):
         assert f"{stage}: unchanged" not in out
     assert "(previous run: " in proc.stdout and "Release gate: passed all 8 checks" in proc.stdout
     diff = [line for line in run(["git", "diff", "-U0", "params.yaml"], project).stdout.splitlines()

@@ -1,0 +1,419 @@
+"""The model registry: versions and stages are GTO git tags on commits whose dvc.lock pins the files.
+
+Why GTO (git tags + the DVC remote) and not MLflow's registry: the registry then lives with the
+artifacts, so a fresh clone has it (`git clone` brings the tags, `dvc artifacts get` or
+`llmops registry pull` the files, from S3 or wherever the DVC remote is), with no database or
+server to run; and every change is a new tag, so the stage history (who, when, why) is kept
+whole, where MLflow keeps no alias history and needs a database.
+
+- A version (`model@v3.0.0`) tags a commit of the working tree as the run left it: HEAD's tree
+  plus dvc.lock, params.yaml and .dvc/config (the branch and HEAD do not move). Its tag message
+  is JSON: who registered it, why, and the lineage (models/release/release.json: the variant, the
+  hashes of its sources, the gate's verdict and scores; the parent version; the code commit).
+- A stage (staging, production) moves by two tags: the current holder is unassigned
+  (`model#production!#N`), then the new one assigned (`model#production#N+1`), so exactly one
+  version holds a stage and GTO and `dvc artifacts get --stage` agree on which. Rollback is the
+  same move, to the previous holder. Nothing is ever deleted.
+- Writers take a file lock, fetch the remote's tags first, and push the new tags atomically;
+  a push refused because another clone moved first is undone locally and retried. Tags are
+  written a second apart: GTO and DVC order events by their whole-second timestamps.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from llmops.errors import LlmopsError
+
+ARTIFACT = "model"  # the dvc.yaml `artifacts:` entry (models/release)
+STAGES = ("staging", "production")
+GIT_REMOTE = "origin"  # the registry's shared copy, when the project has one
+RELEASE = Path("models/release")
+_ATTEMPTS = 5
+
+
+class RegistryError(LlmopsError):
+    """A registry operation that cannot be done; the message says why. Nothing was changed."""
+
+
+@dataclass
+class Version:
+    version: str
+    commit: str
+    created_at: str
+    author: str
+    record: dict[str, Any]  # the registration's JSON: by, why, lineage
+    stages: list[str] = field(default_factory=list)
+
+    @property
+    def lineage(self) -> dict[str, Any]:
+        return self.record.get("lineage", {})
+
+
+def _git(root: Path, *args: str, env: dict | None = None) -> str:
+    proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, env=env, timeout=120)
+    if proc.returncode != 0:
+        raise RegistryError(f"git {args[0]} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+    return proc.stdout.strip()
+
+
+def _repo(root: str | os.PathLike) -> Path:
+    root = Path(root).resolve()
+    if subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True).returncode:
+        raise RegistryError(f"{root} is not a git repository with a commit; the registry keeps versions as git "
+                            "tags (`git init && git add -A && git commit -m start`)")
+    return root
+
+
+def who() -> str:
+    """Who acts: LLMOPS_USER, else the git user, else the login name."""
+    return os.environ.get("LLMOPS_USER") or _git_user() or getpass.getuser()
+
+
+def _git_user() -> str | None:
+    proc = subprocess.run(["git", "config", "user.name"], capture_output=True, text=True)
+    return proc.stdout.strip() or None
+
+
+def _has_remote(root: Path) -> bool:
+    return GIT_REMOTE in _git(root, "remote").split()
+
+
+@contextmanager
+def _writing(root: Path) -> Iterator[None]:
+    """One writer per clone at a time (blocking: a second promotion waits for the first, then sees its result)."""
+    from filelock import FileLock, Timeout
+
+    try:
+        with FileLock(Path(_git(root, "rev-parse", "--absolute-git-dir")) / "llmops-registry.lock", timeout=120):
+            yield
+    except Timeout:
+        raise RegistryError("another registry change in this clone has held its lock for 120 s; try again") from None
+
+
+def _fetch(root: Path) -> None:
+    if _has_remote(root):
+        try:
+            _git(root, "fetch", "--quiet", "--tags", "--force", GIT_REMOTE)
+        except RegistryError as exc:
+            raise RegistryError(f"registry remote {GIT_REMOTE!r} ({_git(root, 'remote', 'get-url', GIT_REMOTE)}) "
+                                f"cannot be read: {exc}; nothing was changed") from None
+
+
+def refresh(root: str | os.PathLike) -> str | None:
+    """Bring the remote's tags (what other clones registered and promoted) before reading; a warning if it can't."""
+    try:
+        _fetch(_repo(root))
+    except RegistryError as exc:
+        return f"warning: {str(exc).removesuffix('; nothing was changed')}; showing this clone's registry"
+    return None
+
+
+def _tick() -> None:
+    """Wait for the next whole second: two events in one second would be ordered by name, not time."""
+    now = time.time()
+    time.sleep(int(now) + 1.01 - now)
+
+
+def _new_tags(root: Path, before: set[str]) -> list[str]:
+    return sorted(set(_git(root, "tag", "--list", f"{ARTIFACT}[@#]*").split()) - before)
+
+
+def _tags(root: Path) -> set[str]:
+    return set(_git(root, "tag", "--list", f"{ARTIFACT}[@#]*").split())
+
+
+def _change(root: Path, write) -> Any:
+    """Run `write()` (GTO tag writes) under the lock on fresh tags; push its tags atomically, or undo them.
+
+    A push refused because the remote moved on (another clone promoted meanwhile) is undone
+    and the whole decision retried on the new state.
+    """
+    from gto.exceptions import GTOException
+    from scmrepo.exceptions import SCMError
+
+    with _writing(root):
+        for attempt in range(_ATTEMPTS):
+            _fetch(root)
+            before = _tags(root)
+            try:
+                result = write()
+            except (GTOException, SCMError) as exc:  # a tag name taken meanwhile: decide again
+                _undo(root, _new_tags(root, before))
+                if attempt == _ATTEMPTS - 1:
+                    raise RegistryError(f"registry change failed: {exc}") from None
+                continue
+            created = _new_tags(root, before)
+            if not created or not _has_remote(root):
+                return result
+            push = subprocess.run(["git", "push", "--quiet", "--atomic", GIT_REMOTE, *(f"refs/tags/{t}" for t in created)],
+                                  cwd=root, capture_output=True, text=True, timeout=120)
+            if push.returncode == 0:
+                return result
+            _undo(root, created)
+            if "rejected" not in push.stderr and "already exists" not in push.stderr:
+                reason = (push.stderr.strip().splitlines() or ["no answer"])[-1]
+                raise RegistryError(f"registry remote {GIT_REMOTE!r} cannot be written ({reason}); nothing was "
+                                    "changed")
+        raise RegistryError(f"registry change failed {_ATTEMPTS} times: other clones kept changing it; try again")
+
+
+def _undo(root: Path, tags: list[str]) -> None:
+    for tag in tags:
+        subprocess.run(["git", "tag", "-d", tag], cwd=root, capture_output=True)
+
+
+def _record(message: str) -> dict[str, Any]:
+    try:
+        record = json.loads(message or "{}")
+    except json.JSONDecodeError:  # a tag made by hand with `gto`: its message is the reason
+        return {"why": message}
+    return record if isinstance(record, dict) else {"why": message}
+
+
+def versions(root: str | os.PathLike) -> list[Version]:
+    """Every registered version, newest first, with the stages each holds now."""
+    from gto import api
+    from gto.exceptions import ArtifactNotFound
+
+    root = _repo(root)
+    try:
+        shown = api.show(str(root), ARTIFACT)
+    except ArtifactNotFound:
+        return []
+    found = []
+    for v in shown:
+        reg = (v.get("registrations") or [{}])[0]
+        found.append(Version(version=v["version"], commit=v["commit_hexsha"], created_at=str(v["created_at"]),
+                             author=str(reg.get("author") or v.get("author")), record=_record(reg.get("message", "")),
+                             stages=[s["stage"] for s in v.get("stages", [])]))
+    return sorted(found, key=lambda v: _semver(v.version), reverse=True)
+
+
+def _semver(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in version.lstrip("v").split("+")[0].split("-")[0].split("."))
+
+
+def get(root: str | os.PathLike, version: str) -> Version:
+    """One version (`v3.0.0`, `v3` or `3`).
+
+    Raises:
+        RegistryError: no such version; the message lists the known ones.
+    """
+    wanted = normalize(version)
+    known = versions(root)
+    for v in known:
+        if v.version == wanted:
+            return v
+    names = ", ".join(v.version for v in known) or "none yet"
+    raise RegistryError(f"no model version {version!r} in the registry (registered: {names})")
+
+
+def normalize(version: str) -> str:
+    """`3` and `v3` mean v3.0.0: versions are whole numbers, one per registered release."""
+    bare = version.strip().lstrip("v")
+    parts = bare.split(".")
+    if not bare or not all(p.isdigit() for p in parts) or len(parts) > 3:
+        raise RegistryError(f"{version!r} is not a model version (like v3 or v3.0.0)")
+    return "v" + ".".join(parts + ["0"] * (3 - len(parts)))
+
+
+def holder(root: str | os.PathLike, stage: str) -> Version | None:
+    """The version that holds `stage` now, or None."""
+    for v in versions(root):
+        if stage in v.stages:
+            return v
+    return None
+
+
+def _snapshot(root: Path, message: str) -> str:
+    """A commit of the working tree as it is (tracked and new files, .gitignore respected), parented on HEAD.
+
+    Neither HEAD, the branch nor the index move: the commit is reachable through its tag only.
+    """
+    head = _git(root, "rev-parse", "HEAD")
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "GIT_INDEX_FILE": str(Path(tmp) / "index")}
+        _git(root, "read-tree", "HEAD", env=env)
+        _git(root, "add", "-A", env=env)
+        tree = _git(root, "write-tree", env=env)
+        if tree == _git(root, "rev-parse", "HEAD^{tree}"):
+            return head
+        if not _git_user():
+            env.update(GIT_AUTHOR_NAME=who(), GIT_AUTHOR_EMAIL=f"{who()}@llmops", GIT_COMMITTER_NAME=who(),
+                       GIT_COMMITTER_EMAIL=f"{who()}@llmops")
+        return _git(root, "commit-tree", tree, "-p", head, "-m", message, env=env)
+
+
+def _release_hash(root: Path, commit: str) -> str | None:
+    """The DVC hash of models/release in that commit's dvc.lock."""
+    from ruamel.yaml import YAML
+
+    proc = subprocess.run(["git", "show", f"{commit}:dvc.lock"], cwd=root, capture_output=True, text=True)
+    if proc.returncode:
+        return None
+    lock = YAML(typ="safe").load(proc.stdout) or {}
+    for out in lock.get("stages", {}).get("release", {}).get("outs", []):
+        if out.get("path") == str(RELEASE):
+            return out.get("md5")
+    return None
+
+
+def register(root: str | os.PathLike, why: str) -> tuple[Version, bool]:
+    """Register the released model (models/release/, as dvc.lock pins it) as the next version.
+
+    Returns the version and whether it is new: a release identical to the latest version's
+    (same DVC hash) is that version, not a new one.
+
+    Raises:
+        RegistryError: no release to register (the gate did not pass, or release has not run),
+            dvc.lock does not pin it, or the registry remote cannot be read or written.
+    """
+    from gto import api
+
+    root = _repo(root)
+    release_file = root / RELEASE / "release.json"
+    if not release_file.is_file():
+        raise RegistryError(f"{RELEASE}/release.json: no such file; only a model the gate passed is released "
+                            "(`llmops run`)")
+    release = json.loads(release_file.read_text())
+    if not release.get("gate", {}).get("passed"):
+        raise RegistryError(f"{RELEASE}: the gate did not pass it; it cannot be registered")
+    commit = _snapshot(root, f"llmops: {ARTIFACT} release ({release['variant']})")
+    digest = _release_hash(root, commit)
+    if digest is None:
+        raise RegistryError(f"dvc.lock does not pin {RELEASE}; run the pipeline (`llmops run`) before registering")
+
+    def write() -> tuple[Version, bool]:
+        known = versions(root)
+        for v in known:
+            if v.lineage.get("release_md5") == digest:
+                return v, False
+        version = f"v{(_semver(known[0].version)[0] if known else 0) + 1}.0.0"
+        parent = holder(root, "production")
+        record = {"by": who(), "why": why, "lineage": {
+            "release_md5": digest, "code_commit": _git(root, "rev-parse", "HEAD"),
+            "parent_version": parent.version if parent else None, **release}}
+        _tick()
+        api.register(str(root), ARTIFACT, ref=commit, version=version, message=json.dumps(record, sort_keys=True))
+        return Version(version=version, commit=commit, created_at="now", author=who(), record=record), True
+
+    return _change(root, write)
+
+
+def promote(root: str | os.PathLike, version: str, stage: str, why: str) -> Version | None:
+    """Give `version` the stage; return the version that held it before (None if none).
+
+    Raises:
+        RegistryError: unknown stage or version, a version the gate did not pass, one that
+            already holds the stage, or a registry remote that cannot be read or written.
+    """
+    root = _repo(root)
+    if stage not in STAGES:
+        raise RegistryError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    target = normalize(version)
+
+    def write() -> Version | None:
+        wanted = get(root, target)
+        if not wanted.lineage.get("gate", {}).get("passed"):
+            raise RegistryError(f"{wanted.version} did not pass the release gate; it cannot be promoted")
+        current = holder(root, stage)
+        if current is not None and current.version == wanted.version:
+            raise RegistryError(f"{wanted.version} already holds {stage}")
+        _move(root, stage, current, wanted, why)
+        return current
+
+    return _change(root, write)
+
+
+def _move(root: Path, stage: str, current: Version | None, target: Version, why: str) -> None:
+    from gto import api
+
+    if current is not None:
+        _tick()
+        api.unassign(str(root), ARTIFACT, version=current.version, stage=stage,
+                     message=json.dumps({"by": who(), "why": f"replaced by {target.version}: {why}"}))
+    _tick()
+    api.assign(str(root), ARTIFACT, stage, version=target.version, force=True,
+               message=json.dumps({"by": who(), "why": why}))
+
+
+def history(root: str | os.PathLike, stage: str | None = None) -> list[dict[str, Any]]:
+    """Every registry event, oldest first: registration, assignment, unassignment; with who and why."""
+    from gto import api
+    from gto.exceptions import ArtifactNotFound
+
+    root = _repo(root)
+    try:
+        events = api.history(str(root), ARTIFACT, ascending=True)
+    except ArtifactNotFound:
+        return []
+    out = []
+    for e in events:
+        if e["event"] not in ("registration", "assignment", "unassignment") or (stage and e.get("stage") != stage):
+            continue
+        record = _record(e.get("message", ""))
+        out.append({"time": str(e["timestamp"]), "event": e["event"], "version": e["version"],
+                    "stage": e.get("stage"), "by": record.get("by") or e.get("author"), "why": record.get("why", ""),
+                    "tag": e.get("ref")})
+    return out
+
+
+def rollback(root: str | os.PathLike, stage: str, why: str) -> tuple[Version, Version]:
+    """Give `stage` back to the version that held it before the current one; returns (from, to).
+
+    Raises:
+        RegistryError: nothing holds the stage, or no other version ever held it.
+    """
+    root = _repo(root)
+    if stage not in STAGES:
+        raise RegistryError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+
+    def write() -> tuple[Version, Version]:
+        current = holder(root, stage)
+        if current is None:
+            raise RegistryError(f"no version holds {stage}; nothing to roll back")
+        earlier = [e["version"] for e in history(root, stage) if e["event"] == "assignment"
+                   and e["version"] != current.version]
+        if not earlier:
+            raise RegistryError(f"{current.version} is the only version that ever held {stage}; "
+                                "there is no previous one to roll back to")
+        previous = get(root, earlier[-1])
+        _move(root, stage, current, previous, f"rollback from {current.version}: {why}")
+        return current, previous
+
+    return _change(root, write)
+
+
+def pull(root: str | os.PathLike, ref: str, out: str | os.PathLike) -> Version:
+    """Download the files of a version (`v3`) or of a stage's holder (`production`) into `out`, from the DVC remote.
+
+    Raises:
+        RegistryError: unknown version or stage, or the files cannot be fetched.
+    """
+    from dvc.exceptions import DvcException
+    from dvc.repo.artifacts import Artifacts
+
+    root = _repo(root)
+    _fetch(root)
+    if ref in STAGES:
+        target = holder(root, ref)
+        if target is None:
+            raise RegistryError(f"no version holds {ref}")
+    else:
+        target = get(root, ref)
+    try:
+        Artifacts.get(str(root), ARTIFACT, version=target.version, out=str(out), force=True)
+    except DvcException as exc:
+        raise RegistryError(f"{target.version}: its files cannot be fetched from the DVC remote: "
+                            f"{str(exc).splitlines()[0]}") from None
+    return target

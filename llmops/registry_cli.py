@@ -1,0 +1,147 @@
+"""`llmops registry ...`: list, show, lineage, history, register, promote, rollback, pull."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from llmops import registry
+from llmops.registry import RegistryError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "registry", help="model versions, their lineage, and the stages (staging, production) they hold",
+        description="The model registry: GTO git tags on commits whose dvc.lock pins models/release/. "
+        "Works from a fresh clone (the tags come with it, the files from the DVC remote).")
+    cmds = parser.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
+    cmds.add_parser("list", help="every version, newest first, with its stages and headline scores")
+    show = cmds.add_parser("show", help="one version's full record (JSON)")
+    show.add_argument("version", help="e.g. v3 or v3.0.0")
+    lineage = cmds.add_parser("lineage", help="the chain from the data files to the version and its stages")
+    lineage.add_argument("version", help="e.g. v3, or a stage: production")
+    hist = cmds.add_parser("history", help="every registration and stage change: when, who, why")
+    hist.add_argument("--stage", choices=registry.STAGES)
+    reg = cmds.add_parser("register", help="register models/release/ (what the gate passed) as the next version")
+    reg.add_argument("--why", default="registered by hand", help="kept in the version's record")
+    promote = cmds.add_parser("promote", help="give a version a stage (the current holder is unassigned)")
+    promote.add_argument("version")
+    promote.add_argument("--to", dest="stage", choices=registry.STAGES, required=True)
+    promote.add_argument("--why", required=True, help="kept in the stage history")
+    back = cmds.add_parser("rollback", help="give a stage back to the version that held it before")
+    back.add_argument("--stage", choices=registry.STAGES, default="production")
+    back.add_argument("--why", required=True, help="kept in the stage history")
+    pull = cmds.add_parser("pull", help="download a version's files (byte-identical) from the DVC remote")
+    pull.add_argument("ref", help="a version (v3) or a stage (production)")
+    pull.add_argument("-o", "--out", help="destination directory (default: model-<version>)")
+
+
+def main(args: argparse.Namespace) -> int:
+    root = Path.cwd()
+    try:
+        if args.registry_command in _READS:
+            warning = registry.refresh(root)
+            if warning:
+                print(warning, file=sys.stderr)
+        print(_ACTIONS[args.registry_command](root, args))
+    except RegistryError as exc:
+        print(f"error: registry: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _resolve(root: Path, ref: str) -> registry.Version:
+    if ref in registry.STAGES:
+        held = registry.holder(root, ref)
+        if held is None:
+            raise RegistryError(f"no version holds {ref}")
+        return held
+    return registry.get(root, ref)
+
+
+def _headline(v: registry.Version) -> str:
+    ev = v.lineage.get("scores", {}).get("evaluate", {})
+    em = f"exact match {ev['exact_match']:.1%}" if "exact_match" in ev else "no scores"
+    return f"{v.lineage.get('variant', '?')}, {em}"
+
+
+def _list(root: Path, args) -> str:
+    found = registry.versions(root)
+    if not found:
+        return "no versions registered yet (a run that passes the gate registers one)"
+    return "\n".join(f"{v.version:<9} {','.join(v.stages) or '-':<20} {v.created_at[:19]}  {v.author:<12} "
+                     f"{_headline(v)}" for v in found)
+
+
+def _show(root: Path, args) -> str:
+    v = _resolve(root, args.version)
+    return json.dumps({"version": v.version, "commit": v.commit, "created_at": v.created_at, "stages": v.stages,
+                       **v.record}, indent=2)
+
+
+def _lineage(root: Path, args) -> str:
+    from ruamel.yaml import YAML
+
+    v = _resolve(root, args.version)
+    lin = v.lineage
+    lines = [f"data and models (dvc.lock of commit {v.commit[:12]}):"]
+    lock = subprocess.run(["git", "show", f"{v.commit}:dvc.lock"], cwd=root, capture_output=True, text=True)
+    stages = (YAML(typ="safe").load(lock.stdout) or {}).get("stages", {}) if lock.returncode == 0 else {}
+    for name, stage in stages.items():
+        for out in stage.get("outs", []):
+            if out.get("md5") and out["path"].startswith(("data/", "models/")):  # the data and weights, not reports
+                lines.append(f"  {name:<16} -> {out['path']} (md5 {out['md5']})")
+    gate = lin.get("gate", {})
+    ev = lin.get("scores", {}).get("evaluate", {})
+    audit = lin.get("scores", {}).get("audit_bias", {})
+    lines += [
+        f"  -> {registry.ARTIFACT} {v.version}: {lin.get('variant')}, registered {v.created_at[:19]} by "
+        f"{v.record.get('by', v.author)} ({v.record.get('why', '')})",
+        f"     code commit {str(lin.get('code_commit'))[:12]}; parent version {lin.get('parent_version') or 'none'}",
+        f"     gate {'passed' if gate.get('passed') else 'FAILED'} "
+        f"{sum(c['passed'] for c in gate.get('checks', []))}/{len(gate.get('checks', []))}; "
+        f"exact match {ev.get('exact_match', float('nan')):.1%}, perplexity {ev.get('perplexity', float('nan')):.3f}, "
+        f"pct_stereotype {audit.get('pct_stereotype', float('nan')):.1f}",
+    ]
+    for e in registry.history(root):
+        if e["version"] == v.version and e["event"] != "registration":
+            lines.append(f"  -> {e['event']} {e['stage']} {e['time'][:19]} by {e['by']}: {e['why']}")
+    lines.append(f"  -> holds now: {', '.join(v.stages) or 'no stage'}")
+    return "\n".join(lines)
+
+
+def _history(root: Path, args) -> str:
+    events = registry.history(root, args.stage)
+    return "\n".join(f"{e['time'][:19]}  {e['event']:<13} {e['version']:<9} {e['stage'] or '':<11} {e['by']}: "
+                     f"{e['why']}" for e in events) or "no registry events yet"
+
+
+def _register(root: Path, args) -> str:
+    v, new = registry.register(root, args.why)
+    return f"registered {registry.ARTIFACT} {v.version}" if new else f"unchanged: this release is already {v.version}"
+
+
+def _promote(root: Path, args) -> str:
+    before = registry.promote(root, args.version, args.stage, args.why)
+    target = registry.normalize(args.version)
+    return f"{args.stage}: {before.version if before else 'none'} -> {target}"
+
+
+def _rollback(root: Path, args) -> str:
+    current, previous = registry.rollback(root, args.stage, args.why)
+    return f"{args.stage}: rolled back {current.version} -> {previous.version}"
+
+
+def _pull(root: Path, args) -> str:
+    target = _resolve(root, args.ref)
+    out = Path(args.out or f"model-{target.version}")
+    registry.pull(root, target.version, out)
+    return f"{target.version} -> {out}/"
+
+
+_READS = ("list", "show", "lineage", "history")
+_ACTIONS = {"list": _list, "show": _show, "lineage": _lineage, "history": _history, "register": _register,
+            "promote": _promote, "rollback": _rollback, "pull": _pull}
