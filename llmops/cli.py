@@ -10,7 +10,7 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from llmops import locks, registry, registry_cli
+from llmops import locks, registry, registry_cli, serve_cli
 from llmops.config import PARAMS_FILE, ConfigError, load_params, storage_for
 from llmops.prefect_api import PrefectUnavailable, prefect_api
 from llmops.preflight import check_inputs
@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_overrides(params)
 
     registry_cli.add_parser(sub)
+    serve_cli.add_parser(sub)
 
     for spec in declared().values():
         cmd = sub.add_parser(
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         return stages[args.command].module.main(*([args.key] if stages[args.command].keys else []))
     if args.command == "registry":
         return registry_cli.main(args)
+    if args.command == "serve":
+        return serve_cli.main(args)
     root = Path.cwd()
     try:  # everything that can be refused without work is refused here, before Prefect or DVC start
         params = load_params(PARAMS_FILE, args.overrides)

@@ -1,0 +1,131 @@
+"""Generation for the server: one loaded model, transformers' continuous batching, results on the asyncio loop.
+
+Requests share forward passes: transformers' ContinuousBatchingManager schedules them (a new
+request joins the batch while others decode; a finished one leaves at once), not a batcher of
+ours. Its paged KV cache is sized from the server's concurrency and the model's context: the
+default takes 60% of free memory and is very slow on CPU. Sampling parameters are per request
+(`per_request_processors`); temperature 0 is greedy (top-k 1), and gives what `generate()` gives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from llmops.errors import LlmopsError
+from llmops.modeling import load_causal_lm, load_tokenizer, verify_model_dir
+
+PAGE_SIZE = 16  # tokens per KV-cache page
+_FREE_MARGIN = 0.85  # the scheduler keeps ~15% of the cache free for decoding
+
+
+class EngineError(LlmopsError):
+    """Generation cannot be done: the engine stopped, or the request failed inside it."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+
+
+@dataclass
+class Stats:
+    """What the scheduler holds now (for the server's gauges)."""
+    running: int
+    waiting: int
+    batch: int
+
+
+class Engine:
+    """A model directory (safetensors only) served with continuous batching; start() before use, stop() after."""
+
+    def __init__(self, model_dir: str | os.PathLike, max_concurrency: int = 16):
+        import torch
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        verify_model_dir(model_dir)  # ModelError: a pickle, a missing or changed weights file
+        self.tokenizer = load_tokenizer(str(model_dir))
+        self.model = load_causal_lm(str(model_dir), dtype=torch.float32).eval()
+        self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.vocab = int(self.model.config.vocab_size)
+        # do_sample with all three processors present (transformers makes one only for a non-neutral default),
+        # so that each request sets its own values; every request passes all three
+        generation = GenerationConfig(do_sample=True, temperature=0.7, top_k=self.vocab, top_p=0.95,
+                                      eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+        cache = ContinuousBatchingConfig(
+            page_size=PAGE_SIZE,
+            num_blocks=math.ceil(max_concurrency * self.context / PAGE_SIZE / _FREE_MARGIN),
+            max_batch_tokens=max(self.context, 256), max_requests_per_batch=max_concurrency,
+            per_request_processors=True, auto_switch_to_flash=False, use_cuda_graph=False, use_async_batching=False,
+        )
+        self.manager = self.model.init_continuous_batching(generation_config=generation,
+                                                           continuous_batching_config=cache)
+
+    def start(self) -> None:
+        self.manager.start()
+
+    def stop(self, timeout: float = 30) -> None:
+        """Finish what is in flight (up to `timeout` s), then stop the batching thread."""
+        self.manager.stop(block=True, timeout=timeout)
+
+    @property
+    def healthy(self) -> bool:
+        status = getattr(self.manager, "background_thread_status", None)
+        return self.manager.is_running() and getattr(status, "fatal_error", None) is None
+
+    def stats(self) -> Stats:
+        processor = self.manager.batch_processor  # None until the batching thread built it
+        if processor is None:
+            return Stats(0, self.manager.input_queue.qsize(), 0)
+        scheduler = processor.scheduler
+        return Stats(len(scheduler.active_requests), len(scheduler.waiting_requests) + self.manager.input_queue.qsize(),
+                     processor.inputs_and_outputs.num_request_in_batch)
+
+    async def generate(self, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[list[int]]:
+        """The new token ids as they are generated (end-of-text included when the model stops).
+
+        Leaving the iteration early (a client that went away) cancels the request.
+
+        Raises:
+            EngineError: the engine is not running, or the request failed inside it.
+        """
+        queue: asyncio.Queue = asyncio.Queue()
+        rid = uuid.uuid4().hex
+        self.manager.register_result_handler(rid, queue.put_nowait)  # before add_request: no output is missed
+        request = self.manager.add_request(list(prompt_ids), request_id=rid, max_new_tokens=sampling.max_tokens,
+                                           streaming=True, **self._sampling(sampling))
+        if request is None:
+            self._forget(rid)
+            raise EngineError("the generation engine is not running")
+        seen, finished = 0, False
+        try:
+            while not finished:
+                out = await queue.get()
+                if out.error:
+                    raise EngineError(f"generation failed: {out.error}")
+                new, seen = list(out.generated_tokens[seen:]), len(out.generated_tokens)  # outputs are cumulative
+                finished = out.is_finished()
+                if new:
+                    yield new
+        finally:
+            if not finished:
+                self.manager.cancel_request(rid)
+                self._forget(rid)  # a cancelled request gets no final output, so its handler would stay
+
+    def _sampling(self, s: Sampling) -> dict[str, Any]:
+        if s.temperature == 0:  # greedy: the most likely token, exactly (temperature 0 itself would divide by 0)
+            return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+        return {"temperature": float(s.temperature), "top_k": self.vocab, "top_p": float(s.top_p)}
+
+    def _forget(self, rid: str) -> None:
+        router = getattr(self.manager, "output_router", None)
+        if router is not None:
+            router.result_handlers.pop(rid, None)

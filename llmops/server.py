@@ -1,0 +1,297 @@
+"""The OpenAI-compatible HTTP server: one model, continuous batching, API keys, Prometheus metrics, request logs.
+
+Routes: /v1/completions and /v1/chat/completions (streamed over SSE or not), /v1/models,
+/health (open: for a load balancer), /ready, /metrics. Every route but /health needs
+`Authorization: Bearer <key>`, /metrics included. Chat messages render through the model's
+chat template, which is the training prompt (see tasks/release.py). Bad requests get a 4xx
+with an OpenAI-style error body naming the field; nothing a client sends reaches a 500.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmops.engine import Engine, EngineError, Sampling
+from llmops.pii import mask
+
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits a context
+OPEN_PATHS = ("/health",)
+KEYS_ENV = "LLMOPS_API_KEY_HASHES"  # comma-separated sha256 hex digests of the accepted keys
+
+
+def hash_key(key: str) -> str:
+    # sha256, not a slow password hash: keys are 256-bit random tokens (`llmops serve keygen`), not guessable words
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def load_key_hashes(path: str | os.PathLike | None) -> list[str]:
+    """The accepted keys' hashes: from KEYS_ENV and from a file (one hex digest per line, `#` comments)."""
+    hashes = [h.strip() for h in os.environ.get(KEYS_ENV, "").split(",") if h.strip()]
+    if path is not None and Path(path).is_file():
+        hashes += [line.split("#")[0].strip() for line in Path(path).read_text().splitlines()
+                   if line.split("#")[0].strip()]
+    return hashes
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send fields this server does not use (user, seed, ...)
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    stream: bool = False
+    stop: str | list[str] | None = None
+
+
+class CompletionRequest(_Request):
+    prompt: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_Request):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("llmops_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("llmops_request_seconds", "request latency", ["route"], registry=self.registry)
+        self.ttft = Histogram("llmops_time_to_first_token_seconds", "time to the first generated token",
+                              registry=self.registry)
+        self.tokens = Counter("llmops_generated_tokens", "generated tokens", registry=self.registry)
+        self.running = Gauge("llmops_requests_running", "requests being generated", registry=self.registry)
+        self.waiting = Gauge("llmops_requests_waiting", "requests waiting for a batch slot", registry=self.registry)
+        self.batch = Gauge("llmops_batch_size", "requests in the current forward pass", registry=self.registry)
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None,
+           kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+
+
+def create_app(engine: Engine, model_name: str, key_hashes: list[str], log_path: str | os.PathLike,
+               version: str | None = None) -> FastAPI:
+    """The app for `engine`, answering to `model_name`; requests are logged as JSON lines to `log_path`."""
+    metrics = _Metrics()
+    log = _request_log(log_path)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()  # after uvicorn finished the requests in flight
+
+    app = FastAPI(title="llmops", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        started = time.perf_counter()
+        route = request.url.path
+        if route not in OPEN_PATHS and not _authorized(request.headers.get("authorization", ""), key_hashes):
+            response = _error(401, "Incorrect API key provided: send `Authorization: Bearer <key>`",
+                              code="invalid_api_key")
+        elif int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+            response = _error(413, f"request body over {MAX_BODY_BYTES} bytes")
+        else:
+            response = await call_next(request)
+        metrics.requests.labels(route, str(response.status_code)).inc()
+        metrics.latency.labels(route).observe(time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            return _error(400, "the body is not valid JSON")
+        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        if param is None:
+            return _error(400, "the body must be a JSON object (Content-Type: application/json)")
+        return _error(400, f"{param}: {first.get('msg')}", param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if not engine.healthy:
+            return _error(503, "the generation engine is not running", kind="server_error")
+        return {"status": "ready", "model": model_name, "version": version}
+
+    @app.get("/metrics")
+    async def metrics_page():
+        stats = engine.stats()
+        metrics.running.set(stats.running)
+        metrics.waiting.set(stats.waiting)
+        metrics.batch.set(stats.batch)
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "llmops"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        ids = engine.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
+        return await _respond(body, ids, body.prompt, "text_completion", "prompt")
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest):
+        messages = [m.model_dump() for m in body.messages]
+        ids = list(engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+        if body.max_completion_tokens is not None:
+            body = body.model_copy(update={"max_tokens": body.max_completion_tokens})
+        return await _respond(body, ids, messages[-1]["content"], "chat.completion", "messages")
+
+    async def _respond(body: _Request, ids: list[int], prompt: str, kind: str, what: str):
+        if body.model != model_name:
+            return _error(404, f"The model {body.model!r} does not exist; this server has {model_name!r}",
+                          param="model", code="model_not_found")
+        max_tokens = body.max_tokens or max(1, min(256, engine.context - len(ids)))
+        if len(ids) + max_tokens > engine.context:
+            return _error(400, f"This model's maximum context length is {engine.context} tokens; the {what} has "
+                          f"{len(ids)} and max_tokens asks for {max_tokens} more", param=what,
+                          code="context_length_exceeded")
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        sampling = Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p)
+        rid = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}"
+        run = _Generation(engine, ids, sampling, stops, metrics)
+        if body.stream:
+            return StreamingResponse(_sse(run, rid, kind, model_name, log, prompt, version),
+                                     media_type="text/event-stream")
+        try:
+            text = "".join([piece async for piece in run])
+        except EngineError as exc:
+            return _error(503, str(exc), kind="server_error")
+        log(rid, kind, version, run, prompt, text)
+        usage = {"prompt_tokens": len(ids), "completion_tokens": run.completion_tokens,
+                 "total_tokens": len(ids) + run.completion_tokens}
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": run.finish_reason}
+                  if kind.startswith("chat") else
+                  {"index": 0, "text": text, "finish_reason": run.finish_reason, "logprobs": None})
+        return {"id": rid, "object": kind, "created": int(time.time()), "model": model_name, "choices": [choice],
+                "usage": usage}
+
+    return app
+
+
+def _authorized(header: str, key_hashes: list[str]) -> bool:
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        return False
+    digest = hash_key(key.strip())
+    # every stored hash is compared, each in constant time: neither the match nor its position leaks by timing
+    return sum(hmac.compare_digest(digest, h) for h in key_hashes) > 0
+
+
+class _Generation:
+    """One request's text as it is generated: decoded incrementally, cut at a stop string, with its timings."""
+
+    def __init__(self, engine: Engine, ids: list[int], sampling: Sampling, stops: list[str], metrics: _Metrics):
+        self.engine, self.ids, self.sampling, self.stops, self.metrics = engine, ids, sampling, stops, metrics
+        self.completion_tokens = 0
+        self.finish_reason = "length"
+        self.started = time.perf_counter()
+        self.latency_s = 0.0
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        tok = self.engine.tokenizer
+        tokens: list[int] = []
+        sent = ""
+        try:
+            async for new in self.engine.generate(self.ids, self.sampling):
+                if not tokens:
+                    self.metrics.ttft.observe(time.perf_counter() - self.started)
+                tokens += new
+                self.completion_tokens = len(tokens)
+                self.metrics.tokens.inc(len(new))
+                if tok.eos_token_id in new:
+                    self.finish_reason = "stop"
+                text = tok.decode(tokens, skip_special_tokens=True)
+                cut = min((text.find(s) for s in self.stops if s and s in text), default=-1)
+                if cut >= 0:
+                    text, self.finish_reason = text[:cut], "stop"
+                if len(text) > len(sent) and text.startswith(sent):
+                    yield text[len(sent):]
+                    sent = text
+                if cut >= 0:
+                    return  # leaving the engine's iterator cancels the request
+        finally:
+            self.latency_s = time.perf_counter() - self.started
+
+
+async def _sse(run: _Generation, rid: str, kind: str, model: str, log, prompt: str, version: str | None):
+    chunk_kind = "chat.completion.chunk" if kind.startswith("chat") else "text_completion"
+    created = int(time.time())
+
+    def event(delta: str | None, finish: str | None) -> str:
+        if chunk_kind == "chat.completion.chunk":
+            choice = {"index": 0, "delta": {} if delta is None else {"role": "assistant", "content": delta},
+                      "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+        return f"data: {json.dumps({'id': rid, 'object': chunk_kind, 'created': created, 'model': model, 'choices': [choice]})}\n\n"
+
+    text = ""
+    try:
+        async for piece in run:
+            text += piece
+            yield event(piece, None)
+    except EngineError as exc:
+        yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
+        return
+    yield event(None, run.finish_reason)
+    yield "data: [DONE]\n\n"
+    log(rid, kind, version, run, prompt, text)
+
+
+def _request_log(path: str | os.PathLike):
+    """One JSON line per answered request, prompt and answer with PII masked (the monitoring stage reads these)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger(f"llmops.requests.{uuid.uuid4().hex}")
+    logger.propagate = False
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+    def write(rid: str, kind: str, version: str | None, run: _Generation, prompt: str, answer: str) -> None:
+        logger.info(json.dumps({
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "request_id": rid, "kind": kind,
+            "model_version": version, "latency_ms": round(run.latency_s * 1000, 2), "prompt_tokens": len(run.ids),
+            "completion_tokens": run.completion_tokens, "finish_reason": run.finish_reason,
+            "prompt": mask(prompt), "answer": mask(answer)}))
+
+    return write

@@ -1,0 +1,149 @@
+"""`llmops serve`: the official openai client against our server on the tiny release; keys, errors, metrics, logs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, _wait_http, base_env, free_port, run
+from llmops.datasets import read_jsonl
+
+pytestmark = [pytest.mark.services, pytest.mark.training]
+
+
+@pytest.fixture(scope="module")
+def server(pipeline, tmp_path_factory):
+    """The session's released model served on 127.0.0.1 with one API key; yields (base URL, key, served dir)."""
+    tmp = tmp_path_factory.mktemp("serve")
+    model = shutil.copytree(pipeline / "models/release", tmp / "release")
+    keys = tmp / "keys"
+    key = run([str(BIN / "llmops"), "serve", "keygen", "--keys", str(keys)], tmp).stdout.strip()
+    assert key.startswith("sk-llmops-") and key not in keys.read_text()  # only its hash is stored
+    port = free_port()
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen([str(BIN / "llmops"), "serve", "--model", str(model), "--keys", str(keys), "--port",
+                             str(port)], cwd=tmp, env=base_env(), stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{url}/health", proc, 120)
+        yield url, key, model, tmp
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def client(url: str, key: str):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+
+
+def greedy(model_dir: Path, prompt: str, max_new_tokens: int) -> str:
+    """What plain transformers generate() answers to the chat prompt, greedily."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                  tokenize=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return tok.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def test_concurrent_chat_and_completions_equal_generate(server, pipeline):
+    url, key, model, _ = server
+    openai = client(url, key)
+    assert [m.id for m in openai.models.list().data] == ["release"]
+    prompts = [row["prompt"] for row in read_jsonl(pipeline / "data/prepared/eval.jsonl")[:8]]
+    answers: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        reply = openai.chat.completions.create(model="release", messages=[{"role": "user", "content": prompts[i]}],
+                                               temperature=0, max_tokens=8)
+        answers[i] = reply.choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]  # they share forward passes
+    [t.start() for t in threads]
+    [t.join(120) for t in threads]
+    assert [answers[i] for i in range(len(prompts))] == [greedy(model, p, 8) for p in prompts]
+
+    stream = openai.chat.completions.create(model="release", messages=[{"role": "user", "content": prompts[0]}],
+                                            temperature=0, max_tokens=8, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == answers[0]
+    text = openai.completions.create(model="release", prompt="### Instruction:\n" + prompts[0] + "\n\n### Response:\n",
+                                     temperature=0, max_tokens=8)
+    assert text.choices[0].text == answers[0] and text.usage.completion_tokens >= 1
+
+
+def test_bad_requests_get_a_4xx_naming_the_field_and_the_server_lives_on(server):
+    import openai as oa
+
+    url, key, _, _ = server
+    with pytest.raises(oa.AuthenticationError):
+        client(url, "sk-wrong").models.list()
+    good = client(url, key)
+    cases = [
+        (dict(model="release", messages=[{"role": "user", "content": "hi"}], max_tokens=0), 400, "max_tokens"),
+        (dict(model="release", messages=[{"role": "user", "content": "hi"}], temperature=3), 400, "temperature"),
+        (dict(model="release", messages=[{"role": "robot", "content": "hi"}]), 400, "messages.0.role"),
+        (dict(model="nope", messages=[{"role": "user", "content": "hi"}]), 404, "model"),
+        (dict(model="release", messages=[{"role": "user", "content": "word " * 200}], max_tokens=8), 400, "messages"),
+    ]
+    for kwargs, status, param in cases:
+        with pytest.raises(oa.APIStatusError) as err:
+            good.chat.completions.create(**kwargs)
+        assert err.value.status_code == status and err.value.body["param"] == param, err.value.body
+    for body, status in ((b"{not json", 400), (b"[]", 400), (b"x" * (2 << 20), 413)):
+        req = urllib.request.Request(f"{url}/v1/completions", data=body, method="POST", headers={
+            "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=30)
+        assert err.value.code == status and "message" in json.loads(err.value.read())["error"]
+    for path in ("/metrics", "/ready", "/v1/models"):  # every route but /health wants the key
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{url}{path}", timeout=30)
+        assert err.value.code == 401
+    assert good.chat.completions.create(model="release", messages=[{"role": "user", "content": "hi"}],
+                                        max_tokens=2).choices  # still answering
+
+
+def test_metrics_and_the_request_log(server):
+    url, key, _, tmp = server
+    good = client(url, key)
+    good.chat.completions.create(model="release", max_tokens=4,
+                                 messages=[{"role": "user", "content": "Mail jenny@example.com or call 555-867-5309"}])
+    req = urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Bearer {key}"})
+    page = urllib.request.urlopen(req, timeout=30).read().decode()
+    assert 'llmops_requests_total{route="/v1/chat/completions",status="200"}' in page
+    for name in ("llmops_generated_tokens_total", "llmops_time_to_first_token_seconds_count",
+                 "llmops_request_seconds_bucket", "llmops_requests_running", "llmops_requests_waiting",
+                 "llmops_batch_size"):
+        assert name in page
+    lines = [json.loads(line) for line in (tmp / ".llmops/serve/requests.jsonl").read_text().splitlines()]
+    last = lines[-1]
+    assert {"request_id", "model_version", "latency_ms", "prompt_tokens", "completion_tokens", "prompt",
+            "answer"} <= set(last)
+    assert "jenny@example.com" not in last["prompt"] and "555-867-5309" not in last["prompt"]
+
+
+def test_a_model_directory_without_safetensors_is_refused(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "pytorch_model.bin").write_bytes(b"pickle")
+    env = base_env(LLMOPS_API_KEY_HASHES="0" * 64)
+    proc = subprocess.run([str(BIN / "llmops"), "serve", "--model", str(model), "--port", str(free_port())],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: serve: ") and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
