@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import subprocess
@@ -103,7 +104,16 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_the_server_lives_on(server)
         with pytest.raises(oa.APIStatusError) as err:
             good.chat.completions.create(**kwargs)
         assert err.value.status_code == status and err.value.body["param"] == param, err.value.body
-    for body, status in ((b"{not json", 400), (b"[]", 400), (b"x" * (2 << 20), 413)):
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)  # a body too large is refused before it is read
+    conn.putrequest("POST", "/v1/completions")
+    for name, value in (("Authorization", f"Bearer {key}"), ("Content-Type", "application/json"),
+                        ("Content-Length", str(2 << 20))):
+        conn.putheader(name, value)
+    conn.endheaders()
+    assert conn.getresponse().status == 413
+    conn.close()
+    for body, status in ((b"{not json", 400), (b"[]", 400)):
         req = urllib.request.Request(f"{url}/v1/completions", data=body, method="POST", headers={
             "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as err:
@@ -147,3 +157,27 @@ def test_a_model_directory_without_safetensors_is_refused(tmp_path):
     assert proc.returncode == 1 and proc.stderr.startswith("error: serve: ") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
+
+
+def test_fuzzing_the_openapi_schema_finds_no_server_error(server):
+    """Schemathesis generates requests from the server's own OpenAPI schema, valid and not: none may get a 5xx."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    url, key, _, _ = server
+    auth = {"Authorization": f"Bearer {key}"}
+    raw = json.loads(urllib.request.urlopen(urllib.request.Request(f"{url}/openapi.json", headers=auth)).read())
+    operations = [result.ok() for result in schemathesis.openapi.from_dict(raw).get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/v1/models"}
+    seen: dict[int, int] = {}
+    for op in operations:
+        @given(case=op.as_strategy())
+        @settings(max_examples=25, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def no_server_error(case):
+            response = case.call(base_url=url, headers=auth, timeout=60)
+            seen[response.status_code] = seen.get(response.status_code, 0) + 1
+            assert response.status_code < 500, (case.as_curl_command(), response.text)
+
+        no_server_error()
+    assert any(400 <= status < 500 for status in seen) and 200 in seen, seen  # it tried bad requests and good ones
