@@ -296,8 +296,15 @@ class GateParams(Section):
     max_quantized_perplexity_increase: float = Field(0.1, ge=0, description="relative, e.g. 0.1 = 10%")
 
 
+class RegistryParams(Section):
+    """registry: where the model registry's git tags are shared."""
+
+    git_remote: str | None = Field(None, description="a git remote (e.g. origin) that registry changes are pushed to "
+                                                      "and read from; null: this clone's tags only")
+
+
 class Params(Section):
-    """Everything in params.yaml: one section per stage, plus storage."""
+    """Everything in params.yaml: one section per stage, plus storage and the registry."""
 
     @field_validator("gate")
     @classmethod
@@ -316,6 +323,7 @@ class Params(Section):
     quantize: QuantizeParams = Field(default_factory=QuantizeParams)
     gate: GateParams = Field(default_factory=GateParams)
     storage: StorageParams = Field(default_factory=StorageParams)
+    registry: RegistryParams = Field(default_factory=RegistryParams)
 
 
 # Environment variables that point storage elsewhere without editing params.yaml

@@ -14,7 +14,8 @@ whole, where MLflow keeps no alias history and needs a database.
   (`model#production!#N`), then the new one assigned (`model#production#N+1`), so exactly one
   version holds a stage and GTO and `dvc artifacts get --stage` agree on which. Rollback is the
   same move, to the previous holder. Nothing is ever deleted.
-- Writers take a file lock, fetch the remote's tags first, and push the new tags atomically;
+- With registry.git_remote set (e.g. origin), that remote holds the shared registry: writers
+  take a file lock, fetch the remote's tags first, and push the new tags atomically;
   a push refused because another clone moved first is undone locally and retried. Tags are
   written a second apart: GTO and DVC order events by their whole-second timestamps.
 """
@@ -36,7 +37,6 @@ from llmops.errors import LlmopsError
 
 ARTIFACT = "model"  # the dvc.yaml `artifacts:` entry (models/release)
 STAGES = ("staging", "production")
-GIT_REMOTE = "origin"  # the registry's shared copy, when the project has one
 RELEASE = Path("models/release")
 _ATTEMPTS = 5
 
@@ -84,8 +84,17 @@ def _git_user() -> str | None:
     return proc.stdout.strip() or None
 
 
-def _has_remote(root: Path) -> bool:
-    return GIT_REMOTE in _git(root, "remote").split()
+def _remote(root: Path) -> str | None:
+    """params.yaml's registry.git_remote, checked to exist in this clone."""
+    from llmops.config import PARAMS_FILE, ConfigError, load_params
+
+    try:
+        name = load_params(root / PARAMS_FILE).registry.git_remote
+    except ConfigError as exc:
+        raise RegistryError(str(exc)) from None
+    if name is not None and name not in _git(root, "remote").split():
+        raise RegistryError(f"registry.git_remote: this clone has no git remote {name!r} (`git remote -v`)")
+    return name
 
 
 @contextmanager
@@ -101,11 +110,12 @@ def _writing(root: Path) -> Iterator[None]:
 
 
 def _fetch(root: Path) -> None:
-    if _has_remote(root):
+    remote = _remote(root)
+    if remote is not None:
         try:
-            _git(root, "fetch", "--quiet", "--tags", "--force", GIT_REMOTE)
+            _git(root, "fetch", "--quiet", "--tags", "--force", remote)
         except RegistryError as exc:
-            raise RegistryError(f"registry remote {GIT_REMOTE!r} ({_git(root, 'remote', 'get-url', GIT_REMOTE)}) "
+            raise RegistryError(f"registry remote {remote!r} ({_git(root, 'remote', 'get-url', remote)}) "
                                 f"cannot be read: {exc}; nothing was changed") from None
 
 
@@ -152,18 +162,17 @@ def _change(root: Path, write) -> Any:
                 if attempt == _ATTEMPTS - 1:
                     raise RegistryError(f"registry change failed: {exc}") from None
                 continue
-            created = _new_tags(root, before)
-            if not created or not _has_remote(root):
+            created, remote = _new_tags(root, before), _remote(root)
+            if not created or remote is None:
                 return result
-            push = subprocess.run(["git", "push", "--quiet", "--atomic", GIT_REMOTE, *(f"refs/tags/{t}" for t in created)],
+            push = subprocess.run(["git", "push", "--quiet", "--atomic", remote, *(f"refs/tags/{t}" for t in created)],
                                   cwd=root, capture_output=True, text=True, timeout=120)
             if push.returncode == 0:
                 return result
             _undo(root, created)
             if "rejected" not in push.stderr and "already exists" not in push.stderr:
                 reason = (push.stderr.strip().splitlines() or ["no answer"])[-1]
-                raise RegistryError(f"registry remote {GIT_REMOTE!r} cannot be written ({reason}); nothing was "
-                                    "changed")
+                raise RegistryError(f"registry remote {remote!r} cannot be written ({reason}); nothing was changed")
         raise RegistryError(f"registry change failed {_ATTEMPTS} times: other clones kept changing it; try again")
 
 

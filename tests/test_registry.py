@@ -32,7 +32,8 @@ def origin(pipeline, tmp_path_factory, s3_endpoint) -> Path:
                  ).create_bucket(Bucket="registry")
     run(["dvc", "remote", "add", "--force", "--default", "storage", "s3://registry/dvc"], work)
     run(["dvc", "remote", "modify", "storage", "endpointurl", s3_endpoint], work)
-    run(["git", "commit", "-qam", "a run, and its remote"], work)
+    set_params(work, "registry.git_remote=origin")  # the team's shared registry: every clone reads and writes it
+    run(["git", "commit", "-qam", "a run, its remote, and the registry's"], work)
     run(["git", "init", "-q", "--bare", "-b", "main", str(tmp / "origin.git")], tmp)
     run(["git", "remote", "add", "origin", str(tmp / "origin.git")], work)
     run(["git", "push", "-q", "origin", "main"], work)
