@@ -33,6 +33,7 @@ class Sampling:
     max_tokens: int
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
+    ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks, load tests)
 
 
 @dataclass
@@ -100,8 +101,9 @@ class Engine:
         queue: asyncio.Queue = asyncio.Queue()
         rid = uuid.uuid4().hex
         self.manager.register_result_handler(rid, queue.put_nowait)  # before add_request: no output is missed
+        eos = -1 if sampling.ignore_eos else self.tokenizer.eos_token_id  # a negative id never matches
         request = self.manager.add_request(list(prompt_ids), request_id=rid, max_new_tokens=sampling.max_tokens,
-                                           streaming=True, **self._sampling(sampling))
+                                           streaming=True, eos_token_id=eos, **self._sampling(sampling))
         if request is None:
             self._forget(rid)
             raise EngineError("the generation engine is not running")

@@ -60,6 +60,7 @@ class _Request(BaseModel):
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     stream: bool = False
     stop: str | list[str] | None = None
+    ignore_eos: bool = False  # vLLM's extension: always generate max_tokens
 
 
 class CompletionRequest(_Request):
@@ -185,7 +186,8 @@ def create_app(engine: Engine, model_name: str, key_hashes: list[str], log_path:
                           f"{len(ids)} and max_tokens asks for {max_tokens} more", param=what,
                           code="context_length_exceeded")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        sampling = Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p)
+        sampling = Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                            ignore_eos=body.ignore_eos)
         rid = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}"
         run = _Generation(engine, ids, sampling, stops, metrics)
         if body.stream:
@@ -237,7 +239,7 @@ class _Generation:
                 tokens += new
                 self.completion_tokens = len(tokens)
                 self.metrics.tokens.inc(len(new))
-                if tok.eos_token_id in new:
+                if tok.eos_token_id in new and not self.sampling.ignore_eos:
                     self.finish_reason = "stop"
                 text = tok.decode(tokens, skip_special_tokens=True)
                 cut = min((text.find(s) for s in self.stops if s and s in text), default=-1)

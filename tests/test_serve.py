@@ -15,6 +15,7 @@ import pytest
 
 from conftest import BIN, _wait_http, base_env, free_port, run
 from llmops.datasets import read_jsonl
+from llmops.server import hash_key
 
 pytestmark = [pytest.mark.services, pytest.mark.training]
 
@@ -181,3 +182,27 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error(server):
 
         no_server_error()
     assert any(400 <= status < 500 for status in seen) and 200 in seen, seen  # it tried bad requests and good ones
+
+
+def test_sigterm_finishes_the_requests_in_flight(pipeline, tmp_path):
+    """A supervisor's SIGTERM: no new work, but a stream already started runs to its end, then the server exits."""
+    import signal
+
+    key = "sk-test-graceful"
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "llmops"), "serve", "--model", str(pipeline / "models/release"), "--port",
+                             str(port)], cwd=tmp_path, env=base_env(LLMOPS_API_KEY_HASHES=hash_key(key)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", proc, 120)
+        stream = client(f"http://127.0.0.1:{port}", key).completions.create(
+            model="release", prompt="a", max_tokens=100, temperature=1.0, stream=True, extra_body={"ignore_eos": True})
+        chunks = iter(stream)
+        first = next(chunks)
+        proc.send_signal(signal.SIGTERM)  # mid-stream
+        rest = list(chunks)
+        assert first.choices[0].finish_reason is None and rest[-1].choices[0].finish_reason == "length"  # all 100
+        assert proc.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once its shutdown is done
+    finally:
+        if proc.poll() is None:
+            proc.kill()
