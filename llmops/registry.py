@@ -135,7 +135,7 @@ def _tick() -> None:
 
 
 def _new_tags(root: Path, before: set[str]) -> list[str]:
-    return sorted(set(_git(root, "tag", "--list", f"{ARTIFACT}[@#]*").split()) - before)
+    return sorted(_tags(root) - before)
 
 
 def _tags(root: Path) -> set[str]:
@@ -236,12 +236,26 @@ def normalize(version: str) -> str:
     return "v" + ".".join(parts + ["0"] * (3 - len(parts)))
 
 
-def holder(root: str | os.PathLike, stage: str) -> Version | None:
-    """The version that holds `stage` now, or None."""
-    for v in versions(root):
+def holder(root: str | os.PathLike, stage: str, known: list[Version] | None = None) -> Version | None:
+    """The version that holds `stage` now (among `known`, when the caller has just read them), or None."""
+    for v in versions(root) if known is None else known:
         if stage in v.stages:
             return v
     return None
+
+
+def resolve(root: str | os.PathLike, ref: str) -> Version:
+    """A stage's holder (`production`) or a version (`v3`).
+
+    Raises:
+        RegistryError: no version holds the stage, or no such version.
+    """
+    if ref in STAGES:
+        held = holder(root, ref)
+        if held is None:
+            raise RegistryError(f"no version holds {ref}")
+        return held
+    return get(root, ref)
 
 
 def _snapshot(root: Path, message: str) -> str:
@@ -258,20 +272,25 @@ def _snapshot(root: Path, message: str) -> str:
         if tree == _git(root, "rev-parse", "HEAD^{tree}"):
             return head
         if not _git_user():
-            env.update(GIT_AUTHOR_NAME=who(), GIT_AUTHOR_EMAIL=f"{who()}@llmops", GIT_COMMITTER_NAME=who(),
-                       GIT_COMMITTER_EMAIL=f"{who()}@llmops")
+            name = who()
+            env.update(GIT_AUTHOR_NAME=name, GIT_AUTHOR_EMAIL=f"{name}@llmops", GIT_COMMITTER_NAME=name,
+                       GIT_COMMITTER_EMAIL=f"{name}@llmops")
         return _git(root, "commit-tree", tree, "-p", head, "-m", message, env=env)
 
 
-def _release_hash(root: Path, commit: str) -> str | None:
-    """The DVC hash of models/release in that commit's dvc.lock."""
+def locked_stages(root: str | os.PathLike, commit: str) -> dict[str, dict]:
+    """The stages of that commit's dvc.lock (each with its deps and outs, hashed); empty if it has none."""
     from ruamel.yaml import YAML
 
     proc = subprocess.run(["git", "show", f"{commit}:dvc.lock"], cwd=root, capture_output=True, text=True)
     if proc.returncode:
-        return None
-    lock = YAML(typ="safe").load(proc.stdout) or {}
-    for out in lock.get("stages", {}).get("release", {}).get("outs", []):
+        return {}
+    return (YAML(typ="safe").load(proc.stdout) or {}).get("stages", {})
+
+
+def _release_hash(root: Path, commit: str) -> str | None:
+    """The DVC hash of models/release in that commit's dvc.lock."""
+    for out in locked_stages(root, commit).get("release", {}).get("outs", []):
         if out.get("path") == str(RELEASE):
             return out.get("md5")
     return None
@@ -308,7 +327,7 @@ def register(root: str | os.PathLike, why: str) -> tuple[Version, bool]:
             if v.lineage.get("release_md5") == digest:
                 return v, False
         version = f"v{(_semver(known[0].version)[0] if known else 0) + 1}.0.0"
-        parent = holder(root, "production")
+        parent = holder(root, "production", known)
         record = {"by": who(), "why": why, "lineage": {
             "release_md5": digest, "code_commit": _git(root, "rev-parse", "HEAD"),
             "parent_version": parent.version if parent else None, **release}}
@@ -414,12 +433,7 @@ def pull(root: str | os.PathLike, ref: str, out: str | os.PathLike) -> Version:
 
     root = _repo(root)
     _fetch(root)
-    if ref in STAGES:
-        target = holder(root, ref)
-        if target is None:
-            raise RegistryError(f"no version holds {ref}")
-    else:
-        target = get(root, ref)
+    target = resolve(root, ref)
     try:
         Artifacts.get(str(root), ARTIFACT, version=target.version, out=str(out), force=True)
     except DvcException as exc:

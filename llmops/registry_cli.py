@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -53,15 +52,6 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resolve(root: Path, ref: str) -> registry.Version:
-    if ref in registry.STAGES:
-        held = registry.holder(root, ref)
-        if held is None:
-            raise RegistryError(f"no version holds {ref}")
-        return held
-    return registry.get(root, ref)
-
-
 def _headline(v: registry.Version) -> str:
     ev = v.lineage.get("scores", {}).get("evaluate", {})
     em = f"exact match {ev['exact_match']:.1%}" if "exact_match" in ev else "no scores"
@@ -77,20 +67,16 @@ def _list(root: Path, args) -> str:
 
 
 def _show(root: Path, args) -> str:
-    v = _resolve(root, args.version)
+    v = registry.resolve(root, args.version)
     return json.dumps({"version": v.version, "commit": v.commit, "created_at": v.created_at, "stages": v.stages,
                        **v.record}, indent=2)
 
 
 def _lineage(root: Path, args) -> str:
-    from ruamel.yaml import YAML
-
-    v = _resolve(root, args.version)
+    v = registry.resolve(root, args.version)
     lin = v.lineage
     lines = [f"data and models (dvc.lock of commit {v.commit[:12]}):"]
-    lock = subprocess.run(["git", "show", f"{v.commit}:dvc.lock"], cwd=root, capture_output=True, text=True)
-    stages = (YAML(typ="safe").load(lock.stdout) or {}).get("stages", {}) if lock.returncode == 0 else {}
-    for name, stage in stages.items():
+    for name, stage in registry.locked_stages(root, v.commit).items():
         for out in stage.get("outs", []):
             if out.get("md5") and out["path"].startswith(("data/", "models/")):  # the data and weights, not reports
                 lines.append(f"  {name:<16} -> {out['path']} (md5 {out['md5']})")
@@ -136,7 +122,7 @@ def _rollback(root: Path, args) -> str:
 
 
 def _pull(root: Path, args) -> str:
-    target = _resolve(root, args.ref)
+    target = registry.resolve(root, args.ref)
     out = Path(args.out or f"model-{target.version}")
     registry.pull(root, target.version, out)
     return f"{target.version} -> {out}/"

@@ -67,12 +67,13 @@ def _serve(args: argparse.Namespace) -> int:
     if args.model:
         model_dir = Path(args.model)
     else:
-        target = registry.holder(Path.cwd(), args.version or "production") if (args.version or "production") in \
-            registry.STAGES else registry.get(Path.cwd(), args.version)
-        if target is None:
-            raise LlmopsError(f"no version holds {args.version or 'production'}; promote one "
-                              "(`llmops registry promote vN --to production --why ...`) or pass --model DIR")
-        version = target.version
+        ref = args.version or "production"
+        try:
+            version = registry.resolve(Path.cwd(), ref).version
+        except registry.RegistryError as exc:
+            hint = ("; promote one (`llmops registry promote vN --to production --why ...`) or pass --model DIR"
+                    if ref in registry.STAGES else "")
+            raise LlmopsError(f"{exc}{hint}") from None
         model_dir = STATE / "models" / version
         if not (model_dir / "release.json").is_file():
             registry.pull(Path.cwd(), version, model_dir)

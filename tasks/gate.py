@@ -88,6 +88,20 @@ def describe(check: Check) -> str:
     return f"gate.{check.name}: {check.value:.4g} (needs {check.rule} {check.threshold:.4g}; {check.about})"
 
 
+def read_reports(root: Path, reports: dict[str, Path]) -> dict[str, dict]:
+    """Each stage's JSON report, by stage name.
+
+    Raises:
+        DataError: a report is missing (its stage has not run).
+    """
+    found = {}
+    for stage, path in reports.items():
+        if not (root / path).is_file():
+            raise DataError(f"{path}: no such file; run the {stage} stage first (`llmops run`)")
+        found[stage] = json.loads((root / path).read_text())
+    return found
+
+
 def run_gate(params: Params, root: str | Path = ".") -> Verdict:
     """Decide; write verdict.json and its manifest whatever the outcome.
 
@@ -96,11 +110,7 @@ def run_gate(params: Params, root: str | Path = ".") -> Verdict:
         StageFailed: a check failed; the message lists every failing check.
     """
     root = Path(root)
-    metrics = {}
-    for stage, path in INPUTS.items():
-        if not (root / path).is_file():
-            raise DataError(f"{path}: no such file; run the {stage} stage first (`llmops run`)")
-        metrics[stage] = json.loads((root / path).read_text())
+    metrics = read_reports(root, INPUTS)
     verdict = decide(params.gate, metrics["evaluate"], metrics["audit_bias"], metrics["quantize"])
     out = root / OUT_DIR
     write_text(out / "verdict.json", json.dumps(verdict.model_dump(), indent=2) + "\n")

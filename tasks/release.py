@@ -24,14 +24,10 @@ from llmops.datasets import DataError, replace_dir, write_text
 from llmops.modeling import chat_template, load_tokenizer
 from llmops.repro import StageRun
 from llmops.stage import StageFailed, run_cli
+from tasks import gate
 
 OUT = Path("models/release")
-VERDICT = Path("reports/gate/verdict.json")
-REPORTS = {  # what the gate weighed; kept with the release as its scores
-    "evaluate": Path("reports/evaluate/metrics.json"),
-    "audit_bias": Path("reports/audit_bias/metrics.json"),
-    "quantize": Path("reports/quantize/metrics.json"),
-}
+VERDICT = gate.OUT_DIR / "verdict.json"
 
 
 class Release(BaseModel):
@@ -67,11 +63,7 @@ def run_release(params: Params, root: str | Path = ".") -> Release:
         ModelError: a source model is missing or damaged.
     """
     root = Path(root)
-    reports = {}
-    for stage, path in {"gate": VERDICT, **REPORTS}.items():
-        if not (root / path).is_file():
-            raise DataError(f"{path}: no such file; run the {stage} stage first (`llmops run`)")
-        reports[stage] = json.loads((root / path).read_text())
+    reports = gate.read_reports(root, {"gate": VERDICT, **gate.INPUTS})  # the verdict and what it weighed
     verdict = reports.pop("gate")
     if not verdict["passed"]:
         raise StageFailed("the release gate refused this model (reports/gate/verdict.json); nothing to release")
