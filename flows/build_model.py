@@ -1,4 +1,4 @@
-"""The pipeline flow: every stage of dvc.yaml in its DAG order, then push, then register the release.
+"""The pipeline flow: every stage of dvc.yaml in its DAG order, then push, register the release and deploy it.
 
 Prefect decides when and whether; DVC (dvc.yaml) says what each stage does and
 skips stages whose inputs did not change. A stage that fails stops the run
@@ -19,7 +19,8 @@ from prefect.states import Failed
 from pydantic import BaseModel
 
 from llmops import locks, registry, remote
-from llmops.config import PARAMS_FILE, Params, StorageParams, load_params, storage_for, write_params
+from llmops.config import PARAMS_FILE, DeployParams, Params, StorageParams, load_params, storage_for, write_params
+from llmops.deploy import Deployed, deploy, summary
 from llmops.datasets import write_text
 from llmops.errors import LlmopsError
 from llmops.preflight import check_inputs
@@ -34,6 +35,7 @@ class PipelineResult(BaseModel):
     results: dict[str, Any]  # DVC stage name (e.g. train@pretrain) -> what the stage's publish() returned
     remote: str | None
     version: str  # the registered model version of this run's release
+    deployed: Deployed | None  # where it is served (None: deploy.target is none)
 
 
 class _Stopped(LlmopsError):
@@ -82,6 +84,20 @@ def register_model(root: str) -> str | State:
     return version.version
 
 
+@task(name="deploy")
+def deploy_model(root: str, version: str, params: DeployParams) -> Deployed | None | State:
+    """Staging, a smoke request to the candidate, then production on the local server (deploy in params)."""
+    from prefect.runtime import flow_run
+
+    try:
+        deployed = deploy(Path(root), version, params, f"flow run {flow_run.name}")
+    except LlmopsError as exc:
+        return Failed(message=f"deploy: {exc}")
+    if deployed is not None:
+        create_markdown_artifact(key="deploy", markdown=f"```\n{summary(deployed)}\n```")
+    return deployed
+
+
 def _completed(state: State):
     if not state.is_completed():
         raise _Stopped(state.message)
@@ -90,8 +106,8 @@ def _completed(state: State):
 
 @flow(name="build-model", log_prints=True)
 def build_model(params: Params | None = None, push: bool = True, project_dir: str | None = None) -> PipelineResult | State:
-    """Run every stage of dvc.yaml in order (data, validation, training, evaluation, the gate, the release), then push
-    and register the release as a model version.
+    """Run every stage of dvc.yaml in order (data, validation, training, evaluation, the gate, the release), then push,
+    register the release as a model version and deploy it (staging, smoke request, production).
 
     Args:
         params: the run's parameters; the values that differ from params.yaml are written
@@ -114,7 +130,8 @@ def build_model(params: Params | None = None, push: bool = True, project_dir: st
 
 
 def _stages(root: Path, push: bool) -> PipelineResult:
-    storage = storage_for(load_params(root / PARAMS_FILE).storage, root)
+    params = load_params(root / PARAMS_FILE)
+    storage = storage_for(params.storage, root)
     if push:
         check_remote(storage)  # fail before any work rather than after it
     results, outputs = {}, []
@@ -124,7 +141,9 @@ def _stages(root: Path, push: bool) -> PipelineResult:
         outputs += stage.outs
     pushed_to = _completed(push_outputs(str(root), storage, return_state=True)) if push else None
     version = _completed(register_model(str(root), return_state=True))
-    return PipelineResult(project=str(root), outputs=outputs, results=results, remote=pushed_to, version=version)
+    deployed = _completed(deploy_model(str(root), version, params.deploy, return_state=True))
+    return PipelineResult(project=str(root), outputs=outputs, results=results, remote=pushed_to, version=version,
+                          deployed=deployed)
 
 
 class _NoEmptyTraceback(logging.Filter):

@@ -136,6 +136,10 @@ def _run(root: Path, params, push: bool) -> int:
     if result.remote:
         print(f"  pushed to DVC remote: {result.remote}")
     print(f"Registered as {registry.ARTIFACT} {result.version} (`llmops registry lineage {result.version}`)")
+    if result.deployed is not None:
+        from llmops.deploy import summary
+
+        print(summary(result.deployed))
     return 0
 
 

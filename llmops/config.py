@@ -303,8 +303,24 @@ class RegistryParams(Section):
                                                       "and read from; null: this clone's tags only")
 
 
+class DeployParams(Section):
+    """deploy: after register, the version goes to staging, passes a smoke request, then production (served)."""
+
+    target: Literal["local", "none"] = Field(
+        "local", description="local: a server process on this machine that keeps running after the run "
+                             "(`llmops serve status|stop`); none: register only")
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8000, ge=1, le=65535, description="the production server's port")
+    max_concurrency: int = Field(16, ge=1, description="requests generated together (continuous batching)")
+    smoke_prompt: str = Field("What number comes after 41?", min_length=1,
+                              description="the chat request the candidate must answer before it is promoted")
+    smoke_expect: str | None = Field(None, description="text the smoke answer must contain; null: any non-empty answer")
+    smoke_max_tokens: int = Field(24, ge=1)
+    timeout_s: float = Field(300, gt=0, description="for a server to load its model and answer")
+
+
 class Params(Section):
-    """Everything in params.yaml: one section per stage, plus storage and the registry."""
+    """Everything in params.yaml: one section per stage, plus storage, the registry and the deploy target."""
 
     @field_validator("gate")
     @classmethod
@@ -324,6 +340,7 @@ class Params(Section):
     gate: GateParams = Field(default_factory=GateParams)
     storage: StorageParams = Field(default_factory=StorageParams)
     registry: RegistryParams = Field(default_factory=RegistryParams)
+    deploy: DeployParams = Field(default_factory=DeployParams)
 
 
 # Environment variables that point storage elsewhere without editing params.yaml

@@ -54,7 +54,10 @@ class Engine:
 
         verify_model_dir(model_dir)  # ModelError: a pickle, a missing or changed weights file
         self.tokenizer = load_tokenizer(str(model_dir))
-        self.model = load_causal_lm(str(model_dir), dtype=torch.float32).eval()
+        # hardware-aware: a GPU when there is one, in bf16 (its tensor cores' type); float32 on CPU, where bf16 is slow
+        cuda = torch.cuda.is_available()
+        self.model = load_causal_lm(str(model_dir), dtype=torch.bfloat16 if cuda else torch.float32)
+        self.model = self.model.to("cuda" if cuda else "cpu").eval()
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.vocab = int(self.model.config.vocab_size)
         # do_sample with all three processors present (transformers makes one only for a non-neutral default),
@@ -69,6 +72,7 @@ class Engine:
         )
         self.manager = self.model.init_continuous_batching(generation_config=generation,
                                                            continuous_batching_config=cache)
+        self.active = 0  # requests being generated (a reload stops this engine when it reaches 0)
 
     def start(self) -> None:
         self.manager.start()
@@ -76,6 +80,12 @@ class Engine:
     def stop(self, timeout: float = 30) -> None:
         """Finish what is in flight (up to `timeout` s), then stop the batching thread."""
         self.manager.stop(block=True, timeout=timeout)
+
+    async def drain(self, timeout: float = 600) -> None:
+        """Wait until the requests in flight are done (or `timeout` s)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.active and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
 
     @property
     def healthy(self) -> bool:
@@ -108,6 +118,7 @@ class Engine:
             self._forget(rid)
             raise EngineError("the generation engine is not running")
         seen, finished = 0, False
+        self.active += 1
         try:
             while not finished:
                 out = await queue.get()
@@ -118,6 +129,7 @@ class Engine:
                 if new:
                     yield new
         finally:
+            self.active -= 1
             if not finished:
                 self.manager.cancel_request(rid)
                 self._forget(rid)  # a cancelled request gets no final output, so its handler would stay

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from llmops import registry
+from llmops import registry, servers
 from llmops.registry import RegistryError
 
 
@@ -96,6 +96,10 @@ def _lineage(root: Path, args) -> str:
         if e["version"] == v.version and e["event"] != "registration":
             lines.append(f"  -> {e['event']} {e['stage']} {e['time'][:19]} by {e['by']}: {e['why']}")
     lines.append(f"  -> holds now: {', '.join(v.stages) or 'no stage'}")
+    serving = [s for s in servers.running(root) if s.version == v.version]
+    lines += [f"  -> served at {s.url} since {s.loaded[:19]} (pid {s.pid}, follows {s.ref})" for s in serving]
+    if not serving:
+        lines.append("  -> served by no server of this project (`llmops serve status`)")
     return "\n".join(lines)
 
 
@@ -113,12 +117,25 @@ def _register(root: Path, args) -> str:
 def _promote(root: Path, args) -> str:
     before = registry.promote(root, args.version, args.stage, args.why)
     target = registry.normalize(args.version)
-    return f"{args.stage}: {before.version if before else 'none'} -> {target}"
+    return "\n".join([f"{args.stage}: {before.version if before else 'none'} -> {target}", *_follow(root, args.stage)])
 
 
 def _rollback(root: Path, args) -> str:
     current, previous = registry.rollback(root, args.stage, args.why)
-    return f"{args.stage}: rolled back {current.version} -> {previous.version}"
+    return "\n".join([f"{args.stage}: rolled back {current.version} -> {previous.version}",
+                      *_follow(root, args.stage)])
+
+
+def _follow(root: Path, stage: str) -> list[str]:
+    """Reload this project's running servers that follow the stage, so that they serve its new holder."""
+    lines = []
+    for server in servers.running(root):
+        if server.ref == stage:
+            try:
+                lines.append(f"{server.url} now serves {servers.reload(root, server, 600).version}")
+            except servers.ServerError as exc:
+                lines.append(f"warning: {exc}")
+    return lines
 
 
 def _pull(root: Path, args) -> str:

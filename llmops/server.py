@@ -9,15 +9,18 @@ with an OpenAI-style error body naming the field; nothing a client sends reaches
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import logging
 import os
+import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +37,7 @@ from llmops.pii import mask
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits a context
 OPEN_PATHS = ("/health",)
 KEYS_ENV = "LLMOPS_API_KEY_HASHES"  # comma-separated sha256 hex digests of the accepted keys
+logger = logging.getLogger("llmops.server")
 
 
 def hash_key(key: str) -> str:
@@ -96,19 +100,65 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
-def create_app(engine: Engine, model_name: str, key_hashes: list[str], log_path: str | os.PathLike,
-               version: str | None = None) -> FastAPI:
-    """The app for `engine`, answering to `model_name`; requests are logged as JSON lines to `log_path`."""
+@dataclass(frozen=True)
+class Served:
+    """What the server answers with now: an engine, the name clients ask for, and the registry version behind it."""
+
+    engine: Engine
+    name: str  # stable across reloads (the registry artifact, or the directory's name)
+    version: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The exact model, as responses name it (like OpenAI's dated snapshot behind an alias)."""
+        return f"{self.name}@{self.version}" if self.version else self.name
+
+
+def create_app(served: Served, key_hashes: list[str], log_path: str | os.PathLike,
+               reload: Callable[[], Served] | None = None,
+               on_change: Callable[[Served, str | None], None] | None = None) -> FastAPI:
+    """The app answering with `served`; requests are logged as JSON lines to `log_path`.
+
+    With `reload`, SIGHUP loads what it returns and swaps to it: new requests go to the new
+    model at once, requests in flight finish on the old one, which then stops. A reload that
+    fails keeps the old model serving. `on_change(served, error)` hears of the start and of
+    each reload (the error of one that failed).
+    """
     metrics = _Metrics()
     log = _request_log(log_path)
+    current = [served]  # the one mutable cell: handlers read current[0] once, when a request arrives
+    retiring: set[Engine] = set()
+    reloading = asyncio.Lock()
+    notify = on_change or (lambda served, error: None)
+
+    async def swap() -> None:
+        async with reloading:  # signals that come while a reload runs wait for it
+            try:
+                new = await asyncio.to_thread(reload)
+                new.engine.start()
+            except Exception as exc:  # whatever failed, the model that serves now keeps serving
+                logger.error("reload failed, still serving %s: %s", current[0].label, exc)
+                notify(current[0], f"{type(exc).__name__}: {exc}")
+                return
+            old, current[0] = current[0], new
+            logger.warning("reloaded: %s -> %s", old.label, new.label)
+            notify(new, None)
+            retiring.add(old.engine)
+        await old.engine.drain()
+        await asyncio.to_thread(old.engine.stop)
+        retiring.discard(old.engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start()
+        current[0].engine.start()
+        if reload is not None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(swap()))
+        notify(current[0], None)
         try:
             yield
         finally:
-            engine.stop()  # after uvicorn finished the requests in flight
+            for engine in (current[0].engine, *retiring):
+                engine.stop()  # after uvicorn finished the requests in flight
 
     app = FastAPI(title="llmops", lifespan=lifespan)
 
@@ -147,13 +197,14 @@ def create_app(engine: Engine, model_name: str, key_hashes: list[str], log_path:
 
     @app.get("/ready")
     async def ready():
-        if not engine.healthy:
+        now = current[0]
+        if not now.engine.healthy:
             return _error(503, "the generation engine is not running", kind="server_error")
-        return {"status": "ready", "model": model_name, "version": version}
+        return {"status": "ready", "model": now.name, "version": now.version}
 
     @app.get("/metrics")
     async def metrics_page():
-        stats = engine.stats()
+        stats = current[0].engine.stats()
         metrics.running.set(stats.running)
         metrics.waiting.set(stats.waiting)
         metrics.batch.set(stats.batch)
@@ -161,25 +212,31 @@ def create_app(engine: Engine, model_name: str, key_hashes: list[str], log_path:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "llmops"}]}
+        now = current[0]
+        return {"object": "list", "data": [{"id": now.name, "object": "model", "created": 0, "owned_by": "llmops",
+                                            "version": now.version}]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        ids = engine.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
-        return await _respond(body, ids, body.prompt, "text_completion", "prompt")
+        now = current[0]
+        ids = now.engine.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
+        return await _respond(now, body, ids, body.prompt, "text_completion", "prompt")
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):
+        now = current[0]
         messages = [m.model_dump() for m in body.messages]
-        ids = list(engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+        ids = list(now.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                            tokenize=True)["input_ids"])
         if body.max_completion_tokens is not None:
             body = body.model_copy(update={"max_tokens": body.max_completion_tokens})
-        return await _respond(body, ids, messages[-1]["content"], "chat.completion", "messages")
+        return await _respond(now, body, ids, messages[-1]["content"], "chat.completion", "messages")
 
-    async def _respond(body: _Request, ids: list[int], prompt: str, kind: str, what: str):
-        if body.model != model_name:
-            return _error(404, f"The model {body.model!r} does not exist; this server has {model_name!r}",
-                          param="model", code="model_not_found")
+    async def _respond(now: Served, body: _Request, ids: list[int], prompt: str, kind: str, what: str):
+        engine = now.engine
+        if body.model not in (now.name, now.label):
+            return _error(404, f"The model {body.model!r} does not exist; this server has {now.name!r} "
+                          f"({now.label!r})", param="model", code="model_not_found")
         max_tokens = body.max_tokens or max(1, min(256, engine.context - len(ids)))
         if len(ids) + max_tokens > engine.context:
             return _error(400, f"This model's maximum context length is {engine.context} tokens; the {what} has "
@@ -191,19 +248,19 @@ def create_app(engine: Engine, model_name: str, key_hashes: list[str], log_path:
         rid = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}"
         run = _Generation(engine, ids, sampling, stops, metrics)
         if body.stream:
-            return StreamingResponse(_sse(run, rid, kind, model_name, log, prompt, version),
+            return StreamingResponse(_sse(run, rid, kind, now.label, log, prompt, now.version),
                                      media_type="text/event-stream")
         try:
             text = "".join([piece async for piece in run])
         except EngineError as exc:
             return _error(503, str(exc), kind="server_error")
-        log(rid, kind, version, run, prompt, text)
+        log(rid, kind, now.version, run, prompt, text)
         usage = {"prompt_tokens": len(ids), "completion_tokens": run.completion_tokens,
                  "total_tokens": len(ids) + run.completion_tokens}
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": run.finish_reason}
                   if kind.startswith("chat") else
                   {"index": 0, "text": text, "finish_reason": run.finish_reason, "logprobs": None})
-        return {"id": rid, "object": kind, "created": int(time.time()), "model": model_name, "choices": [choice],
+        return {"id": rid, "object": kind, "created": int(time.time()), "model": now.label, "choices": [choice],
                 "usage": usage}
 
     return app

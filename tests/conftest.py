@@ -109,6 +109,7 @@ def make_project(dest: Path, remote: Path) -> Path:
         "quantize.latency_repeats=1",
         *(f"gate.{o}" for o in TINY_GATE),
         "evaluate.max_new_tokens=8",
+        "deploy.target=none",  # the tests that deploy say so, each on a port of its own
     )
     run(["git", "init", "-q", "-b", "main"], dest)
     run(["git", "add", "-A"], dest)
@@ -167,6 +168,17 @@ def ran_project(pipeline: Path, tmp_path: Path) -> Path:
     set_params(dest, f"storage.local_dir={tmp_path / 'remote'}")
     run(["git", "commit", "-qam", "a remote of its own"], dest)
     return dest
+
+
+def stop_servers(project: Path) -> None:
+    """Stop the servers a test's deploy left running (they outlive the run by design), and check they are gone."""
+    from llmops import servers
+
+    left = servers.running(project)
+    run(["llmops", "serve", "stop"], project, check=bool(left))
+    for server in left:
+        with pytest.raises(ProcessLookupError):
+            os.kill(server.pid, 0)
 
 
 def snapshot(project: Path, *paths: str) -> dict[str, bytes]:

@@ -9,7 +9,7 @@ import json
 import boto3
 import pytest
 
-from conftest import REPO, base_env, run
+from conftest import REPO, base_env, free_port, run, set_params, stop_servers
 from llmops.config import load_params
 from llmops.stage import plan
 
@@ -57,10 +57,50 @@ def _env(api_url, home, s3_endpoint, bucket):
 
 @pytest.mark.training
 def test_flow_runs_on_the_server_and_pushes_to_s3(ran_project, prefect_api, s3_endpoint, bucket):
-    """A run with one changed value on the session's run pipeline: fine-tuning and evaluation rerun, the rest is reused."""
+    """A run with one changed value on the session's run pipeline: fine-tuning and evaluation rerun, the rest is reused;
+    the release is registered, deployed to a local server, and answers the official openai client."""
     project = ran_project
     api_url, home = prefect_api
-    proc = run(["llmops", "run", "-S", "train.finetune.steps=61"], project, env=_env(api_url, home, s3_endpoint, bucket))
+    port = free_port()
+    set_params(project, "deploy.target=local", f"deploy.port={port}")
+    run(["git", "commit", "-qam", "deploy to a local server"], project)
+    try:
+        proc = run(["llmops", "run", "-S", "train.finetune.steps=61"], project,
+                   env=_env(api_url, home, s3_endpoint, bucket))
+        _check_the_run(project, proc, api_url, s3_endpoint, bucket)
+        _check_the_endpoint(project, proc, port)
+    finally:
+        stop_servers(project)
+
+
+def _check_the_endpoint(project, proc, port):
+    from openai import AuthenticationError, BadRequestError, OpenAI
+
+    url = f"http://127.0.0.1:{port}/v1"
+    assert f"Deployed model v1.0.0 to production, served at {url}" in proc.stdout
+    assert "curl " in proc.stdout and "from openai import OpenAI" in proc.stdout
+    status = run(["llmops", "serve", "status"], project).stdout
+    assert url in status and "model v1.0.0, follows production" in status
+    assert f"served at {url}" in run(["llmops", "registry", "lineage", "production"], project).stdout
+
+    client = OpenAI(base_url=url, api_key=(project / ".llmops/serve/api_key").read_text().strip(), max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["model"]
+    chat = client.chat.completions.create(model="model", messages=[{"role": "user", "content": "What is 1 + 1?"}],
+                                          max_tokens=4, temperature=0)
+    assert chat.model == "model@v1.0.0" and chat.choices[0].finish_reason in ("stop", "length")
+    completion = client.completions.create(model="model@v1.0.0", prompt="The", max_tokens=4, temperature=0)
+    assert completion.usage.completion_tokens >= 1
+    chunks = list(client.chat.completions.create(model="model", messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=5, stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) and chunks[-1].choices[0].finish_reason == "length"
+    with pytest.raises(BadRequestError) as bad:
+        client.chat.completions.create(model="model", messages=[{"role": "user", "content": "x"}], temperature=7)
+    assert bad.value.body["param"] == "temperature"
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=url, api_key="sk-wrong", max_retries=0).models.list()
+
+
+def _check_the_run(project, proc, api_url, s3_endpoint, bucket):
     out = proc.stdout + proc.stderr
     assert "Pipeline completed" in proc.stdout and f"s3://{bucket}/pipeline" in proc.stdout
 
@@ -68,10 +108,10 @@ def test_flow_runs_on_the_server_and_pushes_to_s3(ran_project, prefect_api, s3_e
     assert flow.name == "build-model"
     assert flow_run.state.is_completed()
     assert sorted((t.name.rsplit("-", 1)[0], t.state.type.value) for t in task_runs) == sorted(
-        (name, "COMPLETED") for name in STAGES + ["push", "register"])
+        (name, "COMPLETED") for name in STAGES + ["push", "register", "deploy"])
     by_key = {a.key: a for a in artifacts}
     assert set(by_key) == {"prepare-data", "validate-data", "train-pretrain", "train-finetune", "evaluate",
-                           "audit-bias", "quantize", "gate", "release", "push", "register"}
+                           "audit-bias", "quantize", "gate", "release", "push", "register", "deploy"}
     assert "PASSED" in by_key["gate"].description
     assert {row["method"].split()[0] for row in json.loads(by_key["quantize"].data)} == {
         "none", "int8_weight_only", "nf4"}

@@ -1,0 +1,85 @@
+"""The deploy step: a candidate that fails its smoke request never reaches production, and the server keeps answering
+with the version before; promotions and rollbacks move the running server without dropping requests in flight."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from conftest import free_port, run, set_params, stop_servers
+from llmops import servers
+
+pytestmark = [pytest.mark.services, pytest.mark.training]
+
+
+def ask(client, model: str = "model") -> str:
+    """Which version answered a chat request."""
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": "What comes after 3?"}],
+                                          max_tokens=3, temperature=0).model
+
+
+def test_a_broken_smoke_test_leaves_production_serving_the_version_before(ran_project):
+    from openai import OpenAI
+
+    project = ran_project
+    port = free_port()
+    set_params(project, "deploy.target=local", f"deploy.port={port}")
+    run(["git", "commit", "-qam", "deploy to a local server"], project)
+    try:
+        first = run(["llmops", "run", "--no-push"], project)
+        assert "Deployed model v1.0.0 to production" in first.stdout
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1",
+                        api_key=(project / ".llmops/serve/api_key").read_text().strip(), max_retries=0)
+        assert ask(client) == "model@v1.0.0"
+
+        # a new release whose smoke answer cannot pass: registered and staged, never production
+        second = run(["llmops", "run", "--no-push", "-S", "train.finetune.steps=30",
+                      "-S", "deploy.smoke_expect=an answer no model gives"], project, check=False)
+        assert second.returncode == 1
+        assert ("error: pipeline failed: deploy: v2.0.0 failed its smoke test, so production stays on v1.0.0: the "
+                "smoke answer") in second.stderr
+        listing = run(["llmops", "registry", "list"], project).stdout
+        assert listing.startswith("v2.0.0    staging ") and "\nv1.0.0    production " in listing
+        assert ask(client) == "model@v1.0.0"  # the same server, untouched
+        assert [s.port for s in servers.running(project)] == [port]  # the candidate's server is gone
+
+        # promoting by hand reloads the server that follows production; streams in flight finish on the old model
+        streams = [iter(client.completions.create(model="model", prompt="a", max_tokens=60, temperature=1.0,
+                                                  stream=True, extra_body={"ignore_eos": True})) for _ in range(4)]
+        firsts = [next(s) for s in streams]
+        done: list[list] = []
+        readers = [threading.Thread(target=lambda s=s: done.append(list(s))) for s in streams]
+        promoted = run(["llmops", "registry", "promote", "v2", "--to", "production", "--why", "fixed by hand"], project)
+        [t.start() for t in readers]
+        [t.join(60) for t in readers]
+        assert f"http://127.0.0.1:{port}/v1 now serves v2.0.0" in promoted.stdout
+        assert all(f.model == "model@v1.0.0" for f in firsts)
+        assert len(done) == 4 and all(rest[-1].choices[0].finish_reason == "length" for rest in done)
+        assert ask(client) == "model@v2.0.0"
+
+        back = run(["llmops", "registry", "rollback", "--why", "users preferred v1"], project)
+        assert "production: rolled back v2.0.0 -> v1.0.0" in back.stdout
+        assert ask(client) == "model@v1.0.0" and ask(client, "model@v1.0.0") == "model@v1.0.0"
+        history = run(["llmops", "registry", "history", "--stage", "production"], project).stdout
+        assert "rollback from v2.0.0: users preferred v1" in history and "fixed by hand" in history
+    finally:
+        stop_servers(project)
+    assert servers.running(project) == []
+
+
+def test_a_port_taken_by_another_program_is_refused_before_anything_moves(ran_project):
+    import socket
+
+    project = ran_project
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        proc = run(["llmops", "run", "--no-push", "-S", "deploy.target=local", "-S", f"deploy.port={port}"], project,
+                   check=False)
+    assert proc.returncode == 1
+    assert f"deploy: 127.0.0.1:{port} is in use by another program; stop it or set deploy.port" in proc.stderr
+    listing = run(["llmops", "registry", "list"], project).stdout
+    assert listing.startswith("v1.0.0    -")  # registered, but no stage moved
+    assert servers.running(project) == []
