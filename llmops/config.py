@@ -312,7 +312,7 @@ class DeployParams(Section):
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8000, ge=1, le=65535, description="the production server's port")
     max_concurrency: int = Field(16, ge=1, description="requests generated together (continuous batching)")
-    smoke_prompt: str = Field("What number comes after 41?", min_length=1,
+    smoke_prompt: str = Field("What number comes after 250?", min_length=1,
                               description="the chat request the candidate must answer before it is promoted")
     smoke_expect: str | None = Field(None, description="text the smoke answer must contain; null: any non-empty answer")
     smoke_max_tokens: int = Field(24, ge=1)

@@ -13,7 +13,7 @@ import asyncio
 import math
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +41,6 @@ class Stats:
     """What the scheduler holds now (for the server's gauges)."""
     running: int
     waiting: int
-    batch: int
 
 
 class Engine:
@@ -52,10 +51,10 @@ class Engine:
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+        cuda = torch.cuda.is_available()
         verify_model_dir(model_dir)  # ModelError: a pickle, a missing or changed weights file
         self.tokenizer = load_tokenizer(str(model_dir))
         # hardware-aware: a GPU when there is one, in bf16 (its tensor cores' type); float32 on CPU, where bf16 is slow
-        cuda = torch.cuda.is_available()
         self.model = load_causal_lm(str(model_dir), dtype=torch.bfloat16 if cuda else torch.float32)
         self.model = self.model.to("cuda" if cuda else "cpu").eval()
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
@@ -68,11 +67,24 @@ class Engine:
             page_size=PAGE_SIZE,
             num_blocks=math.ceil(max_concurrency * self.context / PAGE_SIZE / _FREE_MARGIN),
             max_batch_tokens=max(self.context, 256), max_requests_per_batch=max_concurrency,
-            per_request_processors=True, auto_switch_to_flash=False, use_cuda_graph=False, use_async_batching=False,
+            # CUDA graphs replay a step's kernels without launching each from Python: on an H200 a ~300M model's
+            # decode step went from 64 ms to 11 ms (benchmarks/serve_throughput.py); there is nothing to replay on CPU
+            per_request_processors=True, auto_switch_to_flash=False, use_cuda_graph=cuda, use_async_batching=False,
         )
         self.manager = self.model.init_continuous_batching(generation_config=generation,
                                                            continuous_batching_config=cache)
         self.active = 0  # requests being generated (a reload stops this engine when it reaches 0)
+        self.on_step: Callable[[int], None] | None = None  # hears each forward pass's number of requests
+        step = self.manager._generation_step
+
+        def counted_step() -> None:
+            # the manager's step is the one place a forward pass's batch is known (transformers has no hook for
+            # it; its version is pinned in requirements.lock): the server's batch-size histogram is fed from here
+            step()
+            if self.on_step is not None:
+                self.on_step(self.manager.batch_processor.inputs_and_outputs.num_request_in_batch)
+
+        self.manager._generation_step = counted_step
 
     def start(self) -> None:
         self.manager.start()
@@ -95,10 +107,9 @@ class Engine:
     def stats(self) -> Stats:
         processor = self.manager.batch_processor  # None until the batching thread built it
         if processor is None:
-            return Stats(0, self.manager.input_queue.qsize(), 0)
+            return Stats(0, self.manager.input_queue.qsize())
         scheduler = processor.scheduler
-        return Stats(len(scheduler.active_requests), len(scheduler.waiting_requests) + self.manager.input_queue.qsize(),
-                     processor.inputs_and_outputs.num_request_in_batch)
+        return Stats(len(scheduler.active_requests), len(scheduler.waiting_requests) + self.manager.input_queue.qsize())
 
     async def generate(self, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[list[int]]:
         """The new token ids as they are generated (end-of-text included when the model stops).

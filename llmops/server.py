@@ -92,7 +92,8 @@ class _Metrics:
         self.tokens = Counter("llmops_generated_tokens", "generated tokens", registry=self.registry)
         self.running = Gauge("llmops_requests_running", "requests being generated", registry=self.registry)
         self.waiting = Gauge("llmops_requests_waiting", "requests waiting for a batch slot", registry=self.registry)
-        self.batch = Gauge("llmops_batch_size", "requests in the current forward pass", registry=self.registry)
+        self.batch = Histogram("llmops_batch_size", "requests in each forward pass", registry=self.registry,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -135,6 +136,7 @@ def create_app(served: Served, key_hashes: list[str], log_path: str | os.PathLik
         async with reloading:  # signals that come while a reload runs wait for it
             try:
                 new = await asyncio.to_thread(reload)
+                new.engine.on_step = metrics.batch.observe
                 new.engine.start()
             except Exception as exc:  # whatever failed, the model that serves now keeps serving
                 logger.error("reload failed, still serving %s: %s", current[0].label, exc)
@@ -150,6 +152,7 @@ def create_app(served: Served, key_hashes: list[str], log_path: str | os.PathLik
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        current[0].engine.on_step = metrics.batch.observe
         current[0].engine.start()
         if reload is not None:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(swap()))
@@ -207,7 +210,6 @@ def create_app(served: Served, key_hashes: list[str], log_path: str | os.PathLik
         stats = current[0].engine.stats()
         metrics.running.set(stats.running)
         metrics.waiting.set(stats.waiting)
-        metrics.batch.set(stats.batch)
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")

@@ -133,8 +133,14 @@ def test_metrics_and_the_request_log(server):
     good = client(url, key)
     good.chat.completions.create(model="release", max_tokens=4,
                                  messages=[{"role": "user", "content": "Mail jenny@example.com or call 555-867-5309"}])
+    together = [threading.Thread(target=good.completions.create, kwargs=dict(
+        model="release", prompt="a", max_tokens=40, extra_body={"ignore_eos": True})) for _ in range(4)]
+    [t.start() for t in together]
+    [t.join(60) for t in together]
     req = urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Bearer {key}"})
     page = urllib.request.urlopen(req, timeout=30).read().decode()
+    value = {line.split(" ")[0]: float(line.split(" ")[1]) for line in page.splitlines() if line and line[0] != "#"}
+    assert value["llmops_batch_size_sum"] > value["llmops_batch_size_count"] > 0  # forward passes were shared
     assert 'llmops_requests_total{route="/v1/chat/completions",status="200"}' in page
     for name in ("llmops_generated_tokens_total", "llmops_time_to_first_token_seconds_count",
                  "llmops_request_seconds_bucket", "llmops_requests_running", "llmops_requests_waiting",
