@@ -9,7 +9,6 @@ The smoke request goes through the official `openai` client, as a user's would.
 from __future__ import annotations
 
 import os
-import secrets
 import tempfile
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from pydantic import BaseModel
 from llmops import registry, servers
 from llmops.config import DeployParams
 from llmops.errors import LlmopsError
-from llmops.server import hash_key
+from llmops.server import hash_key, new_key
 
 KEY_FILE = servers.SERVE_DIR / "api_key"  # the key the deploy step (and the README's examples) call with
 
@@ -43,7 +42,7 @@ def project_key(root: Path) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent)  # mode 0600
         with os.fdopen(fd, "w") as fh:
-            fh.write("sk-llmops-" + secrets.token_urlsafe(32) + "\n")
+            fh.write(new_key() + "\n")
         os.replace(tmp, path)
     return path.read_text().strip()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import sys
 from pathlib import Path
 
@@ -48,22 +47,16 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _keygen(path: Path) -> int:
-    key = new_key(path)
-    print(key)
-    print(f"(only its hash is kept, in {path}; this is the one time the key is shown)", file=sys.stderr)
-    return 0
+    from llmops.server import hash_key, new_key
 
-
-def new_key(path: Path) -> str:
-    """A random API key; its hash is appended to `path` (made private)."""
-    from llmops.server import hash_key
-
-    key = "sk-llmops-" + secrets.token_urlsafe(32)
+    key = new_key()
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
         os.chmod(path, 0o600)
         fh.write(hash_key(key) + "\n")
-    return key
+    print(key)
+    print(f"(only its hash is kept, in {path}; this is the one time the key is shown)", file=sys.stderr)
+    return 0
 
 
 def describe(server: servers.Server) -> str:
@@ -109,7 +102,9 @@ def _serve(args: argparse.Namespace) -> int:
                           "LLMOPS_API_KEY_HASHES")
     root = Path.cwd()
     port = args.port or 8000
-    ref = args.model or args.version or "production"
+    ref = args.model or args.version or "production"  # what the server follows: a directory, a stage or a version
+    if not args.model and ref not in registry.STAGES:
+        ref = registry.normalize(ref)
 
     def load() -> Served:
         if args.model:

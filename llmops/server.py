@@ -15,6 +15,7 @@ import hmac
 import json
 import logging
 import os
+import secrets
 import signal
 import time
 import uuid
@@ -38,6 +39,11 @@ MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits a context
 OPEN_PATHS = ("/health",)
 KEYS_ENV = "LLMOPS_API_KEY_HASHES"  # comma-separated sha256 hex digests of the accepted keys
 logger = logging.getLogger("llmops.server")
+
+
+def new_key() -> str:
+    """A random API key: 256 bits, URL-safe."""
+    return "sk-llmops-" + secrets.token_urlsafe(32)
 
 
 def hash_key(key: str) -> str:
@@ -129,6 +135,7 @@ def create_app(served: Served, key_hashes: list[str], log_path: str | os.PathLik
     log = _request_log(log_path)
     current = [served]  # the one mutable cell: handlers read current[0] once, when a request arrives
     retiring: set[Engine] = set()
+    closing: list[bool] = []  # becomes true once, when the server shuts down
     reloading = asyncio.Lock()
     notify = on_change or (lambda served, error: None)
 
@@ -136,6 +143,8 @@ def create_app(served: Served, key_hashes: list[str], log_path: str | os.PathLik
         async with reloading:  # signals that come while a reload runs wait for it
             try:
                 new = await asyncio.to_thread(reload)
+                if closing:  # the server is shutting down: a started engine's thread would keep the process alive
+                    return
                 new.engine.on_step = metrics.batch.observe
                 new.engine.start()
             except Exception as exc:  # whatever failed, the model that serves now keeps serving
@@ -160,6 +169,7 @@ def create_app(served: Served, key_hashes: list[str], log_path: str | os.PathLik
         try:
             yield
         finally:
+            closing.append(True)
             for engine in (current[0].engine, *retiring):
                 engine.stop()  # after uvicorn finished the requests in flight
 

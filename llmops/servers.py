@@ -55,13 +55,18 @@ def now() -> str:
 
 
 def _alive(pid: int) -> bool:
+    """Whether `pid` is still an `llmops serve` process (a dead server's pid may have been reused: never signal that)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        return False  # another user's process: not one of ours
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # no /proc (macOS): the pid is all there is to go on
+    return b"serve" in cmdline and any(part.endswith(b"llmops") for part in cmdline)
 
 
 def record(root: Path, server: Server) -> None:
