@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Failed
 from pydantic import BaseModel
 
-from llmops import locks, registry, remote
+from llmops import locks, registry, remote, workspaces
 from llmops.config import PARAMS_FILE, DeployParams, Params, StorageParams, load_params, storage_for, write_params
 from llmops.deploy import Deployed, deploy, summary
 from llmops.datasets import write_text
@@ -36,6 +36,7 @@ class PipelineResult(BaseModel):
     remote: str | None
     version: str  # the registered model version of this run's release
     deployed: Deployed | None  # where it is served (None: deploy.target is none)
+    commit: str  # the commit it built (the checkout's HEAD; in the project checkout, its working tree may differ)
 
 
 class _Stopped(LlmopsError):
@@ -105,7 +106,8 @@ def _completed(state: State):
 
 
 @flow(name="build-model", log_prints=True)
-def build_model(params: Params | None = None, push: bool = True, project_dir: str | None = None) -> PipelineResult | State:
+def build_model(params: Params | None = None, push: bool = True, project_dir: str | None = None,
+                commit: str | None = None) -> PipelineResult | State:
     """Run every stage of dvc.yaml in order (data, validation, training, evaluation, the gate, the release), then push,
     register the release as a model version and deploy it (staging, smoke request, production).
 
@@ -115,35 +117,63 @@ def build_model(params: Params | None = None, push: bool = True, project_dir: st
             fails. None uses params.yaml as it is.
         push: push the outputs to the remote (storage in params; LLMOPS_S3_* env overrides).
         project_dir: the project root (holds dvc.yaml); defaults to the working directory.
+        commit: a commit, branch or tag to build in a workspace of its own (a git worktree
+            sharing the project's DVC cache; removed after success, kept after a failure).
+            None builds the project checkout as it is.
     """
     root = Path(project_dir or os.getcwd()).resolve()
     _quiet_failed_states()
     try:
-        with locks.exclusive(root / locks.RUN_LOCK, "a pipeline run"):
-            if params is not None:
-                check_inputs(params, root)  # before any output is touched
-            with _params_applied(root / PARAMS_FILE, params):
-                return _stages(root, push)
+        if commit is None:
+            with locks.exclusive(root / locks.RUN_LOCK, "a pipeline run"):
+                return _build(root, root, params, push)
+        return _build_in_workspace(root, commit, params, push)
     except LlmopsError as exc:
         # expected failures end the run with their message; anything else keeps its traceback
         return Failed(message=str(exc))
 
 
-def _stages(root: Path, push: bool) -> PipelineResult:
-    params = load_params(root / PARAMS_FILE)
-    storage = storage_for(params.storage, root)
+def _build_in_workspace(root: Path, commit: str, params: Params | None, push: bool) -> PipelineResult:
+    from prefect.runtime import flow_run
+
+    ws = workspaces.create(root, commit, flow_run.name or "run")
+    print(f"building commit {ws.commit[:12]} ({commit}) in its own workspace: {ws.path}")
+    try:
+        with locks.exclusive(ws.path / locks.RUN_LOCK, "a pipeline run"):  # `llmops workspaces clean` leaves it be
+            result = _build(ws.path, root, params, push)
+    except BaseException as exc:
+        print(f"the workspace is kept for inspection: {ws.path} (`llmops workspaces` lists them)")
+        if isinstance(exc, LlmopsError):
+            raise LlmopsError(f"{exc} (commit {ws.commit[:12]}; workspace kept: {ws.path})") from None
+        raise
+    workspaces.remove(root, ws.path)
+    return result
+
+
+def _build(work: Path, root: Path, params: Params | None, push: bool) -> PipelineResult:
+    """The stages in `work` (a checkout); the servers it deploys to are the project's (`root`)."""
+    if params is not None:
+        check_inputs(params, work)  # before any output is touched
+    # a workspace kept after a failure shows the params the run failed with; the checkout gets its own back
+    with _params_applied(work / PARAMS_FILE, params, restore=work == root):
+        return _stages(work, root, push)
+
+
+def _stages(work: Path, root: Path, push: bool) -> PipelineResult:
+    params = load_params(work / PARAMS_FILE)
+    storage = storage_for(params.storage, work)
     if push:
         check_remote(storage)  # fail before any work rather than after it
     results, outputs = {}, []
-    for stage in plan(root):
+    for stage in plan(work):
         task_run = run_stage.with_options(name=stage.spec.name, task_run_name=stage.dvc_name)
-        results[stage.dvc_name] = _completed(task_run(str(root), stage.dvc_name, return_state=True))
+        results[stage.dvc_name] = _completed(task_run(str(work), stage.dvc_name, return_state=True))
         outputs += stage.outs
-    pushed_to = _completed(push_outputs(str(root), storage, return_state=True)) if push else None
-    version = _completed(register_model(str(root), return_state=True))
+    pushed_to = _completed(push_outputs(str(work), storage, return_state=True)) if push else None
+    version = _completed(register_model(str(work), return_state=True))
     deployed = _completed(deploy_model(str(root), version, params.deploy, return_state=True))
-    return PipelineResult(project=str(root), outputs=outputs, results=results, remote=pushed_to, version=version,
-                          deployed=deployed)
+    return PipelineResult(project=str(work), outputs=outputs, results=results, remote=pushed_to, version=version,
+                          deployed=deployed, commit=workspaces.resolve(work, "HEAD"))
 
 
 class _NoEmptyTraceback(logging.Filter):
@@ -162,8 +192,9 @@ def _quiet_failed_states() -> None:
 
 
 @contextmanager
-def _params_applied(path: Path, params: Params | None) -> Iterator[None]:
-    """Write the run's params into params.yaml for the block; put the file back as it was if the block fails."""
+def _params_applied(path: Path, params: Params | None, restore: bool = True) -> Iterator[None]:
+    """Write the run's params into params.yaml for the block; put the file back as it was if the block fails (and
+    `restore`)."""
     if params is None:
         yield
         return
@@ -175,7 +206,7 @@ def _params_applied(path: Path, params: Params | None) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        if changed:
+        if changed and restore:
             write_text(path, before.decode())
             print("params.yaml: put back as it was before this run (the run did not complete)")
         raise

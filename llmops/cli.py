@@ -38,6 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_overrides(run)
     run.add_argument("--no-push", action="store_true", help="do not push outputs to the DVC remote")
+    run.add_argument("--commit", help="build this commit, branch or tag in a workspace of its own (a git worktree "
+                     "sharing the DVC cache), not the checkout as it is")
+
+    spaces = sub.add_parser(
+        "workspaces", help="the workspaces of runs that built a commit (kept after a failure)",
+        description="List the workspaces under .llmops/workspaces/ (a run that failed leaves its own), or remove them.")
+    spaces.add_argument("action", nargs="?", choices=["clean"], help="clean: remove those no run is using")
 
     params = sub.add_parser(
         "params", help="validate params.yaml (with overrides) and print the values a run will use",
@@ -76,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         return registry_cli.main(args)
     if args.command == "serve":
         return serve_cli.main(args)
+    if args.command == "workspaces":
+        return _workspaces(Path.cwd(), args.action)
     root = Path.cwd()
     try:  # everything that can be refused without work is refused here, before Prefect or DVC start
         params = load_params(PARAMS_FILE, args.overrides)
@@ -86,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             YAML().dump(params.model_copy(update={"storage": storage}).model_dump(mode="json"), sys.stdout)
             return 0
         check_inputs(params, root)
+        if args.commit is not None:
+            _check_commit(root, args.commit)
     except ConfigError as exc:
         for line in str(exc).splitlines():
             print(f"error: {line}", file=sys.stderr)
@@ -97,10 +108,42 @@ def main(argv: list[str] | None = None) -> int:
         except StorageError as exc:
             print(f"error: pipeline failed: {exc}", file=sys.stderr)
             return 1
-    return _run(root, params, push=push)
+    return _run(root, params, push=push, commit=args.commit)
 
 
-def _run(root: Path, params, push: bool) -> int:
+def _check_commit(root: Path, ref: str) -> None:
+    from llmops import workspaces
+
+    try:
+        workspaces.resolve(root, ref)
+    except workspaces.WorkspaceError as exc:
+        raise ConfigError(f"--commit: {exc}") from None
+
+
+def _workspaces(root: Path, action: str | None) -> int:
+    from llmops import workspaces
+
+    try:
+        found = workspaces.kept(root)
+        for ws in found:
+            if action == "clean":
+                try:
+                    with locks.exclusive(ws.path / locks.RUN_LOCK, "a pipeline run"):
+                        workspaces.remove(root, ws.path)
+                    print(f"removed {ws.path}")
+                except locks.Busy:
+                    print(f"in use by a running pipeline, kept: {ws.path}")
+            else:
+                print(f"{ws.path}  commit {ws.commit[:12]}")
+    except workspaces.WorkspaceError as exc:
+        print(f"error: workspaces: {exc}", file=sys.stderr)
+        return 1
+    if not found:
+        print("no workspaces: every run that built a commit succeeded, and its workspace was removed")
+    return 0
+
+
+def _run(root: Path, params, push: bool, commit: str | None = None) -> int:
     # Prefect's server reports telemetry by default; a pipeline run should not phone home.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     stages = declared(root)
@@ -114,7 +157,7 @@ def _run(root: Path, params, push: bool) -> int:
             previous = _previous_metrics(root)  # once the run is ours: a refused run returns at once
             from flows.build_model import build_model
 
-            state = build_model(params=params, push=push, return_state=True)
+            state = build_model(params=params, push=push, commit=commit, return_state=True)
     except (locks.Busy, PrefectUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -126,9 +169,13 @@ def _run(root: Path, params, push: bool) -> int:
         print(f"error: pipeline {state.name.lower()}: {state.message}", file=sys.stderr)
         return 1
     result = state.result()
-    print("\nPipeline completed. Results:")
-    for path in result.outputs:
-        print(f"  {result.project}/{path}")
+    if Path(result.project) == root:
+        print(f"\nPipeline completed (commit {result.commit[:12]}). Results:")
+        for path in result.outputs:
+            print(f"  {result.project}/{path}")
+    else:  # its workspace is gone: the outputs are in the DVC cache (and remote), under that commit's dvc.lock
+        print(f"\nPipeline completed: commit {result.commit[:12]} built in a workspace of its own (now removed); "
+              "its outputs are in the DVC cache, pinned by the registered version's commit")
     for stage, value in result.results.items():  # each stage says what its result means, if it has something to say
         module = stages[stage.split("@")[0]].module
         if hasattr(module, "summary"):

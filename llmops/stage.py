@@ -100,11 +100,13 @@ def plan(root: str | Path) -> list[PlannedStage]:
     except DvcException as exc:  # a malformed dvc.yaml, a missing stage file: DVC's message says where
         raise StageError(f"{DVC_YAML}: {exc}") from None
     with repo:
-        position = {s.addressing: i for i, s in enumerate(stages)}
+        # names, not DVC's addressing: that is relative to the working directory, which a run in a workspace is not in
+        # (every stage is in the root dvc.yaml, so a name is unique)
+        position = {s.name: i for i, s in enumerate(stages)}
         # DVC's edges run from a stage to the stages it depends on
-        ordered = nx.lexicographical_topological_sort(repo.index.graph.reverse(), key=lambda s: position[s.addressing])
+        ordered = nx.lexicographical_topological_sort(repo.index.graph.reverse(), key=lambda s: position[s.name])
         return [
-            PlannedStage(dvc_name=s.addressing, spec=specs[s.addressing.split("@")[0]],
+            PlannedStage(dvc_name=s.name, spec=specs[s.name.split("@")[0]],
                          outs=tuple(str(o.def_path) for o in s.outs),
                          metrics=tuple(str(o.def_path) for o in s.outs if o.metric))
             for s in ordered
