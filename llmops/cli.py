@@ -41,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--commit", help="build this commit, branch or tag in a workspace of its own (a git worktree "
                      "sharing the DVC cache), not the checkout as it is")
 
+    sub.add_parser(
+        "setup", help="make the Prefect server at PREFECT_API_URL ready: work pool, deployments",
+        description="Create the process work pool and register deployments/prefect.yaml's deployments (schedules, "
+        "typed parameter forms) for this checkout on the Prefect server at PREFECT_API_URL; then start a worker "
+        "with `prefect worker start --pool llmops`.")
+
     spaces = sub.add_parser(
         "workspaces", help="the workspaces of runs that built a commit (kept after a failure)",
         description="List the workspaces under .llmops/workspaces/ (a run that failed leaves its own), or remove them.")
@@ -85,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve_cli.main(args)
     if args.command == "workspaces":
         return _workspaces(Path.cwd(), args.action)
+    if args.command == "setup":
+        return _setup(Path.cwd())
     root = Path.cwd()
     try:  # everything that can be refused without work is refused here, before Prefect or DVC start
         params = load_params(PARAMS_FILE, args.overrides)
@@ -109,6 +117,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: pipeline failed: {exc}", file=sys.stderr)
             return 1
     return _run(root, params, push=push, commit=args.commit)
+
+
+def _setup(root: Path) -> int:
+    from llmops.orchestration import SetupError, setup
+
+    try:
+        for line in setup(root):
+            print(line)
+    except SetupError as exc:
+        print(f"error: setup: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _check_commit(root: Path, ref: str) -> None:

@@ -231,24 +231,3 @@ def test_failing_validation_fails_the_flow_with_the_reason_and_pushes_nothing(pr
     assert states == {"prepare_data": "COMPLETED", "validate_data": "FAILED"}  # push never ran
     assert "FAIL" in {a.key: a for a in artifacts}["validate-data"].data
     assert boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket=bucket).get("KeyCount") == 0
-
-
-def test_deployment_has_a_cron_schedule_and_a_typed_parameter_form(project, prefect_api):
-    api_url, home = prefect_api
-    env = base_env(PREFECT_API_URL=api_url, PREFECT_HOME=str(home), LLMOPS_PROJECT_DIR=str(project))
-    run(["prefect", "work-pool", "create", "llmops", "--type", "process", "--overwrite"], project, env=env)
-    run(["prefect", "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all"], project, env=env)
-
-    from prefect.client.orchestration import get_client
-
-    async def read():
-        async with get_client() as client:
-            return await client.read_deployment_by_name("build-model/nightly")
-
-    deployment = _against(api_url, read)
-    assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
-    schema = deployment.parameter_openapi_schema
-    assert schema["properties"]["push"]["type"] == "boolean"
-    data = schema["definitions"]["DataParams"]["properties"]
-    assert data["num_examples"]["type"] == "integer" and data["eval_fraction"]["exclusiveMaximum"] == 1
-    assert schema["definitions"]["StorageParams"]["properties"]["remote"]["enum"] == ["local", "s3"]
