@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             YAML().dump(params.model_copy(update={"storage": storage}).model_dump(mode="json"), sys.stdout)
             return 0
         check_inputs(params, root)
-        if args.commit is not None:
-            _check_commit(root, args.commit)
+        if args.commit is not None:  # that commit's params.yaml, with the overrides (the flow checks its inputs)
+            params = _commit_params(root, args.commit, args.overrides)
     except ConfigError as exc:
         for line in str(exc).splitlines():
             print(f"error: {line}", file=sys.stderr)
@@ -131,13 +131,23 @@ def _setup(root: Path) -> int:
     return 0
 
 
-def _check_commit(root: Path, ref: str) -> None:
+def _commit_params(root: Path, ref: str, overrides: list[str]):
+    """The params a run of commit `ref` uses: its own params.yaml with the -S overrides (None when there are none)."""
+    import subprocess
+    import tempfile
+
     from llmops import workspaces
 
     try:
-        workspaces.resolve(root, ref)
+        sha = workspaces.resolve(root, ref)
     except workspaces.WorkspaceError as exc:
         raise ConfigError(f"--commit: {exc}") from None
+    text = subprocess.run(["git", "show", f"{sha}:{PARAMS_FILE}"], cwd=root, capture_output=True, text=True,
+                          check=True).stdout
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / PARAMS_FILE).write_text(text)
+        params = load_params(Path(tmp) / PARAMS_FILE, overrides)  # checked here, before anything starts
+    return params if overrides else None
 
 
 def _workspaces(root: Path, action: str | None) -> int:

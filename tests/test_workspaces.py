@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run, snapshot
+from conftest import run, set_params, snapshot
 
 pytestmark = pytest.mark.training
 
@@ -23,12 +23,13 @@ def committed(ran_project):
 
 def test_a_commit_is_built_in_its_own_workspace_and_the_checkout_is_untouched(committed):
     project = committed
+    set_params(project, "audit_bias.pairs_per_type=5")  # an edit in the checkout, not in the commit: not used
     before = snapshot(project, *CHECKOUT)
     head = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
     proc = run(["llmops", "run", "--no-push", "--commit", "main", "-S", "evaluate.max_new_tokens=4"], project)
     assert f"Pipeline completed: commit {head[:12]} built in a workspace of its own (now removed)" in proc.stdout
     out = proc.stdout + proc.stderr
-    for stage in ("prepare_data", "train@pretrain", "train@finetune"):  # restored from the shared cache, not redone
+    for stage in ("prepare_data", "train@pretrain", "train@finetune", "audit_bias"):  # restored from the cache
         assert f"{stage}: unchanged since the last run" in out
     assert "evaluate: unchanged" not in out  # its param changed: it ran, in the workspace
     assert snapshot(project, *CHECKOUT) == before  # not a byte of the checkout changed
