@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from typing import Iterator
 
 from llmops.errors import LlmopsError
 from llmops.procs import die_with_parent
+from llmops.servers import free_port
 
 START_TIMEOUT_S = 300
 STATE_DIR = Path(".llmops/prefect")
@@ -39,12 +39,6 @@ def _healthy(api_url: str, timeout: float = 5) -> bool:
             return resp.status == 200
     except OSError:
         return False
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _drain() -> None:
@@ -78,7 +72,7 @@ def prefect_api(root: str | os.PathLike) -> Iterator[str]:
     home = Path(root).resolve() / STATE_DIR
     home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(home))
-    port = _free_port()
+    port = free_port("127.0.0.1")
     url = f"http://127.0.0.1:{port}/api"
     env = dict(os.environ, PREFECT_UI_ENABLED="0", PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT__SERVER_EPHEMERAL="1")  # no UI and fewer background services, as Prefect's own
