@@ -2,7 +2,9 @@
 
 Prefect decides when and whether; DVC (dvc.yaml) says what each stage does and
 skips stages whose inputs did not change. A stage that fails stops the run
-with its reason; nothing after it runs and nothing is pushed.
+with its reason; nothing after it runs and nothing is pushed. The build holds
+a global concurrency limit (one run trains at a time), and with
+deploy.require_approval the run pauses for a reviewer before production.
 """
 
 from __future__ import annotations
@@ -15,17 +17,20 @@ from typing import Any, Iterator
 
 from prefect import State, flow, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.states import Failed
+from prefect.states import Cancelled, Failed
 from pydantic import BaseModel
 
 from llmops import locks, registry, remote, workspaces
-from llmops.config import PARAMS_FILE, DeployParams, Params, StorageParams, load_params, storage_for, write_params
+from llmops.approval import Rejected, wait_for_decision
+from llmops.config import (PARAMS_FILE, DeployParams, Params, StorageParams, changes, load_params, storage_for,
+                           with_changes, write_params)
 from llmops.deploy import Deployed, deploy, summary
 from llmops.datasets import write_text
 from llmops.errors import LlmopsError
+from llmops.orchestration import Busy, one_run_at_a_time
 from llmops.preflight import check_inputs
 from llmops.repro import StageError, repro
-from llmops.stage import declared, plan
+from llmops.stage import declared, plan, summaries
 from llmops.storage import check_remote
 
 
@@ -114,7 +119,9 @@ def build_model(params: Params | None = None, push: bool = True, project_dir: st
     Args:
         params: the run's parameters; the values that differ from params.yaml are written
             into it (like `dvc exp run -S`) so dvc.lock records them, and put back if the run
-            fails. None uses params.yaml as it is.
+            fails. None uses params.yaml as it is. In a deployment's run (the UI's form) only
+            the values that differ from the deployment's defaults are applied, over the built
+            commit's params.yaml.
         push: push the outputs to the remote (storage in params; LLMOPS_S3_* env overrides).
         project_dir: the project root (holds dvc.yaml); defaults to the working directory.
         commit: a commit, branch or tag to build in a workspace of its own (a git worktree
@@ -128,6 +135,10 @@ def build_model(params: Params | None = None, push: bool = True, project_dir: st
             with locks.exclusive(root / locks.RUN_LOCK, "a pipeline run"):
                 return _build(root, root, params, push)
         return _build_in_workspace(root, commit, params, push)
+    except Busy as exc:  # another run holds the device pool: not a failure of this one
+        return Cancelled(name="Skipped", message=str(exc))
+    except Rejected as exc:
+        return Cancelled(name="Rejected", message=str(exc))
     except LlmopsError as exc:
         # expected failures end the run with their message; anything else keeps its traceback
         return Failed(message=str(exc))
@@ -141,6 +152,9 @@ def _build_in_workspace(root: Path, commit: str, params: Params | None, push: bo
     try:
         with locks.exclusive(ws.path / locks.RUN_LOCK, "a pipeline run"):  # `llmops workspaces clean` leaves it be
             result = _build(ws.path, root, params, push)
+    except (Busy, Rejected):  # nothing was built, or it was built and a person said no: nothing to inspect
+        workspaces.remove(root, ws.path)
+        raise
     except BaseException as exc:
         print(f"the workspace is kept for inspection: {ws.path} (`llmops workspaces` lists them)")
         if isinstance(exc, LlmopsError):
@@ -152,6 +166,7 @@ def _build_in_workspace(root: Path, commit: str, params: Params | None, push: bo
 
 def _build(work: Path, root: Path, params: Params | None, push: bool) -> PipelineResult:
     """The stages in `work` (a checkout); the servers it deploys to are the project's (`root`)."""
+    params = _form_changes(work, params)
     if params is not None:
         check_inputs(params, work)  # before any output is touched
     # a workspace kept after a failure shows the params the run failed with; the checkout gets its own back
@@ -159,21 +174,70 @@ def _build(work: Path, root: Path, params: Params | None, push: bool) -> Pipelin
         return _stages(work, root, push)
 
 
+def _form_changes(work: Path, params: Params | None) -> Params | None:
+    """A deployment's run applies what its form changed (the values that differ from the deployment's defaults,
+    params.yaml as `llmops setup` found it) over the params.yaml of the commit it builds; None: nothing changed.
+
+    So a scheduled or pushed run, or a form left as it was, builds the commit's own params, not setup's copy.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import deployment
+
+    if params is None or deployment.id is None:
+        return params
+    with get_client(sync_client=True) as client:  # (prefect.runtime's deployment.parameters are the run's own)
+        defaults = client.read_deployment(deployment.id).parameters.get("params")
+    if defaults is None:
+        return params
+    try:
+        changed = changes(Params.model_validate(defaults), params)
+    except ValueError:  # defaults of an older schema (setup ran before an upgrade): the run's params as given
+        return params
+    if not changed:
+        return None
+    print(f"the run changes {', '.join(sorted(changed))} from the deployment's defaults: applied to the params.yaml "
+          "of the commit it builds")
+    return with_changes(load_params(work / PARAMS_FILE), changed)
+
+
 def _stages(work: Path, root: Path, push: bool) -> PipelineResult:
+    from prefect.runtime import deployment
+
     params = load_params(work / PARAMS_FILE)
     storage = storage_for(params.storage, work)
     if push:
         check_remote(storage)  # fail before any work rather than after it
     results, outputs = {}, []
-    for stage in plan(work):
-        task_run = run_stage.with_options(name=stage.spec.name, task_run_name=stage.dvc_name)
-        results[stage.dvc_name] = _completed(task_run(str(work), stage.dvc_name, return_state=True))
-        outputs += stage.outs
-    pushed_to = _completed(push_outputs(str(work), storage, return_state=True)) if push else None
-    version = _completed(register_model(str(work), return_state=True))
+    # a deployment's run needs the limit `llmops setup` made; a `llmops run` holds it only if the server has it
+    with one_run_at_a_time(params.orchestration, strict=deployment.id is not None):
+        for stage in plan(work):
+            task_run = run_stage.with_options(name=stage.spec.name, task_run_name=stage.dvc_name)
+            results[stage.dvc_name] = _completed(task_run(str(work), stage.dvc_name, return_state=True))
+            outputs += stage.outs
+        pushed_to = _completed(push_outputs(str(work), storage, return_state=True)) if push else None
+        version = _completed(register_model(str(work), return_state=True))
+    if params.deploy.require_approval and params.deploy.target != "none":
+        _approved(root, version, params.deploy.approval_timeout_s, summaries(work, results))  # outside the limit
     deployed = _completed(deploy_model(str(root), version, params.deploy, return_state=True))
     return PipelineResult(project=str(work), outputs=outputs, results=results, remote=pushed_to, version=version,
                           deployed=deployed, commit=workspaces.resolve(work, "HEAD"))
+
+
+def _approved(root: Path, version: str, timeout_s: float, scores: list[str]) -> None:
+    """Pause for a reviewer before `version` takes production; record the decision; raise Rejected unless approved."""
+    from prefect.runtime import flow_run
+
+    production = registry.holder(root, "production")
+    if production is not None and production.version == version:
+        print(f"{version} already holds production: nothing to approve")
+        return
+    decision = wait_for_decision(version, production and production.version, scores, timeout_s)
+    registry.review(root, version, decision.approve, decision.reviewer, f"{decision.reason} (flow run {flow_run.name})")
+    verdict = "approved" if decision.approve else "rejected"
+    print(f"{version} {verdict} by {decision.reviewer}: {decision.reason}")
+    if not decision.approve:
+        stays = f"production stays on {production.version}" if production else "nothing is in production"
+        raise Rejected(f"{version} was rejected by {decision.reviewer}: {decision.reason}; {stays}")
 
 
 class _NoEmptyTraceback(logging.Filter):
@@ -205,8 +269,8 @@ def _params_applied(path: Path, params: Params | None, restore: bool = True) -> 
         print(f"params.yaml: {key}: {_dotted(old, key)!r} -> {_dotted(params, key)!r} for this run")
     try:
         yield
-    except BaseException:
-        if changed and restore:
+    except BaseException as exc:
+        if changed and restore and not isinstance(exc, Rejected):  # a rejected run built (dvc.lock has its params)
             write_text(path, before.decode())
             print("params.yaml: put back as it was before this run (the run did not complete)")
         raise

@@ -14,7 +14,7 @@ from llmops import locks, registry, registry_cli, serve_cli
 from llmops.config import PARAMS_FILE, ConfigError, load_params, storage_for
 from llmops.prefect_api import PrefectUnavailable, prefect_api
 from llmops.preflight import check_inputs
-from llmops.stage import declared
+from llmops.stage import declared, summaries
 from llmops.storage import StorageError, check_remote
 
 EXIT_BAD_PARAMS = 2
@@ -46,6 +46,26 @@ def _parser() -> argparse.ArgumentParser:
         description="Create the process work pool and register deployments/prefect.yaml's deployments (schedules, "
         "typed parameter forms) for this checkout on the Prefect server at PREFECT_API_URL; then start a worker "
         "with `prefect worker start --pool llmops`.")
+
+    for verb, does in (("approve", "promote its version to production"), ("reject", "end it; nothing is promoted")):
+        review = sub.add_parser(
+            verb, help=f"answer a flow run paused for approval (deploy.require_approval): {does}",
+            description=f"{verb.capitalize()} the release a paused flow run waits on ({does}), through the Prefect "
+            "API at PREFECT_API_URL, as the UI's Resume form does. The decision, who and why go into the run and "
+            "the registry's history.")
+        review.add_argument("run", help="the flow run's name or id (the run's log prints the command)")
+        review.add_argument("--reason", required=True, help="why; kept in the run and the registry's history")
+        review.add_argument("--reviewer", help="who decides (default: your OS user name)")
+
+    hook = sub.add_parser(
+        "install-hook", help="retrain on git push: a post-receive hook for the shared repository",
+        description="Write the post-receive hook of the repository people push to (a bare repository on this "
+        "machine): a push to BRANCH that changes params.yaml, dvc.yaml or a *.dvc pointer starts a run of the "
+        "on-push deployment for the pushed commit on the Prefect server at PREFECT_API_URL. On GitHub, "
+        ".github/workflows/retrain.yml does the same.")
+    hook.add_argument("repo", help="the repository pushed to (bare, or a checkout)")
+    hook.add_argument("--branch", default="main", help="the branch whose pushes retrain (default: main)")
+    hook.add_argument("--force", action="store_true", help="replace a post-receive hook that is not llmops's")
 
     spaces = sub.add_parser(
         "workspaces", help="the workspaces of runs that built a commit (kept after a failure)",
@@ -93,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         return _workspaces(Path.cwd(), args.action)
     if args.command == "setup":
         return _setup(Path.cwd())
+    if args.command in ("approve", "reject"):
+        return _answer(args)
+    if args.command == "install-hook":
+        return _install_hook(args)
     root = Path.cwd()
     try:  # everything that can be refused without work is refused here, before Prefect or DVC start
         params = load_params(PARAMS_FILE, args.overrides)
@@ -117,6 +141,35 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: pipeline failed: {exc}", file=sys.stderr)
             return 1
     return _run(root, params, push=push, commit=args.commit)
+
+
+def _answer(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from llmops.approval import ApprovalError, answer
+
+    try:
+        print(answer(args.run, args.command == "approve", args.reason, args.reviewer))
+    except ValidationError as exc:
+        print(f"error: {args.command}: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}", file=sys.stderr)
+        return EXIT_BAD_PARAMS
+    except ApprovalError as exc:
+        print(f"error: {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _install_hook(args: argparse.Namespace) -> int:
+    from llmops.triggers import TriggerError, install_hook
+
+    try:
+        hook = install_hook(args.repo, args.branch, force=args.force)
+    except TriggerError as exc:
+        print(f"error: install-hook: {exc}", file=sys.stderr)
+        return 1
+    print(f"{hook}: a push to {args.branch} that changes params.yaml, dvc.yaml or a *.dvc pointer now starts a run "
+          "of build-model/on-push for the pushed commit")
+    return 0
 
 
 def _setup(root: Path) -> int:
@@ -176,7 +229,6 @@ def _workspaces(root: Path, action: str | None) -> int:
 def _run(root: Path, params, push: bool, commit: str | None = None) -> int:
     # Prefect's server reports telemetry by default; a pipeline run should not phone home.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    stages = declared(root)
     # a scheduler or a supervisor stops a run with SIGTERM: end it as Ctrl-C does, training processes included
     signal.signal(signal.SIGTERM, _interrupt)
     # and Ctrl-C always interrupts, even when the parent started us with SIGINT ignored (an ignored signal is
@@ -206,10 +258,8 @@ def _run(root: Path, params, push: bool, commit: str | None = None) -> int:
     else:  # its workspace is gone: the outputs are in the DVC cache (and remote), under that commit's dvc.lock
         print(f"\nPipeline completed: commit {result.commit[:12]} built in a workspace of its own (now removed); "
               "its outputs are in the DVC cache, pinned by the registered version's commit")
-    for stage, value in result.results.items():  # each stage says what its result means, if it has something to say
-        module = stages[stage.split("@")[0]].module
-        if hasattr(module, "summary"):
-            print(module.summary(value, previous.get(stage)))
+    for line in summaries(root, result.results, previous):  # each stage says what its result means
+        print(line)
     if result.remote:
         print(f"  pushed to DVC remote: {result.remote}")
     print(f"Registered as {registry.ARTIFACT} {result.version} (`llmops registry lineage {result.version}`)")

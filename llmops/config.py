@@ -31,7 +31,9 @@ class ConfigError(LlmopsError):
 class Section(BaseModel):
     # strict: a quoted "128" is a string, not a number, and is refused like any other wrong type
     # allow_inf_nan=False: `lr: .inf` or `nan` can only be a mistake
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    # field_title_generator: the Prefect UI's form labels each field with its params.yaml key
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False,
+                              field_title_generator=lambda name, info: name)
 
 
 class DataParams(Section):
@@ -317,10 +319,27 @@ class DeployParams(Section):
     smoke_expect: str | None = Field(None, description="text the smoke answer must contain; null: any non-empty answer")
     smoke_max_tokens: int = Field(24, ge=1)
     timeout_s: float = Field(300, gt=0, description="for a server to load its model and answer")
+    require_approval: bool = Field(
+        False, description="pause before production until a person approves (the Prefect UI's Resume form, or "
+                           "`llmops approve RUN`); a rejection or no answer in approval_timeout_s ends the run")
+    approval_timeout_s: float = Field(86_400, gt=0, description="how long a paused run waits for a decision")
+
+
+class OrchestrationParams(Section):
+    """orchestration: how the runs that Prefect starts (UI, schedule, git push) share this machine's devices."""
+
+    concurrency_limit: str | None = Field(
+        "llmops-training", min_length=1,
+        description="a Prefect global concurrency limit of one slot (`llmops setup` creates it) that every pipeline "
+                    "run holds while it builds: runs naming the same limit never train together; null: no limit")
+    on_busy: Literal["wait", "skip"] = Field(
+        "wait", description="when another run holds the limit: wait for it, or skip this run (cancelled, saying why)")
+    wait_timeout_s: float | None = Field(None, gt=0, description="wait at most this long, then fail; null: no limit")
 
 
 class Params(Section):
-    """Everything in params.yaml: one section per stage, plus storage, the registry and the deploy target."""
+    """Everything in params.yaml: one section per stage, plus storage, the registry, the deploy target and how
+    Prefect's runs share the machine."""
 
     @field_validator("gate")
     @classmethod
@@ -341,6 +360,7 @@ class Params(Section):
     storage: StorageParams = Field(default_factory=StorageParams)
     registry: RegistryParams = Field(default_factory=RegistryParams)
     deploy: DeployParams = Field(default_factory=DeployParams)
+    orchestration: OrchestrationParams = Field(default_factory=OrchestrationParams)
 
 
 # Environment variables that point storage elsewhere without editing params.yaml
@@ -531,6 +551,22 @@ def write_params(path: str | os.PathLike, params: Params) -> list[str]:
         tmp.write_text(buf.getvalue())
         tmp.replace(path)
     return sorted(changed)
+
+
+def changes(old: Params, new: Params) -> dict[str, Any]:
+    """Dotted key -> value of `new` for every value that differs from `old`."""
+    return _changed_leaves(old.model_dump(mode="json"), new.model_dump(mode="json"))
+
+
+def with_changes(params: Params, changed: dict[str, Any]) -> Params:
+    """`params` with the dotted keys of `changed` set (checked by the schema, as -S overrides are)."""
+    tree = params.model_dump(mode="json")
+    for key, value in changed.items():
+        _set_dotted(tree, key, value)
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, "params.yaml with the run's changes", set())) from None
 
 
 def _changed_leaves(old: Any, new: dict, prefix: str = "") -> dict[str, Any]:

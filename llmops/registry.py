@@ -14,6 +14,9 @@ whole, where MLflow keeps no alias history and needs a database.
   (`model#production!#N`), then the new one assigned (`model#production#N+1`), so exactly one
   version holds a stage and GTO and `dvc artifacts get --stage` agree on which. Rollback is the
   same move, to the previous holder. Nothing is ever deleted.
+- A reviewer's decision on promoting a version to production (deploy.require_approval) is an
+  annotated tag `reviews/model/v3.0.0/N` on the version's commit, outside GTO's tag grammar (no
+  `@` or `#`), with who decided and why; `history()` shows it among GTO's events.
 - With registry.git_remote set (e.g. origin), that remote holds the shared registry: writers
   take a file lock, fetch the remote's tags first, and push the new tags atomically;
   a push refused because another clone moved first is undone locally and retried. Tags are
@@ -28,6 +31,7 @@ import os
 import subprocess
 import tempfile
 import time
+from datetime import datetime
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +41,7 @@ from llmops.errors import LlmopsError
 
 ARTIFACT = "model"  # the dvc.yaml `artifacts:` entry (models/release)
 STAGES = ("staging", "production")
+REVIEWS = f"reviews/{ARTIFACT}"  # reviews/model/<version>/<n>
 RELEASE = Path("models/release")
 _ATTEMPTS = 5
 
@@ -139,7 +144,7 @@ def _new_tags(root: Path, before: set[str]) -> list[str]:
 
 
 def _tags(root: Path) -> set[str]:
-    return set(_git(root, "tag", "--list", f"{ARTIFACT}[@#]*").split())
+    return set(_git(root, "tag", "--list", f"{ARTIFACT}[@#]*", f"{REVIEWS}/*").split())
 
 
 def _change(root: Path, write) -> Any:
@@ -376,7 +381,8 @@ def _move(root: Path, stage: str, current: Version | None, target: Version, why:
 
 
 def history(root: str | os.PathLike, stage: str | None = None) -> list[dict[str, Any]]:
-    """Every registry event, oldest first: registration, assignment, unassignment; with who and why."""
+    """Every registry event, oldest first: registration, assignment, unassignment, and reviewers' decisions
+    (approved, rejected); with who and why."""
     from gto import api
     from gto.exceptions import ArtifactNotFound
 
@@ -393,6 +399,44 @@ def history(root: str | os.PathLike, stage: str | None = None) -> list[dict[str,
         out.append({"time": str(e["timestamp"]), "event": e["event"], "version": e["version"],
                     "stage": e.get("stage"), "by": record.get("by") or e.get("author"), "why": record.get("why", ""),
                     "tag": e.get("ref")})
+    out += [r for r in _reviews(root) if not stage or r["stage"] == stage]
+    return sorted(out, key=lambda e: _when(e["time"]))
+
+
+def _when(text: str) -> datetime:
+    """GTO's timestamps and the reviews', comparable (both carry their offset)."""
+    return datetime.fromisoformat(text)
+
+
+def review(root: str | os.PathLike, version: str, approved: bool, by: str, why: str) -> None:
+    """Record a reviewer's decision on promoting `version` to production (it promotes nothing itself).
+
+    Raises:
+        RegistryError: unknown version, or a registry remote that cannot be read or written.
+    """
+    root = _repo(root)
+
+    def write() -> None:
+        target = get(root, normalize(version))
+        n = sum(tag.startswith(f"{REVIEWS}/{target.version}/") for tag in _tags(root)) + 1
+        record = {"by": by, "why": why, "decision": "approved" if approved else "rejected", "stage": "production"}
+        _tick()
+        _git(root, "tag", "-a", f"{REVIEWS}/{target.version}/{n}", target.commit, "-m",
+             json.dumps(record, sort_keys=True))
+
+    _change(root, write)
+
+
+def _reviews(root: Path) -> list[dict[str, Any]]:
+    out = []
+    listed = _git(root, "for-each-ref", f"refs/tags/{REVIEWS}", "--format=%(refname:short)%00%(taggerdate:iso8601-strict)"
+                  "%00%(taggername)%00%(contents)%00%00")
+    for entry in filter(str.strip, listed.split("\0\0")):
+        tag, time_, tagger, message = entry.strip("\n").split("\0", 3)
+        record = _record(message.strip())
+        out.append({"time": str(datetime.fromisoformat(time_)), "event": record.get("decision", "review"), "version": tag.split("/")[2],
+                    "stage": record.get("stage"), "by": record.get("by") or tagger, "why": record.get("why", ""),
+                    "tag": tag})
     return out
 
 

@@ -8,8 +8,8 @@ from it. The module `tasks/<name>.py` holds the work and defines:
     publish(root, run) -> Any   after DVC ran the stage (or found it unchanged) in a flow: its
                                 Prefect artifacts and the flow's result for it
     publish_failed(root, stage) optional: what a failed run still shows (a report, a verdict)
-    summary(result, previous)   optional: the lines `llmops run` ends with; `previous` is the stage's
-                                metrics file as the last run left it (or None)
+    summary(result, previous)   optional: the lines `llmops run` ends with (and a reviewer reads before
+                                approving); `previous` is the stage's metrics file as the last run left it
 
 A foreach stage (train) has one DVC stage per key (train@pretrain, train@finetune), one CLI
 command with the key as its argument, and one Prefect task run per key.
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
+from typing import Any, Callable
 
 from llmops.config import ConfigError, Params, load_params
 from llmops.errors import LlmopsError
@@ -137,3 +137,10 @@ def run_cli(stage: str, body: Callable[[Params], str], params_file: str = "param
 
 def _print_error(stage: str, exc: Exception) -> None:
     print(f"error: {stage}: {exc}", file=sys.stderr)
+
+
+def summaries(root: str | Path, results: dict[str, Any], previous: dict[str, Any] | None = None) -> list[str]:
+    """What each stage's result (DVC stage name -> publish()'s value) means, in the stage's own words, in run order."""
+    stages = declared(root)
+    return [stages[name.split("@")[0]].module.summary(value, (previous or {}).get(name))
+            for name, value in results.items() if hasattr(stages[name.split("@")[0]].module, "summary")]

@@ -41,18 +41,27 @@ def _git(root: Path, *args: str) -> str:
     return proc.stdout.strip()
 
 
-def resolve(root: str | os.PathLike, ref: str) -> str:
-    """The full sha of a commit, branch or tag of the project's repository."""
+def resolve(root: str | os.PathLike, ref: str, fetch: bool = False) -> str:
+    """The full sha of a commit, branch or tag of the project's repository; with `fetch`, one it does not have yet
+    is fetched from its git remotes first (a commit just pushed to the shared repository)."""
     try:
         return _git(Path(root), "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
     except WorkspaceError:
+        if fetch and _git(Path(root), "remote"):
+            from filelock import FileLock
+
+            # runs started by one push fetch at once, and git refuses a ref two fetches update together
+            (Path(root) / ".llmops").mkdir(exist_ok=True)
+            with FileLock(Path(root) / ".llmops" / "fetch.lock", timeout=300):
+                _git(Path(root), "fetch", "--quiet", "--all")
+            return resolve(root, ref)
         raise WorkspaceError(f"commit {ref!r}: no such commit, branch or tag in {root}") from None
 
 
 def create(root: str | os.PathLike, ref: str, name: str) -> Workspace:
     """Check `ref` out into a new workspace named after the run; its DVC cache is the project's."""
     root = Path(root).resolve()
-    sha = resolve(root, ref)
+    sha = resolve(root, ref, fetch=True)
     path = root / WORKSPACES / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{sha[:12]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     _git(root, "worktree", "add", "--detach", str(path), sha)

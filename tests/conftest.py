@@ -248,7 +248,7 @@ def prefect_api(tmp_path_factory):
     env = base_env(
         PREFECT_HOME=str(home),
         PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
-        PREFECT_UI_ENABLED="false",
+        PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api",  # the UI a browser test opens
     )
     log = open(home / "server.log", "w")
     proc = subprocess.Popen(

@@ -22,11 +22,14 @@ def _client_query(api_url: str, flow_run_id: str | None = None):
     """Flow runs (newest first), and for one run its task runs and artifacts, read through the Prefect client."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import FlowRunFilterDeploymentId
     from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort, TaskRunSort
 
     async def query():
         async with get_client() as client:
-            runs = await client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+            runs = await client.read_flow_runs(  # `llmops run`'s, not the scheduled runs of test_worker's deployments
+                flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(is_null_=True)),
+                sort=FlowRunSort.START_TIME_DESC, limit=1)
             run_ = runs[0]
             flow = await client.read_flow(run_.flow_id)
             tasks = await client.read_task_runs(
