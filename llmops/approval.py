@@ -40,6 +40,7 @@ def wait_for_decision(version: str, production: str | None, scores: list[str], t
     from prefect.exceptions import FlowPauseTimeout
     from prefect.flow_runs import pause_flow_run
     from prefect.runtime import flow_run
+    from prefect.settings import PREFECT_API_URL
 
     replaces = f"replacing {production}" if production else "the first version in production"
     description = "\n".join([
@@ -49,13 +50,22 @@ def wait_for_decision(version: str, production: str | None, scores: list[str], t
         "Approve to promote it; leave *approve* off to reject it. Either way, give a reason.",
     ])
     create_markdown_artifact(key="review", markdown=description)
+    api = f"PREFECT_API_URL={PREFECT_API_URL.value()}"  # `llmops run`'s own server is reachable on this machine only
     print(f"waiting up to {timeout_s:g} s for a reviewer: approve or reject in the Prefect UI (Resume), or "
-          f"`llmops approve {flow_run.name} --reason ...` / `llmops reject {flow_run.name} --reason ...`")
+          f"`{api} llmops approve {flow_run.name} --reason ...` (or `llmops reject`)")
     try:
         return pause_flow_run(wait_for_input=Decision.with_initial_data(description=description, approve=False),
                               timeout=int(timeout_s), poll_interval=3,
                               key="approve-" + version.replace(".", "-"))  # lowercase, digits, dashes only
     except FlowPauseTimeout:
+        # Prefect now turns any state an expired pause moves to into Failed("... never resumed"), and its
+        # pause-expiry service may get there first: take the run out of the pause so it ends as the rejection it is
+        # (an answer sent from here on is refused by the server: the pause is over)
+        from prefect.client.orchestration import get_client
+        from prefect.states import Running
+
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run.id, Running(message="no decision in time"), force=True)
         return Decision(approve=False, reviewer="nobody",
                         reason=f"no decision within {timeout_s:g} s (deploy.approval_timeout_s)")
 

@@ -18,6 +18,7 @@ from typing import Iterator
 
 from llmops.config import PARAMS_FILE, OrchestrationParams, load_params
 from llmops.errors import LlmopsError
+from llmops.prefect_api import OWN
 
 DEPLOYMENTS = Path("deployments/prefect.yaml")
 POOL = "llmops"  # deployments/prefect.yaml's work pool
@@ -46,8 +47,9 @@ def one_run_at_a_time(params: OrchestrationParams, strict: bool) -> Iterator[Non
         yield
         return
     if not strict and not _limit_exists(name):
-        print(f"no concurrency limit {name!r} on this Prefect server (`llmops setup` makes it): this run does not "
-              "wait for other runs")
+        if os.environ.get(OWN) is None:  # a shared server that was never set up (a run's own has no other runs)
+            print(f"no concurrency limit {name!r} on this Prefect server (`llmops setup` makes it): this run does "
+                  "not wait for other runs")
         yield
         return
     # a lease the server renews while the run lasts (a crashed run frees it when the lease expires); a renewal
@@ -62,8 +64,8 @@ def one_run_at_a_time(params: OrchestrationParams, strict: bool) -> Iterator[Non
                 hint = " (run `llmops setup`)" if "must be created" in str(exc) else ""
                 raise LlmopsError(f"concurrency limit {name!r}: {exc}{hint}") from None
             if params.on_busy == "skip":
-                raise Busy(f"skipped: another pipeline run holds the concurrency limit {name!r} "
-                           "(orchestration.on_busy: skip)") from None
+                raise Busy(f"another pipeline run holds the concurrency limit {name!r} and orchestration.on_busy "
+                           "is skip: nothing was built") from None
             print(f"waiting for the concurrency limit {name!r}: another pipeline run holds it")
             try:
                 held.enter_context(concurrency(name, timeout_seconds=params.wait_timeout_s, **hold))

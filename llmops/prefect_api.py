@@ -28,6 +28,8 @@ from llmops.servers import free_port
 START_TIMEOUT_S = 300
 STATE_DIR = Path(".llmops/prefect")
 
+OWN = "LLMOPS_OWN_PREFECT_API"  # set while the API is this run's own server, which no other run shares
+
 
 class PrefectUnavailable(LlmopsError):
     """No Prefect API to report to; the message says what to do."""
@@ -93,11 +95,13 @@ def prefect_api(root: str | os.PathLike) -> Iterator[str]:
                     "the machine may be overloaded: try again, or point PREFECT_API_URL at a running server")
             time.sleep(0.5)
         os.environ["PREFECT_API_URL"] = url
+        os.environ[OWN] = url
         yield url
     finally:
         _drain()
         if os.environ.get("PREFECT_API_URL") == url:
             del os.environ["PREFECT_API_URL"]
+        os.environ.pop(OWN, None)
         server.terminate()
         try:
             server.wait(15)

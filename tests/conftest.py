@@ -163,9 +163,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture
 def ran_project(pipeline: Path, tmp_path: Path) -> Path:
     """A copy of the session's run pipeline (outputs, dvc.lock, DVC cache), with a remote of its own."""
-    dest = tmp_path / "project"
+    return copy_ran_project(pipeline, tmp_path)
+
+
+def copy_ran_project(pipeline: Path, into: Path) -> Path:
+    dest = into / "project"
     shutil.copytree(pipeline, dest, symlinks=True)
-    set_params(dest, f"storage.local_dir={tmp_path / 'remote'}")
+    set_params(dest, f"storage.local_dir={into / 'remote'}")
     run(["git", "commit", "-qam", "a remote of its own"], dest)
     return dest
 

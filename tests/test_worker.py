@@ -12,17 +12,18 @@ import time
 import pytest
 import yaml
 
-from conftest import BIN, REPO, base_env, free_port, run, snapshot, stop_servers
+from conftest import BIN, REPO, base_env, copy_ran_project, free_port, run, snapshot, stop_servers
 from llmops.config import load_params
 from test_flow import _against
 
 pytestmark = [pytest.mark.services, pytest.mark.training]
 
 
-@pytest.fixture
-def worker(ran_project, prefect_api):
-    """The session's pipeline (dvc.lock and reports committed) set up on the Prefect server, with a process worker."""
-    project = ran_project
+@pytest.fixture(scope="module")
+def worker(pipeline, prefect_api, tmp_path_factory):
+    """The session's pipeline (dvc.lock and reports committed) set up on the Prefect server, with a process worker;
+    one for the module's tests (each makes its own runs and leaves no run going)."""
+    project = copy_ran_project(pipeline, tmp_path_factory.mktemp("worker"))
     run(["git", "add", "dvc.lock", "reports"], project)
     run(["git", "commit", "-qm", "pipeline run"], project)
     api_url, home = prefect_api
@@ -240,7 +241,7 @@ def test_a_release_waits_for_a_reviewer(worker):
     form = dict(deploy__target="local", deploy__port=port, deploy__require_approval=True)
     timeout, rejected, approved = (
         _create(api_url, {"commit": "HEAD", "push": False, "params": _params(project, **form, **extra)})
-        for extra in ({"deploy__approval_timeout_s": 20}, {}, {}))
+        for extra in ({"deploy__approval_timeout_s": 10}, {}, {}))
     try:
         for run_id, _ in (timeout, rejected, approved):  # all three asked before any decision
             _until(api_url, run_id, lambda r: r.state.is_paused() or r.state.is_final(), project=project)
@@ -260,18 +261,17 @@ def test_a_release_waits_for_a_reviewer(worker):
         done = {run_id: _until(api_url, run_id, lambda r: r.state.is_final(), project=project)
                 for run_id, _ in (timeout, rejected, approved)}
         assert done[approved[0]].state.is_completed()
-        state = done[rejected[0]].state
-        assert state.is_cancelled() and state.name == "Rejected", state
-        assert "v1.0.0 was rejected by alice: too slow on long prompts; nothing is in production" in state.message
-        # no answer in time: Prefect fails a run whose pause expired (its own rule); the rejection is recorded
-        assert done[timeout[0]].state.is_failed() and "never resumed" in done[timeout[0]].state.message
-        assert "v1.0.0 rejected by nobody: no decision within 20 s" in _logs(api_url, timeout[0])
+        for run_id, who in ((rejected[0], "alice: too slow on long prompts"),
+                            (timeout[0], "nobody: no decision within 10 s (deploy.approval_timeout_s)")):
+            state = done[run_id].state
+            assert state.is_cancelled() and state.name == "Rejected", state
+            assert f"v1.0.0 was rejected by {who}" in state.message and "nothing is in production" in state.message
         again = run(["llmops", "approve", approved[1], "--reason", "twice"], project,
                     env=base_env(PREFECT_API_URL=api_url), check=False)
         assert again.returncode == 1 and "is not waiting for approval (it is Completed)" in again.stderr
         history = run(["llmops", "registry", "history"], project).stdout
         assert "rejected      v1.0.0    production  alice: too slow on long prompts" in history
-        assert "nobody: no decision within 20 s" in history and "approved      v1.0.0    production  bob" in history
+        assert "nobody: no decision within 10 s" in history and "approved      v1.0.0    production  bob" in history
         assert history.count("assignment    v1.0.0    production") == 1
         assert "production" in run(["llmops", "registry", "show", "v1.0.0"], project).stdout
     finally:
@@ -350,6 +350,10 @@ def test_a_push_that_changes_params_retrains_that_commit(worker, tmp_path):
     failed = _until(api_url, pushed[f"push-{bad[:12]}"].id, lambda r: r.state.is_final(), project=project)
     assert failed.state.is_failed() and "max_new_tokens" in failed.state.message
     assert f"commit {bad[:12]}" in failed.state.message and _task_runs(api_url, failed.id) == []
+    kept = run(["llmops", "workspaces"], project).stdout  # the failed run's workspace stays for a person to look at
+    assert bad[:12] in kept and good[:12] not in kept
+    run(["llmops", "workspaces", "clean"], project)
+    assert "no workspaces" in run(["llmops", "workspaces"], project).stdout
 
 
 def test_a_custom_run_from_the_prefect_ui_form(worker, tmp_path):
@@ -376,11 +380,11 @@ def test_a_custom_run_from_the_prefect_ui_form(worker, tmp_path):
         page.get_by_role("button", name="Run", exact=True).click()
         page.get_by_role("menuitem", name="Custom run").click()
         page.wait_for_url(re.compile(r"/deployments/deployment/[0-9a-f-]{36}/run"))
-        box = _field(page, "params", "evaluate", "max_new_tokens")
-        expect(box).to_have_value(str(load_params(project / "params.yaml").evaluate.max_new_tokens))  # params.yaml's
-        assert box.get_attribute("min") == "1"  # the schema's bound, enforced by the form
+        box = _field(page, "params", "gate", "min_gain_over_base")
+        expect(box).to_have_value("-1")  # params.yaml's value (the tiny pipeline's lax gate), not the schema's 0.1
+        assert (box.get_attribute("min"), box.get_attribute("max")) == ("-1", "1")  # the bounds, enforced by the form
         page.screenshot(path=str(shots / "1-form.png"), full_page=True)
-        box.fill("4")
+        box.fill("-0.9")
         page.screenshot(path=str(shots / "2-changed.png"), full_page=True)
         page.get_by_role("button", name="Submit").click()
         toast = page.locator("[data-sonner-toast]").filter(has_text="scheduled to start")
@@ -396,10 +400,10 @@ def test_a_custom_run_from_the_prefect_ui_form(worker, tmp_path):
         assert final.inner_text().strip() == "Completed", (project.parent / "worker.log").read_text()[-3000:]
         browser.close()
     run_id = re.search(r"/runs/flow-run/([0-9a-f-]{36})", href).group(1)
-    assert _read(api_url, run_id).parameters["params"]["evaluate"]["max_new_tokens"] == 4
+    assert _read(api_url, run_id).parameters["params"]["gate"]["min_gain_over_base"] == -0.9
     logs = _logs(api_url, run_id)
-    assert "the run changes evaluate.max_new_tokens from the deployment's defaults" in logs
-    assert "evaluate: unchanged" not in logs  # it evaluated again, with 4 new tokens
+    assert "the run changes gate.min_gain_over_base from the deployment's defaults" in logs
+    assert "gate: unchanged" not in logs and "evaluate: unchanged" in logs  # the gate ran again with it, alone
 
 
 def _field(page, *path: str):
