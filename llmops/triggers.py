@@ -93,8 +93,8 @@ def install_hook(repo: str | os.PathLike, branch: str, deployment: str = DEPLOYM
     api = os.environ.get("PREFECT_API_URL")
     if not api:
         raise TriggerError("PREFECT_API_URL is not set: name the Prefect server the hook starts runs on")
-    found = _git(str(repo), "rev-parse", "--absolute-git-dir")
-    if found.returncode:
+    found = _git(str(repo), "rev-parse", "--absolute-git-dir") if Path(repo).is_dir() else None
+    if found is None or found.returncode:
         raise TriggerError(f"{repo}: not a git repository")
     hook = Path(found.stdout.strip()) / "hooks" / "post-receive"
     if hook.exists() and HOOK_MARK not in hook.read_text(errors="replace") and not force:

@@ -62,6 +62,8 @@ def test_install_hook_refuses_what_it_cannot_do(shared, tmp_path):
     (tmp_path / "plain").mkdir()
     out = run(["llmops", "install-hook", str(tmp_path / "plain")], dev, env=env, check=False)
     assert out.returncode == 1 and "not a git repository" in out.stderr
+    out = run(["llmops", "install-hook", str(tmp_path / "missing")], dev, env=env, check=False)
+    assert out.returncode == 1 and "missing: not a git repository" in out.stderr
     theirs = bare / "hooks" / "post-receive"
     theirs.write_text("#!/bin/sh\necho deploy the website\n")
     out = run(["llmops", "install-hook", str(bare)], dev, env=env, check=False)
