@@ -42,8 +42,8 @@ def _parser() -> argparse.ArgumentParser:
                      "sharing the DVC cache), not the checkout as it is")
 
     sub.add_parser(
-        "setup", help="make the Prefect server at PREFECT_API_URL ready: work pool, deployments",
-        description="Create the process work pool and register deployments/prefect.yaml's deployments (schedules, "
+        "setup", help="make the Prefect server at PREFECT_API_URL ready: work pool, concurrency limit, deployments",
+        description="Create the process work pool and the concurrency limit (orchestration.concurrency_limit), and register deployments/prefect.yaml's deployments (schedules, "
         "typed parameter forms) for this checkout on the Prefect server at PREFECT_API_URL; then start a worker "
         "with `prefect worker start --pool llmops`.")
 

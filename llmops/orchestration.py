@@ -125,7 +125,8 @@ def setup(root: str | os.PathLike) -> list[str]:
     done = []
     _prefect(root, "work-pool", "create", POOL, "--type", "process", "--overwrite", env=env)
     done.append(f"work pool {POOL!r} (process): ready")
-    limit = load_params(root / PARAMS_FILE).orchestration.concurrency_limit
+    params = load_params(root / PARAMS_FILE)
+    limit = params.orchestration.concurrency_limit
     if limit is not None:
         try:
             _prefect(root, "global-concurrency-limit", "inspect", limit, env=env)
@@ -136,7 +137,7 @@ def setup(root: str | os.PathLike) -> list[str]:
         done.append(f"concurrency limit {limit!r}: 1 run at a time")
     out = _prefect(root, "--no-prompt", "deploy", "--prefect-file", str(DEPLOYMENTS), "--all", env=env)
     names = [line.split("'")[1] for line in out.splitlines() if "Deployment '" in line and "successfully" in line]
-    _form_defaults(names, load_params(root / PARAMS_FILE).model_dump(mode="json"))
+    _form_defaults(names, params.model_dump(mode="json"))
     done += [f"deployment {name!r}: registered for {root}, its form's defaults from params.yaml" for name in names]
     done.append(f"start a worker on this machine: prefect worker start --pool {POOL}")
     return done

@@ -400,12 +400,7 @@ def history(root: str | os.PathLike, stage: str | None = None) -> list[dict[str,
                     "stage": e.get("stage"), "by": record.get("by") or e.get("author"), "why": record.get("why", ""),
                     "tag": e.get("ref")})
     out += [r for r in _reviews(root) if not stage or r["stage"] == stage]
-    return sorted(out, key=lambda e: _when(e["time"]))
-
-
-def _when(text: str) -> datetime:
-    """GTO's timestamps and the reviews', comparable (both carry their offset)."""
-    return datetime.fromisoformat(text)
+    return sorted(out, key=lambda e: datetime.fromisoformat(e["time"]))  # GTO's and the reviews' carry offsets
 
 
 def review(root: str | os.PathLike, version: str, approved: bool, by: str, why: str) -> None:
@@ -434,8 +429,8 @@ def _reviews(root: Path) -> list[dict[str, Any]]:
     for entry in filter(str.strip, listed.split("\0\0")):
         tag, time_, tagger, message = entry.strip("\n").split("\0", 3)
         record = _record(message.strip())
-        out.append({"time": str(datetime.fromisoformat(time_)), "event": record.get("decision", "review"), "version": tag.split("/")[2],
-                    "stage": record.get("stage"), "by": record.get("by") or tagger, "why": record.get("why", ""),
+        out.append({"time": str(datetime.fromisoformat(time_)), "event": record.get("decision", "review"),
+                    "version": tag.split("/")[2], "stage": record.get("stage"), "by": record.get("by") or tagger, "why": record.get("why", ""),
                     "tag": tag})
     return out
 
