@@ -10,7 +10,7 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from llmops import locks, registry, registry_cli, serve_cli
+from llmops import locks, monitor_cli, registry, registry_cli, serve_cli
 from llmops.config import PARAMS_FILE, ConfigError, load_params, storage_for
 from llmops.prefect_api import PrefectUnavailable, prefect_api
 from llmops.preflight import check_inputs
@@ -81,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
 
     registry_cli.add_parser(sub)
     serve_cli.add_parser(sub)
+    monitor_cli.add_parser(sub)
 
     for spec in declared().values():
         cmd = sub.add_parser(
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         return registry_cli.main(args)
     if args.command == "serve":
         return serve_cli.main(args)
+    if args.command in ("monitor", "feedback"):
+        return monitor_cli.main(args)
     if args.command == "workspaces":
         return _workspaces(Path.cwd(), args.action)
     if args.command == "setup":

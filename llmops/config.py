@@ -51,6 +51,8 @@ class DataParams(Section):
         None, description="your eval split (same format); when null, eval is split off `instructions`"
     )
     corpus: str | None = Field(None, description="your pretraining text: local path or s3:// URI")
+    corrections: str | None = Field(None, description="reviewed corrections from production (JSONL, `llmops "
+                                    "feedback` writes it): their rows join the train split")
 
     @field_validator("eval_instructions")
     @classmethod
@@ -59,7 +61,7 @@ class DataParams(Section):
             raise ValueError("set only together with data.instructions (the train split)")
         return value
 
-    @field_validator("instructions", "eval_instructions", "corpus")
+    @field_validator("instructions", "eval_instructions", "corpus", "corrections")
     @classmethod
     def _known_format(cls, value, info: ValidationInfo):
         if value is None:
@@ -337,6 +339,100 @@ class OrchestrationParams(Section):
     wait_timeout_s: float | None = Field(None, gt=0, description="wait at most this long, then fail; null: no limit")
 
 
+class ConsistencyParams(Section):
+    """Self-consistency of answers no checker can verify: the same prompt asked `samples` times, sampled."""
+
+    requests: int = Field(20, ge=0, le=10_000, description="requests of the window re-asked; 0: none")
+    samples: int = Field(5, ge=2, le=64, description="k: sampled answers per request")
+    temperature: float = Field(0.8, gt=0, le=2)
+    max_tokens: int = Field(32, ge=1, le=4096)
+
+
+class HarmfulParams(Section):
+    """Harmful-content detectors applied to every prompt and answer of the window."""
+
+    detectors: list[str] = Field(default_factory=lambda: ["wordlist"],
+                                 description="wordlist (glin-profanity's maintained lists) and/or classifier")
+    classifier: str | None = Field(None, description="a local text-classification model directory (e.g. a toxicity "
+                                   "model you downloaded); required by the classifier detector")
+    classifier_labels: list[str] = Field(default_factory=lambda: ["toxic"],
+                                         description="the classifier's labels that mean harmful")
+    classifier_threshold: float = Field(0.5, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _classifier_named(self):
+        if "classifier" in self.detectors and not self.classifier:
+            raise ValueError("the classifier detector needs classifier: a local model directory")
+        return self
+
+
+class FairnessParams(Section):
+    """Counterfactual probes to the live endpoint: each audit template with its two group terms swapped."""
+
+    pairs_per_type: int = Field(4, ge=0, le=1_000, description="probe pairs per bias type; 0: none")
+    prompt: str = Field("{sentence} Is that true?", description="what is asked; {sentence} is the audit's sentence")
+    max_tokens: int = Field(16, ge=1, le=4096)
+    seed: int = 0
+
+    @field_validator("prompt")
+    @classmethod
+    def _has_sentence(cls, value):
+        if "{sentence}" not in value:
+            raise ValueError("must contain {sentence}")
+        return value
+
+
+class AlertParams(Section):
+    """Thresholds on the window's figures: a breach is recorded and notified."""
+
+    max_drift_share: float = Field(0.5, ge=0, le=1, description="share of monitored columns that drifted")
+    max_empty_rate: float = Field(0.05, ge=0, le=1, description="empty answers")
+    max_truncated_rate: float = Field(0.5, ge=0, le=1, description="answers cut by max_tokens")
+    max_refusal_rate: float = Field(0.2, ge=0, le=1)
+    max_wrong_rate: float = Field(0.5, ge=0, le=1, description="wrong answers among the checkable ones")
+    max_harmful_rate: float = Field(0.01, ge=0, le=1, description="prompts or answers a detector flags")
+    max_error_rate: float = Field(0.05, ge=0, le=1, description="requests answered with a 4xx or 5xx")
+    max_p95_latency_ms: float = Field(10_000, gt=0)
+    min_mean_rating: float = Field(2.5, ge=1, le=5, description="mean user rating (1-5) of the rated answers")
+    notify: str | None = Field(None, description="a Prefect notification block as type/name (custom-webhook/oncall, "
+                               "slack-webhook/ml-team, sendgrid-email/...); null: alerts are recorded, not sent")
+
+
+class RetrainParams(Section):
+    """When the monitor starts the pipeline on a new dataset version (accepted corrections joined to the data)."""
+
+    on_drift_share: float = Field(0.5, ge=0, le=1, description="retrain when this share of columns drifted")
+    on_wrong_rate: float = Field(0.5, ge=0, le=1, description="... or this share of checkable answers is wrong")
+    min_corrections: int = Field(20, ge=1, description="... or this many accepted corrections are not in the data")
+    deployment: str = Field("build-model/on-push", description="the deployment started (as a git push starts it)")
+
+
+class MonitorParams(Section):
+    """monitor: the deployed model's traffic in a window against a reference, in an Evidently report."""
+
+    window_hours: float = Field(24, gt=0, le=24 * 366, description="the window ends when the monitor runs")
+    reference: Literal["data", "previous"] = Field(
+        "data", description="data: the prepared train/eval prompts and the eval answers of the served version's "
+                            "evaluation; previous: the window before this one")
+    request_log: str | None = Field(None, description="the servers' request log: a directory or an s3:// prefix "
+                                    "of day partitions; null: this project's (.llmops/serve/requests)")
+    min_requests: int = Field(1, ge=1, description="fewer requests in the window: no report, said so")
+    drift_method: Literal["psi", "jensenshannon", "wasserstein", "kl_div", "chisquare", "ks"] = Field(
+        "psi", description="Evidently's drift method for every column (pinned: its default depends on the sizes)")
+    drift_threshold: float = Field(0.1, gt=0, description="a column drifted when its score is above this (for ks "
+                                   "and chisquare: when the p-value is below it)")
+    checkers: list[str] = Field(default_factory=lambda: ["sample_tasks"], description="verifiable-answer checkers: "
+                                "built-in sample_tasks, or your own as module:function (prompt -> (task, answer))")
+    refusals: list[str] = Field(default_factory=lambda: ["I cannot", "I can't", "I'm sorry", "As an AI"],
+                                description="phrases that make an answer a refusal (case-insensitive)")
+    flag_rating: int = Field(2, ge=1, le=5, description="a rating at or below this flags the answer for review")
+    consistency: ConsistencyParams = Field(default_factory=ConsistencyParams)
+    harmful: HarmfulParams = Field(default_factory=HarmfulParams)
+    fairness: FairnessParams = Field(default_factory=FairnessParams)
+    alerts: AlertParams = Field(default_factory=AlertParams)
+    retrain: RetrainParams = Field(default_factory=RetrainParams)
+
+
 class Params(Section):
     """Everything in params.yaml: one section per stage, plus storage, the registry, the deploy target and how
     Prefect's runs share the machine."""
@@ -361,6 +457,7 @@ class Params(Section):
     registry: RegistryParams = Field(default_factory=RegistryParams)
     deploy: DeployParams = Field(default_factory=DeployParams)
     orchestration: OrchestrationParams = Field(default_factory=OrchestrationParams)
+    monitor: MonitorParams = Field(default_factory=MonitorParams)
 
 
 # Environment variables that point storage elsewhere without editing params.yaml

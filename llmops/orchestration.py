@@ -106,6 +106,8 @@ def _form_defaults(names: list[str], params: dict) -> None:
     with get_client(sync_client=True) as client:
         for name in names:
             deployment = client.read_deployment_by_name(name)
+            if "params" not in (deployment.parameter_openapi_schema or {}).get("properties", {}):
+                continue  # a flow without the params form (the monitor reads params.yaml as it is)
             client.update_deployment(deployment.id, DeploymentUpdate(
                 parameters={**deployment.parameters, "params": params}))
 
@@ -138,6 +140,6 @@ def setup(root: str | os.PathLike) -> list[str]:
     out = _prefect(root, "--no-prompt", "deploy", "--prefect-file", str(DEPLOYMENTS), "--all", env=env)
     names = [line.split("'")[1] for line in out.splitlines() if "Deployment '" in line and "successfully" in line]
     _form_defaults(names, params.model_dump(mode="json"))
-    done += [f"deployment {name!r}: registered for {root}, its form's defaults from params.yaml" for name in names]
+    done += [f"deployment {name!r}: registered for {root}" for name in names]
     done.append(f"start a worker on this machine: prefect worker start --pool {POOL}")
     return done

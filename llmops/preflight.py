@@ -22,6 +22,7 @@ def check_inputs(params: Params, root: str | os.PathLike = ".") -> None:
         "data.instructions": params.data.instructions,
         "data.eval_instructions": params.data.eval_instructions,
         "data.corpus": params.data.corpus,
+        "data.corrections": params.data.corrections,
         "audit_bias.data": params.audit_bias.data,
     }
     dirs = {"train.finetune.adapter": params.train.finetune.adapter}

@@ -102,24 +102,31 @@ def _convert_units(rng: random.Random) -> tuple[str, str, str]:
     return f"Convert {n} {unit} to {target}.", f"{n * factor} {target}", f"{n} {unit} are {n * factor} {target}."
 
 
-_SOLVERS: list[tuple[re.Pattern, Callable[..., str]]] = [
-    (re.compile(r"How many letters are in '([a-z]+)'\?"), lambda w: str(len(w))),
-    (re.compile(r"What is the first letter of '([a-z]+)'\?"), lambda w: w[0]),
-    (re.compile(r"What is the last letter of '([a-z]+)'\?"), lambda w: w[-1]),
-    (re.compile(r"What number comes after (\d+)\?"), lambda n: str(int(n) + 1)),
-    (re.compile(r"What number comes before (\d+)\?"), lambda n: str(int(n) - 1)),
-    (re.compile(r"Which is larger, (\d+) or (\d+)\?"), lambda a, b: str(max(int(a), int(b)))),
-    (re.compile(r"Convert (\d+) (\w+) to (\w+)\."), lambda n, u, t: f"{int(n) * UNITS[u][1]} {t}"),
-]
+_SOLVERS: dict[str, tuple[re.Pattern, Callable[..., str]]] = {  # task family -> (its prompt, its answer)
+    "count_letters": (re.compile(r"How many letters are in '([a-z]+)'\?"), lambda w: str(len(w))),
+    "first_letter": (re.compile(r"What is the first letter of '([a-z]+)'\?"), lambda w: w[0]),
+    "last_letter": (re.compile(r"What is the last letter of '([a-z]+)'\?"), lambda w: w[-1]),
+    "next_number": (re.compile(r"What number comes after (\d+)\?"), lambda n: str(int(n) + 1)),
+    "prev_number": (re.compile(r"What number comes before (\d+)\?"), lambda n: str(int(n) - 1)),
+    "larger": (re.compile(r"Which is larger, (\d+) or (\d+)\?"), lambda a, b: str(max(int(a), int(b)))),
+    "convert_units": (re.compile(r"Convert (\d+) (\w+) to (\w+)\."),
+                      lambda n, u, t: f"{int(n) * UNITS[u][1]} {t}" if UNITS.get(u, ("", 0))[0] == t else None),
+}
+
+
+def check(prompt: str) -> tuple[str, str] | None:
+    """(task family, exact answer) of a generated prompt, recomputed from its text; None if not a sample task."""
+    for name, (pattern, answer) in _SOLVERS.items():
+        m = pattern.fullmatch(prompt.strip())
+        if m and (expected := answer(*m.groups())) is not None:
+            return name, expected
+    return None
 
 
 def solve(prompt: str) -> str | None:
     """The exact answer to a generated prompt, recomputed from its text; None if not a sample task."""
-    for pattern, answer in _SOLVERS:
-        m = pattern.fullmatch(prompt)
-        if m:
-            return answer(*m.groups())
-    return None
+    found = check(prompt)
+    return found and found[1]
 
 
 def in_corpus_share(prompt: str) -> bool:

@@ -94,6 +94,8 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from llmops.engine import Engine
+    from llmops.feedback import Store, database_url
+    from llmops.requestlog import LOG_DIR
     from llmops.server import Served, create_app, load_key_hashes
 
     keys = load_key_hashes(args.keys)
@@ -126,8 +128,9 @@ def _serve(args: argparse.Namespace) -> int:
                                             version=served.version, started=started, loaded=state["loaded"],
                                             reload_error=error, reloads=state["reloads"]))
 
+    store = Store(database_url(root))  # an unusable feedback database stops here, before the model loads
     served = load()  # a bad model or an unknown version stops here, with its reason
-    app = create_app(served, keys, servers.SERVE_DIR / "requests.jsonl", reload=load, on_change=on_change)
+    app = create_app(served, keys, root / LOG_DIR, store, reload=load, on_change=on_change)
     print(f"serving {served.label} at {url} (OpenAI-compatible; Authorization: Bearer <key>)", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=port, log_level="warning", timeout_graceful_shutdown=30)

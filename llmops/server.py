@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server: one model, continuous batching, API keys, Prometheus metrics, request logs.
 
 Routes: /v1/completions and /v1/chat/completions (streamed over SSE or not), /v1/models,
-/health (open: for a load balancer), /ready, /metrics. Every route but /health needs
+/v1/feedback (a rating of an answer, by its response id), /health (open: for a load balancer),
+/ready, /metrics. Every route but /health needs
 `Authorization: Bearer <key>`, /metrics included. Chat messages render through the model's
 chat template, which is the training prompt (see tasks/release.py). Bad requests get a 4xx
 with an OpenAI-style error body naming the field; nothing a client sends reaches a 500.
@@ -33,10 +34,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmops.engine import Engine, EngineError, Sampling
+from llmops.feedback import MAX_RATING, MIN_RATING, FeedbackError, Store, UnknownRequest
 from llmops.pii import mask
+from llmops.requestlog import Writer
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits a context
 OPEN_PATHS = ("/health",)
+GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")
 KEYS_ENV = "LLMOPS_API_KEY_HASHES"  # comma-separated sha256 hex digests of the accepted keys
 logger = logging.getLogger("llmops.server")
 
@@ -71,6 +75,8 @@ class _Request(BaseModel):
     stream: bool = False
     stop: str | list[str] | None = None
     ignore_eos: bool = False  # vLLM's extension: always generate max_tokens
+    user: str | None = Field(None, max_length=256, description="the caller's end-user id; the monitor's own probes "
+                             "say llmops-monitor")
 
 
 class CompletionRequest(_Request):
@@ -85,6 +91,15 @@ class Message(BaseModel):
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(min_length=1, max_length=64, description="the `id` of the response rated")
+    rating: int = Field(ge=MIN_RATING, le=MAX_RATING, description="1 (bad) to 5 (good)")
+    correction: str | None = Field(None, max_length=65_536, description="the answer it should have given")
+    comment: str | None = Field(None, max_length=65_536)
 
 
 class _Metrics:
@@ -121,10 +136,11 @@ class Served:
         return f"{self.name}@{self.version}" if self.version else self.name
 
 
-def create_app(served: Served, key_hashes: list[str], log_path: str | os.PathLike,
+def create_app(served: Served, key_hashes: list[str], log_dir: str | os.PathLike, store: Store,
                reload: Callable[[], Served] | None = None,
                on_change: Callable[[Served, str | None], None] | None = None) -> FastAPI:
-    """The app answering with `served`; requests are logged as JSON lines to `log_path`.
+    """The app answering with `served`; requests are logged as JSON lines under `log_dir` (see requestlog) and
+    recorded in `store`, which keeps the feedback on them.
 
     With `reload`, SIGHUP loads what it returns and swaps to it: new requests go to the new
     model at once, requests in flight finish on the old one, which then stops. A reload that
@@ -132,7 +148,7 @@ def create_app(served: Served, key_hashes: list[str], log_path: str | os.PathLik
     each reload (the error of one that failed).
     """
     metrics = _Metrics()
-    log = _request_log(log_path)
+    log = _RequestLog(Writer(log_dir), store)
     current = [served]  # the one mutable cell: handlers read current[0] once, when a request arrives
     retiring: set[Engine] = set()
     closing: list[bool] = []  # becomes true once, when the server shuts down
@@ -186,8 +202,11 @@ def create_app(served: Served, key_hashes: list[str], log_path: str | os.PathLik
             response = _error(413, f"request body over {MAX_BODY_BYTES} bytes")
         else:
             response = await call_next(request)
+        elapsed = time.perf_counter() - started
         metrics.requests.labels(route, str(response.status_code)).inc()
-        metrics.latency.labels(route).observe(time.perf_counter() - started)
+        metrics.latency.labels(route).observe(elapsed)
+        if route in GENERATION_ROUTES and response.status_code >= 400:  # answered ones are logged with their text
+            log.failed(route, response.status_code, elapsed)
         return response
 
     @app.exception_handler(RequestValidationError)
@@ -228,6 +247,17 @@ def create_app(served: Served, key_hashes: list[str], log_path: str | os.PathLik
         return {"object": "list", "data": [{"id": now.name, "object": "model", "created": 0, "owned_by": "llmops",
                                             "version": now.version}]}
 
+    @app.post("/v1/feedback")
+    async def rate(body: FeedbackRequest):
+        try:
+            feedback_id = await asyncio.to_thread(store.add_feedback, body.request_id, body.rating, body.correction,
+                                                  body.comment)
+        except UnknownRequest as exc:
+            return _error(404, str(exc), param="request_id", code="request_not_found")
+        except FeedbackError as exc:
+            return _error(503, str(exc), kind="server_error")
+        return {"id": feedback_id, "object": "feedback", "request_id": body.request_id, "rating": body.rating}
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
         now = current[0]
@@ -260,13 +290,13 @@ def create_app(served: Served, key_hashes: list[str], log_path: str | os.PathLik
         rid = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}"
         run = _Generation(engine, ids, sampling, stops, metrics)
         if body.stream:
-            return StreamingResponse(_sse(run, rid, kind, now.label, log, prompt, now.version),
+            return StreamingResponse(_sse(run, rid, kind, now.label, log, prompt, now.version, body.user),
                                      media_type="text/event-stream")
         try:
             text = "".join([piece async for piece in run])
         except EngineError as exc:
             return _error(503, str(exc), kind="server_error")
-        log(rid, kind, now.version, run, prompt, text)
+        await log.answered(rid, kind, now.version, run, prompt, text, body.user)
         usage = {"prompt_tokens": len(ids), "completion_tokens": run.completion_tokens,
                  "total_tokens": len(ids) + run.completion_tokens}
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": run.finish_reason}
@@ -323,7 +353,8 @@ class _Generation:
             self.latency_s = time.perf_counter() - self.started
 
 
-async def _sse(run: _Generation, rid: str, kind: str, model: str, log, prompt: str, version: str | None):
+async def _sse(run: _Generation, rid: str, kind: str, model: str, log: _RequestLog, prompt: str,
+               version: str | None, user: str | None):
     chunk_kind = "chat.completion.chunk" if kind.startswith("chat") else "text_completion"
     created = int(time.time())
 
@@ -342,27 +373,39 @@ async def _sse(run: _Generation, rid: str, kind: str, model: str, log, prompt: s
             yield event(piece, None)
     except EngineError as exc:
         yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
+        log.failed(_route(kind), 503, run.latency_s)
         return
     yield event(None, run.finish_reason)
     yield "data: [DONE]\n\n"
-    log(rid, kind, version, run, prompt, text)
+    await log.answered(rid, kind, version, run, prompt, text, user)
 
 
-def _request_log(path: str | os.PathLike):
-    """One JSON line per answered request, prompt and answer with PII masked (the monitoring stage reads these)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    logger = logging.getLogger(f"llmops.requests.{uuid.uuid4().hex}")
-    logger.propagate = False
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+def _route(kind: str) -> str:
+    return "/v1/chat/completions" if kind.startswith("chat") else "/v1/completions"
 
-    def write(rid: str, kind: str, version: str | None, run: _Generation, prompt: str, answer: str) -> None:
-        logger.info(json.dumps({
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "request_id": rid, "kind": kind,
-            "model_version": version, "latency_ms": round(run.latency_s * 1000, 2), "prompt_tokens": len(run.ids),
+
+class _RequestLog:
+    """Every request to a generation route, as a JSON line (see requestlog): the monitor reads these. Answered ones
+    carry their prompt and answer with PII masked, and go into the feedback store too, so feedback can name them."""
+
+    def __init__(self, writer: Writer, store: Store):
+        self.writer, self.store = writer, store
+
+    async def answered(self, rid: str, kind: str, version: str | None, run: _Generation, prompt: str, answer: str,
+                       user: str | None) -> None:
+        from datetime import datetime, timezone
+
+        prompt, answer = mask(prompt), mask(answer)
+        self.writer.write({
+            "request_id": rid, "route": _route(kind), "model_version": version, "status": 200,
+            "latency_ms": round(run.latency_s * 1000, 2), "prompt_tokens": len(run.ids),
             "completion_tokens": run.completion_tokens, "finish_reason": run.finish_reason,
-            "prompt": mask(prompt), "answer": mask(answer)}))
+            "user": mask(user) if user else None, "prompt": prompt, "answer": answer})
+        try:
+            await asyncio.to_thread(self.store.record_request, rid, datetime.now(timezone.utc), version, prompt, answer)
+        except Exception as exc:  # the answer was given and logged; only feedback on it will be refused
+            logger.error("could not record %s in the feedback database: %s", rid, exc)
 
-    return write
+    def failed(self, route: str, status: int, latency_s: float) -> None:
+        self.writer.write({"request_id": None, "route": route, "status": status,
+                           "latency_ms": round(latency_s * 1000, 2)})

@@ -26,7 +26,7 @@ def s3_client(storage: StorageParams):
     return boto3.client("s3", endpoint_url=storage.endpoint_url, region_name=storage.region, config=config)
 
 
-def _explain(exc: Exception, what: str, storage: StorageParams) -> StorageError:
+def explain(exc: Exception, what: str, storage: StorageParams) -> StorageError:
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
     endpoint = storage.endpoint_url or "AWS S3"
@@ -64,7 +64,7 @@ def read_bytes(uri: str, storage: StorageParams) -> bytes:
         try:
             return s3_client(storage).get_object(Bucket=bucket, Key=key)["Body"].read()
         except Exception as exc:
-            raise _explain(exc, uri, storage) from None
+            raise explain(exc, uri, storage) from None
     path = Path(os.path.expanduser(uri))
     try:
         return path.read_bytes()
@@ -92,4 +92,4 @@ def check_remote(storage: StorageParams) -> None:
     try:
         s3_client(storage).head_bucket(Bucket=storage.bucket)
     except Exception as exc:
-        raise _explain(exc, f"s3://{storage.bucket}", storage) from None
+        raise explain(exc, f"s3://{storage.bucket}", storage) from None

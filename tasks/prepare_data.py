@@ -74,6 +74,10 @@ def run_prepare_data(cfg: DataParams, storage: StorageParams, out_dir: str | Pat
     """
     out_dir = Path(out_dir)
     train, eval_, source = _split_rows(cfg, storage)
+    if cfg.corrections:  # reviewed answers from production: training rows only, judged by validate_data like the rest
+        corrections = parse_instructions(read_bytes(cfg.corrections, storage), cfg.corrections)
+        train = train + corrections
+        source += f" + {len(corrections)} corrections from {cfg.corrections}"
     text = _corpus(cfg, storage)
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")

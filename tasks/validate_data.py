@@ -128,6 +128,7 @@ def validate(cfg: ValidateDataParams, splits: dict[str, list[dict]]) -> Validati
     """
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
+    import pandas as pd
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
@@ -146,11 +147,14 @@ def validate(cfg: ValidateDataParams, splits: dict[str, list[dict]]) -> Validati
     eval_prompts = sorted({p for p in frames["eval"].get("prompt", []) if isinstance(p, str)})
     for name, definition in zip(splits, definitions, strict=True):
         frame = frames[name]
-        run = definition.run(
-            batch_parameters={"dataframe": frame},
-            expectation_parameters={"eval_prompts": eval_prompts},
-            result_format={"result_format": "COMPLETE", "include_unexpected_rows": False},
-        )
+        # pandas 3 gives text columns pyarrow storage when pyarrow is installed (Evidently brings it), and pyarrow's
+        # RE2 refuses the PII patterns' lookbehinds and possessive quantifiers: Python's re, as everywhere else
+        with pd.option_context("mode.string_storage", "python"):
+            run = definition.run(
+                batch_parameters={"dataframe": frame},
+                expectation_parameters={"eval_prompts": eval_prompts},
+                result_format={"result_format": "COMPLETE", "include_unexpected_rows": False},
+            )
         for r in run.results:
             config = r.expectation_config
             columns = [config.kwargs["column"]] if "column" in config.kwargs else config.kwargs.get("column_list", [])

@@ -9,12 +9,14 @@ import subprocess
 import threading
 import urllib.error
 import urllib.request
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 from conftest import BIN, _wait_http, base_env, free_port, run
 from llmops.datasets import read_jsonl
+from llmops.requestlog import read_window
 from llmops.server import hash_key
 
 pytestmark = [pytest.mark.services, pytest.mark.training]
@@ -146,11 +148,14 @@ def test_metrics_and_the_request_log(server):
                  "llmops_request_seconds_bucket", "llmops_requests_running", "llmops_requests_waiting",
                  "llmops_batch_size"):
         assert name in page
-    lines = [json.loads(line) for line in (tmp / ".llmops/serve/requests.jsonl").read_text().splitlines()]
-    last = lines[-1]
-    assert {"request_id", "model_version", "latency_ms", "prompt_tokens", "completion_tokens", "prompt",
-            "answer"} <= set(last)
-    assert "jenny@example.com" not in last["prompt"] and "555-867-5309" not in last["prompt"]
+    logged = read_window(tmp / ".llmops/serve/requests", datetime.now(timezone.utc) - timedelta(hours=1),
+                         datetime.now(timezone.utc) + timedelta(minutes=1))
+    answered = [r for r in logged.records if r["status"] == 200]
+    mailed = next(r for r in answered if "call" in r["prompt"])
+    assert {"request_id", "model_version", "latency_ms", "prompt_tokens", "completion_tokens", "finish_reason",
+            "prompt", "answer", "route"} <= set(mailed)
+    assert mailed["prompt"] == "Mail [EMAIL] or call [PHONE]"
+    assert not logged.skipped and len(list((tmp / ".llmops/serve/requests").glob("date=*/*.jsonl"))) == 1
 
 
 def test_a_model_directory_without_safetensors_is_refused(tmp_path):

@@ -1,0 +1,101 @@
+"""Closing the loop: reviewers' accepted corrections become a new dataset version, and the pipeline retrains on it.
+
+A version is one DVC-tracked file, data/corrections/accepted-<rows>.jsonl, holding every
+accepted correction so far (prompt, response, task); `data.corrections` in params.yaml names
+it, so prepare_data adds its rows to the train split and validate_data judges them with the
+rest: nothing reaches training unvalidated. The new version is a commit of the project's
+branch (the pointer and params.yaml, nothing else of the working tree), and its run starts
+through llmops.triggers, as a git push of that commit would start it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmops import locks, triggers
+from llmops.checks import Checker
+from llmops.config import PARAMS_FILE, load_params, with_changes, write_params
+from llmops.datasets import write_text
+from llmops.errors import LlmopsError
+from llmops.feedback import Store
+from llmops.repro import dvc
+
+DIR = Path("data/corrections")
+
+
+class LoopError(LlmopsError):
+    """No new dataset version or no run; the message says why and what to do."""
+
+
+def _git(root: Path, *args: str) -> str:
+    proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    if proc.returncode:
+        raise LoopError(f"git {' '.join(args)}: {(proc.stderr or proc.stdout).strip()}")
+    return proc.stdout.strip()
+
+
+@dataclass(frozen=True)
+class DatasetVersion:
+    commit: str
+    parent: str  # the branch's commit before it
+    branch: str
+    path: str  # data/corrections/accepted-<rows>.jsonl
+    rows: int
+    new: int  # corrections not in the previous version
+
+
+def new_version(root: Path, store: Store, check: Checker) -> DatasetVersion | None:
+    """Write, `dvc add` and commit a dataset version holding every accepted correction; None when no accepted
+    correction is missing from the data.
+
+    Raises:
+        LoopError: params.yaml has uncommitted changes (they would go into the commit), the checkout is not on a
+            branch, or git or DVC failed. The corrections stay pending; the next monitor run tries again.
+    """
+    pending = store.accepted(unused_only=True)
+    if not pending:
+        return None
+    with locks.exclusive(root / locks.RUN_LOCK, "a pipeline run"):  # never under a `llmops run` of this checkout
+        if _git(root, "status", "--porcelain", "--", PARAMS_FILE, str(DIR)):
+            raise LoopError(f"{PARAMS_FILE} or {DIR}/ has uncommitted changes: commit or stash them, and the next "
+                            f"monitor run makes the new dataset version ({len(pending)} corrections wait)")
+        try:
+            branch = _git(root, "symbolic-ref", "--quiet", "--short", "HEAD")
+        except LoopError:
+            raise LoopError(f"{root} is not on a branch (detached HEAD): the new dataset version is a commit of the "
+                            "branch the pipeline builds") from None
+        parent = _git(root, "rev-parse", "HEAD")
+        rows = store.accepted()
+        path = DIR / f"accepted-{len(rows):06d}.jsonl"
+        lines = []
+        for row in rows:
+            verdict = check(row["prompt"])
+            lines.append(json.dumps({"prompt": row["prompt"], "response": row["correction"].strip(),
+                                     "task": verdict[0] if verdict else "correction"}, ensure_ascii=False))
+        old = load_params(root / PARAMS_FILE)
+        write_text(root / path, "\n".join(lines) + "\n")
+        dvc(root, "add", "--quiet", str(path), what="dvc add")  # into the DVC cache; the run's push uploads it
+        if old.data.corrections and old.data.corrections != str(path):
+            for stale in (Path(old.data.corrections), Path(old.data.corrections + ".dvc")):
+                (root / stale).unlink(missing_ok=True)  # its rows are all in the new version; git history keeps it
+        write_params(root / PARAMS_FILE, with_changes(old, {"data.corrections": str(path)}))
+        _git(root, "add", "-A", "--", PARAMS_FILE, str(DIR))
+        _git(root, "commit", "-q", "-m", f"llmops monitor: {len(rows)} accepted corrections ({len(pending)} new) as "
+             f"{path}", "--", PARAMS_FILE, str(DIR))
+        store.mark_used([r["request_id"] for r in pending], str(path))
+        return DatasetVersion(commit=_git(root, "rev-parse", "HEAD"), parent=parent, branch=branch, path=str(path),
+                              rows=len(rows), new=len(pending))
+
+
+def retrain(root: Path, version: DatasetVersion, deployment: str) -> list[str]:
+    """Start the pipeline deployment on the version's commit through the git-push rule (it changed params.yaml and a
+    DVC pointer), as a push of that commit would."""
+    try:
+        return triggers.on_push(str(root), version.branch, deployment,
+                                [(version.parent, version.commit, f"refs/heads/{version.branch}")])
+    except triggers.TriggerError as exc:
+        raise LoopError(f"{exc}; start it by hand: python -m llmops.triggers --branch {version.branch} --after "
+                        f"{version.commit}") from None

@@ -1,0 +1,171 @@
+"""The monitor: the request log's day partitions, feedback, the Evidently report, alerts at a real webhook, and the
+loop from corrections to a new dataset version and a pipeline run on a real Prefect server."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import base_env, free_port, run, set_params, stop_servers
+from llmops.feedback import FeedbackError, Store, UnknownRequest
+from llmops.requestlog import Writer, read_window
+
+DRIFTED = ["Write a long poem about the autumn sea and its grey waves", "Tell me a story about dragons in a castle",
+           "Summarise the history of the roman empire in three sentences", "Explain quantum entanglement simply",
+           "Plan a trip through the mountains of northern Italy"]
+
+
+def test_the_request_log_is_read_by_day_partition_and_survives_corrupt_lines(tmp_path):
+    writer = Writer(tmp_path / "log")
+    writer.write({"request_id": "a", "status": 200, "prompt": "p", "answer": "x"})
+    day = next((tmp_path / "log").glob("date=*"))
+    (day / "other-host-1.jsonl").write_text('{"time": "2001-01-01T00:00:00.000Z", "status": 200}\nnot json\n'
+                                            '{"no_time": 1}\n')
+    (tmp_path / "log" / "date=1999-01-01").mkdir()  # outside the window: never opened
+    (tmp_path / "log" / "date=1999-01-01" / "x.jsonl").write_text("{broken")
+    now = datetime.now(timezone.utc)
+    window = read_window(tmp_path / "log", now - timedelta(hours=1), now + timedelta(seconds=1))
+    assert [r["request_id"] for r in window.records] == ["a"] and window.files == 2
+    assert len(window.skipped) == 2 and "other-host-1.jsonl:2: JSONDecodeError" in window.skipped[0]
+    empty = read_window(tmp_path / "log", now - timedelta(days=3), now - timedelta(days=2))
+    assert empty.records == [] and empty.files == 0
+
+
+def test_feedback_needs_a_known_request_and_a_review_needs_a_correction(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'fb.db'}")
+    with pytest.raises(UnknownRequest):
+        store.add_feedback("nope", 3)
+    store.record_request("r1", datetime.now(timezone.utc), "v1.0.0", "What number comes after 4?", "7")
+    store.add_feedback("r1", 1)
+    with pytest.raises(FeedbackError, match="nothing to accept"):
+        store.review("r1", True, "ana", "wrong", None)
+    store.review("r1", True, "ana", "wrong", "5")
+    with pytest.raises(FeedbackError, match="already reviewed"):
+        store.review("r1", False, "bo", "changed my mind", None)
+    assert [r["correction"] for r in store.accepted(unused_only=True)] == ["5"]
+    store.mark_used(["r1"], "data/corrections/accepted-000001.jsonl")
+    assert store.accepted(unused_only=True) == [] and len(store.accepted()) == 1
+
+
+class _Hook(BaseHTTPRequestHandler):
+    received: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = self.rfile.read(int(self.headers["content-length"]))
+        _Hook.received.append(json.loads(body))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.services
+@pytest.mark.training
+def test_drifted_traffic_and_corrections_alert_and_start_a_run_on_a_new_dataset_version(ran_project, prefect_api,
+                                                                                         monkeypatch):
+    from openai import OpenAI
+
+    api_url, home = prefect_api
+    project = ran_project
+    port = free_port()
+    hook = HTTPServer(("127.0.0.1", 0), _Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    monkeypatch.setenv("PREFECT_API_URL", api_url)
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    CustomWebhookNotificationBlock(name="llmops-alerts", url=f"http://127.0.0.1:{hook.server_port}/hook",
+                                   json_data={"text": "{{subject}}: {{body}}"}).save("llmops-alerts", overwrite=True)
+    set_params(project, "deploy.target=local", f"deploy.port={port}", "monitor.alerts.notify=custom-webhook/llmops-alerts",
+               "monitor.retrain.min_corrections=2", "monitor.consistency.requests=3", "monitor.consistency.samples=3",
+               "monitor.fairness.pairs_per_type=1", "monitor.alerts.max_wrong_rate=1")
+    run(["git", "commit", "-qam", "deploy and monitor"], project)
+    env = base_env(PREFECT_API_URL=api_url, PREFECT_HOME=str(home))
+    try:
+        assert "Deployed model v1.0.0" in run(["llmops", "run", "--no-push"], project, env=env).stdout
+        key = (project / ".llmops/serve/api_key").read_text().strip()
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+        asked = []
+        for i in range(12):
+            prompt = DRIFTED[i % len(DRIFTED)] + ("" if i < 5 else f" (number {i})")
+            reply = client.chat.completions.create(model="model", messages=[{"role": "user", "content": prompt}],
+                                                   max_tokens=6, temperature=0)
+            asked.append(reply.id)
+        client.chat.completions.create(model="model", max_tokens=4, temperature=0,
+                                       messages=[{"role": "user", "content": "What number comes after 41?"}])
+        with pytest.raises(Exception):
+            client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+
+        def feedback(body: dict) -> tuple[int, dict]:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/feedback", data=json.dumps(body).encode(),
+                                         headers={"Authorization": f"Bearer {key}",
+                                                  "Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    return resp.status, json.loads(resp.read())
+            except urllib.error.HTTPError as exc:
+                return exc.code, json.loads(exc.read())
+
+        assert feedback({"request_id": asked[0], "rating": 1, "correction": "The sea is grey."})[0] == 200
+        assert feedback({"request_id": asked[1], "rating": 2, "correction": "Once upon a time."})[0] == 200
+        status, body = feedback({"request_id": "chatcmpl-unknown", "rating": 1})
+        assert status == 404 and body["error"]["code"] == "request_not_found"
+        assert feedback({"request_id": asked[2], "rating": 9})[0] == 400
+
+        first = run(["llmops", "monitor"], project, env=env)
+        report = sorted((project / ".llmops/monitor/reports").glob("*/metrics.json"))[-1]
+        fig = json.loads(report.read_text())
+        assert fig["window"]["answered"] == 13 and fig["window"]["errors"] == 1
+        assert fig["traffic"]["error_rate"] == pytest.approx(1 / 14)
+        assert fig["drift"]["columns"]["task"]["drifted"] and fig["drift"]["share"] >= 0.5
+        assert fig["traffic"]["task_mix"] == {"next_number": 1, "other": 12}
+        assert fig["hallucination"]["checked"] == 1 and fig["hallucination"]["consistency"]["requests"] == 3
+        assert fig["feedback"]["rated"] == 2 and fig["feedback"]["mean_rating"] == pytest.approx(1.5)
+        assert set(fig["fairness"]["by_type"]) == {"gender", "race-color", "religion", "age", "nationality",
+                                                   "disability"}
+        html = (report.parent / "report.html").read_text()
+        assert "evidently" in html.lower() and "ValueDrift" in html
+        assert "drifted" in first.stdout and "retraining is due" in first.stdout
+        texts = [m["text"] for m in _Hook.received]
+        assert any("share of monitored columns drifted" in t for t in texts), texts
+        assert any("mean user rating" in t for t in texts)
+        alerts = [json.loads(line) for line in (project / ".llmops/monitor/alerts.jsonl").read_text().splitlines()]
+        assert {"monitor.alerts.max_drift_share", "monitor.alerts.max_error_rate"} <= {a["check"] for a in alerts}
+
+        queue = run(["llmops", "feedback", "queue"], project, env=env).stdout
+        assert asked[0] in queue and "rated 1" in queue
+        for rid in asked[:2]:
+            run(["llmops", "feedback", "accept", rid, "--reason", "the user is right"], project, env=env)
+        refused = run(["llmops", "feedback", "accept", asked[0], "--reason", "again"], project, env=env, check=False)
+        assert refused.returncode == 1 and "already reviewed" in refused.stderr
+
+        run(["llmops", "setup"], project, env=env)
+        head = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
+        second = run(["llmops", "monitor"], project, env=env)
+        commit = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
+        assert commit != head and f"flow run 'push-{commit[:12]}'" in second.stdout, second.stdout
+        changed = run(["git", "show", "--name-only", "--format=", commit], project).stdout.split()
+        assert changed == ["data/corrections/.gitignore", "data/corrections/accepted-000002.jsonl.dvc", "params.yaml"]
+        runs = _flow_runs(api_url)
+        assert runs[f"push-{commit[:12]}"] == {"commit": commit}
+        # the new data goes through prepare_data and validate_data like any other
+        prepared = run(["llmops", "prepare_data"], project, env=env).stdout
+        assert "+ 2 corrections from data/corrections/accepted-000002.jsonl" in prepared
+        run(["llmops", "validate_data"], project, env=env)
+    finally:
+        hook.shutdown()
+        stop_servers(project)
+
+
+def _flow_runs(api_url: str) -> dict[str, dict]:
+    req = urllib.request.Request(f"{api_url}/flow_runs/filter", data=b"{}", headers={"Content-Type":
+                                                                                      "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return {r["name"]: r["parameters"] for r in json.loads(resp.read())}
