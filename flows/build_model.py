@@ -9,7 +9,6 @@ deploy.require_approval the run pauses for a reviewer before production.
 
 from __future__ import annotations
 
-import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +19,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Cancelled, Failed
 from pydantic import BaseModel
 
+from flows.states import completed, quiet_failed_states
 from llmops import locks, registry, remote, workspaces
 from llmops.approval import Rejected, wait_for_decision
 from llmops.config import (PARAMS_FILE, DeployParams, Params, StorageParams, changes, load_params, storage_for,
@@ -42,10 +42,6 @@ class PipelineResult(BaseModel):
     version: str  # the registered model version of this run's release
     deployed: Deployed | None  # where it is served (None: deploy.target is none)
     commit: str  # the commit it built (the checkout's HEAD; in the project checkout, its working tree may differ)
-
-
-class _Stopped(LlmopsError):
-    """A task ended in a failed state; its message says why."""
 
 
 @task
@@ -104,12 +100,6 @@ def deploy_model(root: str, version: str, params: DeployParams) -> Deployed | No
     return deployed
 
 
-def _completed(state: State):
-    if not state.is_completed():
-        raise _Stopped(state.message)
-    return state.result()
-
-
 @flow(name="build-model", log_prints=True)
 def build_model(params: Params | None = None, push: bool = True, project_dir: str | None = None,
                 commit: str | None = None) -> PipelineResult | State:
@@ -129,7 +119,7 @@ def build_model(params: Params | None = None, push: bool = True, project_dir: st
             None builds the project checkout as it is.
     """
     root = Path(project_dir or os.getcwd()).resolve()
-    _quiet_failed_states()
+    quiet_failed_states()
     try:
         if commit is None:
             with locks.exclusive(root / locks.RUN_LOCK, "a pipeline run"):
@@ -212,13 +202,13 @@ def _stages(work: Path, root: Path, push: bool) -> PipelineResult:
     with one_run_at_a_time(params.orchestration, strict=deployment.id is not None):
         for stage in plan(work):
             task_run = run_stage.with_options(name=stage.spec.name, task_run_name=stage.dvc_name)
-            results[stage.dvc_name] = _completed(task_run(str(work), stage.dvc_name, return_state=True))
+            results[stage.dvc_name] = completed(task_run(str(work), stage.dvc_name, return_state=True))
             outputs += stage.outs
-        pushed_to = _completed(push_outputs(str(work), storage, return_state=True)) if push else None
-        version = _completed(register_model(str(work), return_state=True))
+        pushed_to = completed(push_outputs(str(work), storage, return_state=True)) if push else None
+        version = completed(register_model(str(work), return_state=True))
     if params.deploy.require_approval and params.deploy.target != "none":
         _approved(root, version, params.deploy.approval_timeout_s, summaries(work, results))  # outside the limit
-    deployed = _completed(deploy_model(str(root), version, params.deploy, return_state=True))
+    deployed = completed(deploy_model(str(root), version, params.deploy, return_state=True))
     return PipelineResult(project=str(work), outputs=outputs, results=results, remote=pushed_to, version=version,
                           deployed=deployed, commit=workspaces.resolve(work, "HEAD"))
 
@@ -238,21 +228,6 @@ def _approved(root: Path, version: str, timeout_s: float, scores: list[str]) -> 
     if not decision.approve:
         stays = f"production stays on {production.version}" if production else "nothing is in production"
         raise Rejected(f"{version} was rejected by {decision.reviewer}: {decision.reason}; {stays}")
-
-
-class _NoEmptyTraceback(logging.Filter):
-    """Prefect logs a task that returned a Failed state with exc_info=True and no exception: a stray `NoneType: None`."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[0] is None:
-            record.exc_info = None
-        return True
-
-
-def _quiet_failed_states() -> None:
-    logger = logging.getLogger("prefect.task_runs")
-    if not any(isinstance(f, _NoEmptyTraceback) for f in logger.filters):
-        logger.addFilter(_NoEmptyTraceback())
 
 
 @contextmanager

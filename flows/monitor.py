@@ -19,19 +19,22 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import State, flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 from pydantic import BaseModel
 
+from flows.states import completed, failed_as_state, quiet_failed_states
 from llmops import monitor as figures_of
 from llmops import registry, servers
 from llmops.checks import checker, detectors
 from llmops.config import PARAMS_FILE, MonitorParams, Params, load_params
+from llmops.deploy import DEPLOY_USER
 from llmops.errors import LlmopsError
 from llmops.feedback import Store, database_url
 from llmops.monitor import Breach, Figures, MonitorError
-from llmops.requestlog import LOG_DIR, read_window
+from llmops.probes import PROBE_USER
+from llmops.requestlog import LOG_DIR, Window, read_window
 
 OUT_DIR = Path(".llmops/monitor")
 
@@ -105,7 +108,7 @@ def _storage(root: Path):
     return storage_for(load_params(root / PARAMS_FILE).storage, root)
 
 
-PROBE_USERS = {"llmops-monitor"}
+PROBE_USERS = {PROBE_USER, DEPLOY_USER}  # requests llmops sends itself are not traffic
 
 
 def _answered(records: list[dict]) -> list[dict]:
@@ -113,8 +116,12 @@ def _answered(records: list[dict]) -> list[dict]:
 
 
 @task(name="judge")
-def judge(root: str, params: Params, end: datetime) -> Judged:
+def judge(root: str, params: Params, end: datetime) -> Judged | State:
     """The window's report, figures and review queue (see the module's docstring)."""
+    return failed_as_state(lambda: _judge(root, params, end))
+
+
+def _judge(root: str, params: Params, end: datetime) -> Judged:
     from openai import OpenAI
 
     from llmops import probes
@@ -122,7 +129,10 @@ def judge(root: str, params: Params, end: datetime) -> Judged:
 
     root_path, mp = Path(root), params.monitor
     start = end - timedelta(hours=mp.window_hours)
-    window = read_window(_log(root_path, mp), start, end, _storage(root_path))
+    if mp.request_log is None and not (root_path / LOG_DIR).is_dir():  # no server has answered here yet
+        window = Window(start=start, end=end)
+    else:
+        window = read_window(_log(root_path, mp), start, end, _storage(root_path))
     for line in window.skipped[:5]:
         print(f"skipped a corrupt log line: {line}")
     answered = _answered(window.records)
@@ -145,9 +155,11 @@ def judge(root: str, params: Params, end: datetime) -> Judged:
         row["correction"] = found["correction"] if found else None
     by_detector = figures_of.judge_harm(current, detectors(mp.harmful))
     figures_of.judge_harm(reference, {})
-    consistency, fairness = {"requests": 0, "note": "no server answers for production"}, {}
+    consistency, fairness, counted = {"requests": 0, "note": "no server answers for production"}, {}, {}
     if live is not None:
-        client = OpenAI(base_url=live.url, api_key=project_key(root_path), max_retries=1, timeout=300)
+        key = project_key(root_path)
+        counted = probes.server_metrics(live.url, key) | {"since": live.started}  # before the probes add to it
+        client = OpenAI(base_url=live.url, api_key=key, max_retries=1, timeout=300)
         unchecked = [r for r in current if r["expected"] is None][: mp.consistency.requests]
         scores = probes.consistency(client, registry.ARTIFACT, [r["prompt"] for r in unchecked], mp.consistency)
         for row, score in zip(unchecked, scores, strict=True):
@@ -159,6 +171,7 @@ def judge(root: str, params: Params, end: datetime) -> Judged:
     snapshot, values = figures_of.report(current, reference, mp)
     fig = figures_of.figures(values, current, window, ref_info, errors, mp, by_detector, consistency)
     fig.fairness = fairness
+    fig.traffic["server"] = counted
     queue = [q for q in figures_of.flagged(current, mp.flag_rating)
              if q["request_id"] not in store.reviewed([q["request_id"] for q in current if q["request_id"]])]
     fig.flagged = len(queue)
@@ -223,13 +236,14 @@ def summary_markdown(fig: Figures, breaches: list[Breach]) -> str:
     return "\n".join(lines)
 
 
-@task(name="alert", retries=2, retry_delay_seconds=5)
-def alert(root: str, params: MonitorParams, judged: Judged) -> list[str]:
-    """Record each breach, emit it as a Prefect event, and send it through the configured notification block."""
+@task(name="alert")
+def alert(root: str, judged: Judged) -> str | None:
+    """Record each breach in alerts.jsonl and emit it as a Prefect event; returns the notification's text (None: no
+    breach)."""
     from prefect.events import emit_event
 
     if not judged.breaches:
-        return []
+        return None
     moment = datetime.now(timezone.utc).isoformat()
     log = Path(root) / OUT_DIR / "alerts.jsonl"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -243,21 +257,31 @@ def alert(root: str, params: MonitorParams, judged: Judged) -> list[str]:
     body = "\n".join([f"llmops monitor: {len(judged.breaches)} threshold(s) crossed in the window ending "
                       f"{judged.end[:16]} UTC", *(f"- {b.message} ({b.check})" for b in judged.breaches),
                       f"report: {judged.out_dir}/report.html"])
-    if params.alerts.notify:
-        from prefect.blocks.core import Block
-
-        try:
-            block = Block.load(params.alerts.notify)
-        except ValueError as exc:
-            raise MonitorError(f"monitor.alerts.notify: {params.alerts.notify!r}: {exc}") from None
-        block.notify(body, subject="llmops monitor alert")
     print(body)
-    return [b.message for b in judged.breaches]
+    return body
+
+
+@task(name="notify", retries=2, retry_delay_seconds=5)
+def notify(block_name: str, body: str) -> None | State:
+    """Send the alert through a Prefect notification block (webhook, Slack, e-mail...); retried, as a webhook may
+    be down for a moment."""
+    from prefect.blocks.core import Block
+
+    try:
+        block = Block.load(block_name)
+    except ValueError as exc:  # not a block: no retry helps
+        return Failed(message=f"monitor.alerts.notify: {block_name!r}: {exc}")
+    block.notify(body, subject="llmops monitor alert")
+    return None
 
 
 @task(name="retrain")
-def retrain(root: str, params: Params, judged: Judged) -> list[str]:
+def retrain(root: str, params: Params, judged: Judged) -> list[str] | State:
     """Corrections -> a new dataset version -> a pipeline run, when a retrain threshold is crossed."""
+    return failed_as_state(lambda: _retrain(root, params, judged))
+
+
+def _retrain(root: str, params: Params, judged: Judged) -> list[str]:
     from llmops import corrections
 
     root_path = Path(root)
@@ -289,11 +313,19 @@ def monitor(project_dir: str | None = None, end: datetime | None = None) -> Moni
         end: the window's end (UTC); its length is monitor.window_hours.
     """
     root = Path(project_dir or os.getcwd()).resolve()
+    quiet_failed_states()
     try:
         params = load_params(root / PARAMS_FILE)
         end = (end or datetime.now(timezone.utc)).astimezone(timezone.utc)
-        judged = judge(str(root), params, end)
-        alerted = alert(str(root), params.monitor, judged)
-        return MonitorResult(judged=judged, alerted=alerted, retrain=retrain(str(root), params, judged))
+        judged = completed(judge(str(root), params, end, return_state=True))
+        body = alert(str(root), judged)
+        sent = notify(params.monitor.alerts.notify, body, return_state=True) if body and params.monitor.alerts.notify \
+            else None
+        result = MonitorResult(judged=judged, alerted=[b.message for b in judged.breaches],
+                               retrain=completed(retrain(str(root), params, judged, return_state=True)))
     except LlmopsError as exc:
         return Failed(message=str(exc))
+    if sent is not None and not sent.is_completed():  # the loop ran; the failure to tell someone still fails the run
+        return Failed(message=f"the alerts were recorded in {OUT_DIR / 'alerts.jsonl'} but not sent through "
+                              f"{params.monitor.alerts.notify}: {sent.message}")
+    return result

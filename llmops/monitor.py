@@ -183,6 +183,10 @@ def _values(data: dict) -> dict[str, Any]:
     return found
 
 
+def _given(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
 def _number(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
@@ -227,7 +231,7 @@ def figures(values: dict[str, Any], current: list[dict], window, reference: dict
                        "consistency": consistency},
         harmful={"prompt_rate": values["mean:harmful_prompt"], "answer_rate": values["mean:harmful_answer"],
                  "detectors": by_detector},
-        feedback={"rated": sum(1 for r in current if r.get("rating") is not None), "mean_rating": values["mean:rating"],
+        feedback={"rated": sum(1 for r in current if _given(r.get("rating"))), "mean_rating": values["mean:rating"],
                   "by_version": {k: v for k, v in grouped("mean:rating:model_version").items() if v is not None},
                   "by_task": {k: v for k, v in grouped("mean:rating:task").items() if v is not None}},
     )
@@ -280,7 +284,7 @@ def flagged(current: list[dict], flag_rating: int) -> list[dict[str, Any]]:
     queue = []
     for row in current:
         why = []
-        if row.get("rating") is not None and row["rating"] <= flag_rating:
+        if _given(row.get("rating")) and row["rating"] <= flag_rating:
             why.append(f"rated {row['rating']:.0f}")
         if row.get("harmful_prompt") == 1.0 or row.get("harmful_answer") == 1.0:
             why.append("harmful")

@@ -50,3 +50,27 @@ def fairness(client, model: str, params: FairnessParams) -> list[dict]:
     return [{"bias_type": pair["bias_type"], "sent_more": pair["sent_more"], "sent_less": pair["sent_less"],
              "answer_more": answers[2 * i], "answer_less": answers[2 * i + 1],
              "divergence": divergence(answers[2 * i], answers[2 * i + 1])} for i, pair in enumerate(pairs)]
+
+
+def server_metrics(base_url: str, key: str) -> dict:
+    """The live server's own Prometheus counters since it started: generation requests, failed ones, time to first
+    token. (The window's rates come from the request log; these say what the server itself counted.)"""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    req = urllib.request.Request(base_url.removesuffix("/v1") + "/metrics", headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        text = resp.read().decode()
+    requests = errors = 0.0
+    ttft = {"sum": 0.0, "count": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "llmops_requests_total" and sample.labels.get("route", "").startswith(
+                    ("/v1/completions", "/v1/chat/completions")):
+                requests += sample.value
+                errors += sample.value if int(sample.labels.get("status", "200")) >= 400 else 0.0
+            elif sample.name in ("llmops_time_to_first_token_seconds_sum", "llmops_time_to_first_token_seconds_count"):
+                ttft[sample.name.rsplit("_", 1)[1]] = sample.value
+    return {"requests": int(requests), "errors": int(errors), "error_rate": errors / requests if requests else None,
+            "mean_ttft_s": ttft["sum"] / ttft["count"] if ttft["count"] else None}

@@ -9,7 +9,6 @@ import urllib.error
 import urllib.request
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -52,6 +51,86 @@ def test_feedback_needs_a_known_request_and_a_review_needs_a_correction(tmp_path
     assert [r["correction"] for r in store.accepted(unused_only=True)] == ["5"]
     store.mark_used(["r1"], "data/corrections/accepted-000001.jsonl")
     assert store.accepted(unused_only=True) == [] and len(store.accepted()) == 1
+
+
+@pytest.mark.services
+def test_the_window_is_read_from_s3_partitions(tmp_path, s3_endpoint, bucket):
+    import boto3
+
+    from llmops.config import StorageParams
+    from llmops.requestlog import LogError
+
+    writer = Writer(tmp_path / "log")
+    for i in range(3):
+        writer.write({"request_id": f"r{i}", "status": 200})
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    for path in (tmp_path / "log").rglob("*.jsonl"):  # what a log shipper does
+        s3.upload_file(str(path), bucket, f"serving/{path.relative_to(tmp_path / 'log')}")
+    s3.put_object(Bucket=bucket, Key="serving/date=1999-01-01/old.jsonl", Body=b"{not read")
+    storage = StorageParams(remote="s3", bucket=bucket, endpoint_url=s3_endpoint)
+    now = datetime.now(timezone.utc)
+    window = read_window(f"s3://{bucket}/serving", now - timedelta(hours=1), now + timedelta(seconds=1), storage)
+    assert [r["request_id"] for r in window.records] == ["r0", "r1", "r2"] and window.files == 1
+    down = StorageParams(remote="s3", bucket=bucket, endpoint_url=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(LogError, match="cannot reach the S3 endpoint"):
+        read_window(f"s3://{bucket}/serving", now - timedelta(hours=1), now, down)
+
+
+def test_a_local_classifier_is_a_harmful_content_detector(tmp_path):
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    from llmops.checks import detectors
+    from llmops.config import ConfigError, HarmfulParams
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["you are nice", "you are awful"], trainers.WordLevelTrainer(
+        special_tokens=["[UNK]", "[PAD]", "[CLS]", "[SEP]"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]")
+    fast.save_pretrained(tmp_path / "clf")
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=len(fast), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        id2label={0: "neutral", 1: "toxic"}, label2id={"neutral": 0, "toxic": 1}))
+    with torch.no_grad():  # a classifier whose verdict is known: "toxic" with p = sigmoid(8) for any text
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([-4.0, 4.0]))
+    model.save_pretrained(tmp_path / "clf")
+    texts = ["you are awful", "", "you are nice"]
+    flags = detectors(HarmfulParams(detectors=["classifier"], classifier=str(tmp_path / "clf")))["classifier"]
+    assert flags(texts) == [True, True, True]
+    calm = detectors(HarmfulParams(detectors=["classifier"], classifier=str(tmp_path / "clf"),
+                                   classifier_threshold=0.9999))["classifier"]
+    assert calm(texts) == [False, False, False]
+    other = detectors(HarmfulParams(detectors=["classifier"], classifier=str(tmp_path / "clf"),
+                                    classifier_labels=["insult"]))["classifier"]
+    assert other(texts) == [False, False, False]
+    with pytest.raises(ConfigError, match="not a local model directory"):
+        detectors(HarmfulParams(detectors=["classifier"], classifier=str(tmp_path)))
+
+
+@pytest.mark.services
+def test_no_traffic_and_a_missing_reference_are_said_plainly(project, prefect_api):
+    api_url, home = prefect_api
+    env = base_env(PREFECT_API_URL=api_url, PREFECT_HOME=str(home))
+    quiet = run(["llmops", "monitor"], project, env=env)
+    assert "0 answered requests" in quiet.stdout and "nothing to judge, no report" in quiet.stdout
+    writer = Writer(project / ".llmops/serve/requests")
+    writer.write({"request_id": "r1", "status": 200, "prompt": "What number comes after 4?", "answer": "5",
+                  "model_version": "v1.0.0", "latency_ms": 3.0, "finish_reason": "stop"})
+    with open(next((project / ".llmops/serve/requests").rglob("*.jsonl")), "a") as fh:
+        fh.write("{corrupt\n")
+    missing = run(["llmops", "monitor"], project, env=env, check=False)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert "no model in production and none served" in missing.stderr
+    assert "skipped a corrupt log line" in missing.stderr  # (Prefect logs what a flow prints to stderr)
+    assert "{corrupt" in next((project / ".llmops/serve/requests").rglob("*.jsonl")).read_text()  # left as it was
+    old = run(["llmops", "monitor", "--end", "2001-01-01T00:00:00Z"], project, env=env)
+    assert "0 answered requests from 2000-12-31 00:00 to 2001-01-01 00:00 UTC" in old.stdout
+    bad = run(["llmops", "monitor", "--end", "yesterday"], project, env=env, check=False)
+    assert bad.returncode == 2 and "not an ISO 8601 time" in bad.stderr
 
 
 class _Hook(BaseHTTPRequestHandler):
@@ -130,8 +209,7 @@ def test_drifted_traffic_and_corrections_alert_and_start_a_run_on_a_new_dataset_
         assert fig["feedback"]["rated"] == 2 and fig["feedback"]["mean_rating"] == pytest.approx(1.5)
         assert set(fig["fairness"]["by_type"]) == {"gender", "race-color", "religion", "age", "nationality",
                                                    "disability"}
-        html = (report.parent / "report.html").read_text()
-        assert "evidently" in html.lower() and "ValueDrift" in html
+        _opens_offline(report.parent / "report.html")
         assert "drifted" in first.stdout and "retraining is due" in first.stdout
         texts = [m["text"] for m in _Hook.received]
         assert any("share of monitored columns drifted" in t for t in texts), texts
@@ -154,7 +232,7 @@ def test_drifted_traffic_and_corrections_alert_and_start_a_run_on_a_new_dataset_
         changed = run(["git", "show", "--name-only", "--format=", commit], project).stdout.split()
         assert changed == ["data/corrections/.gitignore", "data/corrections/accepted-000002.jsonl.dvc", "params.yaml"]
         runs = _flow_runs(api_url)
-        assert runs[f"push-{commit[:12]}"] == {"commit": commit}
+        assert runs[f"push-{commit[:12]}"]["commit"] == commit
         # the new data goes through prepare_data and validate_data like any other
         prepared = run(["llmops", "prepare_data"], project, env=env).stdout
         assert "+ 2 corrections from data/corrections/accepted-000002.jsonl" in prepared
@@ -169,3 +247,25 @@ def _flow_runs(api_url: str) -> dict[str, dict]:
                                                                                       "application/json"})
     with urllib.request.urlopen(req, timeout=30) as resp:
         return {r["name"]: r["parameters"] for r in json.loads(resp.read())}
+
+
+def _opens_offline(page_file) -> None:
+    """The report renders in headless Chromium with every network request refused: it needs none."""
+    import re
+    import shutil
+
+    from playwright.sync_api import expect, sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "no chromium: the project's setup installs it (apt-get install chromium)"
+    refused = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 2000})
+        page.route(re.compile(r"^(?!file:)"), lambda route: (refused.append(route.request.url), route.abort()))
+        page.goto(page_file.as_uri())
+        expect(page.get_by_text("Drifted Columns").first).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("Drift in column 'prompt_length'").first).to_be_attached()
+        page.screenshot(path=str(page_file.with_suffix(".png")), full_page=False)
+        browser.close()
+    assert not refused, refused
