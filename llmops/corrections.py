@@ -15,12 +15,13 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmops import locks, triggers
-from llmops.checks import Checker
-from llmops.config import PARAMS_FILE, load_params, with_changes, write_params
+from llmops import locks, registry, triggers
+from llmops.checks import Checker, checker
+from llmops.config import PARAMS_FILE, Params, load_params, with_changes, write_params
 from llmops.datasets import write_text
 from llmops.errors import LlmopsError
-from llmops.feedback import Store
+from llmops.feedback import Store, database_url
+from llmops.monitor_report import Figures
 from llmops.repro import dvc
 
 DIR = Path("data/corrections")
@@ -83,8 +84,10 @@ def new_version(root: Path, store: Store, check: Checker) -> DatasetVersion | No
                 (root / stale).unlink(missing_ok=True)  # its rows are all in the new version; git history keeps it
         write_params(root / PARAMS_FILE, with_changes(old, {"data.corrections": str(path)}))
         _git(root, "add", "-A", "--", PARAMS_FILE, str(DIR))
-        _git(root, "commit", "-q", "-m", f"llmops monitor: {len(rows)} accepted corrections ({len(pending)} new) as "
-             f"{path}", "--", PARAMS_FILE, str(DIR))
+        identity = [] if registry.git_user() else ["-c", f"user.name={registry.who()}",  # a worker may have no git
+                                                   "-c", f"user.email={registry.who()}@llmops"]  # identity set up
+        _git(root, *identity, "commit", "-q", "-m", f"llmops monitor: {len(rows)} accepted corrections "
+             f"({len(pending)} new) as {path}", "--", PARAMS_FILE, str(DIR))
         store.mark_used([r["request_id"] for r in pending], str(path))
         return DatasetVersion(commit=_git(root, "rev-parse", "HEAD"), parent=parent, branch=branch, path=str(path),
                               rows=len(rows), new=len(pending))
@@ -99,3 +102,22 @@ def retrain(root: Path, version: DatasetVersion, deployment: str) -> list[str]:
     except triggers.TriggerError as exc:
         raise LoopError(f"{exc}; start it by hand: python -m llmops.triggers --branch {version.branch} --after "
                         f"{version.commit}") from None
+
+
+def close_loop(root: Path, params: Params, figures: Figures | None) -> list[str]:
+    """When retraining is due (monitor.retrain), a new dataset version from the accepted corrections and a run of the
+    pipeline deployment on it; returns what was done, a line each (empty: not due)."""
+    from llmops.monitor import retrain_reason
+
+    store = Store(database_url(root))
+    pending = len(store.accepted(unused_only=True))
+    reason = retrain_reason(figures, pending, params.monitor.retrain)
+    if reason is None:
+        return []
+    if not pending:  # the same data would rebuild the same model (DVC skips every stage)
+        return [f"retraining is due ({reason}) but there is no new data: review the queue (`llmops feedback queue`) "
+                "and accept corrections"]
+    version = new_version(root, store, checker(params.monitor.checkers))
+    said = [f"retraining: {reason}", f"new dataset version {version.path} ({version.rows} corrections, {version.new} "
+            f"new), commit {version.commit[:12]} on {version.branch}"]
+    return said + retrain(root, version, params.monitor.retrain.deployment)

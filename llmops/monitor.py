@@ -1,240 +1,39 @@
-"""The monitor's figures: production traffic of a window against a reference, in an Evidently 0.7 report.
+"""Judging the deployed model's traffic of one window: what the monitor flow runs (without Prefect).
 
-Each answered request of the request log becomes a row: the prompt (its length, words, share
-of words the reference never used, task family, PII it carried), the answer (length, empty,
-cut by max_tokens, refusal, format, right or wrong where a checker knows the answer, harmful),
-its latency, and the user's rating. Evidently computes every figure (drift per column with a
-pinned method, rates, quantiles, ratings grouped by version and task); the numbers are read
-back from its JSON, so the HTML a person opens and the metrics JSON alerts use agree.
-The reference is the served version's own training and eval data (read through DVC at the
-version's commit) or the window before.
+judge()           the request log's window against a reference (monitor_report: the Evidently report), with the
+                  users' feedback, harmful-content detectors, and probes of the live endpoint (self-consistency,
+                  counterfactual fairness); writes report.html, metrics.json and queue.jsonl
+breaches()        the alert thresholds the figures cross; record_alerts() appends them to alerts.jsonl
+retrain_reason()  whether drift, wrong answers or waiting corrections call for retraining (corrections.py acts)
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
-import warnings
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import BaseModel
 
-from llmops import pii
-from llmops.checks import Checker, Detector, is_correct
-from llmops.config import AlertParams, MonitorParams, RetrainParams
+from llmops import monitor_report as report
+from llmops import registry, servers
+from llmops.checks import Checker, checker, detectors
+from llmops.config import AlertParams, MonitorParams, Params, RetrainParams, storage_for
+from llmops.deploy import DEPLOY_USER
 from llmops.errors import LlmopsError
+from llmops.feedback import Store, database_url
+from llmops.monitor_report import Figures
+from llmops.probes import PROBE_USER
+from llmops.requestlog import LOG_DIR, Window, read_window
 
-DRIFT_COLUMNS = ("prompt_length", "prompt_words", "oov_share", "task", "pii", "answer_length")
-RATES = ("empty", "truncated", "refusal", "format_ok", "wrong", "harmful_prompt", "harmful_answer", "agreement")
-_PII_MARK = re.compile(r"\[(?:%s)\]" % "|".join(k.upper() for k in pii.PATTERNS))
+OUT_DIR = Path(".llmops/monitor")
+OWN_USERS = {PROBE_USER, DEPLOY_USER}  # requests llmops sends itself are not traffic
 
 
 class MonitorError(LlmopsError):
     """The monitor cannot judge this window; the message says what is missing."""
-
-
-class Figures(BaseModel):
-    """What the report says, as numbers (metrics.json)."""
-
-    window: dict[str, Any]  # start, end, requests, answered, errors, skipped lines, files
-    reference: dict[str, Any]  # kind, source, rows
-    drift: dict[str, Any]  # share, method, threshold, columns: {name: {score, drifted}}
-    quality: dict[str, Any]  # empty/truncated/refusal/format rates, answer length
-    traffic: dict[str, Any]  # error rate, latency p50/p95, pii rate, task mix
-    hallucination: dict[str, Any]  # checked, wrong_rate, by task; consistency
-    harmful: dict[str, Any]  # prompt and answer rates, detectors
-    feedback: dict[str, Any]  # rated, mean rating, by version, by task
-    fairness: dict[str, Any] = {}
-    flagged: int = 0
-
-
-def words(text: str) -> list[str]:
-    """Lowercased word tokens, as scikit-learn's CountVectorizer splits them (Evidently brings scikit-learn)."""
-    return _analyzer()(text)
-
-
-_ANALYZER: list[Callable[[str], list[str]]] = []
-
-
-def _analyzer() -> Callable[[str], list[str]]:
-    if not _ANALYZER:
-        from sklearn.feature_extraction.text import CountVectorizer
-
-        _ANALYZER.append(CountVectorizer(token_pattern=r"(?u)\b\w+\b").build_analyzer())
-    return _ANALYZER[0]
-
-
-def _shape(text: str) -> str:
-    """Digits as 9 and letters as a: an answer has the right format when its shape is the expected answer's."""
-    return re.sub(r"\d+", "9", re.sub(r"[^\W\d_]+", "a", text.strip()))
-
-
-def rows(records: list[dict], check: Checker, refusals: list[str]) -> list[dict[str, Any]]:
-    """One row per answered request (or reference example): the text columns and what checking them says."""
-    out = []
-    lowered = [r.lower() for r in refusals]
-    for r in records:
-        prompt, answer = r.get("prompt") or "", r.get("answer") or ""
-        verdict = check(prompt)
-        out.append({
-            "request_id": r.get("request_id"), "model_version": r.get("model_version") or "unknown",
-            "prompt": prompt, "answer": answer, "task": verdict[0] if verdict else "other",
-            "expected": verdict[1] if verdict else None,
-            "wrong": float(not is_correct(answer, verdict[1])) if verdict else math.nan,
-            "format_ok": float(_shape(answer) == _shape(verdict[1])) if verdict else math.nan,
-            "empty": float(not answer.strip()),
-            "truncated": float(r["finish_reason"] == "length") if r.get("finish_reason") else math.nan,
-            "refusal": float(any(p in answer.lower() for p in lowered)),
-            "latency_ms": r.get("latency_ms", math.nan),
-        })
-    return out
-
-
-def judge_harm(table: list[dict], detectors: dict[str, Detector]) -> dict[str, dict[str, float]]:
-    """Mark each row's prompt and answer harmful when any detector says so; returns each detector's rates."""
-    by_detector = {}
-    for name, detect in detectors.items():
-        on_prompts, on_answers = detect([r["prompt"] for r in table]), detect([r["answer"] for r in table])
-        by_detector[name] = {"prompt_rate": _share(on_prompts), "answer_rate": _share(on_answers)}
-        for row, p, a in zip(table, on_prompts, on_answers, strict=True):
-            row["harmful_prompt"] = float(p or row.get("harmful_prompt", 0.0))
-            row["harmful_answer"] = float(a or row.get("harmful_answer", 0.0))
-    for row in table:
-        row.setdefault("harmful_prompt", math.nan if not detectors else 0.0)
-        row.setdefault("harmful_answer", math.nan if not detectors else 0.0)
-    return by_detector
-
-
-def _share(flags: list[bool]) -> float | None:
-    return sum(flags) / len(flags) if flags else None
-
-
-def report(current: list[dict], reference: list[dict], params: MonitorParams):
-    """The Evidently report of the window against the reference; returns (snapshot, metric values by name)."""
-    import pandas as pd
-    from evidently import DataDefinition, Dataset, Report
-    from evidently.core.datasets import DatasetColumn
-    from evidently.descriptors import CustomColumnDescriptor, TextLength, WordCount
-    from evidently.metrics import DriftedColumnsCount, MeanValue, QuantileValue, RowCount, ValueDrift
-    from evidently.metrics.group_by import GroupBy
-
-    vocabulary = {w for r in reference for w in words(r["prompt"])}
-
-    def oov(column: DatasetColumn) -> DatasetColumn:
-        # the share of a prompt's words the reference prompts never used (NLTK's English word list would need a
-        # download at run time, and the training data's own vocabulary is the one a model has seen)
-        return DatasetColumn(type="num", data=column.data.map(
-            lambda t: (sum(w not in vocabulary for w in ws) / len(ws)) if (ws := words(t)) else 0.0))
-
-    def pii_hits(column: DatasetColumn) -> DatasetColumn:
-        return DatasetColumn(type="cat", data=column.data.map(lambda t: "yes" if _PII_MARK.search(t) else "no"))
-
-    numeric = ["latency_ms", "rating", *RATES]
-    definition = DataDefinition(text_columns=["prompt", "answer"], categorical_columns=["task", "model_version"],
-                                numerical_columns=numeric)
-    descriptors = [TextLength("prompt", alias="prompt_length"), WordCount("prompt", alias="prompt_words"),
-                   CustomColumnDescriptor("prompt", oov, alias="oov_share"),
-                   CustomColumnDescriptor("prompt", pii_hits, alias="pii"),
-                   TextLength("answer", alias="answer_length")]
-
-    def dataset(table: list[dict]):
-        frame = pd.DataFrame(table).reindex(columns=["prompt", "answer", "task", "model_version", *numeric])
-        frame[["prompt", "answer"]] = frame[["prompt", "answer"]].fillna("")
-        frame[numeric] = frame[numeric].astype(float)
-        return Dataset.from_pandas(frame, data_definition=definition, descriptors=descriptors)
-
-    metrics = [RowCount(), DriftedColumnsCount(columns=list(DRIFT_COLUMNS), method=params.drift_method,
-                                               drift_share=params.alerts.max_drift_share)]
-    metrics += [ValueDrift(column=c, method=params.drift_method, threshold=params.drift_threshold)
-                for c in DRIFT_COLUMNS]
-    metrics += [MeanValue(column=c) for c in (*RATES, "answer_length", "oov_share", "rating")]
-    metrics += [QuantileValue(column="latency_ms", quantile=q) for q in (0.5, 0.95)]
-    metrics += [GroupBy(MeanValue(column="rating"), "model_version"), GroupBy(MeanValue(column="rating"), "task"),
-                GroupBy(MeanValue(column="wrong"), "task")]
-    with warnings.catch_warnings():  # numpy's "mean of empty slice" for a column the window has no values of
-        warnings.simplefilter("ignore")
-        snapshot = Report(metrics).run(current_data=dataset(current), reference_data=dataset(reference))
-    return snapshot, _values(json.loads(snapshot.json()))
-
-
-def _values(data: dict) -> dict[str, Any]:
-    """Each metric's current value under a short name: drift:<column>, mean:<column>, p95:latency_ms, ...;
-    grouped ones as <name>:<column>=<label>."""
-    found: dict[str, Any] = {}
-    for m in data["metrics"]:
-        config, value = m["config"], m["value"]
-        kind = config["type"].rsplit(":", 1)[-1]
-        if kind == "GroupByMetric":
-            inner = config["metric"]
-            found[f"mean:{inner['column']}:{config['column_name']}={config['label']}"] = _number(value)
-        elif kind == "ValueDrift":
-            found[f"drift:{config['column']}"] = _number(value)
-        elif kind == "DriftedColumnsCount":
-            found["drifted_columns"] = {k: _number(v) for k, v in value.items()}
-        elif kind == "MeanValue":
-            found[f"mean:{config['column']}"] = _number(value)
-        elif kind == "QuantileValue":
-            found[f"p{round(config['quantile'] * 100)}:{config['column']}"] = _number(value)
-        elif kind == "RowCount":
-            found["rows"] = _number(value)
-    return found
-
-
-def _given(value: Any) -> bool:
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
-
-
-def _number(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
-def drifted(score: float | None, method: str, threshold: float) -> bool:
-    """Evidently's rule: a p-value (ks, chisquare) below the threshold, a distance above it."""
-    if score is None:
-        return False
-    return score < threshold if method in ("ks", "chisquare") else score >= threshold
-
-
-def figures(values: dict[str, Any], current: list[dict], window, reference: dict[str, Any], errors: int,
-            params: MonitorParams, by_detector: dict, consistency: dict) -> Figures:
-    """The metrics JSON, from the report's values."""
-    tasks: dict[str, int] = {}
-    for row in current:
-        tasks[row["task"]] = tasks.get(row["task"], 0) + 1
-    total = len(current) + errors
-    grouped = lambda name: {k.split("=", 1)[1]: v for k, v in values.items() if k.startswith(name + "=")}  # noqa: E731
-    checked = sum(1 for r in current if r["expected"] is not None)
-    return Figures(
-        window={"start": window.start.isoformat(), "end": window.end.isoformat(), "requests": total,
-                "answered": len(current), "errors": errors, "skipped_lines": window.skipped[:20],
-                "skipped": len(window.skipped), "files": window.files},
-        reference=reference,
-        drift={"share": values["drifted_columns"]["share"], "method": params.drift_method,
-               "threshold": params.drift_threshold,
-               "columns": {c: {"score": values[f"drift:{c}"],
-                               "drifted": drifted(values[f"drift:{c}"], params.drift_method, params.drift_threshold)}
-                           for c in DRIFT_COLUMNS}},
-        quality={"empty_rate": values["mean:empty"], "truncated_rate": values["mean:truncated"],
-                 "refusal_rate": values["mean:refusal"], "format_ok_rate": values["mean:format_ok"],
-                 "mean_answer_length": values["mean:answer_length"]},
-        traffic={"error_rate": errors / total if total else None, "p50_latency_ms": values["p50:latency_ms"],
-                 "p95_latency_ms": values["p95:latency_ms"], "pii_rate": _share([_PII_MARK.search(r["prompt"])
-                                                                                is not None for r in current]),
-                 "mean_oov_share": values["mean:oov_share"], "task_mix": dict(sorted(tasks.items()))},
-        hallucination={"checked": checked, "wrong_rate": values["mean:wrong"],
-                       "wrong_rate_by_task": {k: v for k, v in grouped("mean:wrong:task").items() if v is not None},
-                       "consistency": consistency},
-        harmful={"prompt_rate": values["mean:harmful_prompt"], "answer_rate": values["mean:harmful_answer"],
-                 "detectors": by_detector},
-        feedback={"rated": sum(1 for r in current if _given(r.get("rating"))), "mean_rating": values["mean:rating"],
-                  "by_version": {k: v for k, v in grouped("mean:rating:model_version").items() if v is not None},
-                  "by_task": {k: v for k, v in grouped("mean:rating:task").items() if v is not None}},
-    )
 
 
 class Breach(BaseModel):
@@ -244,10 +43,153 @@ class Breach(BaseModel):
     message: str
 
 
+class Judged(BaseModel):
+    """What the monitor found in one window."""
+
+    start: str
+    end: str
+    requests: int
+    out_dir: str | None = None  # None: no report (no traffic)
+    figures: Figures | None = None
+    breaches: list[Breach] = []
+    queue: list[dict[str, Any]] = []  # flagged responses nobody reviewed yet
+    note: str = ""
+
+
+def _answered(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("status") == 200 and r.get("user") not in OWN_USERS]
+
+
+def _window(root: Path, params: Params, start: datetime, end: datetime) -> Window:
+    location = params.monitor.request_log
+    if location is None and not (root / LOG_DIR).is_dir():  # no server has answered in this project yet
+        return Window(start=start, end=end)
+    return read_window(location or root / LOG_DIR, start, end, storage_for(params.storage, root))
+
+
+def _served(root: Path, params: Params) -> tuple[servers.Server | None, str | None]:
+    """The production server (if it runs) and the version it serves (else the registry's production version)."""
+    live = servers.on_port(root, params.deploy.port)
+    if live is not None:
+        return live, live.version
+    holder = registry.holder(root, "production")
+    return None, holder.version if holder else None
+
+
+def _reference(root: Path, params: Params, version: str | None, start: datetime,
+               check: Checker) -> tuple[list[dict], dict[str, Any]]:
+    """The reference rows: the served version's train and eval data (through DVC, at its registered commit), or the
+    window before."""
+    mp = params.monitor
+    if mp.reference == "previous":
+        rows = _answered(_window(root, params, start - timedelta(hours=mp.window_hours), start).records)
+        if not rows:
+            raise MonitorError(f"the reference window before {start:%Y-%m-%d %H:%M} UTC has no traffic; use "
+                               "monitor.reference: data, or a longer monitor.window_hours")
+        return report.rows(rows, check, mp.refusals), {"kind": "previous", "source": "the window before",
+                                                       "rows": len(rows)}
+    if version is None:
+        raise MonitorError("no model in production and none served: there is no training data to compare with "
+                           "(monitor.reference: data); deploy one (`llmops run`) or use monitor.reference: previous")
+    import dvc.api
+
+    found = registry.get(root, version)
+    data = []
+    for split in ("train", "eval"):
+        try:
+            text = dvc.api.read(f"data/prepared/{split}.jsonl", repo=str(root), rev=found.commit)
+        except Exception as exc:  # DVC's errors are many; each means the same here: the reference is not there
+            raise MonitorError(f"the reference data of {version} (data/prepared/{split}.jsonl at commit "
+                               f"{found.commit[:12]}) cannot be read from the DVC cache or remote: "
+                               f"{str(exc).splitlines()[0]}") from None
+        data += [json.loads(line) for line in text.splitlines() if line.strip()]
+    records = [{"prompt": r.get("prompt", ""), "answer": r.get("response", ""), "model_version": version}
+               for r in data]
+    return report.rows(records, check, mp.refusals), {
+        "kind": "data", "source": f"{version}'s train and eval data (commit {found.commit[:12]})", "rows": len(data)}
+
+
+def judge(root: str | Path, params: Params, end: datetime) -> Judged:
+    """Judge the window of monitor.window_hours that ends at `end`; a window with too little traffic is judged
+    'nothing to judge' (no report), never an error.
+
+    Raises:
+        MonitorError, LogError, ConfigError: the reference or the log cannot be read, a checker or detector is bad.
+    """
+    root, mp = Path(root), params.monitor
+    start = end - timedelta(hours=mp.window_hours)
+    window = _window(root, params, start, end)
+    for line in window.skipped[:5]:
+        print(f"skipped a corrupt log line: {line}")
+    answered = _answered(window.records)
+    errors = sum(1 for r in window.records if (r.get("status") or 0) >= 400 and r.get("user") not in OWN_USERS)
+    judged = Judged(start=start.isoformat(), end=end.isoformat(), requests=len(answered) + errors)
+    if len(answered) < mp.min_requests:
+        judged.note = (f"{len(answered)} answered requests from {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC "
+                       f"(monitor.min_requests is {mp.min_requests}): nothing to judge, no report")
+        print(judged.note)
+        return judged
+    check = checker(mp.checkers)
+    live, version = _served(root, params)
+    reference, ref_info = _reference(root, params, version, start, check)
+    current = report.rows(answered, check, mp.refusals)
+    store = Store(database_url(root))
+    rated = store.feedback_for([r["request_id"] for r in current if r["request_id"]])
+    for row in current:
+        found = rated.get(row["request_id"])
+        row["rating"] = float(found["rating"]) if found else math.nan
+        row["correction"] = found["correction"] if found else None
+    by_detector = report.judge_harm(current, detectors(mp.harmful))
+    report.judge_harm(reference, {})
+    consistency, fairness, counted = {"requests": 0, "note": "no server answers for production"}, {}, {}
+    if live is not None:
+        consistency, fairness, counted = _probe(root, live, version, current, mp)
+    snapshot, values = report.report(current, reference, mp)
+    fig = report.figures(values, current, window, ref_info, errors, mp, by_detector, consistency)
+    fig.fairness = fairness
+    fig.traffic["server"] = counted
+    reviewed = store.reviewed([r["request_id"] for r in current if r["request_id"]])
+    judged.queue = [q for q in flagged(current, mp.flag_rating) if q["request_id"] not in reviewed]
+    fig.flagged = len(judged.queue)
+    out = root / OUT_DIR / "reports" / end.strftime("%Y%m%dT%H%M%SZ")
+    report.write(out, snapshot, fig, judged.queue)
+    judged.out_dir, judged.figures, judged.breaches = str(out), fig, breaches(fig, mp.alerts)
+    return judged
+
+
+def _probe(root: Path, live: servers.Server, version: str | None, current: list[dict], mp: MonitorParams):
+    """The live server's counters, then self-consistency of unverifiable answers, then the fairness probes."""
+    from openai import OpenAI
+
+    from llmops import probes
+    from llmops.deploy import project_key
+
+    key = project_key(root)
+    counted = probes.server_metrics(live.url, key) | {"since": live.started}  # before the probes add to them
+    client = OpenAI(base_url=live.url, api_key=key, max_retries=1, timeout=300)
+    unchecked = [r for r in current if r["expected"] is None][: mp.consistency.requests]
+    scores = probes.consistency(client, registry.ARTIFACT, [r["prompt"] for r in unchecked], mp.consistency)
+    for row, score in zip(unchecked, scores, strict=True):
+        row["agreement"] = score
+    consistency = {"requests": len(scores), "samples": mp.consistency.samples, "temperature": mp.consistency.temperature,
+                   "mean_agreement": sum(scores) / len(scores) if scores else None}
+    if mp.fairness.pairs_per_type == 0:
+        return consistency, {}, counted
+    by_type: dict[str, list[float]] = {}
+    for pair in probes.fairness(client, registry.ARTIFACT, mp.fairness):
+        by_type.setdefault(pair["bias_type"], []).append(pair["divergence"])
+    release = root / servers.MODELS_DIR / (version or "none") / "release.json"
+    offline = json.loads(release.read_text()).get("scores", {}).get("audit_bias", {}) if release.is_file() else {}
+    fairness = {"version": version, "pairs": sum(map(len, by_type.values())), "offline_audit": offline,
+                "by_type": {t: {"mean_divergence": sum(v) / len(v), "differ_rate": sum(d > 0 for d in v) / len(v)}
+                            for t, v in sorted(by_type.items())}}
+    return consistency, fairness, counted
+
+
 def breaches(fig: Figures, alerts: AlertParams) -> list[Breach]:
     """Every alert threshold the window's figures cross."""
     harmful = max(v for v in (fig.harmful["prompt_rate"], fig.harmful["answer_rate"], 0.0) if v is not None)
-    checks = [  # (key, value, threshold, above is bad, what)
+    checks = [  # (key, value, the most it may be, what it is)
         ("max_drift_share", fig.drift["share"], alerts.max_drift_share, "share of monitored columns drifted"),
         ("max_empty_rate", fig.quality["empty_rate"], alerts.max_empty_rate, "empty answers"),
         ("max_truncated_rate", fig.quality["truncated_rate"], alerts.max_truncated_rate, "answers cut by max_tokens"),
@@ -267,11 +209,26 @@ def breaches(fig: Figures, alerts: AlertParams) -> list[Breach]:
     return found
 
 
-def retrain_reason(fig: Figures, pending: int, params: RetrainParams) -> str | None:
+def record_alerts(root: str | Path, judged: Judged) -> str | None:
+    """Append the window's breaches to alerts.jsonl; returns the notification's text (None: no breach)."""
+    if not judged.breaches:
+        return None
+    moment = datetime.now(timezone.utc).isoformat()
+    log = Path(root) / OUT_DIR / "alerts.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as fh:
+        fh.writelines(json.dumps({"time": moment, "window_end": judged.end, "report": judged.out_dir,
+                                  **b.model_dump()}) + "\n" for b in judged.breaches)
+    return "\n".join([f"llmops monitor: {len(judged.breaches)} threshold(s) crossed in the window ending "
+                      f"{judged.end[:16]} UTC", *(f"- {b.message} ({b.check})" for b in judged.breaches),
+                      f"report: {judged.out_dir}/report.html"])
+
+
+def retrain_reason(fig: Figures | None, pending: int, params: RetrainParams) -> str | None:
     """Why the pipeline should retrain now (None: no reason); it needs new data, the accepted corrections."""
-    if fig.drift["share"] is not None and fig.drift["share"] >= params.on_drift_share:
+    if fig is not None and fig.drift["share"] is not None and fig.drift["share"] >= params.on_drift_share:
         return f"drift: {fig.drift['share']:.0%} of the monitored columns drifted (retrain at {params.on_drift_share:.0%})"
-    wrong = fig.hallucination["wrong_rate"]
+    wrong = fig.hallucination["wrong_rate"] if fig is not None else None
     if wrong is not None and wrong >= params.on_wrong_rate:
         return f"quality: {wrong:.0%} of checkable answers were wrong (retrain at {params.on_wrong_rate:.0%})"
     if pending >= params.min_corrections:
@@ -284,11 +241,11 @@ def flagged(current: list[dict], flag_rating: int) -> list[dict[str, Any]]:
     queue = []
     for row in current:
         why = []
-        if _given(row.get("rating")) and row["rating"] <= flag_rating:
+        if report.given(row.get("rating")) and row["rating"] <= flag_rating:
             why.append(f"rated {row['rating']:.0f}")
         if row.get("harmful_prompt") == 1.0 or row.get("harmful_answer") == 1.0:
             why.append("harmful")
-        if _PII_MARK.search(row["prompt"]) or _PII_MARK.search(row["answer"]):
+        if report.has_pii(row["prompt"]) or report.has_pii(row["answer"]):
             why.append("PII")
         if row.get("wrong") == 1.0:
             why.append("failed check")
@@ -298,21 +255,3 @@ def flagged(current: list[dict], flag_rating: int) -> list[dict[str, Any]]:
                           "suggested": row.get("correction") or row.get("expected")})
     return queue
 
-
-def window_bounds(end: datetime, hours: float) -> tuple[datetime, datetime]:
-    return end - timedelta(hours=hours), end
-
-
-def write(out: Path, snapshot, fig: Figures, queue: list[dict]) -> None:
-    """report.html, metrics.json and queue.jsonl into `out`, written whole (a temporary directory, then a rename)."""
-    import os
-    import shutil
-
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    snapshot.save_html(str(tmp / "report.html"))
-    (tmp / "metrics.json").write_text(fig.model_dump_json(indent=2) + "\n")
-    (tmp / "queue.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queue))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)

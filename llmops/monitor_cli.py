@@ -53,9 +53,9 @@ def _monitor(root: Path, end: str | None) -> int:
         return 2
     try:
         with prefect_api(root):
-            from flows.monitor import monitor, summary_markdown
+            from flows.monitor import monitor_flow
 
-            state = monitor(project_dir=str(root), end=moment, return_state=True)
+            state = monitor_flow(project_dir=str(root), end=moment, return_state=True)
     except PrefectUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -67,7 +67,9 @@ def _monitor(root: Path, end: str | None) -> int:
     if judged.figures is None:
         print(judged.note)
         return 0
-    print(summary_markdown(judged.figures, judged.breaches))
+    from llmops.monitor_report import summary
+
+    print(summary(judged.figures, judged.breaches))
     print(f"\nreport: {judged.out_dir}/report.html (numbers: metrics.json; flagged: queue.jsonl, "
           "`llmops feedback queue`)")
     for line in result.retrain:

@@ -81,10 +81,11 @@ def _repo(root: str | os.PathLike) -> Path:
 
 def who() -> str:
     """Who acts: LLMOPS_USER, else the git user, else the login name."""
-    return os.environ.get("LLMOPS_USER") or _git_user() or getpass.getuser()
+    return os.environ.get("LLMOPS_USER") or git_user() or getpass.getuser()
 
 
-def _git_user() -> str | None:
+def git_user() -> str | None:
+    """git's configured user.name, if any."""
     proc = subprocess.run(["git", "config", "user.name"], capture_output=True, text=True)
     return proc.stdout.strip() or None
 
@@ -276,7 +277,7 @@ def _snapshot(root: Path, message: str) -> str:
         tree = _git(root, "write-tree", env=env)
         if tree == _git(root, "rev-parse", "HEAD^{tree}"):
             return head
-        if not _git_user():
+        if not git_user():
             name = who()
             env.update(GIT_AUTHOR_NAME=name, GIT_AUTHOR_EMAIL=f"{name}@llmops", GIT_COMMITTER_NAME=name,
                        GIT_COMMITTER_EMAIL=f"{name}@llmops")

@@ -396,7 +396,7 @@ class _RequestLog:
         from datetime import datetime, timezone
 
         prompt, answer = mask(prompt), mask(answer)
-        self.writer.write({
+        self._write({
             "request_id": rid, "route": _route(kind), "model_version": version, "status": 200,
             "latency_ms": round(run.latency_s * 1000, 2), "prompt_tokens": len(run.ids),
             "completion_tokens": run.completion_tokens, "finish_reason": run.finish_reason,
@@ -407,5 +407,10 @@ class _RequestLog:
             logger.error("could not record %s in the feedback database: %s", rid, exc)
 
     def failed(self, route: str, status: int, latency_s: float) -> None:
-        self.writer.write({"request_id": None, "route": route, "status": status,
-                           "latency_ms": round(latency_s * 1000, 2)})
+        self._write({"request_id": None, "route": route, "status": status, "latency_ms": round(latency_s * 1000, 2)})
+
+    def _write(self, record: dict) -> None:
+        try:
+            self.writer.write(record)
+        except OSError as exc:  # a full disk loses a log line, never the answer
+            logger.error("could not write the request log: %s", exc)

@@ -75,10 +75,11 @@ def create(root: str | os.PathLike, ref: str, name: str) -> Workspace:
         # reflink or hardlink, else copy: no stage edits an output in place (each writes a new file and renames it
         # over the old one), so nothing writes through a link into the cache
         conf["cache"]["type"] = ["reflink", "hardlink", "copy"]
-    if (path / "dvc.lock").is_file():  # the outputs that commit's dvc.lock pins, from the cache: unchanged stages skip
-        from llmops.repro import dvc
+    from llmops.repro import dvc
 
-        dvc(path, "checkout", "--allow-missing", "--quiet", what="dvc checkout")
+    # the outputs that commit's dvc.lock pins (unchanged stages skip) and the files its *.dvc pointers track (the
+    # monitor's corrections), from the cache
+    dvc(path, "checkout", "--allow-missing", "--quiet", what="dvc checkout")
     return Workspace(path=path, commit=sha)
 
 

@@ -4,6 +4,7 @@ loop from corrections to a new dataset version and a pipeline run on a real Pref
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -51,6 +52,27 @@ def test_feedback_needs_a_known_request_and_a_review_needs_a_correction(tmp_path
     assert [r["correction"] for r in store.accepted(unused_only=True)] == ["5"]
     store.mark_used(["r1"], "data/corrections/accepted-000001.jsonl")
     assert store.accepted(unused_only=True) == [] and len(store.accepted()) == 1
+
+
+def test_a_user_registers_a_checker_for_their_own_tasks(tmp_path, monkeypatch):
+    from llmops.checks import checker
+    from llmops.config import ConfigError
+    from llmops.monitor_report import rows
+
+    (tmp_path / "my_checks.py").write_text(
+        "import re\n"
+        "def sums(prompt):\n"
+        "    m = re.fullmatch(r'What is (\\d+) \\+ (\\d+)\\?', prompt)\n"
+        "    return ('sums', str(int(m[1]) + int(m[2]))) if m else None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    check = checker(["sample_tasks", "my_checks:sums"])
+    assert check("What is 2 + 3?") == ("sums", "5") and check("What number comes after 9?") == ("next_number", "10")
+    table = rows([{"prompt": "What is 2 + 3?", "answer": "6"}, {"prompt": "What is 2 + 3?", "answer": " 5"},
+                  {"prompt": "Hello?", "answer": ""}], check, ["sorry"])
+    assert [r["wrong"] for r in table[:2]] == [1.0, 0.0] and table[2]["task"] == "other" and table[2]["empty"] == 1.0
+    for bad in ("my_checks:nothing", "no_such_module:f", "unknown"):
+        with pytest.raises(ConfigError, match="monitor.checkers"):
+            checker([bad])
 
 
 @pytest.mark.services
@@ -148,8 +170,7 @@ class _Hook(BaseHTTPRequestHandler):
 
 @pytest.mark.services
 @pytest.mark.training
-def test_drifted_traffic_and_corrections_alert_and_start_a_run_on_a_new_dataset_version(ran_project, prefect_api,
-                                                                                         monkeypatch):
+def test_drifted_traffic_and_corrections_alert_and_start_a_run_on_a_new_dataset_version(ran_project, prefect_api):
     from openai import OpenAI
 
     api_url, home = prefect_api
@@ -157,16 +178,19 @@ def test_drifted_traffic_and_corrections_alert_and_start_a_run_on_a_new_dataset_
     port = free_port()
     hook = HTTPServer(("127.0.0.1", 0), _Hook)
     threading.Thread(target=hook.serve_forever, daemon=True).start()
-    monkeypatch.setenv("PREFECT_API_URL", api_url)
-    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    env = base_env(PREFECT_API_URL=api_url, PREFECT_HOME=str(home))
 
-    CustomWebhookNotificationBlock(name="llmops-alerts", url=f"http://127.0.0.1:{hook.server_port}/hook",
-                                   json_data={"text": "{{subject}}: {{body}}"}).save("llmops-alerts", overwrite=True)
+    def webhook_block(name: str, url: str) -> None:
+        """A Custom Webhook notification block on the server, made as a user makes one in Python."""
+        run([sys.executable, "-c", "from prefect.blocks.notifications import CustomWebhookNotificationBlock as B; "
+             f"B(name={name!r}, url={url!r}, json_data={{'text': '{{{{subject}}}}: {{{{body}}}}'}})"
+             f".save({name!r}, overwrite=True)"], project, env=env)
+
+    webhook_block("llmops-alerts", f"http://127.0.0.1:{hook.server_port}/hook")
     set_params(project, "deploy.target=local", f"deploy.port={port}", "monitor.alerts.notify=custom-webhook/llmops-alerts",
                "monitor.retrain.min_corrections=2", "monitor.consistency.requests=3", "monitor.consistency.samples=3",
                "monitor.fairness.pairs_per_type=1", "monitor.alerts.max_wrong_rate=1")
     run(["git", "commit", "-qam", "deploy and monitor"], project)
-    env = base_env(PREFECT_API_URL=api_url, PREFECT_HOME=str(home))
     try:
         assert "Deployed model v1.0.0" in run(["llmops", "run", "--no-push"], project, env=env).stdout
         key = (project / ".llmops/serve/api_key").read_text().strip()
@@ -217,6 +241,15 @@ def test_drifted_traffic_and_corrections_alert_and_start_a_run_on_a_new_dataset_
         alerts = [json.loads(line) for line in (project / ".llmops/monitor/alerts.jsonl").read_text().splitlines()]
         assert {"monitor.alerts.max_drift_share", "monitor.alerts.max_error_rate"} <= {a["check"] for a in alerts}
 
+        # a receiver that is down: the alerts are still recorded, and the run says they were not sent
+        webhook_block("down", f"http://127.0.0.1:{free_port()}/hook")
+        set_params(project, "monitor.alerts.notify=custom-webhook/down")
+        run(["git", "commit", "-qam", "a receiver that is down"], project)
+        unsent = run(["llmops", "monitor"], project, env=env, check=False)
+        assert unsent.returncode == 1 and "Traceback" not in unsent.stderr
+        assert "were recorded in .llmops/monitor/alerts.jsonl but not sent through custom-webhook/down" in unsent.stderr
+        assert len((project / ".llmops/monitor/alerts.jsonl").read_text().splitlines()) == 2 * len(alerts)
+
         queue = run(["llmops", "feedback", "queue"], project, env=env).stdout
         assert asked[0] in queue and "rated 1" in queue
         for rid in asked[:2]:
@@ -224,6 +257,8 @@ def test_drifted_traffic_and_corrections_alert_and_start_a_run_on_a_new_dataset_
         refused = run(["llmops", "feedback", "accept", asked[0], "--reason", "again"], project, env=env, check=False)
         assert refused.returncode == 1 and "already reviewed" in refused.stderr
 
+        set_params(project, "monitor.alerts.notify=custom-webhook/llmops-alerts")
+        run(["git", "commit", "-qam", "the receiver is back"], project)
         run(["llmops", "setup"], project, env=env)
         head = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
         second = run(["llmops", "monitor"], project, env=env)
