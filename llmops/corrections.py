@@ -100,8 +100,10 @@ def retrain(root: Path, version: DatasetVersion, deployment: str) -> list[str]:
         return triggers.on_push(str(root), version.branch, deployment,
                                 [(version.parent, version.commit, f"refs/heads/{version.branch}")])
     except triggers.TriggerError as exc:
-        raise LoopError(f"{exc}; start it by hand: python -m llmops.triggers --branch {version.branch} --after "
-                        f"{version.commit}") from None
+        raise LoopError(f"the new dataset version is commit {version.commit[:12]}, but {exc}; build it here with "
+                        f"`llmops run --commit {version.commit[:12]}`, or start {deployment} on your Prefect server "
+                        f"with `python -m llmops.triggers --branch {version.branch} --after {version.commit}`") \
+            from None
 
 
 def close_loop(root: Path, params: Params, figures: Figures | None) -> list[str]:

@@ -16,6 +16,8 @@ import json
 import math
 import re
 import warnings
+from collections import Counter
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,15 +57,11 @@ def words(text: str) -> list[str]:
     return _analyzer()(text)
 
 
-_ANALYZER: list[Callable[[str], list[str]]] = []
-
-
+@lru_cache(maxsize=1)
 def _analyzer() -> Callable[[str], list[str]]:
-    if not _ANALYZER:
-        from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.feature_extraction.text import CountVectorizer
 
-        _ANALYZER.append(CountVectorizer(token_pattern=r"(?u)\b\w+\b").build_analyzer())
-    return _ANALYZER[0]
+    return CountVectorizer(token_pattern=r"(?u)\b\w+\b").build_analyzer()
 
 
 def _shape(text: str) -> str:
@@ -146,6 +144,7 @@ def report(current: list[dict], reference: list[dict], params: MonitorParams):
         return Dataset.from_pandas(frame, data_definition=definition, descriptors=descriptors)
 
     metrics = [RowCount(), DriftedColumnsCount(columns=list(DRIFT_COLUMNS), method=params.drift_method,
+                                               threshold=params.drift_threshold,
                                                drift_share=params.alerts.max_drift_share)]
     metrics += [ValueDrift(column=c, method=params.drift_method, threshold=params.drift_threshold)
                 for c in DRIFT_COLUMNS]
@@ -194,27 +193,32 @@ def _number(value: Any) -> Any:
 
 
 def drifted(score: float | None, method: str, threshold: float) -> bool:
-    """Evidently's rule: a p-value (ks, chisquare) below the threshold, a distance above it."""
+    """Evidently's rule (its stattests): a p-value at most (ks) or below (chisquare) the threshold, a distance (psi,
+    jensenshannon, wasserstein, kl_div) at or above it. ValueDrift's JSON holds the score only."""
     if score is None:
         return False
-    return score < threshold if method in ("ks", "chisquare") else score >= threshold
+    if method == "ks":
+        return score <= threshold
+    return score < threshold if method == "chisquare" else score >= threshold
 
 
 def figures(values: dict[str, Any], current: list[dict], window, reference: dict[str, Any], errors: int,
             params: MonitorParams, by_detector: dict, consistency: dict) -> Figures:
     """The metrics JSON, from the report's values."""
-    tasks: dict[str, int] = {}
-    for row in current:
-        tasks[row["task"]] = tasks.get(row["task"], 0) + 1
+    tasks = Counter(row["task"] for row in current)
     total = len(current) + errors
-    grouped = lambda name: {k.split("=", 1)[1]: v for k, v in values.items() if k.startswith(name + "=")}  # noqa: E731
+
+    def grouped(name: str) -> dict[str, float]:  # mean:<column>:<group>=<label> -> {label: value}
+        return {k.split("=", 1)[1]: v for k, v in values.items() if k.startswith(name + "=") and v is not None}
+
     checked = sum(1 for r in current if r["expected"] is not None)
     return Figures(
         window={"start": window.start.isoformat(), "end": window.end.isoformat(), "requests": total,
                 "answered": len(current), "errors": errors, "skipped_lines": window.skipped[:20],
                 "skipped": len(window.skipped), "files": window.files},
         reference=reference,
-        drift={"share": values["drifted_columns"]["share"], "method": params.drift_method,
+        drift={"share": values["drifted_columns"]["share"], "count": values["drifted_columns"]["count"],
+               "method": params.drift_method,
                "threshold": params.drift_threshold,
                "columns": {c: {"score": values[f"drift:{c}"],
                                "drifted": drifted(values[f"drift:{c}"], params.drift_method, params.drift_threshold)}
@@ -226,13 +230,13 @@ def figures(values: dict[str, Any], current: list[dict], window, reference: dict
                  "p95_latency_ms": values["p95:latency_ms"], "pii_rate": _share([has_pii(r["prompt"]) for r in current]),
                  "mean_oov_share": values["mean:oov_share"], "task_mix": dict(sorted(tasks.items()))},
         hallucination={"checked": checked, "wrong_rate": values["mean:wrong"],
-                       "wrong_rate_by_task": {k: v for k, v in grouped("mean:wrong:task").items() if v is not None},
+                       "wrong_rate_by_task": grouped("mean:wrong:task"),
                        "consistency": consistency},
         harmful={"prompt_rate": values["mean:harmful_prompt"], "answer_rate": values["mean:harmful_answer"],
                  "detectors": by_detector},
         feedback={"rated": sum(1 for r in current if given(r.get("rating"))), "mean_rating": values["mean:rating"],
-                  "by_version": {k: v for k, v in grouped("mean:rating:model_version").items() if v is not None},
-                  "by_task": {k: v for k, v in grouped("mean:rating:task").items() if v is not None}},
+                  "by_version": grouped("mean:rating:model_version"),
+                  "by_task": grouped("mean:rating:task")},
     )
 
 

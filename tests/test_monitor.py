@@ -228,6 +228,8 @@ def test_drifted_traffic_and_corrections_alert_and_start_a_run_on_a_new_dataset_
         assert fig["window"]["answered"] == 13 and fig["window"]["errors"] == 1
         assert fig["traffic"]["error_rate"] == pytest.approx(1 / 14)
         assert fig["drift"]["columns"]["task"]["drifted"] and fig["drift"]["share"] >= 0.5
+        # each column's verdict (from its ValueDrift score) agrees with Evidently's own DriftedColumnsCount
+        assert sum(c["drifted"] for c in fig["drift"]["columns"].values()) == fig["drift"]["count"]
         assert fig["traffic"]["task_mix"] == {"next_number": 1, "other": 12}
         assert fig["hallucination"]["checked"] == 1 and fig["hallucination"]["consistency"]["requests"] == 3
         assert fig["feedback"]["rated"] == 2 and fig["feedback"]["mean_rating"] == pytest.approx(1.5)
