@@ -77,20 +77,41 @@ def new_version(root: Path, store: Store, check: Checker) -> DatasetVersion | No
             lines.append(json.dumps({"prompt": row["prompt"], "response": row["correction"].strip(),
                                      "task": verdict[0] if verdict else "correction"}, ensure_ascii=False))
         old = load_params(root / PARAMS_FILE)
-        write_text(root / path, "\n".join(lines) + "\n")
-        dvc(root, "add", "--quiet", str(path), what="dvc add")  # into the DVC cache; the run's push uploads it
-        if old.data.corrections and old.data.corrections != str(path):
-            for stale in (Path(old.data.corrections), Path(old.data.corrections + ".dvc")):
-                (root / stale).unlink(missing_ok=True)  # its rows are all in the new version; git history keeps it
-        write_params(root / PARAMS_FILE, with_changes(old, {"data.corrections": str(path)}))
-        _git(root, "add", "-A", "--", PARAMS_FILE, str(DIR))
-        identity = [] if registry.git_user() else ["-c", f"user.name={registry.who()}",  # a worker may have no git
-                                                   "-c", f"user.email={registry.who()}@llmops"]  # identity set up
-        _git(root, *identity, "commit", "-q", "-m", f"llmops monitor: {len(rows)} accepted corrections "
-             f"({len(pending)} new) as {path}", "--", PARAMS_FILE, str(DIR))
+        try:
+            write_text(root / path, "\n".join(lines) + "\n")
+            dvc(root, "add", "--quiet", str(path), what="dvc add")  # into the DVC cache; the run's push uploads it
+            if old.data.corrections and old.data.corrections != str(path):
+                for stale in (Path(old.data.corrections), Path(old.data.corrections + ".dvc")):
+                    (root / stale).unlink(missing_ok=True)  # its rows are all in the new version; git history keeps it
+            write_params(root / PARAMS_FILE, with_changes(old, {"data.corrections": str(path)}))
+            _git(root, "add", "-A", "--", PARAMS_FILE, str(DIR))
+            identity = [] if registry.git_user() else ["-c", f"user.name={registry.who()}",  # a worker may have no
+                                                       "-c", f"user.email={registry.who()}@llmops"]  # git identity
+            _git(root, *identity, "commit", "-q", "-m", f"llmops monitor: {len(rows)} accepted corrections "
+                 f"({len(pending)} new) as {path}", "--", PARAMS_FILE, str(DIR))
+        except BaseException:  # no half-made version: the checkout as it was, the corrections still pending
+            _undo(root, path, old.data.corrections)
+            raise
         store.mark_used([r["request_id"] for r in pending], str(path))
         return DatasetVersion(commit=_git(root, "rev-parse", "HEAD"), parent=parent, branch=branch, path=str(path),
                               rows=len(rows), new=len(pending))
+
+
+def _undo(root: Path, path: Path, previous: str | None) -> None:
+    """Put params.yaml and data/corrections/ back as HEAD has them, the previous version's file included."""
+    def git(*args: str) -> None:  # each step on its own: a path HEAD lacks must not stop the others
+        subprocess.run(["git", *args], cwd=root, capture_output=True)
+
+    (root / path).unlink(missing_ok=True)
+    git("reset", "-q", "--", PARAMS_FILE, str(DIR))
+    git("checkout", "-q", "HEAD", "--", PARAMS_FILE)
+    git("checkout", "-q", "HEAD", "--", str(DIR))
+    git("clean", "-fdq", "--", str(DIR))  # the new pointer and .gitignore, and the directory if it was new
+    if previous:
+        try:
+            dvc(root, "checkout", "--quiet", f"{previous}.dvc", what="dvc checkout")
+        except LlmopsError:
+            pass  # its pointer is back; `dvc checkout` restores the file later
 
 
 def retrain(root: Path, version: DatasetVersion, deployment: str) -> list[str]:

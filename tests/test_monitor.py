@@ -75,6 +75,42 @@ def test_a_user_registers_a_checker_for_their_own_tasks(tmp_path, monkeypatch):
             checker([bad])
 
 
+def test_each_dataset_version_is_one_commit_and_a_failed_one_leaves_the_checkout_as_it_was(project):
+    from llmops import corrections
+    from llmops.checks import checker
+    from llmops.config import load_params
+
+    store = Store(f"sqlite:///{project / '.llmops/serve/feedback.db'}")
+    for i, (prompt, right) in enumerate([("What number comes after 4?", "5"), ("Tell me a joke", "No.")]):
+        store.record_request(f"r{i}", datetime.now(timezone.utc), "v1.0.0", prompt, "wrong")
+        store.review(f"r{i}", True, "ana", "right", right)
+    before = (project / "params.yaml").read_bytes()
+    hook = project / ".git/hooks/pre-commit"
+    hook.write_text("#!/bin/sh\necho refused by a hook >&2\nexit 1\n")
+    hook.chmod(0o755)
+    with pytest.raises(corrections.LoopError, match="refused by a hook"):
+        corrections.new_version(project, store, checker(["sample_tasks"]))
+    assert (project / "params.yaml").read_bytes() == before and not (project / "data/corrections").exists()
+    assert len(store.accepted(unused_only=True)) == 2 and not run(["git", "status", "--porcelain"], project).stdout
+
+    hook.unlink()
+    first = corrections.new_version(project, store, checker(["sample_tasks"]))
+    assert first.path == "data/corrections/accepted-000002.jsonl" and (first.rows, first.new) == (2, 2)
+    assert load_params(project / "params.yaml").data.corrections == first.path
+    rows = [json.loads(line) for line in (project / first.path).read_text().splitlines()]
+    assert rows == [{"prompt": "What number comes after 4?", "response": "5", "task": "next_number"},
+                    {"prompt": "Tell me a joke", "response": "No.", "task": "correction"}]
+    store.record_request("r2", datetime.now(timezone.utc), "v1.0.0", "Hi", "")
+    store.review("r2", True, "bo", "empty answer", "Hello.")
+    second = corrections.new_version(project, store, checker(["sample_tasks"]))
+    assert (second.rows, second.new, second.parent) == (3, 1, first.commit)
+    changed = run(["git", "show", "--name-status", "--format=", second.commit], project).stdout.split("\n")
+    assert "D\tdata/corrections/accepted-000002.jsonl.dvc" in changed
+    assert "A\tdata/corrections/accepted-000003.jsonl.dvc" in changed
+    assert not (project / first.path).exists() and not run(["git", "status", "--porcelain"], project).stdout
+    assert corrections.new_version(project, store, checker(["sample_tasks"])) is None  # nothing new
+
+
 @pytest.mark.services
 def test_the_window_is_read_from_s3_partitions(tmp_path, s3_endpoint, bucket):
     import boto3
