@@ -4,7 +4,7 @@ Both are registries (name -> function), as the fine-tuning methods are. A checke
 prompt and returns (task family, the exact answer) when it can verify it, else None; a user
 registers their own in params as `module:function` (monitor.checkers). A detector takes a
 list of texts and returns one verdict per text; `wordlist` uses glin-profanity's maintained
-word lists (leetspeak and Unicode tricks included), `classifier` a local text-classification
+word lists (spaced-out letters and accents included), `classifier` a local text-classification
 model the user points to (monitor.harmful.classifier), run on this machine, never downloaded.
 """
 
@@ -62,7 +62,9 @@ def is_correct(answer: str, expected: str) -> bool:
 def _wordlist(params: HarmfulParams) -> Detector:
     from glin_profanity import Filter
 
-    profanity = Filter({"languages": ["english"], "detect_leetspeak": True, "normalize_unicode": True})
+    # leetspeak off: it reads digits as letters, so an answer of "85" was "bs"; spaced-out letters and accents are
+    # still caught ("f u c k", "fück"), and so are the list's own spelled variants ("sh1t")
+    profanity = Filter({"languages": ["english"], "detect_leetspeak": False, "normalize_unicode": True})
     return lambda texts: [bool(t) and profanity.is_profane(t) for t in texts]
 
 

@@ -407,6 +407,19 @@ class RetrainParams(Section):
     deployment: str = Field("build-model/on-push", description="the deployment started (as a git push starts it)")
 
 
+class DriftParams(Section):
+    """Evidently's drift methods, pinned (its default switches method at 1000 reference rows)."""
+
+    numerical: Literal["ks", "wasserstein", "psi", "jensenshannon", "kl_div"] = Field(
+        "ks", description="for lengths, word counts, the out-of-vocabulary share: ks is a test (a p-value) and does "
+                          "not cry drift on a small window; wasserstein or psi (distances) suit large windows")
+    categorical: Literal["chisquare", "jensenshannon", "psi", "kl_div"] = Field(
+        "chisquare", description="for the task mix and PII hits: chisquare is a test (a p-value)")
+    numerical_threshold: float | None = Field(None, gt=0, description="null: the method's own (0.05 for a p-value, "
+                                              "0.1 for a distance)")
+    categorical_threshold: float | None = Field(None, gt=0)
+
+
 class MonitorParams(Section):
     """monitor: the deployed model's traffic in a window against a reference, in an Evidently report."""
 
@@ -417,10 +430,7 @@ class MonitorParams(Section):
     request_log: str | None = Field(None, description="the servers' request log: a directory or an s3:// prefix "
                                     "of day partitions; null: this project's (.llmops/serve/requests)")
     min_requests: int = Field(1, ge=1, description="fewer requests in the window: no report, said so")
-    drift_method: Literal["psi", "jensenshannon", "wasserstein", "kl_div", "chisquare", "ks"] = Field(
-        "psi", description="Evidently's drift method for every column (pinned: its default depends on the sizes)")
-    drift_threshold: float = Field(0.1, gt=0, description="a column drifted when its score is above this (for ks "
-                                   "and chisquare: when the p-value is below it)")
+    drift: DriftParams = Field(default_factory=DriftParams)
     checkers: list[str] = Field(default_factory=lambda: ["sample_tasks"], description="verifiable-answer checkers: "
                                 "built-in sample_tasks, or your own as module:function (prompt -> (task, answer))")
     refusals: list[str] = Field(default_factory=lambda: ["I cannot", "I can't", "I'm sorry", "As an AI"],

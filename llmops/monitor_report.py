@@ -28,6 +28,7 @@ from llmops.checks import Checker, Detector, is_correct
 from llmops.config import MonitorParams
 
 DRIFT_COLUMNS = ("prompt_length", "prompt_words", "oov_share", "task", "pii", "answer_length")
+CATEGORICAL = ("task", "pii")
 RATES = ("empty", "truncated", "refusal", "format_ok", "wrong", "harmful_prompt", "harmful_answer", "agreement")
 _PII_MARK = re.compile(r"\[(?:%s)\]" % "|".join(k.upper() for k in pii.PATTERNS))
 
@@ -143,10 +144,14 @@ def report(current: list[dict], reference: list[dict], params: MonitorParams):
         frame[numeric] = frame[numeric].astype(float)
         return Dataset.from_pandas(frame, data_definition=definition, descriptors=descriptors)
 
-    metrics = [RowCount(), DriftedColumnsCount(columns=list(DRIFT_COLUMNS), method=params.drift_method,
-                                               threshold=params.drift_threshold,
-                                               drift_share=params.alerts.max_drift_share)]
-    metrics += [ValueDrift(column=c, method=params.drift_method, threshold=params.drift_threshold)
+    drift = params.drift
+    metrics = [RowCount(), DriftedColumnsCount(
+        columns=list(DRIFT_COLUMNS), num_method=drift.numerical, cat_method=drift.categorical,
+        num_threshold=drift.numerical_threshold, cat_threshold=drift.categorical_threshold,
+        drift_share=params.alerts.max_drift_share)]
+    metrics += [ValueDrift(column=c, method=drift.categorical, threshold=drift.categorical_threshold)
+                if c in CATEGORICAL else
+                ValueDrift(column=c, method=drift.numerical, threshold=drift.numerical_threshold)
                 for c in DRIFT_COLUMNS]
     metrics += [MeanValue(column=c) for c in (*RATES, "answer_length", "oov_share", "rating")]
     metrics += [QuantileValue(column="latency_ms", quantile=q) for q in (0.5, 0.95)]
@@ -154,7 +159,9 @@ def report(current: list[dict], reference: list[dict], params: MonitorParams):
                 GroupBy(MeanValue(column="wrong"), "task")]
     with warnings.catch_warnings():  # numpy's "mean of empty slice" for a column the window has no values of
         warnings.simplefilter("ignore")
-        snapshot = Report(metrics).run(current_data=dataset(current), reference_data=dataset(reference))
+        # with its tests: each ValueDrift's verdict (drift or not, by its method's rule and threshold) comes with it
+        snapshot = Report(metrics, include_tests=True).run(current_data=dataset(current),
+                                                           reference_data=dataset(reference))
     return snapshot, _values(json.loads(snapshot.json()))
 
 
@@ -178,6 +185,11 @@ def _values(data: dict) -> dict[str, Any]:
             found[f"p{round(config['quantile'] * 100)}:{config['column']}"] = _number(value)
         elif kind == "RowCount":
             found["rows"] = _number(value)
+    for test in data.get("tests", []):
+        config = test.get("metric_config", {}).get("params", {})
+        if config.get("type", "").endswith(":ValueDrift"):
+            found[f"drifted:{config['column']}"] = {"drifted": test["status"] == "FAIL", "method": config["method"],
+                                                    "threshold": config["threshold"]}
     return found
 
 
@@ -190,16 +202,6 @@ def _number(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
-
-
-def drifted(score: float | None, method: str, threshold: float) -> bool:
-    """Evidently's rule (its stattests): a p-value at most (ks) or below (chisquare) the threshold, a distance (psi,
-    jensenshannon, wasserstein, kl_div) at or above it. ValueDrift's JSON holds the score only."""
-    if score is None:
-        return False
-    if method == "ks":
-        return score <= threshold
-    return score < threshold if method == "chisquare" else score >= threshold
 
 
 def figures(values: dict[str, Any], current: list[dict], window, reference: dict[str, Any], errors: int,
@@ -218,11 +220,7 @@ def figures(values: dict[str, Any], current: list[dict], window, reference: dict
                 "skipped": len(window.skipped), "files": window.files},
         reference=reference,
         drift={"share": values["drifted_columns"]["share"], "count": values["drifted_columns"]["count"],
-               "method": params.drift_method,
-               "threshold": params.drift_threshold,
-               "columns": {c: {"score": values[f"drift:{c}"],
-                               "drifted": drifted(values[f"drift:{c}"], params.drift_method, params.drift_threshold)}
-                           for c in DRIFT_COLUMNS}},
+               "columns": {c: {"score": values[f"drift:{c}"], **values[f"drifted:{c}"]} for c in DRIFT_COLUMNS}},
         quality={"empty_rate": values["mean:empty"], "truncated_rate": values["mean:truncated"],
                  "refusal_rate": values["mean:refusal"], "format_ok_rate": values["mean:format_ok"],
                  "mean_answer_length": values["mean:answer_length"]},
@@ -269,7 +267,7 @@ def summary(fig: Figures, breaches: list) -> str:
     lines = [f"**Monitor**, {fig.window['start'][:16]} to {fig.window['end'][:16]} UTC: {fig.window['answered']} "
              f"answered, {fig.window['errors']} failed; reference: {fig.reference['source']}", "",
              "| figure | value |", "|---|---|",
-             f"| drifted columns ({fig.drift['method']}) | {pct(fig.drift['share'])}: {drifted_columns} |",
+             f"| drifted columns | {pct(fig.drift['share'])}: {drifted_columns} |",
              f"| wrong checkable answers | {pct(fig.hallucination['wrong_rate'])} of {fig.hallucination['checked']} |",
              f"| self-consistency (agreement of {consistency.get('samples', 'k')} samples) | "
              f"{num(consistency.get('mean_agreement'))} over {consistency['requests']} prompts |",
