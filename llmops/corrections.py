@@ -11,6 +11,7 @@ through llmops.triggers, as a git push of that commit would start it.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from llmops.datasets import write_text
 from llmops.errors import LlmopsError
 from llmops.feedback import Store, database_url
 from llmops.monitor_report import Figures
+from llmops.prefect_api import OWN
 from llmops.repro import dvc
 
 DIR = Path("data/corrections")
@@ -117,14 +119,18 @@ def _undo(root: Path, path: Path, previous: str | None) -> None:
 def retrain(root: Path, version: DatasetVersion, deployment: str) -> list[str]:
     """Start the pipeline deployment on the version's commit through the git-push rule (it changed params.yaml and a
     DVC pointer), as a push of that commit would."""
+    here = f"build it here with `llmops run --commit {version.commit[:12]}`"
+    if os.environ.get(OWN):  # `llmops monitor` without PREFECT_API_URL: its own temporary server has no deployments
+        raise LoopError(f"the new dataset version is commit {version.commit[:12]}; no Prefect server is named "
+                        f"(PREFECT_API_URL), so no deployment can be started: {here}, or set PREFECT_API_URL to the "
+                        f"server `llmops setup` registered {deployment} on")
     try:
         return triggers.on_push(str(root), version.branch, deployment,
                                 [(version.parent, version.commit, f"refs/heads/{version.branch}")])
     except triggers.TriggerError as exc:
-        raise LoopError(f"the new dataset version is commit {version.commit[:12]}, but {exc}; build it here with "
-                        f"`llmops run --commit {version.commit[:12]}`, or start {deployment} on your Prefect server "
-                        f"with `python -m llmops.triggers --branch {version.branch} --after {version.commit}`") \
-            from None
+        raise LoopError(f"the new dataset version is commit {version.commit[:12]}, but {exc}; {here}, or start it "
+                        f"on the server with `python -m llmops.triggers --branch {version.branch} --after "
+                        f"{version.commit}`") from None
 
 
 def close_loop(root: Path, params: Params, figures: Figures | None) -> list[str]:
