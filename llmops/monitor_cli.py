@@ -10,8 +10,6 @@ from pathlib import Path
 
 from llmops.errors import LlmopsError
 
-REPORTS = Path(".llmops/monitor/reports")
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     mon = sub.add_parser(
@@ -78,7 +76,10 @@ def _monitor(root: Path, end: str | None) -> int:
 
 
 def latest_queue(root: Path) -> list[dict]:
-    reports = sorted(p for p in (root / REPORTS).glob("*/queue.jsonl"))
+    """The review queue of the latest monitor report (reports are named by their window's end, so they sort)."""
+    from llmops.monitor import OUT_DIR
+
+    reports = sorted((root / OUT_DIR / "reports").glob("*/queue.jsonl"))
     if not reports:
         raise LlmopsError("no monitor report yet: run `llmops monitor`")
     return [json.loads(line) for line in reports[-1].read_text().splitlines() if line.strip()]

@@ -90,13 +90,16 @@ def plan(root: str | Path) -> list[PlannedStage]:
     import networkx as nx
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
+    from dvc.stage import PipelineStage
 
     from llmops.repro import StageError
 
     specs = declared(root)
     try:
         repo = Repo(str(root))
-        stages = list(repo.index.stages)
+        # dvc.yaml's stages; a *.dvc pointer (data added with `dvc add`, the monitor's corrections) is a stage of
+        # DVC's graph too, with no command and no name
+        stages = [s for s in repo.index.stages if isinstance(s, PipelineStage)]
     except DvcException as exc:  # a malformed dvc.yaml, a missing stage file: DVC's message says where
         raise StageError(f"{DVC_YAML}: {exc}") from None
     with repo:
@@ -104,12 +107,13 @@ def plan(root: str | Path) -> list[PlannedStage]:
         # (every stage is in the root dvc.yaml, so a name is unique)
         position = {s.name: i for i, s in enumerate(stages)}
         # DVC's edges run from a stage to the stages it depends on
-        ordered = nx.lexicographical_topological_sort(repo.index.graph.reverse(), key=lambda s: position[s.name])
+        ordered = nx.lexicographical_topological_sort(repo.index.graph.reverse(),
+                                                      key=lambda s: position.get(getattr(s, "name", None), -1))
         return [
             PlannedStage(dvc_name=s.name, spec=specs[s.name.split("@")[0]],
                          outs=tuple(str(o.def_path) for o in s.outs),
                          metrics=tuple(str(o.def_path) for o in s.outs if o.metric))
-            for s in ordered
+            for s in ordered if isinstance(s, PipelineStage)
         ]
 
 

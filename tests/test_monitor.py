@@ -109,6 +109,10 @@ def test_each_dataset_version_is_one_commit_and_a_failed_one_leaves_the_checkout
     assert "A\tdata/corrections/accepted-000003.jsonl.dvc" in changed
     assert not (project / first.path).exists() and not run(["git", "status", "--porcelain"], project).stdout
     assert corrections.new_version(project, store, checker(["sample_tasks"])) is None  # nothing new
+    # the pointer is a stage of DVC's graph too; the pipeline's plan is still dvc.yaml's stages, in order
+    from llmops.stage import plan
+
+    assert [s.dvc_name for s in plan(project)][:3] == ["prepare_data", "validate_data", "train@pretrain"]
 
 
 @pytest.mark.services
