@@ -76,8 +76,12 @@ def run_prepare_data(cfg: DataParams, storage: StorageParams, out_dir: str | Pat
     train, eval_, source = _split_rows(cfg, storage)
     if cfg.corrections:  # reviewed answers from production: training rows only, judged by validate_data like the rest
         corrections = parse_instructions(read_bytes(cfg.corrections, storage), cfg.corrections)
-        train = train + corrections
-        source += f" + {len(corrections)} corrections from {cfg.corrections}"
+        held_out = {row.get("prompt") for row in eval_}
+        kept = [row for row in corrections if row.get("prompt") not in held_out]
+        train = train + kept
+        source += f" + {len(kept)} corrections from {cfg.corrections}"
+        if len(kept) < len(corrections):  # a user asked an eval prompt: its correction would leak the eval split
+            source += f" ({len(corrections) - len(kept)} left out: their prompts are in the eval split)"
     text = _corpus(cfg, storage)
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")

@@ -125,3 +125,18 @@ def test_reads_s3_uris(tmp_path, s3_endpoint, bucket):
         run_prepare_data(DataParams(instructions=f"s3://{bucket}/in/nope.jsonl"), storage, tmp_path / "out")
     with pytest.raises(StorageError, match="cannot reach the S3 endpoint http://127.0.0.1:9"):
         run_prepare_data(cfg, StorageParams(endpoint_url="http://127.0.0.1:9"), tmp_path / "out")
+
+
+def test_corrections_join_the_train_split_but_never_with_an_eval_prompt(tmp_path):
+    run_prepare_data(DataParams(num_examples=50), StorageParams(), tmp_path / "plain")
+    eval_prompt = json.loads((tmp_path / "plain/eval.jsonl").read_text().splitlines()[0])["prompt"]
+    (tmp_path / "corrections.jsonl").write_text(
+        json.dumps({"prompt": "Hi", "response": "Hello.", "task": "correction"}) + "\n"
+        + json.dumps({"prompt": eval_prompt, "response": "42", "task": "correction"}) + "\n")
+    result = run_prepare_data(DataParams(num_examples=50, corrections=str(tmp_path / "corrections.jsonl")),
+                              StorageParams(), tmp_path / "out")
+    train = [json.loads(line) for line in (tmp_path / "out/train.jsonl").read_text().splitlines()]
+    assert result.train_rows == 46 and train[-1] == {"prompt": "Hi", "response": "Hello.", "task": "correction"}
+    assert (tmp_path / "out/eval.jsonl").read_bytes() == (tmp_path / "plain/eval.jsonl").read_bytes()
+    assert result.source.endswith("+ 1 corrections from " + str(tmp_path / "corrections.jsonl")
+                                  + " (1 left out: their prompts are in the eval split)")
