@@ -114,10 +114,9 @@ class Store:
         """The latest feedback on each of these requests (request id -> rating, correction, comment)."""
         found: dict[str, dict[str, Any]] = {}
         with self.engine.connect() as conn:
-            for start in range(0, len(request_ids), 500):  # bounded IN lists
-                rows = conn.execute(select(feedback).where(feedback.c.request_id.in_(request_ids[start:start + 500]))
-                                    .order_by(feedback.c.id))
-                for row in rows.mappings():
+            for ids in _chunks(request_ids):
+                for row in conn.execute(select(feedback).where(feedback.c.request_id.in_(ids))
+                                        .order_by(feedback.c.id)).mappings():
                     found[row["request_id"]] = dict(row)
         return found
 
@@ -147,9 +146,10 @@ class Store:
             raise FeedbackError(f"{request_id} was already reviewed") from None
 
     def reviewed(self, request_ids: list[str]) -> set[str]:
+        """Those of these requests a person has decided on."""
         with self.engine.connect() as conn:
-            return set(conn.execute(select(reviews.c.request_id).where(reviews.c.request_id.in_(request_ids)))
-                       .scalars()) if request_ids else set()
+            return {rid for ids in _chunks(request_ids)
+                    for rid in conn.execute(select(reviews.c.request_id).where(reviews.c.request_id.in_(ids))).scalars()}
 
     def accepted(self, unused_only: bool = False) -> list[dict[str, Any]]:
         """Accepted corrections with their prompts, oldest first; `unused_only`: those in no dataset yet."""
@@ -164,3 +164,9 @@ class Store:
     def mark_used(self, request_ids: list[str], dataset: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(update(reviews).where(reviews.c.request_id.in_(request_ids)).values(dataset=dataset))
+
+
+def _chunks(ids: list[str], size: int = 500):
+    """Bounded IN lists: a window's ids can outnumber what one SQL statement may bind."""
+    for start in range(0, len(ids), size):
+        yield ids[start:start + size]
