@@ -102,7 +102,7 @@ def _convert_units(rng: random.Random) -> tuple[str, str, str]:
     return f"Convert {n} {unit} to {target}.", f"{n * factor} {target}", f"{n} {unit} are {n * factor} {target}."
 
 
-_SOLVERS: dict[str, tuple[re.Pattern, Callable[..., str]]] = {  # task family -> (its prompt, its answer)
+_SOLVERS: dict[str, tuple[re.Pattern, Callable[..., str | None]]] = {  # task family -> (its prompt, its answer)
     "count_letters": (re.compile(r"How many letters are in '([a-z]+)'\?"), lambda w: str(len(w))),
     "first_letter": (re.compile(r"What is the first letter of '([a-z]+)'\?"), lambda w: w[0]),
     "last_letter": (re.compile(r"What is the last letter of '([a-z]+)'\?"), lambda w: w[-1]),
