@@ -31,7 +31,8 @@ def failed_as_state(body: Callable[[], Any]) -> Any:
 
 
 class _NoEmptyTraceback(logging.Filter):
-    """Prefect logs a task that returned a Failed state with exc_info=True and no exception: a stray `NoneType: None`."""
+    """Prefect logs a task that returned a Failed state with exc_info=True and no exception: a stray
+    `NoneType: None`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and record.exc_info[0] is None:

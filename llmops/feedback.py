@@ -147,9 +147,11 @@ class Store:
 
     def reviewed(self, request_ids: list[str]) -> set[str]:
         """Those of these requests a person has decided on."""
+        found: set[str] = set()
         with self.engine.connect() as conn:
-            return {rid for ids in _chunks(request_ids)
-                    for rid in conn.execute(select(reviews.c.request_id).where(reviews.c.request_id.in_(ids))).scalars()}
+            for ids in _chunks(request_ids):
+                found |= set(conn.execute(select(reviews.c.request_id).where(reviews.c.request_id.in_(ids))).scalars())
+        return found
 
     def accepted(self, unused_only: bool = False) -> list[dict[str, Any]]:
         """Accepted corrections with their prompts, oldest first; `unused_only`: those in no dataset yet."""

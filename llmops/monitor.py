@@ -171,8 +171,8 @@ def _probe(root: Path, live: servers.Server, version: str | None, current: list[
     scores = probes.consistency(client, registry.ARTIFACT, [r["prompt"] for r in unchecked], mp.consistency)
     for row, score in zip(unchecked, scores, strict=True):
         row["agreement"] = score
-    consistency = {"requests": len(scores), "samples": mp.consistency.samples, "temperature": mp.consistency.temperature,
-                   "mean_agreement": sum(scores) / len(scores) if scores else None}
+    consistency = {"requests": len(scores), "samples": mp.consistency.samples,
+                   "temperature": mp.consistency.temperature, "mean_agreement": sum(scores) / len(scores) if scores else None}
     if mp.fairness.pairs_per_type == 0:
         return consistency, {}, counted
     by_type: dict[str, list[float]] = {}
@@ -227,7 +227,8 @@ def record_alerts(root: str | Path, judged: Judged) -> str | None:
 def retrain_reason(fig: Figures | None, pending: int, params: RetrainParams) -> str | None:
     """Why the pipeline should retrain now (None: no reason); it needs new data, the accepted corrections."""
     if fig is not None and fig.drift["share"] is not None and fig.drift["share"] >= params.on_drift_share:
-        return f"drift: {fig.drift['share']:.0%} of the monitored columns drifted (retrain at {params.on_drift_share:.0%})"
+        return (f"drift: {fig.drift['share']:.0%} of the monitored columns drifted (retrain at "
+                f"{params.on_drift_share:.0%})")
     wrong = fig.hallucination["wrong_rate"] if fig is not None else None
     if wrong is not None and wrong >= params.on_wrong_rate:
         return f"quality: {wrong:.0%} of checkable answers were wrong (retrain at {params.on_wrong_rate:.0%})"

@@ -225,7 +225,8 @@ def figures(values: dict[str, Any], current: list[dict], window, reference: dict
                  "refusal_rate": values["mean:refusal"], "format_ok_rate": values["mean:format_ok"],
                  "mean_answer_length": values["mean:answer_length"]},
         traffic={"error_rate": errors / total if total else None, "p50_latency_ms": values["p50:latency_ms"],
-                 "p95_latency_ms": values["p95:latency_ms"], "pii_rate": _share([has_pii(r["prompt"]) for r in current]),
+                 "p95_latency_ms": values["p95:latency_ms"],
+                 "pii_rate": _share([has_pii(r["prompt"]) for r in current]),
                  "mean_oov_share": values["mean:oov_share"], "task_mix": dict(sorted(tasks.items()))},
         hallucination={"checked": checked, "wrong_rate": values["mean:wrong"],
                        "wrong_rate_by_task": grouped("mean:wrong:task"),
@@ -275,7 +276,8 @@ def summary(fig: Figures, breaches: list) -> str:
              f" / {pct(fig.quality['refusal_rate'])} |",
              f"| harmful prompts / answers | {pct(fig.harmful['prompt_rate'])} / {pct(fig.harmful['answer_rate'])} |",
              f"| prompts with PII | {pct(fig.traffic['pii_rate'])} |",
-             f"| error rate, p95 latency | {pct(fig.traffic['error_rate'])}, {num(fig.traffic['p95_latency_ms'], 4)} ms |",
+             f"| error rate, p95 latency | {pct(fig.traffic['error_rate'])}, "
+             f"{num(fig.traffic['p95_latency_ms'], 4)} ms |",
              f"| mean rating (1-5) | {num(fig.feedback['mean_rating'])} ({fig.feedback['rated']} rated) |",
              f"| flagged for review | {fig.flagged} |"]
     if fig.fairness:

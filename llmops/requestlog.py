@@ -72,7 +72,8 @@ class Window:
 
 def days(start: datetime, end: datetime) -> list[str]:
     """The partitions (YYYY-MM-DD) a window [start, end) touches."""
-    first, last = start.astimezone(timezone.utc).date(), (end - timedelta(microseconds=1)).astimezone(timezone.utc).date()
+    first = start.astimezone(timezone.utc).date()
+    last = (end - timedelta(microseconds=1)).astimezone(timezone.utc).date()  # the end is not in the window
     return [str(first + timedelta(days=i)) for i in range((last - first).days + 1)]
 
 

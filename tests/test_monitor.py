@@ -227,7 +227,8 @@ def test_drifted_traffic_and_corrections_alert_and_start_a_run_on_a_new_dataset_
              f".save({name!r}, overwrite=True)"], project, env=env)
 
     webhook_block("llmops-alerts", f"http://127.0.0.1:{hook.server_port}/hook")
-    set_params(project, "deploy.target=local", f"deploy.port={port}", "monitor.alerts.notify=custom-webhook/llmops-alerts",
+    set_params(project, "deploy.target=local", f"deploy.port={port}",
+               "monitor.alerts.notify=custom-webhook/llmops-alerts",
                "monitor.retrain.min_corrections=2", "monitor.consistency.requests=3", "monitor.consistency.samples=3",
                "monitor.fairness.pairs_per_type=1", "monitor.alerts.max_wrong_rate=1")
     run(["git", "commit", "-qam", "deploy and monitor"], project)
