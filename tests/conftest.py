@@ -9,7 +9,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -244,10 +245,9 @@ def bucket(s3_endpoint, request) -> str:
     return name
 
 
-@pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory):
-    """A real Prefect server (SQLite, temporary PREFECT_HOME) on 127.0.0.1; yields its API URL."""
-    home = tmp_path_factory.mktemp("prefect_home")
+@contextmanager
+def prefect_server(home: Path) -> Iterator[str]:
+    """A real Prefect server (SQLite, its own PREFECT_HOME) on 127.0.0.1, stopped after the block; yields its API URL."""
     port = free_port()
     env = base_env(
         PREFECT_HOME=str(home),
@@ -262,7 +262,16 @@ def prefect_api(tmp_path_factory):
     url = f"http://127.0.0.1:{port}/api"
     try:
         _wait_http(f"{url}/health", proc, 120)
-        yield url, home
+        yield url
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """The session's Prefect server; yields (API URL, PREFECT_HOME). Tests that register deployments or create runs
+    that others could see (test_worker's, the monitor's) keep to their own module's server."""
+    home = tmp_path_factory.mktemp("prefect_home")
+    with prefect_server(home) as url:
+        yield url, home

@@ -13,9 +13,18 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from conftest import base_env, free_port, run, set_params, stop_servers
+from conftest import base_env, free_port, prefect_server, run, set_params, stop_servers
 from llmops.feedback import FeedbackError, Store, UnknownRequest
 from llmops.requestlog import Writer, read_window
+
+@pytest.fixture(scope="module")
+def monitor_api(tmp_path_factory):
+    """A Prefect server of this module's own: its `llmops setup` and the runs it starts must not meet test_worker's
+    worker and deployments on the session's server; yields (API URL, PREFECT_HOME)."""
+    home = tmp_path_factory.mktemp("monitor_prefect_home")
+    with prefect_server(home) as url:
+        yield url, home
+
 
 DRIFTED = ["Write a long poem about the autumn sea and its grey waves", "Tell me a story about dragons in a castle",
            "Summarise the history of the roman empire in three sentences", "Explain quantum entanglement simply",
@@ -174,8 +183,8 @@ def test_a_local_classifier_is_a_harmful_content_detector(tmp_path):
 
 
 @pytest.mark.services
-def test_no_traffic_and_a_missing_reference_are_said_plainly(project, prefect_api):
-    api_url, home = prefect_api
+def test_no_traffic_and_a_missing_reference_are_said_plainly(project, monitor_api):
+    api_url, home = monitor_api
     env = base_env(PREFECT_API_URL=api_url, PREFECT_HOME=str(home))
     quiet = run(["llmops", "monitor"], project, env=env)
     assert "0 answered requests" in quiet.stdout and "nothing to judge, no report" in quiet.stdout
@@ -210,10 +219,10 @@ class _Hook(BaseHTTPRequestHandler):
 
 @pytest.mark.services
 @pytest.mark.training
-def test_drifted_traffic_and_corrections_alert_and_start_a_run_on_a_new_dataset_version(ran_project, prefect_api):
+def test_drifted_traffic_and_corrections_alert_and_start_a_run_on_a_new_dataset_version(ran_project, monitor_api):
     from openai import OpenAI
 
-    api_url, home = prefect_api
+    api_url, home = monitor_api
     project = ran_project
     port = free_port()
     hook = HTTPServer(("127.0.0.1", 0), _Hook)
