@@ -219,13 +219,23 @@ def _stop_pid(pid: int, timeout_s: float) -> None:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
+    if _gone(pid, timeout_s):
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    _gone(pid, 10)  # "stopped" means stopped: a killed process is not gone until the kernel has ended it
+
+
+def _gone(pid: int, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:  # our own child must be reaped; another process's pid just disappears
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
+                return True
         except ChildProcessError:
             if not _alive(pid):
-                return
+                return True
         time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
+    return False

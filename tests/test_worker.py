@@ -31,8 +31,12 @@ def worker(pipeline, prefect_api, tmp_path_factory):
     out = run(["llmops", "setup"], project, env=env).stdout
     assert "work pool 'llmops' (process): ready" in out and "deployment 'build-model/nightly': registered" in out
     assert "concurrency limit 'llmops-training': 1 run at a time" in out
+    assert "deployment 'monitor/hourly': registered" in out
     log = open(project.parent / "worker.log", "w")
-    proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "llmops"], cwd=project.parent,
+    # the pipeline's queue only: the hourly monitor's runs (queue `monitor`) would judge this project's servers
+    # at the top of the hour, in the middle of these tests
+    proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "llmops", "--work-queue", "default"],
+                            cwd=project.parent,
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         yield project, api_url
