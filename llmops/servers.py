@@ -225,17 +225,31 @@ def _stop_pid(pid: int, timeout_s: float) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         return
-    _gone(pid, 10)  # "stopped" means stopped: a killed process is not gone until the kernel has ended it
+    if not _gone(pid, 10):  # "stopped" means stopped: a killed process is not gone until the kernel has ended it
+        raise ServerError(f"the server process {pid} did not end, even after SIGKILL")
 
 
 def _gone(pid: int, timeout_s: float) -> bool:
+    """Whether `pid` ended within `timeout_s`: reaped if it is our child, else gone or a zombie.
+
+    Judged by the process state, not by `_alive`'s command line: an exiting process loses its command
+    line before it has finished exiting (the kernel drops its memory first), and a server whose parent
+    run has ended stays a zombie until init reaps it.
+    """
+    import psutil
+
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:  # our own child must be reaped; another process's pid just disappears
+    while True:
+        try:
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
                 return True
-        except ChildProcessError:
-            if not _alive(pid):
+        except ChildProcessError:  # not our child: only its state tells
+            pass
+        try:
+            if psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
                 return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.1)
-    return False
