@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmops.modeling import train_tokenizer  # noqa: E402
-from llmops.server import hash_key  # noqa: E402
+from llmops.apikeys import hash_key  # noqa: E402
 
 MODELS = {
     "cuda": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=2816,

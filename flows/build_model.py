@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from flows.states import completed, quiet_failed_states
 from llmops import locks, registry, remote, workspaces
-from llmops.approval import Rejected, wait_for_decision
+from llmops.approval import NOBODY, Rejected, wait_for_decision
 from llmops.config import (PARAMS_FILE, DeployParams, Params, StorageParams, changes, load_params, storage_for,
                            with_changes, write_params)
 from llmops.deploy import Deployed, deploy, summary
@@ -222,7 +222,8 @@ def _approved(root: Path, version: str, timeout_s: float, scores: list[str]) -> 
         print(f"{version} already holds production: nothing to approve")
         return
     decision = wait_for_decision(version, production and production.version, scores, timeout_s)
-    registry.review(root, version, decision.approve, decision.reviewer, f"{decision.reason} (flow run {flow_run.name})")
+    registry.review(root, version, decision.approve, decision.reviewer, f"{decision.reason} (flow run {flow_run.name})",
+                    by_person=decision.reviewer != NOBODY)
     verdict = "approved" if decision.approve else "rejected"
     print(f"{version} {verdict} by {decision.reviewer}: {decision.reason}")
     if not decision.approve:

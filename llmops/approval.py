@@ -8,14 +8,16 @@ to a run that is not waiting, is refused, so nothing is promoted twice.
 from __future__ import annotations
 
 import asyncio
-import getpass
 from uuid import UUID
 
 import httpx
 from prefect.input import RunInput
 from pydantic import Field
 
+from llmops import identity
 from llmops.errors import LlmopsError
+
+NOBODY = "nobody"  # the reviewer of a review that timed out (a rejection nobody made)
 
 
 class Decision(RunInput):
@@ -23,6 +25,8 @@ class Decision(RunInput):
 
     approve: bool = Field(False, description="on: promote this version to production; off: reject it")
     reason: str = Field(min_length=1, description="why; kept in the run and in the registry's history")
+    # Prefect's open-source API has no login: the name here is as trustworthy as access to that API (the access
+    # policy checks that it names an approver; `llmops approve` checks the person running it)
     reviewer: str = Field(min_length=1, description="who decides")
 
 
@@ -66,7 +70,7 @@ def wait_for_decision(version: str, production: str | None, scores: list[str], t
 
         with get_client(sync_client=True) as client:
             client.set_flow_run_state(flow_run.id, Running(message="no decision in time"), force=True)
-        return Decision(approve=False, reviewer="nobody",
+        return Decision(approve=False, reviewer=NOBODY,
                         reason=f"no decision within {timeout_s:g} s (deploy.approval_timeout_s)")
 
 
@@ -76,7 +80,7 @@ def answer(run: str, approve: bool, reason: str, reviewer: str | None = None) ->
     Raises:
         ApprovalError: no such run, a run not waiting for approval, an answer already given, or bad input.
     """
-    reviewer = reviewer or getpass.getuser()
+    reviewer = reviewer or identity.current()
     decision = Decision(approve=approve, reason=reason, reviewer=reviewer)  # bad input fails here, not on the server
     try:
         return asyncio.run(_answer(run, decision))

@@ -10,8 +10,9 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from llmops import locks, monitor_cli, registry, registry_cli, serve_cli
+from llmops import audit, audit_cli, locks, monitor_cli, registry, registry_cli, serve_cli
 from llmops.config import PARAMS_FILE, ConfigError, load_params, storage_for
+from llmops.errors import LlmopsError
 from llmops.prefect_api import PrefectUnavailable, prefect_api
 from llmops.preflight import check_inputs
 from llmops.stage import declared, summaries
@@ -82,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     registry_cli.add_parser(sub)
     serve_cli.add_parser(sub)
     monitor_cli.add_parser(sub)
+    audit_cli.add_parser(sub)
 
     for spec in declared().values():
         cmd = sub.add_parser(
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve_cli.main(args)
     if args.command in ("monitor", "feedback"):
         return monitor_cli.main(args)
+    if args.command == "audit":
+        return audit_cli.main(args)
     if args.command == "workspaces":
         return _workspaces(Path.cwd(), args.action)
     if args.command == "setup":
@@ -136,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(exc).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return EXIT_BAD_PARAMS
+    try:  # refused before any work; each stage asks again, as `dvc repro` alone would
+        audit.require(root, "pipeline.run", "pipeline", ("run", "pipeline"))
+    except LlmopsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     push = not args.no_push
     if push:
         try:  # an unreachable remote is refused before the Prefect server starts (the flow checks it again)
@@ -149,14 +158,17 @@ def main(argv: list[str] | None = None) -> int:
 def _answer(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from llmops.approval import ApprovalError, answer
+    from llmops.approval import answer
 
     try:
+        if (Path.cwd() / PARAMS_FILE).is_file():  # in the project: its policy refuses at once (the flow asks again)
+            audit.require(Path.cwd(), f"registry.{args.command}", registry.ARTIFACT, ("approve", "stage:production"),
+                          who=args.reviewer, run=args.run)
         print(answer(args.run, args.command == "approve", args.reason, args.reviewer))
     except ValidationError as exc:
         print(f"error: {args.command}: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}", file=sys.stderr)
         return EXIT_BAD_PARAMS
-    except ApprovalError as exc:
+    except LlmopsError as exc:
         print(f"error: {args.command}: {exc}", file=sys.stderr)
         return 1
     return 0

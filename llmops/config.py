@@ -307,6 +307,20 @@ class RegistryParams(Section):
                                                       "and read from; null: this clone's tags only")
 
 
+class GovernanceParams(Section):
+    """governance: the audit trail (`llmops audit`) and who may do what (llmops/access.py)."""
+
+    policy: str = Field("governance/policy.csv", min_length=1,
+                        description="the access policy (casbin CSV: roles' permissions, identities' roles)")
+    default_role: str = Field("admin", min_length=1, description="the role of an identity the policy does not name")
+    default_key_role: str = Field("caller", min_length=1,
+                                  description="the role of an API key the policy does not name")
+
+    audit_lock_days: int = Field(0, ge=0, description="S3 only: write each audit record under S3 Object Lock "
+                                 "(compliance mode) for this many days, so nobody can delete or overwrite it (the "
+                                 "bucket must have Object Lock enabled); 0: off")
+
+
 class DeployParams(Section):
     """deploy: after register, the version goes to staging, passes a smoke request, then production (served)."""
 
@@ -468,6 +482,7 @@ class Params(Section):
     deploy: DeployParams = Field(default_factory=DeployParams)
     orchestration: OrchestrationParams = Field(default_factory=OrchestrationParams)
     monitor: MonitorParams = Field(default_factory=MonitorParams)
+    governance: GovernanceParams = Field(default_factory=GovernanceParams)
 
 
 # Environment variables that point storage elsewhere without editing params.yaml

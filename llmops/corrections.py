@@ -16,7 +16,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmops import locks, registry, triggers
+from llmops import identity, locks, triggers
 from llmops.checks import Checker, checker
 from llmops.config import PARAMS_FILE, Params, load_params, with_changes, write_params
 from llmops.datasets import write_text
@@ -87,9 +87,9 @@ def new_version(root: Path, store: Store, check: Checker) -> DatasetVersion | No
                     (root / stale).unlink(missing_ok=True)  # its rows are all in the new version; git history keeps it
             write_params(root / PARAMS_FILE, with_changes(old, {"data.corrections": str(path)}))
             _git(root, "add", "-A", "--", PARAMS_FILE, str(DIR))
-            identity = [] if registry.git_user() else ["-c", f"user.name={registry.who()}",  # a worker may have no
-                                                       "-c", f"user.email={registry.who()}@llmops"]  # git identity
-            _git(root, *identity, "commit", "-q", "-m", f"llmops monitor: {len(rows)} accepted corrections "
+            author = [] if identity.git_user() else ["-c", f"user.name={identity.current()}",  # a worker may have no
+                                                     "-c", f"user.email={identity.current()}@llmops"]  # git identity
+            _git(root, *author, "commit", "-q", "-m", f"llmops monitor: {len(rows)} accepted corrections "
                  f"({len(pending)} new) as {path}", "--", PARAMS_FILE, str(DIR))
         except BaseException:  # no half-made version: the checkout as it was, the corrections still pending
             _undo(root, path, old.data.corrections)

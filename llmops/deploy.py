@@ -14,10 +14,10 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from llmops import registry, servers
+from llmops import audit, registry, servers
 from llmops.config import DeployParams
 from llmops.errors import LlmopsError
-from llmops.server import hash_key, new_key
+from llmops.apikeys import hash_key, new_key
 
 DEPLOY_USER = "llmops-deploy"
 KEY_FILE = servers.SERVE_DIR / "api_key"  # the key the deploy step (and the README's examples) call with
@@ -34,6 +34,9 @@ class Deployed(BaseModel):
     model: str
     prompt: str
     answer: str
+
+
+DEPLOY_KEY_NAME = "deploy"  # the project key's identity in the access policy: key:deploy
 
 
 def project_key(root: Path) -> str:
@@ -71,11 +74,21 @@ def smoke(url: str, key: str, params: DeployParams) -> str:
 def deploy(root: Path, version: str, params: DeployParams, source: str) -> Deployed | None:
     """Deploy `version` as params say (None when deploy.target is none); `source` (a flow run) goes in the stage history.
 
+    Audited: the outcome, and where it serves.
+
     Raises:
         DeployError, ServerError or RegistryError: it was not deployed; production is unchanged.
     """
     if params.target == "none":
         return None
+    with audit.recorded(root, "deploy", registry.ARTIFACT, version, allow=("deploy", "stage:production"),
+                        target=params.target, source=source) as note:
+        deployed = _deploy(root, version, params, source)
+        note.update(url=deployed.url, previous=deployed.previous)
+    return deployed
+
+
+def _deploy(root: Path, version: str, params: DeployParams, source: str) -> Deployed:
     key = project_key(root)
     live = servers.on_port(root, params.port)
     if live is None and servers.port_in_use(params.host, params.port):
@@ -87,18 +100,19 @@ def deploy(root: Path, version: str, params: DeployParams, source: str) -> Deplo
     changed = before is not None and before.version != version
     if before is None or changed:
         _smoke_candidate(root, version, params, key, f"deploy candidate from {source}", before)
-        registry.promote(root, version, "production", f"passed its smoke test in {source}")
+        registry.promote(root, version, "production", f"passed its smoke test in {source}", purpose="deploy")
     try:
         if live is None:
             live = servers.start(root, "production", params.host, params.port, params.max_concurrency,
-                                 params.timeout_s, [hash_key(key)])
+                                 params.timeout_s, [f"{hash_key(key)}:{DEPLOY_KEY_NAME}"])
         elif live.version != version:
             live = servers.reload(root, live, params.timeout_s)
         answer = smoke(live.url, key, params)
     except LlmopsError as exc:
         if not changed:
             raise DeployError(f"the production server could not serve {version}: {exc}") from None
-        registry.rollback(root, "production", f"deploying {version} failed: {exc}")  # the server follows it back
+        registry.rollback(root, "production", f"deploying {version} failed: {exc}",  # the server follows it back
+                          purpose="deploy")
         if live is not None:
             servers.reload(root, live, params.timeout_s)
         raise DeployError(f"{version} passed its smoke test but failed on the production server, so production is "
@@ -112,11 +126,11 @@ def _smoke_candidate(root: Path, version: str, params: DeployParams, key: str, w
     """Staging, then a smoke request to a server of the candidate's own on a free port (stopped afterwards)."""
     staging = registry.holder(root, "staging")
     if staging is None or staging.version != version:
-        registry.promote(root, version, "staging", why)
+        registry.promote(root, version, "staging", why, purpose="deploy")
     stays = (f"production stays on {production.version}" if production else "production stays empty")
     try:
         candidate = servers.start(root, version, params.host, servers.free_port(params.host), params.max_concurrency,
-                                  params.timeout_s, [hash_key(key)])
+                                  params.timeout_s, [f"{hash_key(key)}:{DEPLOY_KEY_NAME}"])
     except servers.ServerError as exc:
         raise DeployError(f"{version} could not be served, so {stays}: {exc}") from None
     try:

@@ -86,7 +86,7 @@ def latest_queue(root: Path) -> list[dict]:
 
 
 def _feedback(root: Path, args: argparse.Namespace) -> int:
-    from llmops import registry
+    from llmops import identity
     from llmops.feedback import Store, database_url
 
     store = Store(database_url(root))
@@ -110,7 +110,7 @@ def _feedback(root: Path, args: argparse.Namespace) -> int:
         if not correction:
             correction = next((q["suggested"] for q in latest_queue(root) if q["request_id"] == args.request_id),
                               None)
-    store.review(args.request_id, args.action == "accept", args.reviewer or registry.who(), args.reason, correction)
+    store.review(args.request_id, args.action == "accept", args.reviewer or identity.current(), args.reason, correction)
     if args.action == "accept":
         print(f"accepted {args.request_id}: {correction!r} joins the next dataset version "
               f"({len(store.accepted(unused_only=True))} accepted corrections wait)")

@@ -25,7 +25,6 @@ whole, where MLflow keeps no alias history and needs a database.
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import subprocess
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from llmops import audit, identity
 from llmops.errors import LlmopsError
 
 ARTIFACT = "model"  # the dvc.yaml `artifacts:` entry (models/release)
@@ -77,17 +77,6 @@ def _repo(root: str | os.PathLike) -> Path:
         raise RegistryError(f"{root} is not a git repository with a commit; the registry keeps versions as git "
                             "tags (`git init && git add -A && git commit -m start`)")
     return root
-
-
-def who() -> str:
-    """Who acts: LLMOPS_USER, else the git user, else the login name."""
-    return os.environ.get("LLMOPS_USER") or git_user() or getpass.getuser()
-
-
-def git_user() -> str | None:
-    """git's configured user.name, if any."""
-    proc = subprocess.run(["git", "config", "user.name"], capture_output=True, text=True)
-    return proc.stdout.strip() or None
 
 
 def _remote(root: Path) -> str | None:
@@ -277,8 +266,8 @@ def _snapshot(root: Path, message: str) -> str:
         tree = _git(root, "write-tree", env=env)
         if tree == _git(root, "rev-parse", "HEAD^{tree}"):
             return head
-        if not git_user():
-            name = who()
+        if not identity.git_user():
+            name = identity.current()
             env.update(GIT_AUTHOR_NAME=name, GIT_AUTHOR_EMAIL=f"{name}@llmops", GIT_COMMITTER_NAME=name,
                        GIT_COMMITTER_EMAIL=f"{name}@llmops")
         return _git(root, "commit-tree", tree, "-p", head, "-m", message, env=env)
@@ -303,6 +292,15 @@ def _release_hash(root: Path, commit: str) -> str | None:
 
 
 def register(root: str | os.PathLike, why: str) -> tuple[Version, bool]:
+    """Register the released model (models/release/) as the next version (see `_register`); audited."""
+    root = _repo(root)
+    with audit.recorded(root, "registry.register", ARTIFACT, allow=("register", "registry"), why=why) as note:
+        version, new = _register(root, why)
+        note.update(version=version.version, new=new)
+    return version, new
+
+
+def _register(root: Path, why: str) -> tuple[Version, bool]:
     """Register the released model (models/release/, as dvc.lock pins it) as the next version.
 
     Returns the version and whether it is new: a release identical to the latest version's
@@ -314,7 +312,6 @@ def register(root: str | os.PathLike, why: str) -> tuple[Version, bool]:
     """
     from gto import api
 
-    root = _repo(root)
     release_file = root / RELEASE / "release.json"
     if not release_file.is_file():
         raise RegistryError(f"{RELEASE}/release.json: no such file; only a model the gate passed is released "
@@ -334,24 +331,34 @@ def register(root: str | os.PathLike, why: str) -> tuple[Version, bool]:
                 return v, False
         version = f"v{(_semver(known[0].version)[0] if known else 0) + 1}.0.0"
         parent = holder(root, "production", known)
-        record = {"by": who(), "why": why, "lineage": {
+        record = {"by": identity.current(), "why": why, "lineage": {
             "release_md5": digest, "code_commit": _git(root, "rev-parse", "HEAD"),
             "parent_version": parent.version if parent else None, **release}}
         _tick()
         api.register(str(root), ARTIFACT, ref=commit, version=version, message=json.dumps(record, sort_keys=True))
-        return Version(version=version, commit=commit, created_at="now", author=who(), record=record), True
+        return Version(version=version, commit=commit, created_at="now", author=identity.current(), record=record), True
 
     return _change(root, write)
 
 
-def promote(root: str | os.PathLike, version: str, stage: str, why: str) -> Version | None:
+def promote(root: str | os.PathLike, version: str, stage: str, why: str, purpose: str = "promote") -> Version | None:
+    """Give `version` the stage (see `_promote`); allowed by the access policy (`purpose`: promote by hand, or the
+    pipeline's deploy) and audited."""
+    root = _repo(root)
+    with audit.recorded(root, "registry.promote", ARTIFACT, version, allow=(purpose, f"stage:{stage}"), stage=stage,
+                        why=why) as note:
+        before = _promote(root, version, stage, why)
+        note.update(version=normalize(version), replaced=before.version if before else None)
+    return before
+
+
+def _promote(root: Path, version: str, stage: str, why: str) -> Version | None:
     """Give `version` the stage; return the version that held it before (None if none).
 
     Raises:
         RegistryError: unknown stage or version, a version the gate did not pass, one that
             already holds the stage, or a registry remote that cannot be read or written.
     """
-    root = _repo(root)
     if stage not in STAGES:
         raise RegistryError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     target = normalize(version)
@@ -375,10 +382,10 @@ def _move(root: Path, stage: str, current: Version | None, target: Version, why:
     if current is not None:
         _tick()
         api.unassign(str(root), ARTIFACT, version=current.version, stage=stage,
-                     message=json.dumps({"by": who(), "why": f"replaced by {target.version}: {why}"}))
+                     message=json.dumps({"by": identity.current(), "why": f"replaced by {target.version}: {why}"}))
     _tick()
     api.assign(str(root), ARTIFACT, stage, version=target.version, force=True,
-               message=json.dumps({"by": who(), "why": why}))
+               message=json.dumps({"by": identity.current(), "why": why}))
 
 
 def history(root: str | os.PathLike, stage: str | None = None) -> list[dict[str, Any]]:
@@ -404,13 +411,23 @@ def history(root: str | os.PathLike, stage: str | None = None) -> list[dict[str,
     return sorted(out, key=lambda e: datetime.fromisoformat(e["time"]))  # GTO's and the reviews' carry offsets
 
 
-def review(root: str | os.PathLike, version: str, approved: bool, by: str, why: str) -> None:
+def review(root: str | os.PathLike, version: str, approved: bool, by: str, why: str, by_person: bool = True) -> None:
+    """Record a reviewer's decision (see `_review`); audited as the reviewer's, who must be allowed to approve
+    (unless `by_person` is false: the rejection a review that timed out ends in)."""
+    root = _repo(root)
+    with audit.recorded(root, "registry.approve" if approved else "registry.reject", ARTIFACT, version, who=by,
+                        allow=("approve", "stage:production") if by_person else None, stage="production",
+                        why=why) as note:
+        _review(root, version, approved, by, why)
+        note["version"] = normalize(version)
+
+
+def _review(root: Path, version: str, approved: bool, by: str, why: str) -> None:
     """Record a reviewer's decision on promoting `version` to production (it promotes nothing itself).
 
     Raises:
         RegistryError: unknown version, or a registry remote that cannot be read or written.
     """
-    root = _repo(root)
 
     def write() -> None:
         target = get(root, normalize(version))
@@ -436,13 +453,23 @@ def _reviews(root: Path) -> list[dict[str, Any]]:
     return out
 
 
-def rollback(root: str | os.PathLike, stage: str, why: str) -> tuple[Version, Version]:
+def rollback(root: str | os.PathLike, stage: str, why: str, purpose: str = "rollback") -> tuple[Version, Version]:
+    """Give `stage` back to the version that held it before (see `_rollback`); allowed by the access policy
+    (`purpose`: by hand, or the pipeline's deploy undoing its own promotion) and audited."""
+    root = _repo(root)
+    with audit.recorded(root, "registry.rollback", ARTIFACT, allow=(purpose, f"stage:{stage}"), stage=stage,
+                        why=why) as note:
+        current, previous = _rollback(root, stage, why)
+        note.update(version=previous.version, replaced=current.version)
+    return current, previous
+
+
+def _rollback(root: Path, stage: str, why: str) -> tuple[Version, Version]:
     """Give `stage` back to the version that held it before the current one; returns (from, to).
 
     Raises:
         RegistryError: nothing holds the stage, or no other version ever held it.
     """
-    root = _repo(root)
     if stage not in STAGES:
         raise RegistryError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
 

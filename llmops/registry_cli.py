@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from llmops import registry, servers
-from llmops.registry import RegistryError
+from llmops.errors import LlmopsError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +46,7 @@ def main(args: argparse.Namespace) -> int:
             if warning:
                 print(warning, file=sys.stderr)
         print(_ACTIONS[args.registry_command](root, args))
-    except RegistryError as exc:
+    except LlmopsError as exc:  # the registry's own, the access policy's, the audit trail's
         print(f"error: registry: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -7,35 +7,54 @@ import os
 import sys
 from pathlib import Path
 
-from llmops import registry, servers
+from llmops import apikeys, registry, servers
+from llmops.config import PARAMS_FILE
 from llmops.errors import LlmopsError
-
-DEFAULT_KEYS = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "llmops" / "api_keys"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API (continuous batching, API keys, metrics)",
         description="Serve the production version (default), a registered version, or a model directory. "
-        "status, stop and reload act on this project's running servers.")
-    parser.add_argument("action", nargs="?", choices=["keygen", "status", "stop", "reload"],
-                        help="keygen: make an API key, store its hash; status: the running servers; stop: stop them "
-                        "(finishing requests in flight); reload: make them load what their ref names now")
+        "status, stop and reload act on this project's running servers; keygen, revoke and keys manage its API keys "
+        "(allowed by the access policy, recorded in the audit trail).")
+    parser.add_argument("action", nargs="?", choices=["keygen", "revoke", "keys", "status", "stop", "reload"],
+                        help="keygen: make an API key named --name, store its hash; revoke: remove the key named "
+                        "--name (servers drop it on reload); keys: list the keys' names; status: the running servers; "
+                        "stop: stop them (finishing requests in flight); reload: make them load what their ref names "
+                        "now, and the keys and the access policy")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--version", help="a registered version (v3) or stage (production, staging); a server on a "
                        "stage follows it on reload")
     which.add_argument("--model", help="a model directory (safetensors weights, tokenizer)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, help="default 8000; for stop and reload: only the server on this port")
-    parser.add_argument("--keys", default=str(DEFAULT_KEYS),
-                        help=f"file of accepted key hashes (default {DEFAULT_KEYS}; also ${{LLMOPS_API_KEY_HASHES}})")
+    parser.add_argument("--keys", default=str(apikeys.DEFAULT_FILE),
+                        help=f"file of accepted keys' hashes and names (default {apikeys.DEFAULT_FILE}; also "
+                        f"${{{apikeys.KEYS_ENV}}})")
+    parser.add_argument("--name", help="keygen, revoke: the key's name (its identity in the access policy: key:NAME)")
     parser.add_argument("--max-concurrency", type=int, default=16, help="requests generated together")
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        if args.action == "keygen":
-            return _keygen(Path(args.keys))
+        if args.action in ("keygen", "revoke"):
+            if not args.name:
+                raise LlmopsError(f"{args.action} needs --name NAME (the key's identity in the access policy)")
+            if not (Path.cwd() / PARAMS_FILE).is_file():
+                raise LlmopsError(f"{args.action}: run it in the project whose access policy allows it and whose audit "
+                                  f"trail records it (no {PARAMS_FILE} here)")
+            if args.action == "keygen":
+                print(apikeys.create(Path.cwd(), args.keys, args.name))
+                print(f"(only its hash is kept, in {args.keys}; this is the one time the key is shown)", file=sys.stderr)
+            else:
+                apikeys.revoke(Path.cwd(), args.keys, args.name)
+                print(f"revoked {args.name}; running servers drop it on `llmops serve reload`")
+            return 0
+        if args.action == "keys":
+            for name in sorted(apikeys.load(args.keys).values()):
+                print(name)
+            return 0
         if args.action == "status":
             return _status()
         if args.action in ("stop", "reload"):
@@ -44,19 +63,6 @@ def main(args: argparse.Namespace) -> int:
     except LlmopsError as exc:
         print(f"error: serve: {exc}", file=sys.stderr)
         return 1
-
-
-def _keygen(path: Path) -> int:
-    from llmops.server import hash_key, new_key
-
-    key = new_key()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        os.chmod(path, 0o600)
-        fh.write(hash_key(key) + "\n")
-    print(key)
-    print(f"(only its hash is kept, in {path}; this is the one time the key is shown)", file=sys.stderr)
-    return 0
 
 
 def describe(server: servers.Server) -> str:
@@ -96,13 +102,16 @@ def _serve(args: argparse.Namespace) -> int:
     from llmops.engine import Engine
     from llmops.feedback import Store, database_url
     from llmops.requestlog import LOG_DIR
-    from llmops.server import Served, create_app, load_key_hashes
+    from llmops.server import Callers, Served, create_app
 
-    keys = load_key_hashes(args.keys)
-    if not keys:
-        raise LlmopsError(f"no API keys: make one with `llmops serve keygen` (stored hashed in {args.keys}) or set "
-                          "LLMOPS_API_KEY_HASHES")
     root = Path.cwd()
+    in_project = (root / PARAMS_FILE).is_file()
+    callers = Callers(lambda: apikeys.load(args.keys), root if in_project else None)
+    if not callers.keys:
+        raise LlmopsError(f"no API keys: make one with `llmops serve keygen --name NAME` (stored hashed in {args.keys}) "
+                          f"or set {apikeys.KEYS_ENV}")
+    if not in_project:
+        print(f"note: no {PARAMS_FILE} here, so no access policy: every valid key may call", flush=True)
     port = args.port or 8000
     ref = args.model or args.version or "production"  # what the server follows: a directory, a stage or a version
     if not args.model and ref not in registry.STAGES:
@@ -130,7 +139,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     store = Store(database_url(root))  # an unusable feedback database stops here, before the model loads
     served = load()  # a bad model or an unknown version stops here, with its reason
-    app = create_app(served, keys, root / LOG_DIR, store, reload=load, on_change=on_change)
+    app = create_app(served, callers, root / LOG_DIR, store, reload=load, on_change=on_change)
     print(f"serving {served.label} at {url} (OpenAI-compatible; Authorization: Bearer <key>)", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=port, log_level="warning", timeout_graceful_shutdown=30)

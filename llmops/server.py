@@ -11,12 +11,10 @@ with an OpenAI-style error body naming the field; nothing a client sends reaches
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import json
 import logging
 import os
-import secrets
 import signal
 import time
 import uuid
@@ -33,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llmops import access, apikeys, audit
 from llmops.engine import Engine, EngineError, Sampling
 from llmops.feedback import MAX_RATING, MIN_RATING, FeedbackError, Store, UnknownRequest
 from llmops.pii import mask
@@ -41,27 +40,7 @@ from llmops.requestlog import Writer
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits a context
 OPEN_PATHS = ("/health",)
 GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")
-KEYS_ENV = "LLMOPS_API_KEY_HASHES"  # comma-separated sha256 hex digests of the accepted keys
 logger = logging.getLogger("llmops.server")
-
-
-def new_key() -> str:
-    """A random API key: 256 bits, URL-safe."""
-    return "sk-llmops-" + secrets.token_urlsafe(32)
-
-
-def hash_key(key: str) -> str:
-    # sha256, not a slow password hash: keys are 256-bit random tokens (`llmops serve keygen`), not guessable words
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def load_key_hashes(path: str | os.PathLike | None) -> list[str]:
-    """The accepted keys' hashes: from KEYS_ENV and from a file (one hex digest per line, `#` comments)."""
-    hashes = [h.strip() for h in os.environ.get(KEYS_ENV, "").split(",") if h.strip()]
-    if path is not None and Path(path).is_file():
-        hashes += [line.split("#")[0].strip() for line in Path(path).read_text().splitlines()
-                   if line.split("#")[0].strip()]
-    return hashes
 
 
 class _Request(BaseModel):
@@ -136,7 +115,53 @@ class Served:
         return f"{self.name}@{self.version}" if self.version else self.name
 
 
-def create_app(served: Served, key_hashes: list[str], log_dir: str | os.PathLike, store: Store,
+class Callers:
+    """Who may call: the API keys (hash -> name) and, in a project, its access policy; both read again on SIGHUP.
+
+    Outside a project (`llmops serve --model DIR` in a directory with no params.yaml) there is no policy and no audit
+    trail: any valid key may call.
+    """
+
+    def __init__(self, load_keys: Callable[[], dict[str, str]], root: Path | None) -> None:
+        self.load_keys, self.root = load_keys, root
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the keys and the policy again (revoked keys stop working); a bad policy raises, keeping the old."""
+        keys, policy = self.load_keys(), access.load(self.root) if self.root is not None else None
+        self.keys, self.policy = keys, policy
+
+    def identify(self, header: str) -> str | None:
+        """The name of the key in `Authorization: Bearer <key>`, or None."""
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            return None
+        digest = apikeys.hash_key(key.strip())
+        found = None
+        # every stored hash is compared, each in constant time: neither the match nor its position leaks by timing
+        for stored, name in self.keys.items():
+            if hmac.compare_digest(digest, stored):
+                found = name
+        return found
+
+    def refusal(self, name: str, model: str) -> str | None:
+        """Why key `name` may not call `model`, or None if it may."""
+        if self.policy is None:
+            return None
+        try:
+            self.policy.require(f"key:{name}", "call", f"model:{model}")
+        except access.AccessDenied as exc:
+            return str(exc)
+        return None
+
+    def record_refusal(self, name: str, model: str, why: str) -> None:
+        try:
+            audit.append(self.root, "serve.call", f"model:{model}", None, "denied", {"error": why}, who=f"key:{name}")
+        except audit.AuditError as exc:  # the caller is refused all the same; the operator sees why it is unrecorded
+            logger.error("a refused call could not be audited: %s", exc)
+
+
+def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, store: Store,
                reload: Callable[[], Served] | None = None,
                on_change: Callable[[Served, str | None], None] | None = None) -> FastAPI:
     """The app answering with `served`; requests are logged as JSON lines under `log_dir` (see requestlog) and
@@ -158,6 +183,7 @@ def create_app(served: Served, key_hashes: list[str], log_dir: str | os.PathLike
     async def swap() -> None:
         async with reloading:  # signals that come while a reload runs wait for it
             try:
+                await asyncio.to_thread(callers.refresh)  # revoked keys and a changed policy take effect now
                 new = await asyncio.to_thread(reload)
                 if closing:  # the server is shutting down: a started engine's thread would keep the process alive
                     return
@@ -195,7 +221,8 @@ def create_app(served: Served, key_hashes: list[str], log_dir: str | os.PathLike
     async def guard(request: Request, call_next):
         started = time.perf_counter()
         route = request.url.path
-        if route not in OPEN_PATHS and not _authorized(request.headers.get("authorization", ""), key_hashes):
+        request.state.caller = callers.identify(request.headers.get("authorization", ""))
+        if route not in OPEN_PATHS and request.state.caller is None:
             response = _error(401, "Incorrect API key provided: send `Authorization: Bearer <key>`",
                               code="invalid_api_key")
         elif int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
@@ -259,13 +286,17 @@ def create_app(served: Served, key_hashes: list[str], log_dir: str | os.PathLike
         return {"id": feedback_id, "object": "feedback", "request_id": body.request_id, "rating": body.rating}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
+        if refused := await _refused(request.state.caller, body.model):
+            return refused
         now = current[0]
         ids = now.engine.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
         return await _respond(now, body, ids, body.prompt, "text_completion", "prompt")
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest):
+    async def chat(body: ChatRequest, request: Request):
+        if refused := await _refused(request.state.caller, body.model):
+            return refused
         now = current[0]
         messages = [m.model_dump() for m in body.messages]
         ids = list(now.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
@@ -273,6 +304,14 @@ def create_app(served: Served, key_hashes: list[str], log_dir: str | os.PathLike
         if body.max_completion_tokens is not None:
             body = body.model_copy(update={"max_tokens": body.max_completion_tokens})
         return await _respond(now, body, ids, messages[-1]["content"], "chat.completion", "messages")
+
+    async def _refused(caller: str, model: str) -> JSONResponse | None:
+        """A 403 when the policy does not let this key call `model` (recorded in the audit trail), else None."""
+        why = callers.refusal(caller, model)
+        if why is None:
+            return None
+        await asyncio.to_thread(callers.record_refusal, caller, model, why)
+        return _error(403, why, param="model", code="model_not_allowed", kind="permission_error")
 
     async def _respond(now: Served, body: _Request, ids: list[int], prompt: str, kind: str, what: str):
         engine = now.engine
@@ -306,15 +345,6 @@ def create_app(served: Served, key_hashes: list[str], log_dir: str | os.PathLike
                 "usage": usage}
 
     return app
-
-
-def _authorized(header: str, key_hashes: list[str]) -> bool:
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        return False
-    digest = hash_key(key.strip())
-    # every stored hash is compared, each in constant time: neither the match nor its position leaks by timing
-    return sum(hmac.compare_digest(digest, h) for h in key_hashes) > 0
 
 
 class _Generation:

@@ -17,6 +17,7 @@ command with the key as its argument, and one Prefect task run per key.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from dataclasses import dataclass
 from importlib import import_module
@@ -24,6 +25,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
+from llmops import audit
 from llmops.config import ConfigError, Params, load_params
 from llmops.errors import LlmopsError
 
@@ -129,7 +131,12 @@ def run_cli(stage: str, body: Callable[[Params], str], params_file: str = "param
         _print_error(stage, exc)
         return EXIT_BAD_PARAMS
     try:
-        print(body(params))
+        # audited here, where every stage passes whether DVC, the flow or a person runs it; `version`: the code and
+        # params it ran with
+        with audit.recorded(".", f"stage.{stage}", stage, _head(), allow=("run", "pipeline")) as note:
+            summary = body(params)
+            note["summary"] = summary.splitlines()[0] if summary else ""
+        print(summary)
     except ConfigError as exc:  # a contradiction only the stage can see (e.g. between two sections)
         _print_error(stage, exc)
         return EXIT_BAD_PARAMS
@@ -137,6 +144,11 @@ def run_cli(stage: str, body: Callable[[Params], str], params_file: str = "param
         _print_error(stage, exc)
         return EXIT_FAILED
     return 0
+
+
+def _head() -> str | None:
+    proc = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() or None
 
 
 def _print_error(stage: str, exc: Exception) -> None:

@@ -17,7 +17,7 @@ import pytest
 from conftest import BIN, _wait_http, base_env, free_port, run
 from llmops.datasets import read_jsonl
 from llmops.requestlog import read_window
-from llmops.server import hash_key
+from llmops.apikeys import hash_key
 
 pytestmark = [pytest.mark.services, pytest.mark.training]
 

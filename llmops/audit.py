@@ -1,0 +1,369 @@
+"""The audit trail: who did what to which object and version, when, and with what outcome.
+
+Every action that changes what is trained, registered or served appends one record. The trail
+lives with the artifacts, beside the DVC remote's files (`<remote>/audit/`, a local directory or
+an S3 prefix), so it is as durable and as shared as the models it speaks of.
+
+- **Hash-chained.** A record holds the previous record's hash, and its own hash covers all its
+  fields, so a changed record, a removed one or two swapped ones break the chain at that point, and
+  `verify` names it.
+- **One object per record, written only if absent** (`<seq>.json`; O_EXCL locally, S3's conditional
+  `PutObject` with `If-None-Match: *`): of two writers racing for the same sequence number one wins,
+  the other reads the new head and takes the next. The chain never forks and no record is lost,
+  with no lock server and no append (S3 has none).
+- **Anchored.** After each append the record's hash is put in an annotated git tag
+  `audit/<seq>` (pushed to registry.git_remote when one is set, as the registry's tags are). A writer
+  who can rewrite the trail's files still cannot rewrite the shared repository's tags without a forced
+  push, so cutting off the tail, or rewriting the chain and recomputing every hash, is caught by
+  `verify`. On S3, `governance.audit_lock_days` also writes every record under S3 Object Lock
+  (compliance mode): nobody can delete or overwrite it before then.
+
+Records never hold personal data (an erasure records the subject's hash, not the subject) and never
+secrets (an API key is named by its name, never by its value).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from llmops.config import StorageParams
+from llmops.errors import LlmopsError
+
+PREFIX = "audit"
+TAGS = "audit"  # git tags audit/<seq>
+_WIDTH = 12  # 000000000042.json: names sort as numbers
+_ATTEMPTS = 200  # writers racing for the head; each lost race costs one read
+
+
+class AuditError(LlmopsError):
+    """The audit trail cannot be read or written; the message says why."""
+
+
+@dataclass(frozen=True)
+class Record:
+    seq: int
+    at: str  # UTC, ISO 8601 with milliseconds
+    who: str
+    action: str  # e.g. registry.promote, stage.train@finetune, serve.keygen, access.denied
+    object: str  # what it acted on: model, a stage, an API key's name, a dataset
+    version: str | None  # which version of it, where there is one
+    outcome: str  # ok, failed, denied
+    detail: dict[str, Any] = field(default_factory=dict)
+    prev: str = ""  # the previous record's hash ("" for the first)
+    hash: str = ""
+
+    def body(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "hash"}
+
+
+def digest(body: dict[str, Any]) -> str:
+    """sha256 over the record's canonical JSON (sorted keys, no spaces): the same bytes on every machine."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# --- where the records live -----------------------------------------------------------------------------------------
+
+class _Local:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.where = str(path)
+
+    def seqs(self) -> list[int]:
+        if not self.path.is_dir():
+            return []
+        return sorted(int(p.stem) for p in self.path.glob("*.json") if p.stem.isdigit())
+
+    def read(self, seq: int) -> bytes:
+        return (self.path / _name(seq)).read_bytes()
+
+    def create(self, seq: int, data: bytes) -> bool:
+        self.path.mkdir(parents=True, exist_ok=True)
+        final = self.path / _name(seq)
+        # written whole under a temporary name, then linked into place: link() fails if the name exists (atomic on
+        # every local filesystem), so a reader never sees half a record and a lost race changes nothing
+        tmp = self.path / f".{_name(seq)}.{os.getpid()}.{time.monotonic_ns()}.tmp"
+        tmp.write_bytes(data)
+        try:
+            os.link(tmp, final)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink()
+
+
+class _S3:
+    def __init__(self, storage: StorageParams) -> None:
+        from llmops.storage import s3_client
+
+        self.storage = storage
+        self.bucket = storage.bucket
+        self.prefix = "/".join(p for p in (storage.prefix.strip("/"), PREFIX) if p) + "/"
+        self.where = f"s3://{self.bucket}/{self.prefix}"
+        self.client = s3_client(storage)
+
+    def seqs(self) -> list[int]:
+        found = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
+                for obj in page.get("Contents", []):
+                    stem = obj["Key"][len(self.prefix):].removesuffix(".json")
+                    if stem.isdigit():
+                        found.append(int(stem))
+        except Exception as exc:
+            raise self._error(exc, "list") from None
+        return sorted(found)
+
+    def read(self, seq: int) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self.prefix + _name(seq))["Body"].read()
+        except Exception as exc:
+            raise self._error(exc, f"read {_name(seq)} from") from None
+
+    def create(self, seq: int, data: bytes, lock_days: int = 0) -> bool:
+        from botocore.exceptions import ClientError
+
+        extra: dict[str, Any] = {}
+        if lock_days:
+            extra = {"ObjectLockMode": "COMPLIANCE",
+                     "ObjectLockRetainUntilDate": datetime.now(timezone.utc) + timedelta(days=lock_days)}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.prefix + _name(seq), Body=data, IfNoneMatch="*",
+                                   ContentType="application/json", **extra)
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise self._error(exc, "write to") from None
+        except Exception as exc:
+            raise self._error(exc, "write to") from None
+
+    def _error(self, exc: Exception, doing: str) -> AuditError:
+        from llmops.storage import explain
+
+        return AuditError(str(explain(exc, f"audit trail: cannot {doing} {self.where}", self.storage)))
+
+
+def _name(seq: int) -> str:
+    return f"{seq:0{_WIDTH}d}.json"
+
+
+def _store(storage: StorageParams):
+    if storage.remote == "s3":
+        return _S3(storage)
+    return _Local(Path(storage.url).expanduser() / PREFIX)
+
+
+def _load(store, seq: int) -> Record:
+    try:
+        return Record(**json.loads(store.read(seq)))
+    except (ValueError, TypeError) as exc:
+        raise AuditError(f"audit trail: record {seq} in {store.where} is not a record ({exc}); run `llmops audit "
+                         "verify`") from None
+
+
+# --- writing --------------------------------------------------------------------------------------------------------
+
+def append(root: str | os.PathLike, action: str, object: str, version: str | None = None, outcome: str = "ok",
+           detail: dict[str, Any] | None = None, who: str | None = None) -> Record:
+    """Append one record to this project's trail and anchor it; returns it.
+
+    Args:
+        root: the project (its params.yaml names the storage; its git repository holds the anchors).
+        action: what was done (`registry.promote`, `stage.train@finetune`, `access.denied`, ...).
+        object: what it was done to; version: which version of it.
+        outcome: ok, failed or denied.
+        detail: small facts that explain the record (why, the stage's error); never personal data or secrets.
+        who: the identity acting (default: `identity.current()`).
+
+    Raises:
+        AuditError: the trail's storage cannot be read or written; nothing was appended.
+    """
+    from llmops import identity
+
+    root = Path(root)
+    params = _params(root)
+    store = _store(params.storage)
+    lock_days = params.governance.audit_lock_days if isinstance(store, _S3) else 0
+    who = who or identity.current()
+    for _ in range(_ATTEMPTS):
+        seqs = store.seqs()
+        head = _load(store, seqs[-1]) if seqs else None
+        body = Record(seq=(head.seq + 1) if head else 1, at=_now(), who=who, action=action, object=object,
+                      version=version, outcome=outcome, detail=detail or {}, prev=head.hash if head else "").body()
+        record = Record(**body, hash=digest(body))
+        data = (json.dumps(asdict(record), sort_keys=True, ensure_ascii=False) + "\n").encode()
+        created = store.create(record.seq, data, lock_days) if lock_days else store.create(record.seq, data)
+        if created:
+            _anchor(root, record, params.registry.git_remote)
+            return record
+        time.sleep(0.01)  # another writer took this number: read the new head and take the next
+    raise AuditError(f"audit trail: {_ATTEMPTS} writers in a row took the next record number in {store.where}")
+
+
+def require(root: str | os.PathLike, action: str, object: str, allow: tuple[str, str], version: str | None = None,
+            who: str | None = None, **detail: Any) -> str:
+    """Check that `who` (default: the current identity) may do `allow` = (policy action, policy object); a refusal is
+    recorded (outcome `denied`) and raised. Returns who.
+
+    Raises:
+        AccessDenied: the policy does not allow it. PolicyError: the policy cannot be used.
+    """
+    from llmops import access, identity
+
+    who = who or identity.current()
+    try:
+        access.load(root).require(who, *allow)
+    except access.AccessDenied as exc:
+        append(root, action, object, version, "denied", {**detail, "error": str(exc)}, who=who)
+        raise
+    return who
+
+
+@contextmanager
+def recorded(root: str | os.PathLike, action: str, object: str, version: str | None = None,
+             who: str | None = None, allow: tuple[str, str] | None = None, **detail: Any) -> Iterator[dict[str, Any]]:
+    """Record the action in the block when it ends: `ok`, or `failed` with its error (which propagates).
+
+    With `allow` = (policy action, policy object), the access policy is asked first: a refusal is recorded as
+    `denied` and raised, and the block does not run. Yields a dict for what is known only at the end:
+    `note["version"]` and more detail.
+
+    Raises:
+        AccessDenied: the policy refused. AuditError: the action succeeded but its record could not be written.
+    """
+    if allow is not None:
+        who = require(root, action, object, allow, version, who, **detail)
+    note: dict[str, Any] = {"version": version, **detail}
+    try:
+        yield note
+    except LlmopsError as exc:
+        failed = {**note, "error": str(exc)}
+        try:
+            append(root, action, object, failed.pop("version"), "failed", failed, who=who)
+        except AuditError as lost:  # the action's own error is the one to show; say that its record is missing
+            exc.args = (f"{exc} (and its audit record was not written: {lost})",)
+        raise
+    done = dict(note)
+    append(root, action, object, done.pop("version"), "ok", done, who=who)
+
+
+def _params(root: Path):
+    from llmops.config import PARAMS_FILE, ConfigError, load_params, storage_for
+
+    try:
+        params = load_params(root / PARAMS_FILE)
+    except ConfigError as exc:
+        raise AuditError(f"audit trail: {exc}") from None
+    return params.model_copy(update={"storage": storage_for(params.storage, root)})
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _anchor(root: Path, record: Record, remote: str | None) -> None:
+    """The record's hash in an annotated tag audit/<seq>: a second copy of the head that the trail's writer alone
+    cannot rewrite once it is pushed (a tag that exists is refused without --force)."""
+    tag = f"{TAGS}/{record.seq}"
+    env = {**os.environ, "GIT_COMMITTER_NAME": record.who, "GIT_COMMITTER_EMAIL": "llmops-audit@localhost"}
+    made = subprocess.run(["git", "tag", "-a", tag, "-m", f"sha256:{record.hash}", "HEAD"], cwd=root,
+                          capture_output=True, text=True, env=env)
+    if made.returncode != 0:
+        raise AuditError(f"audit trail: record {record.seq} was written but its anchor tag {tag} was not: "
+                         f"{made.stderr.strip()}")
+    if remote:
+        pushed = subprocess.run(["git", "push", "--quiet", remote, f"refs/tags/{tag}"], cwd=root, capture_output=True,
+                                text=True, timeout=120)
+        if pushed.returncode != 0:
+            raise AuditError(f"audit trail: record {record.seq} was written and anchored here, but the anchor could "
+                             f"not be pushed to {remote}: {pushed.stderr.strip()}")
+
+
+# --- reading and verifying ------------------------------------------------------------------------------------------
+
+def records(root: str | os.PathLike) -> Iterator[Record]:
+    """Every record, oldest first (unverified: `verify` checks them)."""
+    store = _store(_params(Path(root)).storage)
+    for seq in store.seqs():
+        yield _load(store, seq)
+
+
+def anchors(root: str | os.PathLike) -> dict[int, str]:
+    """seq -> the hash its audit/<seq> tag holds."""
+    out = subprocess.run(["git", "for-each-ref", "--format=%(refname:strip=3) %(contents:subject)",
+                          f"refs/tags/{TAGS}/"], cwd=root, capture_output=True, text=True)
+    found = {}
+    for line in out.stdout.splitlines():
+        name, _, subject = line.partition(" ")
+        if name.isdigit() and subject.startswith("sha256:"):
+            found[int(name)] = subject.removeprefix("sha256:")
+    return found
+
+
+@dataclass
+class Verdict:
+    records: int
+    head: str | None
+    anchored: int  # the highest sequence number an anchor confirms
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(root: str | os.PathLike) -> Verdict:
+    """Recompute the chain and check it against the anchors; each problem names the record where it is.
+
+    Raises:
+        AuditError: the trail's storage cannot be read.
+    """
+    root = Path(root)
+    store = _store(_params(root).storage)
+    seqs = store.seqs()
+    problems: list[str] = []
+    prev, expected, head = "", 1, None
+    by_seq: dict[int, str] = {}
+    for seq in seqs:
+        gap = seq != expected
+        if gap:
+            missing = f"record {expected}" if seq == expected + 1 else f"records {expected}-{seq - 1}"
+            problems.append(f"{missing} removed (the chain jumps from {expected - 1} to {seq})")
+        try:
+            raw = json.loads(store.read(seq))
+            record = Record(**raw)
+        except (ValueError, TypeError) as exc:
+            problems.append(f"record {seq} is not a record ({exc})")
+            prev, expected = "", seq + 1
+            continue
+        if record.seq != seq:
+            problems.append(f"record {seq} holds the contents of record {record.seq} (records were reordered)")
+        if digest(record.body()) != record.hash:
+            problems.append(f"record {seq} was changed after it was written (its hash does not match its contents)")
+        elif record.prev != prev and not gap:  # after a gap, the gap is the problem
+            problems.append(f"record {seq} does not follow record {seq - 1} (its `prev` is not that record's hash: "
+                            "a record was replaced or reordered)")
+        by_seq[seq] = record.hash
+        prev, expected, head = record.hash, seq + 1, record.hash
+    marks = anchors(root)
+    for seq, anchored in sorted(marks.items()):
+        if seq not in by_seq:
+            if not seqs or seq > seqs[-1]:
+                problems.append(f"record {seq} is anchored (tag {TAGS}/{seq}) but the trail ends at "
+                                f"{seqs[-1] if seqs else 0}: records were cut off the end")
+                break
+        elif by_seq[seq] != anchored:
+            problems.append(f"record {seq} differs from its anchor (tag {TAGS}/{seq}): the chain was rewritten "
+                            "from there")
+    return Verdict(records=len(seqs), head=head, anchored=max(marks) if marks else 0, problems=problems)

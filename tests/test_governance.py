@@ -1,0 +1,239 @@
+"""Governance: the hash-chained audit trail (local and S3), its anchors and its races; roles and the access policy."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, base_env, run, set_params
+from llmops import access, audit, identity, registry
+
+ROLES = ("viewer", "operator", "approver", "admin")
+
+
+def _trail(project: Path) -> Path:
+    return project.parent / "remote" / "audit"
+
+
+def _append(project: Path, n: int) -> list[audit.Record]:
+    return [audit.append(project, "registry.promote", "model", f"v{i}.0.0", detail={"why": f"step {i}"})
+            for i in range(1, n + 1)]
+
+
+def _verify(project: Path) -> subprocess.CompletedProcess:
+    return run([str(BIN / "llmops"), "audit", "verify"], project, check=False)
+
+
+def test_records_chain_and_verify(project):
+    records = _append(project, 3)
+    assert [r.seq for r in records] == [1, 2, 3]
+    assert records[0].prev == "" and records[1].prev == records[0].hash and records[2].prev == records[1].hash
+    assert all(r.hash == audit.digest(r.body()) for r in records)
+    stored = json.loads((_trail(project) / "000000000002.json").read_text())
+    assert stored["who"] and stored["action"] == "registry.promote" and stored["version"] == "v2.0.0"
+    assert audit.anchors(project) == {r.seq: r.hash for r in records}  # one annotated tag audit/<n> per record
+    ok = _verify(project)
+    assert ok.returncode == 0 and f"intact: 3 records, head {records[-1].hash}" in ok.stdout
+    log = run([str(BIN / "llmops"), "audit", "log", "--json"], project).stdout.splitlines()
+    assert [json.loads(line)["seq"] for line in log] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("tamper, expected", [
+    ("change", "record 2 was changed after it was written"),
+    ("remove", "record 2 removed (the chain jumps from 1 to 3)"),
+    ("reorder", "record 2 holds the contents of record 3 (records were reordered)"),
+    ("cut", "record 4 is anchored (tag audit/4) but the trail ends at 3: records were cut off the end"),
+    ("rewrite", "record 2 differs from its anchor (tag audit/2): the chain was rewritten from there"),
+])
+def test_verify_pinpoints_tampering(project, tamper, expected):
+    _append(project, 4)
+    trail = _trail(project)
+    path = {n: trail / f"{n:012d}.json" for n in range(1, 5)}
+    if tamper == "change":
+        record = json.loads(path[2].read_text())
+        record["who"] = "mallory"
+        path[2].write_text(json.dumps(record))
+    elif tamper == "remove":
+        path[2].unlink()
+    elif tamper == "reorder":
+        two, three = path[2].read_text(), path[3].read_text()
+        path[2].write_text(three)
+        path[3].write_text(two)
+    elif tamper == "cut":
+        path[4].unlink()
+    else:  # a writer who rewrites record 2 and recomputes every hash after it: only the anchors catch it
+        prev = json.loads(path[1].read_text())["hash"]
+        for n in (2, 3, 4):
+            record = json.loads(path[n].read_text())
+            record.update(prev=prev, who="mallory" if n == 2 else record["who"])
+            record["hash"] = audit.digest({k: v for k, v in record.items() if k != "hash"})
+            path[n].write_text(json.dumps(record))
+            prev = record["hash"]
+    before = {p.name: p.read_bytes() for p in trail.iterdir()}
+    result = _verify(project)
+    assert result.returncode == 3
+    assert "audit trail TAMPERED" in result.stderr and expected in result.stderr, result.stderr
+    assert {p.name: p.read_bytes() for p in trail.iterdir()} == before  # verify changes nothing
+
+
+def _race(project: str, writer: int, n: int) -> None:
+    for i in range(n):
+        audit.append(project, "stage.train", "train", detail={"writer": writer, "i": i})
+
+
+def test_concurrent_writers_never_fork_or_lose_the_chain(project):
+    writers, each = 4, 15
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_race, args=(str(project), w, each)) for w in range(writers)]
+    [p.start() for p in procs]
+    [p.join(120) for p in procs]
+    assert all(p.exitcode == 0 for p in procs)
+    records = list(audit.records(project))
+    assert [r.seq for r in records] == list(range(1, writers * each + 1))  # no gap, no duplicate number
+    assert sorted((r.detail["writer"], r.detail["i"]) for r in records) == [(w, i) for w in range(writers)
+                                                                              for i in range(each)]  # none lost
+    assert audit.verify(project).ok
+    assert not list(_trail(project).glob(".*.tmp"))
+
+
+@pytest.mark.services
+def test_trail_on_s3_with_object_lock(project, s3_endpoint):
+    import boto3
+    from botocore.exceptions import ClientError
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="audit-locked", ObjectLockEnabledForBucket=True)
+    set_params(project, "storage.remote=s3", "storage.bucket=audit-locked", f"storage.endpoint_url={s3_endpoint}",
+               "governance.audit_lock_days=1")
+    records = _append(project, 3)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="audit-locked", Prefix="llmops/audit/")["Contents"]]
+    assert keys == [f"llmops/audit/{n:012d}.json" for n in (1, 2, 3)]
+    head = s3.head_object(Bucket="audit-locked", Key=keys[1])
+    assert head["ObjectLockMode"] == "COMPLIANCE"
+    version = head.get("VersionId")
+    with pytest.raises(ClientError):  # compliance mode: not even the writer can remove a record
+        s3.delete_object(Bucket="audit-locked", Key=keys[1], VersionId=version)
+    assert _verify(project).returncode == 0
+    # a second writer that lost the race for a number is refused by S3 itself, and takes the next
+    store = audit._store(audit._params(project).storage)
+    assert store.create(3, b"{}") is False
+    assert audit.append(project, "registry.rollback", "model").seq == 4 and audit.verify(project).ok
+    assert records[-1].hash == json.loads(s3.get_object(Bucket="audit-locked", Key=keys[2])["Body"].read())["hash"]
+
+
+def test_unreachable_trail_storage_is_a_clear_error(project):
+    set_params(project, "storage.remote=s3", "storage.bucket=nowhere", "storage.endpoint_url=http://127.0.0.1:9")
+    with pytest.raises(audit.AuditError, match="audit trail: cannot list s3://nowhere/llmops/audit/: cannot reach"):
+        audit.append(project, "registry.promote", "model")
+    result = _verify(project)
+    assert result.returncode == 1 and "error: audit: audit trail: cannot list" in result.stderr
+
+
+# --- roles ----------------------------------------------------------------------------------------------------------
+
+# every action the policy decides, on an object, and the roles of the shipped policy that may do it
+MATRIX = [
+    ("run", "pipeline", {"operator", "approver", "admin"}),
+    ("register", "registry", {"operator", "approver", "admin"}),
+    ("promote", "stage:staging", {"operator", "approver", "admin"}),
+    ("promote", "stage:production", {"approver", "admin"}),
+    ("deploy", "stage:production", {"operator", "approver", "admin"}),
+    ("rollback", "stage:production", {"approver", "admin"}),
+    ("approve", "stage:production", {"approver", "admin"}),
+    ("erase", "data", {"admin"}),
+    ("manage", "keys", {"admin"}),
+    ("call", "model:model", {"admin"}),  # people; keys call as `caller`
+    ("read", "registry", {"viewer", "operator", "approver", "admin"}),
+]
+
+
+def _people(project: Path, default: str = "viewer") -> access.Policy:
+    policy = project / "governance" / "policy.csv"
+    policy.write_text(policy.read_text() + "".join(f"g, {role}-person, {role}\n" for role in ROLES)
+                      + "p, partner, model:model, call\ng, key:partner, partner\n")
+    set_params(project, f"governance.default_role={default}")
+    return access.load(project)
+
+
+def test_every_action_with_every_role(project):
+    policy = _people(project)
+    for action, obj, allowed in MATRIX:
+        for role in ROLES:
+            assert policy.allows(f"{role}-person", action, obj) == (role in allowed), (role, action, obj)
+    assert policy.allows("someone-unnamed", "read", "registry") and not policy.allows("someone-unnamed", "run",
+                                                                                        "pipeline")
+    # keys: the default key role calls every model; a key with a role of its own calls only what it names
+    assert policy.allows("key:any", "call", "model:model") and policy.allows("key:any", "call", "model:other")
+    assert policy.allows("key:partner", "call", "model:model") and not policy.allows("key:partner", "call",
+                                                                                       "model:other")
+    assert not policy.allows("key:any", "promote", "stage:production")
+
+
+def test_denied_actions_are_refused_clearly_and_audited(project):
+    _people(project)
+    env = base_env(LLMOPS_USER="operator-person")
+    llmops = str(BIN / "llmops")
+    refused = run([llmops, "registry", "rollback", "--why", "try"], project, env=env, check=False)
+    assert refused.returncode == 1
+    assert ("error: registry: operator-person (role operator) may not rollback stage:production: the access policy "
+            f"{project}/governance/policy.csv gives that to admin, approver") in refused.stderr
+    keys = run([llmops, "serve", "keygen", "--name", "ci"], project, env=env, check=False)
+    assert keys.returncode == 1 and "may not manage keys" in keys.stderr
+    assert not (project / ".llmops/serve/api_keys").exists()
+    viewer = run([llmops, "run", "--no-push"], project, env=base_env(LLMOPS_USER="viewer-person"), check=False)
+    assert viewer.returncode == 1 and "viewer-person (role viewer) may not run pipeline" in viewer.stderr
+    denied = [r for r in audit.records(project) if r.outcome == "denied"]
+    assert [(r.who, r.action, r.object) for r in denied] == [
+        ("operator-person", "registry.rollback", "model"), ("operator-person", "serve.keygen", "key:ci"),
+        ("viewer-person", "pipeline.run", "pipeline")]
+    assert "may not rollback" in denied[0].detail["error"]
+
+
+def test_keys_made_and_revoked_by_an_admin_are_audited(project):
+    llmops, env = str(BIN / "llmops"), base_env(LLMOPS_USER="admin-person")
+    _people(project)
+    key = run([llmops, "serve", "keygen", "--name", "chatbot"], project, env=env).stdout.strip()
+    stored = (project / ".llmops/serve/api_keys").read_text()
+    assert key.startswith("sk-llmops-") and key not in stored and stored.endswith(" chatbot\n")
+    assert run([llmops, "serve", "keys"], project, env=env).stdout == "chatbot\n"
+    taken = run([llmops, "serve", "keygen", "--name", "chatbot"], project, env=env, check=False)
+    assert taken.returncode == 1 and "a key named 'chatbot' exists" in taken.stderr
+    run([llmops, "serve", "revoke", "--name", "chatbot"], project, env=env)
+    assert (project / ".llmops/serve/api_keys").read_text() == ""
+    unknown = run([llmops, "serve", "revoke", "--name", "chatbot"], project, env=env, check=False)
+    assert unknown.returncode == 1 and "no key named 'chatbot'" in unknown.stderr
+    trail = [(r.who, r.action, r.object, r.outcome) for r in audit.records(project)]
+    assert trail == [("admin-person", "serve.keygen", "key:chatbot", "ok"),
+                     ("admin-person", "serve.keygen", "key:chatbot", "failed"),
+                     ("admin-person", "serve.revoke", "key:chatbot", "ok"),
+                     ("admin-person", "serve.revoke", "key:chatbot", "failed")]
+    assert not any(key in p.read_text() for p in _trail(project).iterdir())
+
+
+def test_an_unknown_role_is_refused_naming_the_line(project):
+    policy = project / "governance" / "policy.csv"
+    policy.write_text(policy.read_text() + "g, alice, superuser\n")
+    lines = len(policy.read_text().splitlines())
+    with pytest.raises(access.PolicyError, match=rf"policy.csv:{lines}: unknown role 'superuser'; the policy's roles"):
+        access.load(project)
+    result = run([str(BIN / "llmops"), "registry", "rollback", "--why", "x"], project, check=False)
+    assert result.returncode == 1 and "unknown role 'superuser'" in result.stderr
+    assert not _trail(project).exists()  # nothing was done, nothing recorded
+    set_params(project, "governance.default_role=root")
+    policy.write_text(policy.read_text().replace("g, alice, superuser\n", ""))
+    with pytest.raises(access.PolicyError, match="governance.default_role: unknown role 'root'"):
+        access.load(project)
+
+
+def test_registry_changes_are_audited_with_their_outcome(project):
+    with pytest.raises(registry.RegistryError):
+        registry.promote(project, "v9", "production", "no such version")
+    [record] = audit.records(project)
+    assert (record.action, record.outcome, record.version, record.detail["stage"]) == (
+        "registry.promote", "failed", "v9", "production")
+    assert "v9.0.0" in record.detail["error"]
+    assert record.who == identity.current()
