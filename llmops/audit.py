@@ -12,7 +12,8 @@ an S3 prefix), so it is as durable and as shared as the models it speaks of.
   the other reads the new head and takes the next. The chain never forks and no record is lost,
   with no lock server and no append (S3 has none).
 - **Anchored.** After each append the record's hash is put in an annotated git tag
-  `audit/<seq>` (pushed to registry.git_remote when one is set, as the registry's tags are). A writer
+  `audit/<trail>/<seq>` (`<trail>`: a hash of the trail's location, so a clone whose remote is another has
+  anchors of its own; pushed to registry.git_remote when one is set, as the registry's tags are). A writer
   who can rewrite the trail's files still cannot rewrite the shared repository's tags without a forced
   push, so cutting off the tail, or rewriting the chain and recomputing every hash, is caught by
   `verify`. On S3, `governance.audit_lock_days` also writes every record under S3 Object Lock
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import time
@@ -38,8 +40,9 @@ from typing import Any, Iterator
 from llmops.config import StorageParams
 from llmops.errors import LlmopsError
 
+logger = logging.getLogger("llmops.audit")
 PREFIX = "audit"
-TAGS = "audit"  # git tags audit/<seq>
+TAGS = "audit"  # git tags audit/<trail>/<seq>
 _WIDTH = 12  # 000000000042.json: names sort as numbers
 _ATTEMPTS = 200  # writers racing for the head; each lost race costs one read
 
@@ -158,10 +161,15 @@ def _name(seq: int) -> str:
     return f"{seq:0{_WIDTH}d}.json"
 
 
-def _store(storage: StorageParams):
+def _store(storage: StorageParams, root: Path):
     if storage.remote == "s3":
         return _S3(storage)
-    return _Local(Path(storage.url).expanduser() / PREFIX)
+    return _Local((root / Path(storage.url).expanduser()).resolve() / PREFIX)
+
+
+def _trail(store) -> str:
+    """The trail's name in its anchors' tags: a hash of where it lives."""
+    return hashlib.sha256(store.where.encode()).hexdigest()[:12]
 
 
 def _load(store, seq: int) -> Record:
@@ -193,7 +201,7 @@ def append(root: str | os.PathLike, action: str, object: str, version: str | Non
 
     root = Path(root)
     params = _params(root)
-    store = _store(params.storage)
+    store = _store(params.storage, root)
     lock_days = params.governance.audit_lock_days if isinstance(store, _S3) else 0
     who = who or identity.current()
     for _ in range(_ATTEMPTS):
@@ -205,7 +213,7 @@ def append(root: str | os.PathLike, action: str, object: str, version: str | Non
         data = (json.dumps(asdict(record), sort_keys=True, ensure_ascii=False) + "\n").encode()
         created = store.create(record.seq, data, lock_days) if lock_days else store.create(record.seq, data)
         if created:
-            _anchor(root, record, params.registry.git_remote)
+            _anchor(root, record, params.registry.git_remote, _trail(store))
             return record
         time.sleep(0.01)  # another writer took this number: read the new head and take the next
     raise AuditError(f"audit trail: {_ATTEMPTS} writers in a row took the next record number in {store.where}")
@@ -272,37 +280,42 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _anchor(root: Path, record: Record, remote: str | None) -> None:
-    """The record's hash in an annotated tag audit/<seq>: a second copy of the head that the trail's writer alone
-    cannot rewrite once it is pushed (a tag that exists is refused without --force)."""
-    tag = f"{TAGS}/{record.seq}"
+def _anchor(root: Path, record: Record, remote: str | None, trail: str) -> None:
+    """The record's hash in an annotated tag audit/<trail>/<seq>: a second copy of the head that the trail's writer
+    alone cannot rewrite once it is pushed (a tag that exists is refused without --force)."""
+    tag = f"{TAGS}/{trail}/{record.seq}"
     env = {**os.environ, "GIT_COMMITTER_NAME": record.who, "GIT_COMMITTER_EMAIL": "llmops-audit@localhost"}
     made = subprocess.run(["git", "tag", "-a", tag, "-m", f"sha256:{record.hash}", "HEAD"], cwd=root,
                           capture_output=True, text=True, env=env)
     if made.returncode != 0:
         raise AuditError(f"audit trail: record {record.seq} was written but its anchor tag {tag} was not: "
                          f"{made.stderr.strip()}")
-    if remote:
-        pushed = subprocess.run(["git", "push", "--quiet", remote, f"refs/tags/{tag}"], cwd=root, capture_output=True,
+    if remote:  # this anchor and any an earlier push could not deliver
+        refs = f"refs/tags/{TAGS}/{trail}/*"
+        pushed = subprocess.run(["git", "push", "--quiet", remote, f"{refs}:{refs}"], cwd=root, capture_output=True,
                                 text=True, timeout=120)
-        if pushed.returncode != 0:
-            raise AuditError(f"audit trail: record {record.seq} was written and anchored here, but the anchor could "
-                             f"not be pushed to {remote}: {pushed.stderr.strip()}")
+        if pushed.returncode != 0:  # the record is written and anchored here; the next append pushes it
+            logger.warning("audit trail: record %s is anchored in this clone but not yet on %s: %s", record.seq,
+                           remote, (pushed.stderr.strip().splitlines() or ["no answer"])[-1])
 
 
 # --- reading and verifying ------------------------------------------------------------------------------------------
 
 def records(root: str | os.PathLike) -> Iterator[Record]:
     """Every record, oldest first (unverified: `verify` checks them)."""
-    store = _store(_params(Path(root)).storage)
+    store = _store(_params(Path(root)).storage, Path(root))
     for seq in store.seqs():
         yield _load(store, seq)
 
 
 def anchors(root: str | os.PathLike) -> dict[int, str]:
-    """seq -> the hash its audit/<seq> tag holds."""
-    out = subprocess.run(["git", "for-each-ref", "--format=%(refname:strip=3) %(contents:subject)",
-                          f"refs/tags/{TAGS}/"], cwd=root, capture_output=True, text=True)
+    """seq -> the hash its anchor tag holds, for this project's trail."""
+    return _anchors(Path(root), _trail(_store(_params(Path(root)).storage, Path(root))))
+
+
+def _anchors(root: Path, trail: str) -> dict[int, str]:
+    out = subprocess.run(["git", "for-each-ref", "--format=%(refname:strip=4) %(contents:subject)",
+                          f"refs/tags/{TAGS}/{trail}/"], cwd=root, capture_output=True, text=True)
     found = {}
     for line in out.stdout.splitlines():
         name, _, subject = line.partition(" ")
@@ -330,7 +343,7 @@ def verify(root: str | os.PathLike) -> Verdict:
         AuditError: the trail's storage cannot be read.
     """
     root = Path(root)
-    store = _store(_params(root).storage)
+    store = _store(_params(root).storage, root)
     seqs = store.seqs()
     problems: list[str] = []
     prev, expected, head = "", 1, None
@@ -356,14 +369,15 @@ def verify(root: str | os.PathLike) -> Verdict:
                             "a record was replaced or reordered)")
         by_seq[seq] = record.hash
         prev, expected, head = record.hash, seq + 1, record.hash
-    marks = anchors(root)
+    trail = _trail(store)
+    marks = _anchors(root, trail)
     for seq, anchored in sorted(marks.items()):
         if seq not in by_seq:
             if not seqs or seq > seqs[-1]:
-                problems.append(f"record {seq} is anchored (tag {TAGS}/{seq}) but the trail ends at "
+                problems.append(f"record {seq} is anchored (tag {TAGS}/{trail}/{seq}) but the trail ends at "
                                 f"{seqs[-1] if seqs else 0}: records were cut off the end")
                 break
         elif by_seq[seq] != anchored:
-            problems.append(f"record {seq} differs from its anchor (tag {TAGS}/{seq}): the chain was rewritten "
+            problems.append(f"record {seq} differs from its anchor (tag {TAGS}/{trail}/{seq}): the chain was rewritten "
                             "from there")
     return Verdict(records=len(seqs), head=head, anchored=max(marks) if marks else 0, problems=problems)

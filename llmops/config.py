@@ -82,8 +82,22 @@ class ValidateDataParams(Section):
         0.01, ge=0, le=1, description="largest share of rows whose (prompt, response) pair appears twice or more"
     )
     pii: list[Literal["email", "phone", "card", "ip"]] = Field(
-        default_factory=lambda: ["email", "phone", "card", "ip"], description="kinds of PII refused"
+        default_factory=lambda: ["email", "phone", "card", "ip"], description="kinds of PII refused (and, at "
+        "inference, handled by deploy.privacy)"
     )
+    phone_regions: list[str] = Field(
+        default_factory=lambda: ["US", "GB"], min_length=1,
+        description="where a phone number written without +country code is read as national (ISO 3166 codes)")
+
+    @field_validator("phone_regions")
+    @classmethod
+    def _known_regions(cls, regions: list[str]) -> list[str]:
+        import phonenumbers
+
+        unknown = [r for r in regions if r not in phonenumbers.SUPPORTED_REGIONS]
+        if unknown:
+            raise ValueError(f"unknown region {unknown[0]!r}: use ISO 3166 codes phonenumbers knows (US, GB, DE, ...)")
+        return regions
 
     @field_validator("max_prompt_chars", "max_response_chars")
     @classmethod
@@ -335,6 +349,10 @@ class DeployParams(Section):
     smoke_expect: str | None = Field(None, description="text the smoke answer must contain; null: any non-empty answer")
     smoke_max_tokens: int = Field(24, ge=1)
     timeout_s: float = Field(300, gt=0, description="for a server to load its model and answer")
+    privacy: Literal["mask", "refuse", "log"] = Field(
+        "mask", description="personal data (validate_data.pii) in prompts and answers: mask (the model and the caller "
+        "see [EMAIL], [PHONE], ...), refuse (a prompt holding some gets a 400), log (passed unchanged); the request log "
+        "is masked whatever the mode")
     require_approval: bool = Field(
         False, description="pause before production until a person approves (the Prefect UI's Resume form, or "
                            "`llmops approve RUN`); a rejection or no answer in approval_timeout_s ends the run")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from great_expectations.execution_engine import PandasExecutionEngine
 from great_expectations.expectations.expectation import ColumnMapExpectation
 from great_expectations.expectations.metrics import ColumnMapMetricProvider, column_condition_partial
@@ -9,15 +11,21 @@ from great_expectations.expectations.metrics import ColumnMapMetricProvider, col
 from llmops import pii
 
 
-class ColumnValuesContainNoCardNumber(ColumnMapMetricProvider):
-    condition_metric_name = "column_values.contain_no_card_number"
+class ColumnValuesContainNoCheckedPii(ColumnMapMetricProvider):
+    condition_metric_name = "column_values.contain_no_checked_pii"
+    condition_value_keys = ("kind", "regions")
 
     @column_condition_partial(engine=PandasExecutionEngine)
-    def _pandas(cls, column, **kwargs):
-        return ~column.map(lambda value: pii.contains("card", value)).astype(bool)
+    def _pandas(cls, column, kind, regions, **kwargs):
+        return ~column.map(lambda value: pii.contains(kind, value, tuple(regions))).astype(bool)
 
 
-class ExpectColumnValuesToContainNoCardNumber(ColumnMapExpectation):
-    """Expect no value to contain a payment card number (13-19 digits passing the Luhn check)."""
+class ExpectColumnValuesToContainNoCheckedPii(ColumnMapExpectation):
+    """Expect no value to contain PII of a kind a regex alone cannot decide: a payment card number (13-19 digits
+    passing the Luhn check) or a phone number (valid in libphonenumber's numbering plans)."""
 
-    map_metric = "column_values.contain_no_card_number"
+    kind: str
+    regions: list[str] = list(pii.PHONE_REGIONS)
+
+    map_metric = "column_values.contain_no_checked_pii"
+    success_keys: ClassVar[tuple[str, ...]] = ("kind", "regions", "mostly")

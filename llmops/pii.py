@@ -1,13 +1,16 @@
 """Detectors for personal data in free text: email, phone, payment card, IP address.
 
-The regexes feed Great Expectations' regex expectations directly; card numbers
-also need the Luhn checksum, which validate_data runs as a custom expectation.
-Phone numbers need separators (so the plain integers of arithmetic data are
-not flagged) and must not sit inside a longer run of digit groups (a card).
+One set of detectors for training data (validate_data, through Great Expectations) and for
+inference (the server's privacy policy, the request log). Email and IP are regexes that feed Great
+Expectations' regex expectations directly. Card numbers and phone numbers are found by a regex and
+then decided by a check: the Luhn checksum for cards, Google's libphonenumber metadata (the
+`phonenumbers` package: real numbering plans, not a hand regex) for phones, so the integers of
+arithmetic data and order numbers are not flagged. validate_data runs both as a custom expectation.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 
 # No input may hang the pipeline: every pattern runs in time linear in the text.
@@ -31,12 +34,17 @@ import re
 # could only fail again, up to 63 times per label.
 PATTERNS: dict[str, str] = {
     "email": r"[A-Za-z0-9._%+-]{1,64}+@[A-Za-z0-9-]{1,63}+(?:\.[A-Za-z0-9-]{1,63}+){0,8}\.[A-Za-z]{2,63}",
-    "phone": r"(?<![\w.])(?<!\d[ -])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?![\w.]|[ -]\d)",
+    # candidates only (2 to 5 digit groups, an optional +country code and (area code)); phonenumbers decides
+    "phone": r"(?<![\w.+])(?<!\d[ -])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,5}(?:[ .-]?\d{2,5}){1,4}(?![\w.]|[ -]\d)",
     "ip": r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.])",
     # 13 to 19 digits, optionally grouped by single spaces or dashes; Luhn decides.
     "card": r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])",
 }
 _COMPILED = {kind: re.compile(pattern) for kind, pattern in PATTERNS.items()}
+CHECKED = ("card", "phone")  # kinds a regex alone cannot decide: validate_data runs them as a custom expectation
+# where a phone number written without its +country code is read as national (validate_data.phone_regions);
+# a number with one is recognised whatever the list
+PHONE_REGIONS = ("US", "GB")
 
 
 def luhn_valid(digits: str) -> bool:
@@ -50,27 +58,47 @@ def luhn_valid(digits: str) -> bool:
     return total % 10 == 0
 
 
-def _card_spans(text: str) -> list[tuple[int, int]]:
-    return [
-        m.span() for m in _COMPILED["card"].finditer(text) if luhn_valid(re.sub(r"\D", "", m.group()))
-    ]
+# candidates repeat (a number quoted twice, a template): each distinct one is parsed once per process
+@functools.lru_cache(maxsize=65536)
+def is_phone(candidate: str, regions: tuple[str, ...] = PHONE_REGIONS) -> bool:
+    """Whether `candidate` is a valid phone number in libphonenumber's numbering plans (international, or national
+    in one of `regions`)."""
+    import phonenumbers
+
+    for region in regions if not candidate.startswith("+") else (None,):
+        try:
+            if phonenumbers.is_valid_number(phonenumbers.parse(candidate, region)):
+                return True
+        except phonenumbers.NumberParseException:
+            continue
+    return False
 
 
-def find(kind: str, text: str) -> list[tuple[int, int]]:
-    """Spans of `kind` PII in `text`."""
+def find(kind: str, text: str, regions: tuple[str, ...] = PHONE_REGIONS) -> list[tuple[int, int]]:
+    """Spans of `kind` PII in `text` (`regions`: where a national phone number is read)."""
+    matches = _COMPILED[kind].finditer(text)
     if kind == "card":
-        return _card_spans(text)
-    return [m.span() for m in _COMPILED[kind].finditer(text)]
+        return [m.span() for m in matches if luhn_valid(re.sub(r"\D", "", m.group()))]
+    if kind == "phone":
+        return [m.span() for m in matches if is_phone(m.group(), tuple(regions))]
+    return [m.span() for m in matches]
 
 
-def contains(kind: str, text: object) -> bool:
+def contains(kind: str, text: object, regions: tuple[str, ...] = PHONE_REGIONS) -> bool:
     """True if `text` holds PII of this kind (non-strings hold none)."""
-    return isinstance(text, str) and bool(find(kind, text))
+    return isinstance(text, str) and bool(find(kind, text, regions))
 
 
-def mask(text: str) -> str:
-    """`text` with every PII match replaced by [EMAIL], [PHONE], [CARD] or [IP], safe to print."""
-    spans = sorted((s, -e, kind) for kind in PATTERNS for s, e in find(kind, text))
+def kinds_in(text: str, kinds: tuple[str, ...] | list[str] = tuple(PATTERNS),
+             regions: tuple[str, ...] = PHONE_REGIONS) -> list[str]:
+    """The kinds of PII `text` holds, of `kinds`."""
+    return [kind for kind in kinds if find(kind, text, regions)]
+
+
+def mask(text: str, kinds: tuple[str, ...] | list[str] = tuple(PATTERNS),
+         regions: tuple[str, ...] = PHONE_REGIONS) -> str:
+    """`text` with every PII match of `kinds` replaced by [EMAIL], [PHONE], [CARD] or [IP], safe to print."""
+    spans = sorted((s, -e, kind) for kind in kinds for s, e in find(kind, text, tuple(regions)))
     out, pos = [], 0
     for start, neg_end, kind in spans:  # longest match first at each start
         end = -neg_end

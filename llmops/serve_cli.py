@@ -34,6 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         f"${{{apikeys.KEYS_ENV}}})")
     parser.add_argument("--name", help="keygen, revoke: the key's name (its identity in the access policy: key:NAME)")
     parser.add_argument("--max-concurrency", type=int, default=16, help="requests generated together")
+    parser.add_argument("--privacy", choices=["mask", "refuse", "log"],
+                        help="personal data in prompts and answers (default: the project's deploy.privacy, else mask)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -112,6 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
                           f"or set {apikeys.KEYS_ENV}")
     if not in_project:
         print(f"note: no {PARAMS_FILE} here, so no access policy: every valid key may call", flush=True)
+    privacy = _privacy(root if in_project else None, args.privacy)
     port = args.port or 8000
     ref = args.model or args.version or "production"  # what the server follows: a directory, a stage or a version
     if not args.model and ref not in registry.STAGES:
@@ -139,13 +142,28 @@ def _serve(args: argparse.Namespace) -> int:
 
     store = Store(database_url(root))  # an unusable feedback database stops here, before the model loads
     served = load()  # a bad model or an unknown version stops here, with its reason
-    app = create_app(served, callers, root / LOG_DIR, store, reload=load, on_change=on_change)
+    app = create_app(served, callers, root / LOG_DIR, store, reload=load, on_change=on_change, privacy=privacy)
     print(f"serving {served.label} at {url} (OpenAI-compatible; Authorization: Bearer <key>)", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=port, log_level="warning", timeout_graceful_shutdown=30)
     finally:
         servers.forget(root, port, os.getpid())
     return 0
+
+
+def _privacy(root: Path | None, mode: str | None):
+    """The project's privacy policy (deploy.privacy, with validate_data's detectors), `mode` overriding its mode."""
+    from llmops.config import ConfigError, load_params
+    from llmops.privacy import Privacy
+
+    if root is None:
+        return Privacy(mode=mode or "mask")
+    try:
+        params = load_params(root / PARAMS_FILE)
+    except ConfigError as exc:
+        raise LlmopsError(str(exc)) from None
+    return Privacy(mode=mode or params.deploy.privacy, kinds=tuple(params.validate_data.pii),
+                   regions=tuple(params.validate_data.phone_regions))
 
 
 def _resolve(root: Path, ref: str) -> str:

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llmops import access, apikeys, audit
 from llmops.engine import Engine, EngineError, Sampling
 from llmops.feedback import MAX_RATING, MIN_RATING, FeedbackError, Store, UnknownRequest
-from llmops.pii import mask
+from llmops.privacy import AnswerStream, Privacy
 from llmops.requestlog import Writer
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits a context
@@ -94,6 +94,8 @@ class _Metrics:
         self.waiting = Gauge("llmops_requests_waiting", "requests waiting for a batch slot", registry=self.registry)
         self.batch = Histogram("llmops_batch_size", "requests in each forward pass", registry=self.registry,
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.pii = Counter("llmops_pii", "requests whose prompt or answer held personal data, by kind",
+                           ["where", "kind"], registry=self.registry)
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -163,7 +165,8 @@ class Callers:
 
 def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, store: Store,
                reload: Callable[[], Served] | None = None,
-               on_change: Callable[[Served, str | None], None] | None = None) -> FastAPI:
+               on_change: Callable[[Served, str | None], None] | None = None,
+               privacy: Privacy = Privacy()) -> FastAPI:
     """The app answering with `served`; requests are logged as JSON lines under `log_dir` (see requestlog) and
     recorded in `store`, which keeps the feedback on them.
 
@@ -173,7 +176,7 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
     each reload (the error of one that failed).
     """
     metrics = _Metrics()
-    log = _RequestLog(Writer(log_dir), store)
+    log = _RequestLog(Writer(log_dir), store, privacy)
     current = [served]  # the one mutable cell: handlers read current[0] once, when a request arrives
     retiring: set[Engine] = set()
     closing: list[bool] = []  # becomes true once, when the server shuts down
@@ -277,8 +280,10 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
     @app.post("/v1/feedback")
     async def rate(body: FeedbackRequest):
         try:
-            feedback_id = await asyncio.to_thread(store.add_feedback, body.request_id, body.rating, body.correction,
-                                                  body.comment)
+            # a correction becomes training data and a comment is read by people: neither keeps personal data
+            feedback_id = await asyncio.to_thread(
+                store.add_feedback, body.request_id, body.rating,
+                *(privacy.for_log(text) if text else text for text in (body.correction, body.comment)))
         except UnknownRequest as exc:
             return _error(404, str(exc), param="request_id", code="request_not_found")
         except FeedbackError as exc:
@@ -287,23 +292,35 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        if refused := await _refused(request.state.caller, body.model):
+        if refused := await _refused(request.state.caller, body.model) or _screen("prompt", [body.prompt]):
             return refused
         now = current[0]
-        ids = now.engine.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
+        ids = now.engine.tokenizer(privacy.prompt(body.prompt), add_special_tokens=False)["input_ids"]
         return await _respond(now, body, ids, body.prompt, "text_completion", "prompt")
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
-        if refused := await _refused(request.state.caller, body.model):
+        messages = [m.model_dump() for m in body.messages]
+        if refused := await _refused(request.state.caller, body.model) or _screen("messages",
+                                                                                   [m["content"] for m in messages]):
             return refused
         now = current[0]
-        messages = [m.model_dump() for m in body.messages]
-        ids = list(now.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+        seen = [{**m, "content": privacy.prompt(m["content"])} for m in messages]
+        ids = list(now.engine.tokenizer.apply_chat_template(seen, add_generation_prompt=True,
                                                             tokenize=True)["input_ids"])
         if body.max_completion_tokens is not None:
             body = body.model_copy(update={"max_tokens": body.max_completion_tokens})
         return await _respond(now, body, ids, messages[-1]["content"], "chat.completion", "messages")
+
+    def _screen(what: str, texts: list[str]) -> JSONResponse | None:
+        """Count the personal data in a prompt; a 400 if this deployment refuses it."""
+        found = sorted({kind for text in texts for kind in privacy.found(text)})
+        for kind in found:
+            metrics.pii.labels("prompt", kind).inc()
+        if found and privacy.mode == "refuse":
+            return _error(400, f"the {what} hold personal data ({', '.join(found)}); this deployment refuses it "
+                          "(deploy.privacy: refuse)", param=what, code="pii_in_prompt")
+        return None
 
     async def _refused(caller: str, model: str) -> JSONResponse | None:
         """A 403 when the policy does not let this key call `model` (recorded in the audit trail), else None."""
@@ -329,13 +346,16 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
         rid = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}"
         run = _Generation(engine, ids, sampling, stops, metrics)
         if body.stream:
-            return StreamingResponse(_sse(run, rid, kind, now.label, log, prompt, now.version, body.user),
-                                     media_type="text/event-stream")
+            return StreamingResponse(_sse(run, rid, kind, now.label, log, prompt, now.version, body.user,
+                                          privacy.stream(), metrics), media_type="text/event-stream")
         try:
-            text = "".join([piece async for piece in run])
+            raw = "".join([piece async for piece in run])
         except EngineError as exc:
             return _error(503, str(exc), kind="server_error")
-        await log.answered(rid, kind, now.version, run, prompt, text, body.user)
+        for found in privacy.found(raw):
+            metrics.pii.labels("answer", found).inc()
+        text = privacy.answer(raw)
+        await log.answered(rid, kind, now.version, run, prompt, raw, body.user)
         usage = {"prompt_tokens": len(ids), "completion_tokens": run.completion_tokens,
                  "total_tokens": len(ids) + run.completion_tokens}
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": run.finish_reason}
@@ -384,7 +404,7 @@ class _Generation:
 
 
 async def _sse(run: _Generation, rid: str, kind: str, model: str, log: _RequestLog, prompt: str,
-               version: str | None, user: str | None):
+               version: str | None, user: str | None, screen: AnswerStream, metrics: _Metrics):
     chunk_kind = "chat.completion.chunk" if kind.startswith("chat") else "text_completion"
     created = int(time.time())
 
@@ -396,18 +416,21 @@ async def _sse(run: _Generation, rid: str, kind: str, model: str, log: _RequestL
             choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
         return f"data: {json.dumps({'id': rid, 'object': chunk_kind, 'created': created, 'model': model, 'choices': [choice]})}\n\n"
 
-    text = ""
     try:
         async for piece in run:
-            text += piece
-            yield event(piece, None)
+            if released := screen.push(piece):
+                yield event(released, None)
     except EngineError as exc:
         yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
         log.failed(_route(kind), 503, run.latency_s)
         return
+    if rest := screen.finish():
+        yield event(rest, None)
     yield event(None, run.finish_reason)
     yield "data: [DONE]\n\n"
-    await log.answered(rid, kind, version, run, prompt, text, user)
+    for found in screen.privacy.found(screen.raw):
+        metrics.pii.labels("answer", found).inc()
+    await log.answered(rid, kind, version, run, prompt, screen.raw, user)
 
 
 def _route(kind: str) -> str:
@@ -418,13 +441,14 @@ class _RequestLog:
     """Every request to a generation route, as a JSON line (see requestlog): the monitor reads these. Answered ones
     carry their prompt and answer with PII masked, and go into the feedback store too, so feedback can name them."""
 
-    def __init__(self, writer: Writer, store: Store):
-        self.writer, self.store = writer, store
+    def __init__(self, writer: Writer, store: Store, privacy: Privacy):
+        self.writer, self.store, self.privacy = writer, store, privacy
 
     async def answered(self, rid: str, kind: str, version: str | None, run: _Generation, prompt: str, answer: str,
                        user: str | None) -> None:
         from datetime import datetime, timezone
 
+        mask = self.privacy.for_log
         prompt, answer = mask(prompt), mask(answer)
         self._write({
             "request_id": rid, "route": _route(kind), "model_version": version, "status": 200,

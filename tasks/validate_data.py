@@ -57,7 +57,7 @@ def _expectations(cfg: ValidateDataParams, split: str) -> list[Any]:
     """The suite for one split; each expectation carries a short check name in its meta."""
     import great_expectations.expectations as gxe
 
-    from llmops.gx_expectations import ExpectColumnValuesToContainNoCardNumber
+    from llmops.gx_expectations import ExpectColumnValuesToContainNoCheckedPii
 
     def named(check: str, expectation):
         expectation.meta = {"check": check}
@@ -77,8 +77,9 @@ def _expectations(cfg: ValidateDataParams, split: str) -> list[Any]:
             ),
         ]
         for kind in cfg.pii:
-            if kind == "card":  # a regex alone would flag order numbers: Luhn decides
-                expectation = ExpectColumnValuesToContainNoCardNumber(column=col)
+            if kind in pii.CHECKED:  # a regex alone would flag order numbers: Luhn or libphonenumber decides
+                expectation = ExpectColumnValuesToContainNoCheckedPii(column=col, kind=kind,
+                                                                      regions=list(cfg.phone_regions))
             else:
                 expectation = gxe.ExpectColumnValuesToNotMatchRegex(column=col, regex=pii.PATTERNS[kind])
             suite.append(named(f"{col}_no_{kind}", expectation))

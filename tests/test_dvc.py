@@ -64,7 +64,8 @@ def test_push_then_fresh_clone_pulls_identical_data(ran_project, tmp_path, s3_en
     project = ran_project  # the session's run pipeline: nothing to retrain, everything to push
     _use_s3(project, s3_endpoint, bucket)
     run(["llmops", "run"], project, env=base_env(PREFECT_HOME=str(tmp_path / "ph")))
-    assert _keys(s3_endpoint, bucket) and all(k.startswith("ds/files/md5/") for k in _keys(s3_endpoint, bucket))
+    keys = _keys(s3_endpoint, bucket)  # DVC's objects, and the audit trail beside them
+    assert keys and all(k.startswith(("ds/files/md5/", "ds/audit/")) for k in keys) and "ds/audit/000000000001.json" in keys
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "run"], project)
 

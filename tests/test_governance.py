@@ -35,7 +35,7 @@ def test_records_chain_and_verify(project):
     assert all(r.hash == audit.digest(r.body()) for r in records)
     stored = json.loads((_trail(project) / "000000000002.json").read_text())
     assert stored["who"] and stored["action"] == "registry.promote" and stored["version"] == "v2.0.0"
-    assert audit.anchors(project) == {r.seq: r.hash for r in records}  # one annotated tag audit/<n> per record
+    assert audit.anchors(project) == {r.seq: r.hash for r in records}  # one annotated tag audit/<trail>/<n> each
     ok = _verify(project)
     assert ok.returncode == 0 and f"intact: 3 records, head {records[-1].hash}" in ok.stdout
     log = run([str(BIN / "llmops"), "audit", "log", "--json"], project).stdout.splitlines()
@@ -46,8 +46,8 @@ def test_records_chain_and_verify(project):
     ("change", "record 2 was changed after it was written"),
     ("remove", "record 2 removed (the chain jumps from 1 to 3)"),
     ("reorder", "record 2 holds the contents of record 3 (records were reordered)"),
-    ("cut", "record 4 is anchored (tag audit/4) but the trail ends at 3: records were cut off the end"),
-    ("rewrite", "record 2 differs from its anchor (tag audit/2): the chain was rewritten from there"),
+    ("cut", "record 4 is anchored (tag audit/{trail}/4) but the trail ends at 3: records were cut off the end"),
+    ("rewrite", "record 2 differs from its anchor (tag audit/{trail}/2): the chain was rewritten from there"),
 ])
 def test_verify_pinpoints_tampering(project, tamper, expected):
     _append(project, 4)
@@ -76,7 +76,8 @@ def test_verify_pinpoints_tampering(project, tamper, expected):
     before = {p.name: p.read_bytes() for p in trail.iterdir()}
     result = _verify(project)
     assert result.returncode == 3
-    assert "audit trail TAMPERED" in result.stderr and expected in result.stderr, result.stderr
+    name = audit._trail(audit._store(audit._params(project).storage, project))
+    assert "audit trail TAMPERED" in result.stderr and expected.format(trail=name) in result.stderr, result.stderr
     assert {p.name: p.read_bytes() for p in trail.iterdir()} == before  # verify changes nothing
 
 
@@ -119,7 +120,7 @@ def test_trail_on_s3_with_object_lock(project, s3_endpoint):
         s3.delete_object(Bucket="audit-locked", Key=keys[1], VersionId=version)
     assert _verify(project).returncode == 0
     # a second writer that lost the race for a number is refused by S3 itself, and takes the next
-    store = audit._store(audit._params(project).storage)
+    store = audit._store(audit._params(project).storage, project)
     assert store.create(3, b"{}") is False
     assert audit.append(project, "registry.rollback", "model").seq == 4 and audit.verify(project).ok
     assert records[-1].hash == json.loads(s3.get_object(Bucket="audit-locked", Key=keys[2])["Body"].read())["hash"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, _wait_http, base_env, free_port, run
+from conftest import make_project, BIN, _wait_http, base_env, free_port, run
 from llmops.datasets import read_jsonl
 from llmops.requestlog import read_window
 from llmops.apikeys import hash_key
@@ -28,7 +28,8 @@ def server(pipeline, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     model = shutil.copytree(pipeline / "models/release", tmp / "release")
     keys = tmp / "keys"
-    key = run([str(BIN / "llmops"), "serve", "keygen", "--keys", str(keys)], tmp).stdout.strip()
+    project = make_project((tmp / "project").resolve(), tmp / "remote")  # keygen is allowed and audited in a project
+    key = run([str(BIN / "llmops"), "serve", "keygen", "--name", "tests", "--keys", str(keys)], project).stdout.strip()
     assert key.startswith("sk-llmops-") and key not in keys.read_text()  # only its hash is stored
     port = free_port()
     log = open(tmp / "server.log", "w")
@@ -134,7 +135,7 @@ def test_metrics_and_the_request_log(server):
     url, key, _, tmp = server
     good = client(url, key)
     good.chat.completions.create(model="release", max_tokens=4,
-                                 messages=[{"role": "user", "content": "Mail jenny@example.com or call 555-867-5309"}])
+                                 messages=[{"role": "user", "content": "Mail jenny@example.com or call (415) 555-0100"}])
     together = [threading.Thread(target=good.completions.create, kwargs=dict(
         model="release", prompt="a", max_tokens=40, extra_body={"ignore_eos": True})) for _ in range(4)]
     [t.start() for t in together]
@@ -144,6 +145,7 @@ def test_metrics_and_the_request_log(server):
     value = {line.split(" ")[0]: float(line.split(" ")[1]) for line in page.splitlines() if line and line[0] != "#"}
     assert value["llmops_batch_size_sum"] > value["llmops_batch_size_count"] > 0  # forward passes were shared
     assert 'llmops_requests_total{route="/v1/chat/completions",status="200"}' in page
+    assert value['llmops_pii_total{kind="email",where="prompt"}'] == value['llmops_pii_total{kind="phone",where="prompt"}'] == 1
     for name in ("llmops_generated_tokens_total", "llmops_time_to_first_token_seconds_count",
                  "llmops_request_seconds_bucket", "llmops_requests_running", "llmops_requests_waiting",
                  "llmops_batch_size"):
@@ -193,6 +195,33 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error(server):
 
         no_server_error()
     assert any(400 <= status < 500 for status in seen) and 200 in seen, seen  # it tried bad requests and good ones
+
+
+def test_a_deployment_that_refuses_personal_data(pipeline, tmp_path):
+    """deploy.privacy (here --privacy) refuse: a prompt with personal data gets a 400 naming the kinds, not the values."""
+    from openai import BadRequestError
+
+    key, port = "sk-test-privacy", free_port()
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([str(BIN / "llmops"), "serve", "--model", str(pipeline / "models/release"), "--port",
+                             str(port), "--privacy", "refuse"], cwd=tmp_path,
+                            env=base_env(LLMOPS_API_KEY_HASHES=hash_key(key)), stdout=log, stderr=log)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", proc, 120)
+        api = client(f"http://127.0.0.1:{port}", key)
+        with pytest.raises(BadRequestError) as refused:
+            api.chat.completions.create(model="release", max_tokens=2, messages=[
+                {"role": "user", "content": "I am jane@example.com, call me on +44 20 7946 0958"}])
+        assert refused.value.code == "pii_in_prompt"
+        assert "personal data (email, phone)" in refused.value.message and "jane" not in refused.value.message
+        assert api.completions.create(model="release", prompt="What is 2 + 2?", max_tokens=2).choices[0].text
+        logged = [json.loads(line) for f in (tmp_path / ".llmops/serve/requests").glob("date=*/*.jsonl")
+                  for line in f.read_text().splitlines()]
+        assert sorted(r["status"] for r in logged) == [200, 400]
+        assert not any("jane" in json.dumps(r) or "7946" in json.dumps(r) for r in logged)
+    finally:
+        proc.terminate()
+        proc.wait(60)
 
 
 def test_sigterm_finishes_the_requests_in_flight(pipeline, tmp_path):
