@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -238,3 +239,42 @@ def test_registry_changes_are_audited_with_their_outcome(project):
         "registry.promote", "failed", "v9", "production")
     assert "v9.0.0" in record.detail["error"]
     assert record.who == identity.current()
+
+
+@pytest.mark.services
+@pytest.mark.training
+def test_the_server_lets_each_key_call_only_what_the_policy_allows(project, pipeline):
+    from openai import AuthenticationError, OpenAI, PermissionDeniedError
+
+    from conftest import _wait_http, free_port, stop_servers
+
+    llmops, admin = str(BIN / "llmops"), base_env(LLMOPS_USER="admin-person")
+    _people(project)  # key:partner may call model:model only
+    partner = run([llmops, "serve", "keygen", "--name", "partner"], project, env=admin).stdout.strip()
+    chatbot = run([llmops, "serve", "keygen", "--name", "chatbot"], project, env=admin).stdout.strip()
+    served = project.parent / "other"  # a model directory whose name is not `model`
+    shutil.copytree(pipeline / "models/release", served)
+    port = free_port()
+    proc = subprocess.Popen([llmops, "serve", "--model", str(served), "--port", str(port)], cwd=project,
+                            env=admin, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", proc, 120)
+        url = f"http://127.0.0.1:{port}/v1"
+        with pytest.raises(PermissionDeniedError) as refused:
+            OpenAI(base_url=url, api_key=partner, max_retries=0).completions.create(model="other", prompt="1",
+                                                                                     max_tokens=1)
+        assert refused.value.code == "model_not_allowed" and "key:partner (role partner) may not call model:other" \
+            in refused.value.message
+        assert OpenAI(base_url=url, api_key=chatbot, max_retries=0).completions.create(
+            model="other", prompt="1", max_tokens=1).choices[0].text is not None  # the default key role calls all
+        [denied] = [r for r in audit.records(project) if r.outcome == "denied"]
+        assert (denied.who, denied.action, denied.object) == ("key:partner", "serve.call", "model:other")
+        # a revoked key stops working once the server reloads, without a restart
+        run([llmops, "serve", "revoke", "--name", "chatbot"], project, env=admin)
+        run([llmops, "serve", "reload"], project, env=admin)
+        with pytest.raises(AuthenticationError):
+            OpenAI(base_url=url, api_key=chatbot, max_retries=0).models.list()
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        stop_servers(project)
