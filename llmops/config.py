@@ -322,7 +322,7 @@ class RegistryParams(Section):
 
 
 class GovernanceParams(Section):
-    """governance: the audit trail (`llmops audit`) and who may do what (llmops/access.py)."""
+    """governance: the audit trail (`llmops audit`), who may do what (llmops/access.py), the inputs' licences."""
 
     policy: str = Field("governance/policy.csv", min_length=1,
                         description="the access policy (casbin CSV: roles' permissions, identities' roles)")
@@ -330,6 +330,18 @@ class GovernanceParams(Section):
     default_key_role: str = Field("caller", min_length=1,
                                   description="the role of an API key the policy does not name")
 
+    intended_use: str = Field(
+        "Answering short instruction prompts of the kinds in its training data (arithmetic, counting, letters, unit "
+        "conversion); a demonstration of the pipeline.", min_length=1, description="the model card's intended use")
+    limitations: str = Field(
+        "A tiny model trained on generated data: wrong answers are frequent outside the training tasks; not for "
+        "decisions about people.", min_length=1, description="the model card's known limits and uses to avoid")
+    data_licence: str | None = Field(None, min_length=1, description="the SPDX id of your data's licence "
+                                     "(data.instructions, eval_instructions, corpus); null: NOASSERTION for data of "
+                                     "yours, CC0-1.0 for the embedded sample")
+    base_model_licence: str | None = Field(
+        None, min_length=1, description="the SPDX id of train.finetune.base_model's licence; null: its model card's "
+        "`license:` ('pretrain': data.corpus's licence)")
     audit_lock_days: int = Field(0, ge=0, description="S3 only: write each audit record under S3 Object Lock "
                                  "(compliance mode) for this many days, so nobody can delete or overwrite it (the "
                                  "bucket must have Object Lock enabled); 0: off")
@@ -349,6 +361,9 @@ class DeployParams(Section):
     smoke_expect: str | None = Field(None, description="text the smoke answer must contain; null: any non-empty answer")
     smoke_max_tokens: int = Field(24, ge=1)
     timeout_s: float = Field(300, gt=0, description="for a server to load its model and answer")
+    allowed_licences: list[str] = Field(
+        default_factory=lambda: ["CC0-1.0", "MIT", "Apache-2.0", "BSD-3-Clause", "CC-BY-4.0"],
+        description="the licences (SPDX ids) a registered or production model may be built on: data and base model")
     privacy: Literal["mask", "refuse", "log"] = Field(
         "mask", description="personal data (validate_data.pii) in prompts and answers: mask (the model and the caller "
         "see [EMAIL], [PHONE], ...), refuse (a prompt holding some gets a 400), log (passed unchanged); the request log "

@@ -319,6 +319,7 @@ def _register(root: Path, why: str) -> tuple[Version, bool]:
     release = json.loads(release_file.read_text())
     if not release.get("gate", {}).get("passed"):
         raise RegistryError(f"{RELEASE}: the gate did not pass it; it cannot be registered")
+    _licensed(root, release, f"{RELEASE} cannot be registered")
     commit = _snapshot(root, f"llmops: {ARTIFACT} release ({release['variant']})")
     digest = _release_hash(root, commit)
     if digest is None:
@@ -339,6 +340,17 @@ def _register(root: Path, why: str) -> tuple[Version, bool]:
         return Version(version=version, commit=commit, created_at="now", author=identity.current(), record=record), True
 
     return _change(root, write)
+
+
+def _licensed(root: Path, lineage: dict, what: str) -> None:
+    """Refuse a release built on an input whose licence deploy.allowed_licences does not list."""
+    from llmops.config import PARAMS_FILE, ConfigError, load_params
+    from llmops.licences import LicenceError, check
+
+    try:
+        check(lineage, load_params(root / PARAMS_FILE).deploy.allowed_licences, what)
+    except (ConfigError, LicenceError) as exc:
+        raise RegistryError(str(exc)) from None
 
 
 def promote(root: str | os.PathLike, version: str, stage: str, why: str, purpose: str = "promote") -> Version | None:
@@ -367,6 +379,8 @@ def _promote(root: Path, version: str, stage: str, why: str) -> Version | None:
         wanted = get(root, target)
         if not wanted.lineage.get("gate", {}).get("passed"):
             raise RegistryError(f"{wanted.version} did not pass the release gate; it cannot be promoted")
+        if stage == "production":  # what production holds is served
+            _licensed(root, wanted.lineage, f"{wanted.version} cannot be promoted to production")
         current = holder(root, stage)
         if current is not None and current.version == wanted.version:
             raise RegistryError(f"{wanted.version} already holds {stage}")
@@ -487,6 +501,25 @@ def _rollback(root: Path, stage: str, why: str) -> tuple[Version, Version]:
         return current, previous
 
     return _change(root, write)
+
+
+def card(root: str | os.PathLike, version: Version) -> str:
+    """The model card the release stage wrote into `version` (its README.md), read from the DVC cache or remote.
+
+    Raises:
+        RegistryError: the version has no card (released before cards were written), or its files cannot be read.
+    """
+    import dvc.api
+
+    path = f"{RELEASE}/README.md"
+    try:
+        return dvc.api.read(path, repo=str(_repo(root)), rev=version.commit)
+    except FileNotFoundError:
+        raise RegistryError(f"{version.version} has no model card ({path}: released before cards were written)") \
+            from None
+    except Exception as exc:  # DVC's own errors: an unreachable remote, files never pushed
+        raise RegistryError(f"{version.version}'s model card cannot be read from the DVC cache or remote: "
+                            f"{type(exc).__name__}: {exc}") from None
 
 
 def pull(root: str | os.PathLike, ref: str, out: str | os.PathLike) -> Version:

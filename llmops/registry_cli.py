@@ -18,8 +18,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "Works from a fresh clone (the tags come with it, the files from the DVC remote).")
     cmds = parser.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
     cmds.add_parser("list", help="every version, newest first, with its stages and headline scores")
-    show = cmds.add_parser("show", help="one version's full record (JSON)")
-    show.add_argument("version", help="e.g. v3 or v3.0.0")
+    show = cmds.add_parser("show", help="one version's model card, with its registry history (--json: its record)")
+    show.add_argument("version", help="e.g. v3 or v3.0.0, or a stage: production")
+    show.add_argument("--json", action="store_true", help="the version's record (lineage, who, why) as JSON")
+    show.add_argument("--html", metavar="FILE", help="also write the card as a self-contained HTML page")
     lineage = cmds.add_parser("lineage", help="the chain from the data files to the version and its stages")
     lineage.add_argument("version", help="e.g. v3, or a stage: production")
     hist = cmds.add_parser("history", help="every registration and stage change: when, who, why")
@@ -68,8 +70,15 @@ def _list(root: Path, args) -> str:
 
 def _show(root: Path, args) -> str:
     v = registry.resolve(root, args.version)
-    return json.dumps({"version": v.version, "commit": v.commit, "created_at": v.created_at, "stages": v.stages,
-                       **v.record}, indent=2)
+    if args.json:
+        return json.dumps({"version": v.version, "commit": v.commit, "created_at": v.created_at, "stages": v.stages,
+                           **v.record}, indent=2)
+    from llmops import model_card
+
+    card = registry.card(root, v) + model_card.registry_section(v, registry.history(root))
+    if args.html:
+        Path(args.html).write_text(model_card.to_html(card, f"Model card: {registry.ARTIFACT} {v.version}"))
+    return card.rstrip("\n")
 
 
 def _lineage(root: Path, args) -> str:

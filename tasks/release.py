@@ -18,7 +18,7 @@ from pathlib import Path
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
-from llmops import inference, provenance
+from llmops import inference, licences, model_card, provenance
 from llmops.config import ConfigError, Params
 from llmops.datasets import DataError, replace_dir, write_text
 from llmops.modeling import chat_template, load_tokenizer
@@ -35,6 +35,7 @@ class Release(BaseModel):
     sources: dict[str, dict]  # base, adapter (and quantized): model_hashes of what it was made from
     gate: dict  # the verdict: passed, release_candidate, checks
     scores: dict[str, dict]  # headline figures of evaluate, audit_bias and quantize
+    licences: list[dict[str, str]]  # each input (data, base model) and its licence: see llmops/licences.py
 
 
 def _scores(reports: dict[str, dict], candidate: str) -> dict[str, dict]:
@@ -77,8 +78,9 @@ def run_release(params: Params, root: str | Path = ".") -> Release:
     try:
         sources = _build(params, root, candidate, tmp)
         release = Release(variant="merged" if candidate == "none" else f"quantized/{candidate}", sources=sources,
-                          gate=verdict, scores=_scores(reports, candidate))
+                          gate=verdict, scores=_scores(reports, candidate), licences=licences.of_inputs(params, root))
         write_text(tmp / "release.json", json.dumps(release.model_dump(), indent=2) + "\n")
+        model_card.write(tmp, params, root, release.model_dump())
         weights = {f.name: f for f in tmp.glob("*.safetensors")}
         write_text(tmp / "manifest.json", json.dumps(provenance.manifest(
             {"release_candidate": candidate, "base_model": params.train.finetune.base_model}, weights,

@@ -278,3 +278,70 @@ def test_the_server_lets_each_key_call_only_what_the_policy_allows(project, pipe
         proc.terminate()
         proc.wait(60)
         stop_servers(project)
+
+
+@pytest.mark.training
+def test_licences_are_recorded_and_a_release_built_on_others_is_refused(ran_project):
+    llmops = str(BIN / "llmops")
+    release = json.loads((ran_project / "models/release/release.json").read_text())
+    assert release["licences"] == [
+        {"input": "data.instructions (the embedded sample)", "licence": "CC0-1.0"},
+        {"input": "data.corpus (the embedded sample)", "licence": "CC0-1.0"},
+        {"input": "train.finetune.base_model (pretrain: trained here on data.corpus)", "licence": "CC0-1.0"}]
+    tags = run(["git", "tag", "-l", "model*"], ran_project).stdout
+    set_params(ran_project, "deploy.allowed_licences=[MIT, Apache-2.0]")
+    refused = run([llmops, "registry", "register"], ran_project, check=False)
+    assert refused.returncode == 1 and refused.stderr.strip() == (
+        "error: registry: models/release cannot be registered: it is built on data.instructions (the embedded "
+        "sample), licensed CC0-1.0, which deploy.allowed_licences (MIT, Apache-2.0) does not list")
+    assert run(["git", "tag", "-l", "model*"], ran_project).stdout == tags  # nothing registered
+    set_params(ran_project, "deploy.allowed_licences=[cc0-1.0]")  # SPDX ids compare case-insensitively
+    run([llmops, "registry", "register"], ran_project)
+    shown = json.loads(run([llmops, "registry", "show", "v1", "--json"], ran_project).stdout)
+    assert shown["lineage"]["licences"] == release["licences"]
+    set_params(ran_project, "deploy.allowed_licences=[MIT]")  # what production serves is checked when it moves
+    promoted = run([llmops, "registry", "promote", "v1", "--to", "production", "--why", "x"], ran_project, check=False)
+    assert promoted.returncode == 1 and "v1.0.0 cannot be promoted to production: it is built on" in promoted.stderr
+
+
+@pytest.mark.training
+def test_every_release_carries_its_model_card_and_the_registry_shows_it(ran_project, tmp_path):
+    import re
+
+    from huggingface_hub import ModelCard
+    from playwright.sync_api import expect, sync_playwright
+
+    llmops = str(BIN / "llmops")
+    card = ModelCard.load(ran_project / "models/release/README.md")  # a Hugging Face model card, metadata and all
+    assert card.data.license == "cc0-1.0" and "llmops" in card.data.tags
+    evaluate = json.loads((ran_project / "reports/evaluate/metrics.json").read_text())["finetuned"]
+    bias = json.loads((ran_project / "reports/audit_bias/metrics.json").read_text())["finetuned"]
+    for section in ("## Intended use", "## Limitations", "## Data", "## Training", "## Evaluation", "## Bias audit",
+                    "## Quantization", "## Release gate", "## Lineage"):
+        assert section in card.text
+    low, high = evaluate["exact_match_ci95"]["low"], evaluate["exact_match_ci95"]["high"]
+    assert (f"| fine-tuned | {100 * evaluate['exact_match']:.1f}% (95% CI {100 * low:.1f}% to {100 * high:.1f}%)"
+            in card.text)
+    assert f"fine-tuned {bias['pct_stereotype']:.1f} (95% CI" in card.text
+    assert "Validated by Great Expectations" in card.text and "int8_weight_only (torchao): size x" in card.text
+
+    run([llmops, "registry", "register", "--why", "card test"], ran_project)
+    run([llmops, "registry", "promote", "v1", "--to", "production", "--why", "ship it"], ran_project)
+    page = tmp_path / "card.html"
+    shown = run([llmops, "registry", "show", "production", "--html", str(page)], ran_project).stdout
+    assert shown.startswith("---\n") and card.text.strip() in shown  # the card stored with the version, as written
+    assert "## Registry" in shown and "Version v1.0.0, registered" in shown and "card test" in shown
+    assert re.search(r"\| assignment \| production \| .+ \| ship it \|", shown)
+
+    refused = []
+    with sync_playwright() as p:  # a person reads the HTML card: it renders with every network request refused
+        browser = p.chromium.launch(executable_path=shutil.which("chromium") or shutil.which("chromium-browser"),
+                                    headless=True)
+        view = browser.new_page()
+        view.route(re.compile(r"^(?!file:)"), lambda route: (refused.append(route.request.url), route.abort()))
+        view.goto(page.as_uri())
+        expect(view.get_by_role("heading", name="Release gate")).to_be_visible()
+        expect(view.get_by_role("cell", name="min_exact_match")).to_be_visible()
+        expect(view.get_by_text("Stages now: production")).to_be_visible()
+        browser.close()
+    assert not refused

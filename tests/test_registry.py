@@ -74,13 +74,13 @@ def test_promote_and_rollback_keep_the_whole_history_and_agree_with_dvc(origin, 
         "production: none -> v1.0.0"
     assert llmops(repo, "promote", "2", "--to", "production", "--why", "smaller").stdout.strip() == \
         "production: v1.0.0 -> v2.0.0"
-    v2 = json.loads(llmops(repo, "show", "production").stdout)
+    v2 = json.loads(llmops(repo, "show", "production", "--json").stdout)
     assert v2["version"] == "v2.0.0" and production_rev(repo) == v2["commit"]
     assert v2["lineage"]["gate"]["passed"] and v2["lineage"]["parent_version"] is None  # nothing was in production
 
     out = llmops(repo, "rollback", "--why", "latency regression").stdout.strip()
     assert out == "production: rolled back v2.0.0 -> v1.0.0"
-    v1 = json.loads(llmops(repo, "show", "production").stdout)
+    v1 = json.loads(llmops(repo, "show", "production", "--json").stdout)
     assert v1["version"] == "v1.0.0" and production_rev(repo) == v1["commit"]
 
     events = [line.split()[2:5] for line in llmops(repo, "history", "--stage", "production").stdout.splitlines()]
@@ -92,7 +92,7 @@ def test_promote_and_rollback_keep_the_whole_history_and_agree_with_dvc(origin, 
 
     # the changes are at the origin: another fresh clone sees the same registry
     other = clone(origin, tmp_path / "other")
-    assert json.loads(llmops(other, "show", "production").stdout)["version"] == "v1.0.0"
+    assert json.loads(llmops(other, "show", "production", "--json").stdout)["version"] == "v1.0.0"
     lineage = llmops(other, "lineage", "v1").stdout
     for expected in ("prepare_data     -> data/prepared (md5 ", "train@pretrain   -> models/pretrain (md5 ",
                      "release          -> models/release (md5 ", "gate passed 8/8", "holds now: production",
@@ -127,8 +127,8 @@ def test_racing_promotions_from_two_clones_lose_nothing(origin, tmp_path):
     assert assigned == sorted([("v1.0.0", "production"), ("v2.0.0", "staging"), ("v2.0.0", "production")])
     listed = {line.split()[0]: line.split()[1] for line in llmops(judge, "list").stdout.splitlines()}
     assert sorted(listed.values()) in (["-", "production,staging"], ["production", "staging"])  # one holder per stage
-    holder = json.loads(llmops(judge, "show", "production").stdout)["version"]
-    assert production_rev(judge) == json.loads(llmops(judge, "show", holder).stdout)["commit"]
+    holder = json.loads(llmops(judge, "show", "production", "--json").stdout)["version"]
+    assert production_rev(judge) == json.loads(llmops(judge, "show", holder, "--json").stdout)["commit"]
 
 
 def test_bad_requests_are_one_clear_line_and_change_nothing(origin, tmp_path):

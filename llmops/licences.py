@@ -1,0 +1,70 @@
+"""Licences: what each input of a release is licensed under, recorded in its lineage and checked before it is served.
+
+The release stage records, in release.json (and so in the registered version's lineage), one
+entry per input: the data (data.instructions, data.eval_instructions, data.corpus, or the
+embedded sample, which this project generates and dedicates to the public domain; your data's is
+governance.data_licence) and the base
+model (train.finetune.base_model: `pretrain` is trained here on the corpus, so it carries the
+corpus's licence; another model's licence comes from governance.base_model_licence, else from
+its model card's `license:`, the Hugging Face convention). An input whose licence nobody stated is
+NOASSERTION (SPDX's word for it). Registering a release, or promoting one to production, is refused
+unless every licence is in deploy.allowed_licences, naming the input that is not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmops.errors import LlmopsError
+
+EMBEDDED = "CC0-1.0"  # the generated sample data and corpus
+UNKNOWN = "NOASSERTION"
+
+
+class LicenceError(LlmopsError):
+    """A release built on an input whose licence this deployment does not allow; the message names the input."""
+
+
+def of_inputs(params, root: str | Path = ".") -> list[dict[str, str]]:
+    """One entry per input of the release: {"input": what and where, "licence": SPDX id}."""
+    data = params.data
+    stated = params.governance.data_licence or (UNKNOWN if any((data.instructions, data.corpus)) else EMBEDDED)
+    entries = [{"input": f"data.{name} ({value})" if value else f"data.{name} (the embedded sample)",
+                "licence": stated if value else EMBEDDED}
+               for name, value in (("instructions", data.instructions), ("eval_instructions", data.eval_instructions),
+                                   ("corpus", data.corpus))
+               if value or name != "eval_instructions"]
+    base = params.train.finetune.base_model
+    if base == "pretrain":
+        corpus = next(e["licence"] for e in entries if e["input"].startswith("data.corpus"))
+        entries.append({"input": "train.finetune.base_model (pretrain: trained here on data.corpus)",
+                        "licence": params.governance.base_model_licence or corpus})
+    else:
+        entries.append({"input": f"train.finetune.base_model ({base})",
+                        "licence": params.governance.base_model_licence or _card_licence(base, Path(root))})
+    return entries
+
+
+def _card_licence(base: str, root: Path) -> str:
+    """The `license:` of a model's card (README.md front matter), local or on the hub; NOASSERTION if none."""
+    from huggingface_hub import ModelCard
+
+    local = (root / Path(base).expanduser())
+    try:
+        card = ModelCard.load(local / "README.md" if local.is_dir() else base)
+    except Exception:  # no card, no network, no such model: nobody stated a licence
+        return UNKNOWN
+    return str(card.data.license or UNKNOWN)
+
+
+def check(lineage: dict, allowed: list[str], what: str) -> None:
+    """Raise LicenceError unless every input licence recorded in `lineage` is in `allowed` (case-insensitive)."""
+    entries = lineage.get("licences")
+    if entries is None:
+        raise LicenceError(f"{what}: its lineage records no licences (released before they were recorded); run the "
+                           "pipeline again to release it with them")
+    permitted = {a.lower() for a in allowed}
+    for entry in entries:
+        if entry["licence"].lower() not in permitted:
+            raise LicenceError(f"{what}: it is built on {entry['input']}, licensed {entry['licence']}, which "
+                               f"deploy.allowed_licences ({', '.join(allowed) or 'none'}) does not list")
