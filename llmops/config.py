@@ -331,11 +331,11 @@ class GovernanceParams(Section):
                                   description="the role of an API key the policy does not name")
 
     intended_use: str = Field(
-        "Answering short instruction prompts of the kinds in its training data (arithmetic, counting, letters, unit "
-        "conversion); a demonstration of the pipeline.", min_length=1, description="the model card's intended use")
+        "Short instruction prompts like its training data (arithmetic, letters, units); a pipeline demo.",
+        min_length=1, description="the model card's intended use")
     limitations: str = Field(
-        "A tiny model trained on generated data: wrong answers are frequent outside the training tasks; not for "
-        "decisions about people.", min_length=1, description="the model card's known limits and uses to avoid")
+        "A tiny model trained on generated data, often wrong outside its tasks; not for decisions about people.",
+        min_length=1, description="the model card's known limits and uses to avoid")
     data_licence: str | None = Field(None, min_length=1, description="the SPDX id of your data's licence "
                                      "(data.instructions, eval_instructions, corpus); null: NOASSERTION for data of "
                                      "yours, CC0-1.0 for the embedded sample")
@@ -531,6 +531,7 @@ STORAGE_ENV = {
 def _yaml() -> YAML:
     yaml = YAML()  # round-trip: keeps comments when we write params back
     yaml.preserve_quotes = True
+    yaml.width = 4096  # never re-wrap a long line: a rewrite changes only the values overridden
     # a value set to None is written `null`, as the file spells it (ruamel's default is an empty value)
     yaml.representer.add_representer(
         type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))

@@ -34,7 +34,7 @@ def test_a_commit_is_built_in_its_own_workspace_and_the_checkout_is_untouched(co
     assert "evaluate: unchanged" not in out  # its param changed: it ran, in the workspace
     assert snapshot(project, *CHECKOUT) == before  # not a byte of the checkout changed
     assert "no workspaces" in run(["llmops", "workspaces"], project).stdout
-    lineage = run(["llmops", "registry", "show", "v1"], project).stdout
+    lineage = run(["llmops", "registry", "show", "v1", "--json"], project).stdout
     assert f'"code_commit": "{head}"' in lineage  # the version records the commit it was built from
 
 
