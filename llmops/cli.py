@@ -10,7 +10,7 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from llmops import audit, audit_cli, locks, monitor_cli, registry, registry_cli, serve_cli
+from llmops import audit, audit_cli, explain_cli, locks, monitor_cli, registry, registry_cli, serve_cli
 from llmops.config import PARAMS_FILE, ConfigError, load_params, storage_for
 from llmops.errors import LlmopsError
 from llmops.prefect_api import PrefectUnavailable, prefect_api
@@ -84,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     serve_cli.add_parser(sub)
     monitor_cli.add_parser(sub)
     audit_cli.add_parser(sub)
+    explain_cli.add_parser(sub)
 
     for spec in declared().values():
         cmd = sub.add_parser(
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         return monitor_cli.main(args)
     if args.command == "audit":
         return audit_cli.main(args)
+    if args.command == "explain":
+        return explain_cli.main(args)
     if args.command == "workspaces":
         return _workspaces(Path.cwd(), args.action)
     if args.command == "setup":

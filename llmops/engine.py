@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+from pathlib import Path
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ class Engine:
 
         cuda = torch.cuda.is_available()
         verify_model_dir(model_dir)  # ModelError: a pickle, a missing or changed weights file
+        self.model_dir = Path(model_dir)
         self.tokenizer = load_tokenizer(str(model_dir))
         # hardware-aware: a GPU when there is one, in bf16 (its tensor cores' type); float32 on CPU, where bf16 is slow
         self.model = load_causal_lm(str(model_dir), dtype=torch.bfloat16 if cuda else torch.float32)

@@ -43,6 +43,15 @@ GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")
 logger = logging.getLogger("llmops.server")
 
 
+class ExplainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    prompt: str = Field(min_length=1, description="the user's prompt (rendered through the chat template, as chat is)")
+    answer: str | None = Field(None, min_length=1, description="the answer to explain; default: the model's greedy one")
+    max_tokens: int = Field(16, ge=1, le=256, description="the greedy answer's length bound")
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send fields this server does not use (user, seed, ...)
 
@@ -321,6 +330,38 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
             return _error(400, f"the {what} hold personal data ({', '.join(found)}); this deployment refuses it "
                           "(deploy.privacy: refuse)", param=what, code="pii_in_prompt")
         return None
+
+    explainers: dict[str, tuple] = {}  # the served model's directory -> a copy of it for explanations (see below)
+
+    @app.post("/v1/explain")
+    async def explain_route(body: ExplainRequest, request: Request):
+        """Token-level attributions of the answer to the prompt (feature ablation; llmops.explain)."""
+        from llmops import explain
+
+        if refused := await _refused(request.state.caller, body.model) or _screen("prompt", [body.prompt]):
+            return refused
+        now = current[0]
+        if body.model not in (now.name, now.label):
+            return _error(404, f"The model {body.model!r} does not exist; this server has {now.name!r}", param="model",
+                          code="model_not_found")
+
+        def work():
+            # gradients need a model of their own: the serving engine's is set up for paged, batched decoding
+            key = str(now.engine.model_dir)
+            if key not in explainers:
+                explainers.clear()  # after a reload, the old model's copy goes
+                explainers[key] = explain.load(key)
+            model, tokenizer = explainers[key]
+            return explain.explain(model, tokenizer, privacy.prompt(body.prompt), answer=body.answer,
+                                   max_new_tokens=body.max_tokens)
+
+        try:
+            result = await asyncio.to_thread(work)
+        except explain.ExplainError as exc:
+            return _error(400, str(exc), param="prompt",
+                          code="context_length_exceeded" if "context" in str(exc) else "nothing_to_explain")
+        shown = result.to_dict() | {"answer": privacy.answer(result.answer)}
+        return {"object": "explanation", "model": now.label, **shown}
 
     async def _refused(caller: str, model: str) -> JSONResponse | None:
         """A 403 when the policy does not let this key call `model` (recorded in the audit trail), else None."""
