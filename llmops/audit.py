@@ -56,7 +56,7 @@ class Record:
     seq: int
     at: str  # UTC, ISO 8601 with milliseconds
     who: str
-    action: str  # e.g. registry.promote, stage.train@finetune, serve.keygen, access.denied
+    action: str  # e.g. registry.promote, stage.train@finetune, serve.keygen, serve.call
     object: str  # what it acted on: model, a stage, an API key's name, a dataset
     version: str | None  # which version of it, where there is one
     outcome: str  # ok, failed, denied
@@ -89,7 +89,7 @@ class _Local:
     def read(self, seq: int) -> bytes:
         return (self.path / _name(seq)).read_bytes()
 
-    def create(self, seq: int, data: bytes) -> bool:
+    def create(self, seq: int, data: bytes, lock_days: int = 0) -> bool:  # a local file has no lock: the anchors do
         self.path.mkdir(parents=True, exist_ok=True)
         final = self.path / _name(seq)
         # written whole under a temporary name, then linked into place: link() fails if the name exists (atomic on
@@ -188,7 +188,7 @@ def append(root: str | os.PathLike, action: str, object: str, version: str | Non
 
     Args:
         root: the project (its params.yaml names the storage; its git repository holds the anchors).
-        action: what was done (`registry.promote`, `stage.train@finetune`, `access.denied`, ...).
+        action: what was done (`registry.promote`, `stage.train@finetune`, `serve.keygen`, ...).
         object: what it was done to; version: which version of it.
         outcome: ok, failed or denied.
         detail: small facts that explain the record (why, the stage's error); never personal data or secrets.
@@ -211,8 +211,7 @@ def append(root: str | os.PathLike, action: str, object: str, version: str | Non
                       version=version, outcome=outcome, detail=detail or {}, prev=head.hash if head else "").body()
         record = Record(**body, hash=digest(body))
         data = (json.dumps(asdict(record), sort_keys=True, ensure_ascii=False) + "\n").encode()
-        created = store.create(record.seq, data, lock_days) if lock_days else store.create(record.seq, data)
-        if created:
+        if store.create(record.seq, data, lock_days):
             _anchor(root, record, params.registry.git_remote, _trail(store))
             return record
         time.sleep(0.01)  # another writer took this number: read the new head and take the next

@@ -150,7 +150,7 @@ def summary(deployed: Deployed) -> str:
     return "\n".join([
         f"Deployed {registry.ARTIFACT} {deployed.version} to production{changed}, served at {deployed.url}",
         f"  asked {deployed.prompt!r}, it answered {deployed.answer!r}",
-        f"  call it with the key in {KEY_FILE} (or your own: `llmops serve keygen`):",
+        f"  call it with the key in {KEY_FILE} (or your own: `llmops serve keygen --name NAME`):",
         f"    curl {deployed.url}/chat/completions -H \"Authorization: Bearer {key}\" "
         f"-H 'Content-Type: application/json' -d '{body}'",
         f"    python -c 'from openai import OpenAI; c = OpenAI(base_url=\"{deployed.url}\", "
