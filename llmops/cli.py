@@ -68,6 +68,18 @@ def _parser() -> argparse.ArgumentParser:
     hook.add_argument("--branch", default="main", help="the branch whose pushes retrain (default: main)")
     hook.add_argument("--force", action="store_true", help="replace a post-receive hook that is not llmops's")
 
+    erase = sub.add_parser(
+        "erase", help="GDPR erasure: a data subject out of every dataset version, the remote, the cache, the logs",
+        description="Find every row that mentions SUBJECT (case-insensitive) in every dataset version DVC tracks "
+        "under data/ (any commit, the registry's included), write new versions of the current inputs without them "
+        "(rebuilt through prepare_data and validate_data, pushed, committed), remove every stored file that held "
+        "them from the DVC cache and the remote, remove the subject from the request log, the feedback database and "
+        "the monitor's outputs, and list the model versions trained on affected data. Recorded in the audit trail "
+        "by the subject's sha256, never its value. Needs the admin role (governance/policy.csv).")
+    erase.add_argument("--subject", required=True, help="the value to erase: a name, an email address, an id")
+    erase.add_argument("--retrain", action="store_true", help="start the pipeline deployment (monitor.retrain."
+                       "deployment, at PREFECT_API_URL) on the new dataset version")
+
     spaces = sub.add_parser(
         "workspaces", help="the workspaces of runs that built a commit (kept after a failure)",
         description="List the workspaces under .llmops/workspaces/ (a run that failed leaves its own), or remove them.")
@@ -119,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         return audit_cli.main(args)
     if args.command == "explain":
         return explain_cli.main(args)
+    if args.command == "erase":
+        return _erase(args)
     if args.command == "workspaces":
         return _workspaces(Path.cwd(), args.action)
     if args.command == "setup":
@@ -173,6 +187,18 @@ def _answer(args: argparse.Namespace) -> int:
         return EXIT_BAD_PARAMS
     except LlmopsError as exc:
         print(f"error: {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _erase(args: argparse.Namespace) -> int:
+    from llmops import erasure
+
+    try:
+        with locks.exclusive(Path.cwd() / locks.RUN_LOCK, "`llmops erase`"):  # never beside a run of this checkout
+            print(erasure.summary(erasure.erase(Path.cwd(), args.subject, retrain=args.retrain)))
+    except LlmopsError as exc:
+        print(f"error: erase: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,0 +1,325 @@
+"""GDPR erasure: every trace of a data subject out of the datasets, their stored versions, the logs and the feedback.
+
+`llmops erase --subject VALUE` (an admin's action, audited without the value itself):
+
+1. finds every dataset file, in every version DVC tracks under data/ (each commit of the
+   repository, the registry's included, and the workspace), that mentions the subject
+   (case-insensitive), reading each distinct file once from the DVC cache or the remote;
+2. writes new versions of the current inputs without those rows (a `dvc add`-ed file, such as
+   the monitor's corrections, or a local data.instructions/corpus file), rebuilds data/prepared
+   through prepare_data and validate_data, pushes it, and commits it;
+3. removes every file object that mentioned the subject from the DVC cache and the remote, so no
+   old version can bring it back;
+4. removes the lines of the request log, the rows of the feedback database (SQLite is vacuumed:
+   deleted rows leave no trace in free pages) and the monitor's outputs that mention it;
+5. lists the registered model versions trained on affected data (`--retrain` starts the pipeline
+   deployment on the new dataset version, as a git push would).
+
+What it cannot do is rewrite git history that others have cloned: a git-tracked file that mentions
+the subject is named, with the command that rewrites history, and the erasure fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sqlite3
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmops.errors import LlmopsError
+
+MIN_SUBJECT = 3  # characters: anything shorter would match half the data
+TEXT = (".jsonl", ".json", ".csv", ".txt", ".text", ".md")
+TRACKED = ("data", "reports")
+
+
+class ErasureError(LlmopsError):
+    """An erasure that cannot be done, or that matched nothing; the message says which. Nothing was changed."""
+
+
+@dataclass
+class Erasure:
+    subject_sha256: str
+    objects: dict[str, str] = field(default_factory=dict)  # md5 -> one path it was stored at
+    rows: int = 0  # rows removed from the current inputs
+    log_lines: int = 0
+    feedback_rows: int = 0
+    monitor_files: int = 0
+    versions: list[str] = field(default_factory=list)  # registered versions trained on affected data
+    commit: str | None = None  # the new dataset version
+    started: list[str] = field(default_factory=list)
+
+
+def _mentions(subject: str):
+    pattern = re.compile(re.escape(subject), re.IGNORECASE)
+    return lambda text: bool(pattern.search(text))
+
+
+def _git(root: Path, *args: str, check: bool = True) -> str:
+    proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    if check and proc.returncode:
+        raise ErasureError(f"git {args[0]}: {(proc.stderr or proc.stdout).strip()}")
+    return proc.stdout
+
+
+def _tracked_files(root: Path, rev: str | None) -> dict[str, str]:
+    """path -> md5 of every DVC-cached text file under data/ and reports/ at `rev` (None: the workspace): the
+    datasets, and the reports that quote their rows (evaluate's samples and baseline answers)."""
+    from dvc.api import DVCFileSystem
+
+    fs = DVCFileSystem(str(root), rev=rev)
+    found = {}
+    for top in TRACKED:
+        try:
+            found.update(fs.find(top, detail=True))
+        except FileNotFoundError:
+            continue
+    return {path: info["dvc_info"]["md5"] for path, info in found.items()
+            if (info.get("dvc_info") or {}).get("md5") and path.endswith(TEXT)}
+
+
+def scan(root: Path, subject: str) -> tuple[dict[str, str], dict[str, set[str]]]:
+    """Every stored dataset file object that mentions the subject (md5 -> a path), and each revision's md5s."""
+    from dvc.api import DVCFileSystem
+
+    mentions = _mentions(subject)
+    revs = [None, *_git(root, "rev-list", "--all").split()]
+    by_rev: dict[str | None, set[str]] = {}
+    affected: dict[str, str] = {}
+    seen: set[str] = set()
+    for rev in revs:
+        files = _tracked_files(root, rev)
+        by_rev[rev] = set(files.values())
+        fs = None
+        for path, md5 in files.items():
+            if md5 in seen:
+                continue
+            seen.add(md5)
+            fs = fs or DVCFileSystem(str(root), rev=rev)
+            try:
+                text = fs.read_bytes(path).decode("utf-8", errors="replace")
+            except Exception as exc:  # an object neither cached nor on the remote: it cannot hold anything
+                if "not in cache" in str(exc).lower() or isinstance(exc, FileNotFoundError):
+                    continue
+                raise ErasureError(f"{path} at {rev or 'the workspace'} cannot be read: {exc}") from None
+            if mentions(text):
+                affected[md5] = path
+    return affected, by_rev
+
+
+def _cleaned(path: Path, mentions, remove: bool = True) -> int:
+    """A text file's lines that mention the subject: counted, and with `remove`, written out (atomically)."""
+    from llmops.datasets import write_text
+
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    kept = [line for line in lines if not mentions(line)]
+    if remove and len(kept) != len(lines):
+        write_text(path, "".join(kept))
+    return len(lines) - len(kept)
+
+
+def _object_paths(md5: str) -> str:
+    return f"files/md5/{md5[:2]}/{md5[2:]}"
+
+
+def _remove_objects(root: Path, objects: dict[str, str], storage) -> None:
+    """The objects out of this project's DVC cache and its remote: no version can bring them back."""
+    for md5 in objects:
+        (root / ".dvc/cache" / _object_paths(md5)).unlink(missing_ok=True)
+    if storage.remote == "s3":
+        from llmops.storage import explain, s3_client
+
+        client, prefix = s3_client(storage), storage.prefix.strip("/")
+        for md5 in objects:
+            key = "/".join(p for p in (prefix, _object_paths(md5)) if p)
+            try:
+                client.delete_object(Bucket=storage.bucket, Key=key)
+            except Exception as exc:
+                raise ErasureError(str(explain(exc, f"erase: cannot delete s3://{storage.bucket}/{key}", storage))) \
+                    from None
+    else:
+        base = (root / Path(storage.url).expanduser()).resolve()
+        for md5 in objects:
+            (base / _object_paths(md5)).unlink(missing_ok=True)
+
+
+def _log_files(root: Path, params) -> list[Path]:
+    """The request log's files on this machine (the servers' own, and monitor.request_log when it is local)."""
+    from llmops.requestlog import LOG_DIR
+
+    tops = {root / LOG_DIR}
+    if params.monitor.request_log and "://" not in params.monitor.request_log:
+        tops.add(root / params.monitor.request_log)
+    return sorted(path for top in tops if top.is_dir() for path in top.rglob("*.jsonl"))
+
+
+def _monitor_outputs(root: Path, mentions, remove: bool) -> int:
+    """The monitor's reports and queue that mention the subject: lines out of JSON lines, other files removed (the
+    next monitor run writes them again)."""
+    from llmops.monitor import OUT_DIR
+
+    touched = 0
+    for path in sorted((root / OUT_DIR).rglob("*")) if (root / OUT_DIR).is_dir() else []:
+        if not path.is_file() or not mentions(path.read_bytes().decode("utf-8", errors="replace")):
+            continue
+        if remove and path.suffix == ".jsonl":
+            _cleaned(path, mentions)
+        elif remove:
+            path.unlink()
+        touched += 1
+    return touched
+
+
+def _feedback(root: Path, subject: str, remove: bool) -> int:
+    """Rows of the feedback database (requests, feedback, reviews) about requests that mention the subject: counted,
+    and with `remove`, deleted."""
+    from sqlalchemy import delete, func, or_, select
+
+    from llmops.feedback import Store, database_url, feedback, requests, reviews
+
+    store = Store(database_url(root))
+    like = f"%{subject.lower()}%"
+    with store.engine.begin() as conn:
+        ids = set(conn.execute(select(requests.c.request_id).where(or_(
+            func.lower(requests.c.prompt).like(like), func.lower(requests.c.answer).like(like)))).scalars())
+        ids |= set(conn.execute(select(feedback.c.request_id).where(or_(
+            func.lower(feedback.c.correction).like(like), func.lower(feedback.c.comment).like(like)))).scalars())
+        ids |= set(conn.execute(select(reviews.c.request_id).where(
+            func.lower(reviews.c.correction).like(like))).scalars())
+        chunks = [sorted(ids)[i:i + 500] for i in range(0, len(ids), 500)]
+        if not remove:
+            return sum(conn.execute(select(func.count()).select_from(table).where(table.c.request_id.in_(chunk)))
+                       .scalar() for table in (feedback, reviews, requests) for chunk in chunks)
+        removed = sum(conn.execute(delete(table).where(table.c.request_id.in_(chunk))).rowcount
+                      for table in (feedback, reviews, requests) for chunk in chunks)
+    store.engine.dispose()
+    if removed and store.url.startswith("sqlite:///"):  # deleted rows linger in free pages and the WAL until then
+        db = sqlite3.connect(store.url.removeprefix("sqlite:///"))
+        try:
+            db.execute("VACUUM")
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            db.close()
+    return removed
+
+
+def _inputs(root: Path, params) -> list[Path]:
+    """The current input files the pipeline reads from this checkout: dvc-added files under data/, and local
+    data.instructions, eval_instructions, corpus, corrections."""
+    found = {p.with_suffix("") for p in (root / "data").rglob("*.dvc")}
+    for value in (params.data.instructions, params.data.eval_instructions, params.data.corpus,
+                  params.data.corrections):
+        if value and "://" not in value:
+            found.add((root / value).resolve())
+    return sorted(p for p in found if p.is_file())
+
+
+def erase(root: str | os.PathLike, subject: str, retrain: bool = False) -> Erasure:
+    """Erase `subject` everywhere this project keeps data (see the module's docstring). Audited.
+
+    Raises:
+        ErasureError: a subject too short, one that nothing mentions, one that git history holds, or a step that
+            failed (the message says which, and what was already done).
+        AccessDenied: the identity may not erase.
+    """
+    from llmops import audit, registry, remote
+    from llmops.config import PARAMS_FILE, load_params, storage_for, with_changes, write_params
+    from llmops.repro import dvc
+
+    root = Path(root).resolve()
+    subject = subject.strip()
+    if len(subject) < MIN_SUBJECT:
+        raise ErasureError(f"the subject must have at least {MIN_SUBJECT} characters (it is matched as text, "
+                           "case-insensitively, everywhere)")
+    result = Erasure(subject_sha256=hashlib.sha256(subject.encode()).hexdigest())
+    with audit.recorded(root, "data.erase", "data", allow=("erase", "data"),
+                        subject_sha256=result.subject_sha256) as note:
+        params = load_params(root / PARAMS_FILE)
+        mentions = _mentions(subject)
+        in_git = sorted(set(_git(root, "grep", "-l", "-i", "-F", "-e", subject, *_git(root, "rev-list", "--all")
+                                 .split(), "--", check=False).split()))
+        if in_git:
+            paths = sorted({line.split(":", 1)[1] for line in in_git})
+            raise ErasureError(f"git history holds the subject in {', '.join(paths)}: llmops does not rewrite shared "
+                               "history; remove it with `git filter-repo --replace-text` and force-push, then erase")
+        result.objects, by_rev = scan(root, subject)
+        inputs = [p for p in _inputs(root, params) if _cleaned(p, mentions, remove=False)]
+        logs = [p for p in _log_files(root, params) if _cleaned(p, mentions, remove=False)]
+        if not (result.objects or inputs or logs or _feedback(root, subject, remove=False)
+                or _monitor_outputs(root, mentions, remove=False)):
+            raise ErasureError("nothing in the datasets (any version), the request log, the feedback or the monitor's "
+                               "outputs mentions the subject; nothing was changed")
+        pointers = [p.with_name(p.name + ".dvc") for p in inputs if p.with_name(p.name + ".dvc").is_file()]
+        for path in inputs:
+            result.rows += _cleaned(path, mentions)
+        corrections = (root / params.data.corrections).resolve() if params.data.corrections else None
+        if corrections in inputs and not corrections.read_text(encoding="utf-8").strip():
+            # every correction was the subject's: the data has none now (prepare_data refuses an empty file)
+            write_params(root / PARAMS_FILE, with_changes(params, {"data.corrections": None}))
+            corrections.unlink()
+            corrections.with_name(corrections.name + ".dvc").unlink(missing_ok=True)
+        for pointer in pointers:
+            if pointer.with_suffix("").is_file():
+                dvc(root, "add", "--quiet", str(pointer.with_suffix("").relative_to(root)), what="dvc add")
+        if result.objects:
+            dvc(root, "repro", "--quiet", "prepare_data", "validate_data", what="dvc repro")  # the new version
+        storage = storage_for(params.storage, root)
+        for path in {root / p for p in result.objects.values()}:  # reports in the workspace that still quote it
+            if path.is_file() and path.is_relative_to(root / "reports") and _cleaned(path, mentions, remove=False):
+                _cleaned(path, mentions) if path.suffix == ".jsonl" else path.unlink()  # the next run writes it again
+        _remove_objects(root, result.objects, storage)
+        result.log_lines = sum(_cleaned(path, mentions) for path in logs)
+        result.feedback_rows = _feedback(root, subject, remove=True)
+        result.monitor_files = _monitor_outputs(root, mentions, remove=True)
+        if result.objects or result.rows:
+            remote.push(root, storage)  # the new version to the remote, as a run's push does
+            changed = ["dvc.lock", PARAMS_FILE, *(str(p.relative_to(root)) for p in pointers)]
+            changed += [str(p.relative_to(root)) for p in inputs if p.with_name(p.name + ".dvc") not in pointers
+                        and _git(root, "ls-files", "--", str(p.relative_to(root)), check=False).strip()]
+            _git(root, "add", "-A", "--", *changed)
+            if _git(root, "diff", "--cached", "--name-only", "--", *changed).strip():
+                _git(root, "commit", "-q", "-m", f"llmops erase: a data subject (sha256 {result.subject_sha256[:12]}) "
+                     f"out of the datasets ({len(result.objects)} stored files, {result.rows} input rows)", "--",
+                     *changed)
+                result.commit = _git(root, "rev-parse", "HEAD").strip()
+        affected = set(result.objects)
+        for version in registry.versions(root):
+            if by_rev.get(version.commit, set()) & affected:
+                result.versions.append(version.version)
+        if retrain and result.versions and result.commit:
+            result.started = _retrain(root, params, result.commit)
+        note.update(objects=len(result.objects), rows=result.rows, log_lines=result.log_lines,
+                    feedback_rows=result.feedback_rows, monitor_files=result.monitor_files,
+                    versions=result.versions, commit=result.commit)
+    return result
+
+
+def _retrain(root: Path, params, commit: str) -> list[str]:
+    from llmops import triggers
+
+    branch = _git(root, "symbolic-ref", "--quiet", "--short", "HEAD").strip()
+    parent = _git(root, "rev-parse", f"{commit}^").strip()
+    try:
+        return triggers.on_push(str(root), branch, params.monitor.retrain.deployment,
+                                [(parent, commit, f"refs/heads/{branch}")])
+    except triggers.TriggerError as exc:
+        raise ErasureError(f"the subject is erased and the new dataset version is commit {commit[:12]}, but its "
+                           f"retraining could not start: {exc}; build it with `llmops run`") from None
+
+
+def summary(result: Erasure) -> str:
+    lines = [f"erased the subject (sha256 {result.subject_sha256[:12]}...):",
+             f"  {len(result.objects)} stored dataset files removed from the DVC cache and the remote",
+             f"  {result.rows} rows removed from the current inputs"
+             + (f"; new dataset version: commit {result.commit[:12]}" if result.commit else ""),
+             f"  {result.log_lines} request log lines, {result.feedback_rows} feedback rows, "
+             f"{result.monitor_files} monitor outputs removed"]
+    if result.versions:
+        lines.append(f"  model versions trained on affected data: {', '.join(result.versions)}"
+                     + ("" if result.started else " (retrain: `llmops erase ... --retrain`, or `llmops run`)"))
+    lines += [f"  {line}" for line in result.started]
+    return "\n".join(lines)
+
