@@ -8,6 +8,7 @@ to a run that is not waiting, is refused, so nothing is promoted twice.
 from __future__ import annotations
 
 import asyncio
+import time
 from uuid import UUID
 
 import httpx
@@ -66,10 +67,18 @@ def wait_for_decision(version: str, production: str | None, scores: list[str], t
         # pause-expiry service may get there first: take the run out of the pause so it ends as the rejection it is
         # (an answer sent from here on is refused by the server: the pause is over)
         from prefect.client.orchestration import get_client
+        from prefect.settings import get_current_settings
         from prefect.states import Running
 
+        # the service may also have read the run as paused just before we moved it, and fail it after: once its next
+        # loop has passed, the run is no longer paused for it to see; make sure it is running then
+        loop_s = get_current_settings().server.services.pause_expirations.loop_seconds
         with get_client(sync_client=True) as client:
-            client.set_flow_run_state(flow_run.id, Running(message="no decision in time"), force=True)
+            for _ in range(3):
+                client.set_flow_run_state(flow_run.id, Running(message="no decision in time"), force=True)
+                time.sleep(loop_s + 1)
+                if client.read_flow_run(flow_run.id).state.is_running():
+                    break
         return Decision(approve=False, reviewer=NOBODY,
                         reason=f"no decision within {timeout_s:g} s (deploy.approval_timeout_s)")
 
