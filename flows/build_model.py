@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from flows.states import completed, quiet_failed_states
 from llmops import locks, registry, remote, workspaces
-from llmops.approval import NOBODY, Rejected, wait_for_decision
+from llmops.approval import NOBODY, Decision, Rejected, wait_for_decision
 from llmops.config import (PARAMS_FILE, DeployParams, Params, StorageParams, changes, load_params, storage_for,
                            with_changes, write_params)
 from llmops.deploy import Deployed, deploy, summary
@@ -222,8 +222,12 @@ def _approved(root: Path, version: str, timeout_s: float, scores: list[str]) -> 
         print(f"{version} already holds production: nothing to approve")
         return
     decision = wait_for_decision(version, production and production.version, scores, timeout_s)
+    timed_out = decision is None  # a rejection nobody made: no person to check against the access policy
+    if timed_out:
+        decision = Decision(approve=False, reviewer=NOBODY,
+                            reason=f"no decision within {timeout_s:g} s (deploy.approval_timeout_s)")
     registry.review(root, version, decision.approve, decision.reviewer, f"{decision.reason} (flow run {flow_run.name})",
-                    by_person=decision.reviewer != NOBODY)
+                    by_person=not timed_out)
     verdict = "approved" if decision.approve else "rejected"
     print(f"{version} {verdict} by {decision.reviewer}: {decision.reason}")
     if not decision.approve:

@@ -8,7 +8,7 @@ to a run that is not waiting, is refused, so nothing is promoted twice.
 from __future__ import annotations
 
 import asyncio
-import time
+import threading
 from uuid import UUID
 
 import httpx
@@ -19,6 +19,7 @@ from llmops import identity
 from llmops.errors import LlmopsError
 
 NOBODY = "nobody"  # the reviewer of a review that timed out (a rejection nobody made)
+GRACE_S = 60
 
 
 class Decision(RunInput):
@@ -39,13 +40,22 @@ class ApprovalError(LlmopsError):
     """An answer the paused run cannot take (not paused, already answered, unknown run); nothing changed."""
 
 
-def wait_for_decision(version: str, production: str | None, scores: list[str], timeout_s: float) -> Decision:
-    """Pause this flow run until a reviewer answers; no answer in `timeout_s` is a rejection."""
+def wait_for_decision(version: str, production: str | None, scores: list[str], timeout_s: float) -> Decision | None:
+    """Pause this flow run until a reviewer answers; None when nobody answered in `timeout_s` (a rejection).
+
+    The timeout is ours, not Prefect's: at `timeout_s` the run resumes itself with a rejection through the same
+    resume API a reviewer uses, so one answer wins and the pause never expires on the server (Prefect's expiry
+    service fails an expired pause, racing the run for its final state). Prefect's own timeout, later by
+    GRACE_S, only ends a pause whose self-resume could not be sent.
+    """
     from prefect.artifacts import create_markdown_artifact
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.responses import SetStateStatus
     from prefect.exceptions import FlowPauseTimeout
     from prefect.flow_runs import pause_flow_run
     from prefect.runtime import flow_run
     from prefect.settings import PREFECT_API_URL
+    from prefect.states import Running
 
     replaces = f"replacing {production}" if production else "the first version in production"
     description = "\n".join([
@@ -58,29 +68,36 @@ def wait_for_decision(version: str, production: str | None, scores: list[str], t
     api = f"PREFECT_API_URL={PREFECT_API_URL.value()}"  # `llmops run`'s own server is reachable on this machine only
     print(f"waiting up to {timeout_s:g} s for a reviewer: approve or reject in the Prefect UI (Resume), or "
           f"`{api} llmops approve {flow_run.name} --reason ...` (or `llmops reject`)")
-    try:
-        return pause_flow_run(wait_for_input=Decision.with_initial_data(description=description, approve=False),
-                              timeout=int(timeout_s), poll_interval=3,
-                              key="approve-" + version.replace(".", "-"))  # lowercase, digits, dashes only
-    except FlowPauseTimeout:
-        # Prefect now turns any state an expired pause moves to into Failed("... never resumed"), and its
-        # pause-expiry service may get there first: take the run out of the pause so it ends as the rejection it is
-        # (an answer sent from here on is refused by the server: the pause is over)
-        from prefect.client.orchestration import get_client
-        from prefect.settings import get_current_settings
-        from prefect.states import Running
+    run_id = flow_run.id
+    timed_out = threading.Event()
 
-        # the service may also have read the run as paused just before we moved it, and fail it after: once its next
-        # loop has passed, the run is no longer paused for it to see; make sure it is running then
-        loop_s = get_current_settings().server.services.pause_expirations.loop_seconds
+    def time_out() -> None:
+        nobody = Decision(approve=False, reviewer=NOBODY, reason=f"no decision within {timeout_s:g} s")
+        try:
+            with get_client(sync_client=True) as client:
+                if client.resume_flow_run(run_id, run_input=nobody.model_dump(mode="json")).status \
+                        == SetStateStatus.ACCEPT:  # else a reviewer's answer got there first
+                    timed_out.set()
+        except httpx.HTTPError:  # Prefect's own timeout ends the pause
+            pass
+
+    timer = threading.Timer(timeout_s, time_out)
+    timer.daemon = True
+    timer.start()
+    try:
+        decision = pause_flow_run(wait_for_input=Decision.with_initial_data(description=description, approve=False),
+                                  timeout=int(timeout_s) + GRACE_S, poll_interval=3,
+                                  key="approve-" + version.replace(".", "-"))  # lowercase, digits, dashes only
+    except FlowPauseTimeout:
+        # the self-resume never got through; the expiry service may fail the run any moment: take it out of the
+        # pause so that it ends as the rejection it is
         with get_client(sync_client=True) as client:
-            for _ in range(3):
-                client.set_flow_run_state(flow_run.id, Running(message="no decision in time"), force=True)
-                time.sleep(loop_s + 1)
-                if client.read_flow_run(flow_run.id).state.is_running():
-                    break
-        return Decision(approve=False, reviewer=NOBODY,
-                        reason=f"no decision within {timeout_s:g} s (deploy.approval_timeout_s)")
+            client.set_flow_run_state(run_id, Running(message="no decision in time"), force=True)
+        return None
+    finally:
+        timer.cancel()
+        timer.join()
+    return None if timed_out.is_set() else decision
 
 
 def answer(run: str, approve: bool, reason: str, reviewer: str | None = None) -> str:
