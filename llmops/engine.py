@@ -14,11 +14,13 @@ import math
 import os
 from pathlib import Path
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from llmops.errors import LlmopsError
+from llmops.multilora import AdapterError, MixedLora
 from llmops.modeling import load_causal_lm, load_tokenizer, verify_model_dir
 
 PAGE_SIZE = 16  # tokens per KV-cache page
@@ -47,7 +49,10 @@ class Stats:
 class Engine:
     """A model directory (safetensors only) served with continuous batching; start() before use, stop() after."""
 
-    def __init__(self, model_dir: str | os.PathLike, max_concurrency: int = 16):
+    def __init__(self, model_dir: str | os.PathLike, max_concurrency: int = 16, adapters: bool = False,
+                 tokenizer_dir: str | os.PathLike | None = None):
+        """`adapters`: serve LoRA adapters on this model (see multilora; `add_adapter`); `tokenizer_dir`: the tokenizer
+        to use, when not the model's own (a release's, which carries the chat template)."""
         import torch
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -55,7 +60,7 @@ class Engine:
         cuda = torch.cuda.is_available()
         verify_model_dir(model_dir)  # ModelError: a pickle, a missing or changed weights file
         self.model_dir = Path(model_dir)
-        self.tokenizer = load_tokenizer(str(model_dir))
+        self.tokenizer = load_tokenizer(str(tokenizer_dir or model_dir))
         # hardware-aware: a GPU when there is one, in bf16 (its tensor cores' type); float32 on CPU, where bf16 is slow
         self.model = load_causal_lm(str(model_dir), dtype=torch.bfloat16 if cuda else torch.float32)
         self.model = self.model.to("cuda" if cuda else "cpu").eval()
@@ -71,20 +76,36 @@ class Engine:
             max_batch_tokens=max(self.context, 256), max_requests_per_batch=max_concurrency,
             # CUDA graphs replay a step's kernels without launching each from Python: on an H200 a ~300M model's
             # decode step went from 64 ms to 11 ms (benchmarks/serve_throughput.py); there is nothing to replay on CPU
-            per_request_processors=True, auto_switch_to_flash=False, use_cuda_graph=cuda, use_async_batching=False,
+            # (the adapters' per-token updates index different tokens each pass: nothing a graph could replay)
+            per_request_processors=True, auto_switch_to_flash=False, use_cuda_graph=cuda and not adapters,
+            use_async_batching=False,
         )
         self.manager = self.model.init_continuous_batching(generation_config=generation,
                                                            continuous_batching_config=cache)
         self.active = 0  # requests being generated (a reload stops this engine when it reaches 0)
+        self.lora = MixedLora(self.model) if adapters else None
+        self._adapter_of: dict[str, str | None] = {}  # request id -> its adapter (None: the model itself)
+        self.using: Counter[str] = Counter()  # adapter -> its requests in flight
         self.on_step: Callable[[int], None] | None = None  # hears each forward pass's number of requests
         step = self.manager._generation_step
 
         def counted_step() -> None:
             # the manager's step is the one place a forward pass's batch is known (transformers has no hook for
-            # it; its version is pinned in requirements.lock): the server's batch-size histogram is fed from here
-            step()
+            # it; its version is pinned in requirements.lock): the adapters' token layout and the server's
+            # batch-size histogram are taken from here
+            batch = self.manager.batch_processor.inputs_and_outputs
+            if self.lora is None:
+                step()
+            else:
+                spans, start = [], 0
+                for state in batch.requests_in_batch:  # in the order their tokens are packed (cumulative_seqlens_q)
+                    spans.append((self._adapter_of.get(state.state.request_id), start, start + state.query_length))
+                    start += state.query_length
+                with self.lora.lock:
+                    self.lora.plan(spans, self.model.device)
+                    step()
             if self.on_step is not None:
-                self.on_step(self.manager.batch_processor.inputs_and_outputs.num_request_in_batch)
+                self.on_step(batch.num_request_in_batch)
 
         self.manager._generation_step = counted_step
 
@@ -113,16 +134,38 @@ class Engine:
         scheduler = processor.scheduler
         return Stats(len(scheduler.active_requests), len(scheduler.waiting_requests) + self.manager.input_queue.qsize())
 
-    async def generate(self, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[list[int]]:
-        """The new token ids as they are generated (end-of-text included when the model stops).
+    async def add_adapter(self, name: str, adapter_dir: str | os.PathLike) -> None:
+        """Serve the LoRA adapter in `adapter_dir` as `name` (between two forward passes; see multilora).
+
+        Raises:
+            AdapterError: it cannot be served on this model; nothing changed.
+        """
+        if self.lora is None:
+            raise AdapterError("this engine serves one model; start it with adapters=True to serve adapters")
+        await asyncio.to_thread(self.lora.load, name, adapter_dir)
+
+    async def remove_adapter(self, name: str, timeout: float = 600) -> None:
+        """Unload adapter `name` once its requests in flight are done (new ones must not be sent to it any more)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.using[name] and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(self.lora.unload, name)
+
+    async def generate(self, prompt_ids: list[int], sampling: Sampling,
+                       adapter: str | None = None) -> AsyncIterator[list[int]]:
+        """The new token ids as they are generated (end-of-text included when the model stops), from the model or,
+        with `adapter`, from that adapter on it.
 
         Leaving the iteration early (a client that went away) cancels the request.
 
         Raises:
-            EngineError: the engine is not running, or the request failed inside it.
+            EngineError: the engine is not running, the adapter is not loaded, or the request failed inside it.
         """
+        if adapter is not None and (self.lora is None or adapter not in self.lora.names):
+            raise EngineError(f"adapter {adapter!r} is not loaded")
         queue: asyncio.Queue = asyncio.Queue()
         rid = uuid.uuid4().hex
+        self._adapter_of[rid] = adapter  # before add_request: the next forward pass may take it
         self.manager.register_result_handler(rid, queue.put_nowait)  # before add_request: no output is missed
         eos = -1 if sampling.ignore_eos else self.tokenizer.eos_token_id  # a negative id never matches
         request = self.manager.add_request(list(prompt_ids), request_id=rid, max_new_tokens=sampling.max_tokens,
@@ -132,6 +175,7 @@ class Engine:
             raise EngineError("the generation engine is not running")
         seen, finished = 0, False
         self.active += 1
+        self.using[adapter] += 1
         try:
             while not finished:
                 out = await queue.get()
@@ -143,6 +187,8 @@ class Engine:
                     yield new
         finally:
             self.active -= 1
+            self.using[adapter] -= 1
+            self._adapter_of.pop(rid, None)
             if not finished:
                 self.manager.cancel_request(rid)
                 self._forget(rid)  # a cancelled request gets no final output, so its handler would stay
@@ -153,6 +199,7 @@ class Engine:
         return {"temperature": float(s.temperature), "top_k": self.vocab, "top_p": float(s.top_p)}
 
     def _forget(self, rid: str) -> None:
+        self._adapter_of.pop(rid, None)
         router = getattr(self.manager, "output_router", None)
         if router is not None:
             router.result_handlers.pop(rid, None)
