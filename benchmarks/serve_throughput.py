@@ -109,7 +109,9 @@ class Server:
         # `llmops serve`, through its entry point (the console script may not be installed where this runs)
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "import sys; from llmops.cli import main; sys.exit(main())", "serve", "--model",
-             str(model_dir), "--port", str(port), "--max-concurrency", str(concurrency)], cwd=model_dir.parent,
+             str(model_dir), "--port", str(port), "--max-concurrency", str(concurrency),
+             "--cache-entries", "0"],  # the prompts repeat across the runs: every request must generate
+            cwd=model_dir.parent,
             env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:

@@ -372,6 +372,15 @@ class DeployParams(Section):
         False, description="pause before production until a person approves (the Prefect UI's Resume form, or "
                            "`llmops approve RUN`); a rejection or no answer in approval_timeout_s ends the run")
     approval_timeout_s: float = Field(86_400, gt=0, description="how long a paused run waits for a decision")
+    adapters: bool = Field(
+        False, description="the production server holds the base once and also serves the LoRA adapter of every "
+        "registered version built on it (asked for as model@vN), loading new ones as they are registered")
+    max_adapters: int = Field(8, ge=1, description="adapters served at once: the stage holders, then the newest")
+    watch_s: float = Field(30, ge=0, description="how often a server of adapters looks for registry changes; "
+                                                 "0: only on `llmops serve reload`")
+    cache_entries: int = Field(1024, ge=0, description="greedy answers the server's response cache keeps (the same "
+                               "model, prompt, max_tokens and stop strings are answered from it); 0: no cache")
+    cache_ttl_s: float = Field(600, gt=0, description="how long a cached answer is served")
 
 
 class OrchestrationParams(Section):

@@ -104,7 +104,7 @@ def _deploy(root: Path, version: str, params: DeployParams, source: str) -> Depl
     try:
         if live is None:
             live = servers.start(root, "production", params.host, params.port, params.max_concurrency,
-                                 params.timeout_s, [f"{hash_key(key)}:{DEPLOY_KEY_NAME}"])
+                                 params.timeout_s, [f"{hash_key(key)}:{DEPLOY_KEY_NAME}"], params.adapters)
         elif live.version != version:
             live = servers.reload(root, live, params.timeout_s)
         answer = smoke(live.url, key, params)

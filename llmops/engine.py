@@ -60,7 +60,8 @@ class Engine:
         cuda = torch.cuda.is_available()
         verify_model_dir(model_dir)  # ModelError: a pickle, a missing or changed weights file
         self.model_dir = Path(model_dir)
-        self.tokenizer = load_tokenizer(str(tokenizer_dir or model_dir))
+        self.tokenizer_dir = Path(tokenizer_dir or model_dir)
+        self.tokenizer = load_tokenizer(str(self.tokenizer_dir))
         # hardware-aware: a GPU when there is one, in bf16 (its tensor cores' type); float32 on CPU, where bf16 is slow
         self.model = load_causal_lm(str(model_dir), dtype=torch.bfloat16 if cuda else torch.float32)
         self.model = self.model.to("cuda" if cuda else "cpu").eval()
@@ -79,6 +80,10 @@ class Engine:
             # (the adapters' per-token updates index different tokens each pass: nothing a graph could replay)
             per_request_processors=True, auto_switch_to_flash=False, use_cuda_graph=cuda and not adapters,
             use_async_batching=False,
+            # a prompt's cached KV pages are shared with later requests starting with the same tokens (prefix
+            # caching), keyed by the tokens alone: with adapters, a page holds one adapter's keys and values, and
+            # another adapter's request must not read it (a test saw the wrong answers)
+            allow_block_sharing=not adapters,
         )
         self.manager = self.model.init_continuous_batching(generation_config=generation,
                                                            continuous_batching_config=cache)

@@ -142,14 +142,17 @@ def explain(model, tokenizer, prompt: str, answer: str | None = None, max_new_to
     )
 
 
-def load(model_dir: str | Path):
-    """A model directory's model (float32, CPU unless a GPU is there) and tokenizer, for `explain`."""
+def load(model_dir: str | Path, adapter: str | Path | None = None, tokenizer_dir: str | Path | None = None):
+    """A model directory's model (float32, CPU unless a GPU is there), with a LoRA `adapter` merged into it if one is
+    given, and its tokenizer (or `tokenizer_dir`'s), for `explain`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmops.modeling import verify_model_dir
+    from llmops.modeling import load_adapter, verify_model_dir
 
     verify_model_dir(model_dir)  # safetensors only, and unchanged since their manifest
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+    if adapter is not None:
+        model = load_adapter(model, adapter).merge_and_unload()
     return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer

@@ -38,10 +38,15 @@ class MixedLora:
         self.lock = threading.Lock()
         self._plan: dict[str, Any] = {}  # adapter name -> index tensor of its tokens in this forward pass
         self._hooked: set[int] = set()
+        self.dirs: dict[str, Path] = {}  # adapter name -> the directory it was loaded from
 
     @property
     def names(self) -> list[str]:
-        return sorted(self.peft.peft_config) if self.peft is not None else []
+        return sorted(self.dirs)
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.replace(".", "_")  # peft's name for it: a torch module name cannot hold dots (v2.0.0)
 
     def load(self, name: str, adapter_dir: str | os.PathLike) -> None:
         """Load the LoRA adapter in `adapter_dir` as `name` (replacing one of that name).
@@ -65,24 +70,51 @@ class MixedLora:
         if getattr(config, "use_dora", False) or config.modules_to_save or config.bias != "none":
             raise AdapterError(f"adapter {name!r}: DoRA, modules_to_save and LoRA biases change the base itself; "
                                "only plain LoRA adapters share a base")
+        self._check_fits(name, adapter_dir)  # before peft changes the model: a failed injection cannot be undone
+        key = self._key(name)
         with self.lock:
             if name in self.names:
                 self._delete(name)
             try:
                 if self.peft is None:
-                    self.peft = PeftModel.from_pretrained(self.model, str(adapter_dir), adapter_name=name)
+                    self.peft = PeftModel.from_pretrained(self.model, str(adapter_dir), adapter_name=key)
                 else:
-                    self.peft.load_adapter(str(adapter_dir), adapter_name=name)
-            except (OSError, ValueError, RuntimeError) as exc:  # a size mismatch: the adapter was trained on another base
-                if self.peft is not None and name in self.peft.peft_config:
-                    self._delete(name)
+                    self.peft.load_adapter(str(adapter_dir), adapter_name=key)
+            except (OSError, ValueError, RuntimeError) as exc:
+                if self.peft is not None and key in self.peft.peft_config:
+                    self.peft.delete_adapter(key)
+                    self.peft.base_model.disable_adapter_layers()
                 raise AdapterError(f"adapter {name!r} does not fit this base: {str(exc).splitlines()[0][:300]}") \
                     from None
             self.peft.base_model.disable_adapter_layers()  # peft's own path off: the hook adds the updates
+            self.dirs[name] = adapter_dir
             for module in self.model.modules():
                 if isinstance(module, LoraLayer) and id(module) not in self._hooked:
                     module.register_forward_hook(self._add_updates)
                     self._hooked.add(id(module))
+
+    def _check_fits(self, name: str, adapter_dir: Path) -> None:
+        """Every LoRA matrix of the adapter sits on a linear layer of this base with the shapes it expects."""
+        import torch
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as weights:
+                shapes = {k: weights.get_slice(k).get_shape() for k in weights.keys()}
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise AdapterError(f"adapter {name!r}: adapter_model.safetensors cannot be read: {exc}") from None
+        for key, shape in shapes.items():
+            path, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
+            try:
+                layer = self.model.get_submodule(path)
+            except AttributeError:
+                raise AdapterError(f"adapter {name!r} does not fit this base: it has no layer {path}") from None
+            layer = getattr(layer, "base_layer", layer)  # already wrapped by an adapter loaded before
+            # lora_A is (rank, in), lora_B (out, rank)
+            want = (shape[0], layer.in_features) if kind.startswith("A") else (layer.out_features, shape[1])
+            if not isinstance(layer, torch.nn.Linear) or tuple(shape) != want:
+                raise AdapterError(f"adapter {name!r} does not fit this base: {key} is {tuple(shape)}, the base's "
+                                   f"{path} takes {want} (an adapter trained on another base)")
 
     def unload(self, name: str) -> None:
         with self.lock:
@@ -90,7 +122,8 @@ class MixedLora:
                 self._delete(name)
 
     def _delete(self, name: str) -> None:
-        self.peft.delete_adapter(name)
+        self.peft.delete_adapter(self._key(name))
+        self.dirs.pop(name, None)
         self.peft.base_model.disable_adapter_layers()
 
     def plan(self, spans: list[tuple[str | None, int, int]], device: Any) -> None:
@@ -100,7 +133,7 @@ class MixedLora:
         groups: dict[str, list[int]] = {}
         for name, start, end in spans:
             if name is not None:
-                groups.setdefault(name, []).extend(range(start, end))
+                groups.setdefault(self._key(name), []).extend(range(start, end))
         self._plan = {name: torch.tensor(ix, device=device) for name, ix in groups.items()}
 
     def _add_updates(self, module: Any, args: tuple, output: Any) -> Any:

@@ -34,6 +34,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         f"${{{apikeys.KEYS_ENV}}})")
     parser.add_argument("--name", help="keygen, revoke: the key's name (its identity in the access policy: key:NAME)")
     parser.add_argument("--max-concurrency", type=int, default=16, help="requests generated together")
+    parser.add_argument("--cache-entries", type=int, help="greedy answers the response cache keeps; 0: no cache "
+                        "(default: the project's deploy.cache_entries, else 1024)")
+    parser.add_argument("--adapters", action="store_true",
+                        help="hold the followed version's base once and serve, as LoRA adapters on it, every registered "
+                        "version built on it (asked for as model@vN; deploy.max_adapters of them), loading new ones "
+                        "as they are registered (deploy.watch_s)")
     parser.add_argument("--privacy", choices=["mask", "refuse", "log"],
                         help="personal data in prompts and answers (default: the project's deploy.privacy, else mask)")
 
@@ -69,6 +75,8 @@ def main(args: argparse.Namespace) -> int:
 
 def describe(server: servers.Server) -> str:
     what = f"{registry.ARTIFACT} {server.version}" if server.version else server.model
+    if server.adapters:
+        what += f" (adapters on one base: {', '.join(server.adapters)})"
     follows = f", follows {server.ref}" if server.ref != server.version else ""
     error = f"; last reload failed: {server.reload_error}" if server.reload_error else ""
     return f"{server.url}  {what}{follows}  (pid {server.pid}, up since {server.started[:19]}){error}"
@@ -103,7 +111,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     from llmops.engine import Engine
     from llmops.feedback import Store, database_url
+    from llmops.config import DeployParams
     from llmops.requestlog import LOG_DIR
+    from llmops.response_cache import ResponseCache
     from llmops.server import Callers, Served, create_app
 
     root = Path.cwd()
@@ -120,9 +130,15 @@ def _serve(args: argparse.Namespace) -> int:
     if not args.model and ref not in registry.STAGES:
         ref = registry.normalize(ref)
 
-    def load() -> Served:
+    if args.adapters and (args.model or not in_project):
+        raise LlmopsError("--adapters serves registered versions: run it in the project, without --model")
+    deploy = _deploy_params(root) if in_project else DeployParams()
+
+    def load(now: Served | None = None) -> Served:
         if args.model:
             return Served(Engine(args.model, max_concurrency=args.max_concurrency), Path(args.model).resolve().name)
+        if args.adapters:
+            return _adapters(root, ref, now, args.max_concurrency, deploy.max_adapters)
         version = _resolve(root, ref)
         return Served(Engine(servers.model_dir(root, version), max_concurrency=args.max_concurrency),
                       registry.ARTIFACT, version)
@@ -138,17 +154,64 @@ def _serve(args: argparse.Namespace) -> int:
             state["loaded"] = servers.now()
         servers.record(root, servers.Server(pid=os.getpid(), url=url, port=port, ref=ref, model=served.name,
                                             version=served.version, started=started, loaded=state["loaded"],
-                                            reload_error=error, reloads=state["reloads"]))
+                                            reload_error=error, reloads=state["reloads"],
+                                            adapters=list(served.adapters)))
 
     store = Store(database_url(root))  # an unusable feedback database stops here, before the model loads
     served = load()  # a bad model or an unknown version stops here, with its reason
-    app = create_app(served, callers, root / LOG_DIR, store, reload=load, on_change=on_change, privacy=privacy)
+    watch = None
+    if args.adapters and deploy.watch_s > 0:  # new versions, and stage moves, are served without a reload
+        watch = (deploy.watch_s, lambda: [(v.version, tuple(v.stages)) for v in registry.versions(root)])
+    app = create_app(served, callers, root / LOG_DIR, store, reload=load, on_change=on_change, privacy=privacy,
+                     watch=watch, cache=ResponseCache(deploy.cache_entries if args.cache_entries is None
+                                                      else args.cache_entries, deploy.cache_ttl_s))
     print(f"serving {served.label} at {url} (OpenAI-compatible; Authorization: Bearer <key>)", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=port, log_level="warning", timeout_graceful_shutdown=30)
     finally:
         servers.forget(root, port, os.getpid())
     return 0
+
+
+def _adapters(root: Path, ref: str, now, max_concurrency: int, max_adapters: int):
+    """What a server of adapters serves: the catalog's versions on its base, on `now`'s engine if the base is the
+    same (loading the new adapters into it), else on a new engine."""
+    from llmops import adapter_catalog
+    from llmops.engine import Engine
+    from llmops.multilora import AdapterError
+    from llmops.server import Served
+
+    try:
+        catalog = adapter_catalog.plan(root, ref, max_adapters)
+        follows = catalog.follows
+        if now is not None and now.engine.lora is not None and now.base_id == catalog.base_id:
+            engine = now.engine
+        else:
+            engine = Engine(adapter_catalog.base_dir(root, catalog), max_concurrency=max_concurrency, adapters=True,
+                            tokenizer_dir=adapter_catalog.adapter_dir(root, follows))  # with the chat template
+        refused = dict(catalog.refused)
+        served = []
+        for version in catalog.served:
+            try:
+                if version not in engine.lora.names:
+                    engine.lora.load(version, adapter_catalog.adapter_dir(root, registry.get(root, version)))
+                served.append(version)
+            except (AdapterError, adapter_catalog.CatalogError) as exc:
+                if version == follows.version:
+                    raise
+                refused[version] = str(exc)  # the others are served all the same
+    except adapter_catalog.CatalogError as exc:
+        raise LlmopsError(str(exc)) from None
+    return Served(engine, registry.ARTIFACT, follows.version, tuple(served), refused, catalog.base_id)
+
+
+def _deploy_params(root: Path):
+    from llmops.config import ConfigError, load_params
+
+    try:
+        return load_params(root / PARAMS_FILE).deploy
+    except ConfigError as exc:
+        raise LlmopsError(str(exc)) from None
 
 
 def _privacy(root: Path | None, mode: str | None):

@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -36,10 +36,12 @@ from llmops.engine import Engine, EngineError, Sampling
 from llmops.feedback import MAX_RATING, MIN_RATING, FeedbackError, Store, UnknownRequest
 from llmops.privacy import AnswerStream, Privacy
 from llmops.requestlog import Writer
+from llmops.response_cache import Answer, ResponseCache
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits a context
 OPEN_PATHS = ("/health",)
 GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")
+CACHE_HEADER = "X-LLMOps-Cache"  # hit: answered from the response cache; miss: generated and kept; bypass: sampled
 logger = logging.getLogger("llmops.server")
 
 
@@ -105,6 +107,8 @@ class _Metrics:
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.pii = Counter("llmops_pii", "requests whose prompt or answer held personal data, by kind",
                            ["where", "kind"], registry=self.registry)
+        self.cache = Counter("llmops_response_cache", "generation requests by response cache result: hit, miss "
+                             "(generated, then kept), bypass (sampled: never cached)", ["result"], registry=self.registry)
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -112,18 +116,58 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
+class UnknownModel(LookupError):
+    """A request names a model this server does not serve; the message says what it serves, or why not that one."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """The model a request goes to: its label in responses, its registry version, its adapter on the engine."""
+
+    label: str
+    version: str | None
+    adapter: str | None
+
+
 @dataclass(frozen=True)
 class Served:
-    """What the server answers with now: an engine, the name clients ask for, and the registry version behind it."""
+    """What the server answers with now: an engine, the name clients ask for, and the registry version behind it.
+
+    With adapters (llmops/multilora.py), the engine holds a base and each version in `adapters` is a LoRA adapter
+    on it, asked for as `name@version`; `name` alone is the followed version (production, by default).
+    """
 
     engine: Engine
     name: str  # stable across reloads (the registry artifact, or the directory's name)
     version: str | None = None
+    adapters: tuple[str, ...] = ()  # the versions served as adapters, newest first
+    refused: dict[str, str] = field(default_factory=dict)  # versions not served here -> why
+    base_id: str | None = None  # which base the engine holds, for a server of adapters (adapter_catalog)
 
     @property
     def label(self) -> str:
         """The exact model, as responses name it (like OpenAI's dated snapshot behind an alias)."""
         return f"{self.name}@{self.version}" if self.version else self.name
+
+    @property
+    def models(self) -> list[tuple[str, str | None]]:
+        """The names a request may give, each with the version behind it."""
+        return [(self.name, self.version)] + [(f"{self.name}@{v}", v) for v in self.adapters]
+
+    def pick(self, model: str) -> Target:
+        """Raises UnknownModel for a model not served here."""
+        if not self.adapters:
+            if model in (self.name, self.label):
+                return Target(self.label, self.version, None)
+            raise UnknownModel(f"The model {model!r} does not exist; this server has {self.name!r} ({self.label!r})")
+        name, _, version = model.partition("@")
+        version = version or self.version
+        if name == self.name and version in self.adapters:
+            return Target(f"{self.name}@{version}", version, version)
+        if name == self.name and version in self.refused:
+            raise UnknownModel(f"The model {model!r} is not served here: {self.refused[version]}")
+        served = ", ".join(repr(m) for m, _ in self.models)
+        raise UnknownModel(f"The model {model!r} does not exist; this server has {served}")
 
 
 class Callers:
@@ -173,18 +217,23 @@ class Callers:
 
 
 def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, store: Store,
-               reload: Callable[[], Served] | None = None,
+               reload: Callable[[Served], Served] | None = None,
                on_change: Callable[[Served, str | None], None] | None = None,
-               privacy: Privacy = Privacy()) -> FastAPI:
+               privacy: Privacy = Privacy(), watch: tuple[float, Callable[[], object]] | None = None,
+               cache: ResponseCache | None = None) -> FastAPI:
     """The app answering with `served`; requests are logged as JSON lines under `log_dir` (see requestlog) and
     recorded in `store`, which keeps the feedback on them.
 
-    With `reload`, SIGHUP loads what it returns and swaps to it: new requests go to the new
-    model at once, requests in flight finish on the old one, which then stops. A reload that
-    fails keeps the old model serving. `on_change(served, error)` hears of the start and of
-    each reload (the error of one that failed).
+    With `reload`, SIGHUP loads what it returns (given what serves now) and swaps to it: new
+    requests go to the new model at once, requests in flight finish on the old one, which then
+    stops; where it returns the same engine, only the adapters changed (one no longer served is
+    unloaded once its requests are done). A reload that fails keeps the old model serving.
+    `on_change(served, error)` hears of the start and of each reload (the error of one that
+    failed). With `watch = (seconds, look)`, the server reloads by itself whenever `look()`
+    returns something new (the registry's versions and stages, for a server of adapters).
     """
     metrics = _Metrics()
+    cache = cache or ResponseCache(0, 1)
     log = _RequestLog(Writer(log_dir), store, privacy)
     current = [served]  # the one mutable cell: handlers read current[0] once, when a request arrives
     retiring: set[Engine] = set()
@@ -196,22 +245,42 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
         async with reloading:  # signals that come while a reload runs wait for it
             try:
                 await asyncio.to_thread(callers.refresh)  # revoked keys and a changed policy take effect now
-                new = await asyncio.to_thread(reload)
+                new = await asyncio.to_thread(reload, current[0])
                 if closing:  # the server is shutting down: a started engine's thread would keep the process alive
                     return
-                new.engine.on_step = metrics.batch.observe
-                new.engine.start()
+                if new.engine is not current[0].engine:
+                    new.engine.on_step = metrics.batch.observe
+                    new.engine.start()
             except Exception as exc:  # whatever failed, the model that serves now keeps serving
                 logger.error("reload failed, still serving %s: %s", current[0].label, exc)
                 notify(current[0], f"{type(exc).__name__}: {exc}")
                 return
             old, current[0] = current[0], new
-            logger.warning("reloaded: %s -> %s", old.label, new.label)
+            if new != old:
+                logger.warning("reloaded: %s -> %s (adapters: %s)", old.label, new.label, ", ".join(new.adapters))
             notify(new, None)
+            if new.engine is old.engine:  # the same base: adapters no longer served go once their requests are done
+                for gone in set(old.adapters) - set(new.adapters):
+                    await new.engine.remove_adapter(gone)
+                return
             retiring.add(old.engine)
         await old.engine.drain()
         await asyncio.to_thread(old.engine.stop)
         retiring.discard(old.engine)
+
+    async def _watch() -> None:
+        seconds, look = watch
+        seen = None
+        while True:
+            try:
+                now = await asyncio.to_thread(look)
+            except Exception as exc:  # e.g. the registry remote is unreachable for a moment: look again later
+                logger.error("could not look for registry changes: %s", exc)
+            else:
+                if seen is not None and now != seen:
+                    await swap()
+                seen = now
+            await asyncio.sleep(seconds)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -220,10 +289,13 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
         if reload is not None:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(swap()))
         notify(current[0], None)
+        watcher = asyncio.ensure_future(_watch()) if watch is not None and reload is not None else None
         try:
             yield
         finally:
             closing.append(True)
+            if watcher is not None:
+                watcher.cancel()
             for engine in (current[0].engine, *retiring):
                 engine.stop()  # after uvicorn finished the requests in flight
 
@@ -282,9 +354,8 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
 
     @app.get("/v1/models")
     async def models():
-        now = current[0]
-        return {"object": "list", "data": [{"id": now.name, "object": "model", "created": 0, "owned_by": "llmops",
-                                            "version": now.version}]}
+        return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "llmops",
+                                            "version": version} for model, version in current[0].models]}
 
     @app.post("/v1/feedback")
     async def rate(body: FeedbackRequest):
@@ -331,7 +402,7 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
                           "(deploy.privacy: refuse)", param=what, code="pii_in_prompt")
         return None
 
-    explainers: dict[str, tuple] = {}  # the served model's directory -> a copy of it for explanations (see below)
+    explainers: dict[tuple, tuple] = {}  # the served model's directory -> a copy of it for explanations (see below)
 
     @app.post("/v1/explain")
     async def explain_route(body: ExplainRequest, request: Request):
@@ -341,16 +412,18 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
         if refused := await _refused(request.state.caller, body.model) or _screen("prompt", [body.prompt]):
             return refused
         now = current[0]
-        if body.model not in (now.name, now.label):
-            return _error(404, f"The model {body.model!r} does not exist; this server has {now.name!r}", param="model",
-                          code="model_not_found")
+        try:
+            target = now.pick(body.model)
+        except UnknownModel as exc:
+            return _error(404, str(exc), param="model", code="model_not_found")
 
         def work():
             # gradients need a model of their own: the serving engine's is set up for paged, batched decoding
-            key = str(now.engine.model_dir)
+            key = (str(now.engine.model_dir), target.adapter)
             if key not in explainers:
                 explainers.clear()  # after a reload, the old model's copy goes
-                explainers[key] = explain.load(key)
+                adapter = now.engine.lora.dirs[target.adapter] if target.adapter else None
+                explainers[key] = explain.load(key[0], adapter=adapter, tokenizer_dir=now.engine.tokenizer_dir)
             model, tokenizer = explainers[key]
             return explain.explain(model, tokenizer, privacy.prompt(body.prompt), answer=body.answer,
                                    max_new_tokens=body.max_tokens)
@@ -361,7 +434,7 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
             return _error(400, str(exc), param="prompt",
                           code="context_length_exceeded" if "context" in str(exc) else "nothing_to_explain")
         shown = result.to_dict() | {"answer": privacy.answer(result.answer)}
-        return {"object": "explanation", "model": now.label, **shown}
+        return {"object": "explanation", "model": target.label, **shown}
 
     async def _refused(caller: str, model: str) -> JSONResponse | None:
         """A 403 when the policy does not let this key call `model` (recorded in the audit trail), else None."""
@@ -373,9 +446,10 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
 
     async def _respond(now: Served, body: _Request, ids: list[int], prompt: str, kind: str, what: str):
         engine = now.engine
-        if body.model not in (now.name, now.label):
-            return _error(404, f"The model {body.model!r} does not exist; this server has {now.name!r} "
-                          f"({now.label!r})", param="model", code="model_not_found")
+        try:
+            target = now.pick(body.model)
+        except UnknownModel as exc:
+            return _error(404, str(exc), param="model", code="model_not_found")
         max_tokens = body.max_tokens or max(1, min(256, engine.context - len(ids)))
         if len(ids) + max_tokens > engine.context:
             return _error(400, f"This model's maximum context length is {engine.context} tokens; the {what} has "
@@ -385,10 +459,17 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
         sampling = Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                             ignore_eos=body.ignore_eos)
         rid = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}"
-        run = _Generation(engine, ids, sampling, stops, metrics)
+        key = cache.key(target.label, ids, sampling, stops)
+        hit = cache.get(key)
+        cached = "bypass" if key is None else "hit" if hit is not None else "miss"
+        metrics.cache.labels(cached).inc()
+        headers = {CACHE_HEADER: cached}
+        run = _Generation(engine, ids, sampling, stops, metrics, target.adapter, replay=hit,
+                          keep=(lambda answer: cache.put(key, answer)) if cached == "miss" else None)
         if body.stream:
-            return StreamingResponse(_sse(run, rid, kind, now.label, log, prompt, now.version, body.user,
-                                          privacy.stream(), metrics), media_type="text/event-stream")
+            return StreamingResponse(_sse(run, rid, kind, target.label, log, prompt, target.version, body.user,
+                                          privacy.stream(), metrics), media_type="text/event-stream",
+                                     headers=headers)
         try:
             raw = "".join([piece async for piece in run])
         except EngineError as exc:
@@ -396,34 +477,46 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
         for found in privacy.found(raw):
             metrics.pii.labels("answer", found).inc()
         text = privacy.answer(raw)
-        await log.answered(rid, kind, now.version, run, prompt, raw, body.user)
+        await log.answered(rid, kind, target.version, run, prompt, raw, body.user)
         usage = {"prompt_tokens": len(ids), "completion_tokens": run.completion_tokens,
                  "total_tokens": len(ids) + run.completion_tokens}
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": run.finish_reason}
                   if kind.startswith("chat") else
                   {"index": 0, "text": text, "finish_reason": run.finish_reason, "logprobs": None})
-        return {"id": rid, "object": kind, "created": int(time.time()), "model": now.label, "choices": [choice],
-                "usage": usage}
+        return JSONResponse({"id": rid, "object": kind, "created": int(time.time()), "model": target.label,
+                             "choices": [choice], "usage": usage}, headers=headers)
 
     return app
 
 
 class _Generation:
-    """One request's text as it is generated: decoded incrementally, cut at a stop string, with its timings."""
+    """One request's text as it is generated: decoded incrementally, cut at a stop string, with its timings.
 
-    def __init__(self, engine: Engine, ids: list[int], sampling: Sampling, stops: list[str], metrics: _Metrics):
+    With `replay`, the text is a cached answer's (no forward pass); with `keep`, a complete answer is handed to it
+    (for the response cache)."""
+
+    def __init__(self, engine: Engine, ids: list[int], sampling: Sampling, stops: list[str], metrics: _Metrics,
+                 adapter: str | None = None, replay: Answer | None = None,
+                 keep: Callable[[Answer], None] | None = None):
         self.engine, self.ids, self.sampling, self.stops, self.metrics = engine, ids, sampling, stops, metrics
+        self.adapter, self.replay, self.keep = adapter, replay, keep
         self.completion_tokens = 0
         self.finish_reason = "length"
         self.started = time.perf_counter()
         self.latency_s = 0.0
 
     async def __aiter__(self) -> AsyncIterator[str]:
+        if self.replay is not None:
+            self.finish_reason, self.completion_tokens = self.replay.finish_reason, self.replay.completion_tokens
+            self.latency_s = time.perf_counter() - self.started
+            if self.replay.text:
+                yield self.replay.text
+            return
         tok = self.engine.tokenizer
         tokens: list[int] = []
         sent = ""
         try:
-            async for new in self.engine.generate(self.ids, self.sampling):
+            async for new in self.engine.generate(self.ids, self.sampling, self.adapter):
                 if not tokens:
                     self.metrics.ttft.observe(time.perf_counter() - self.started)
                 tokens += new
@@ -439,7 +532,9 @@ class _Generation:
                     yield text[len(sent):]
                     sent = text
                 if cut >= 0:
-                    return  # leaving the engine's iterator cancels the request
+                    break  # leaving the engine's iterator cancels the request
+            if self.keep is not None:  # a whole answer (an error or a client that left never gets here)
+                self.keep(Answer(sent, self.finish_reason, self.completion_tokens))
         finally:
             self.latency_s = time.perf_counter() - self.started
 

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -48,6 +48,7 @@ class Server:
     loaded: str  # when the model it serves now was loaded
     reload_error: str | None = None  # why the last reload failed (it kept serving the model before)
     reloads: int = 0  # reloads done or failed since it started
+    adapters: list[str] = field(default_factory=list)  # the versions served as adapters on one base (--adapters)
 
 
 def now() -> str:
@@ -139,7 +140,7 @@ def model_dir(root: str | os.PathLike, version: str) -> Path:
 
 
 def start(root: Path, ref: str, host: str, port: int, max_concurrency: int, timeout_s: float,
-          key_hashes: list[str] = ()) -> Server:
+          key_hashes: list[str] = (), adapters: bool = False) -> Server:
     """Start `llmops serve` on `ref` as a process of its own session (it outlives the caller and its Ctrl-C); wait
     until it answers. Its output goes to .llmops/serve/server.log.
 
@@ -157,7 +158,7 @@ def start(root: Path, ref: str, host: str, port: int, max_concurrency: int, time
         log.flush()
         proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "llmops"), "serve", "--version", ref, "--host", host, "--port", str(port),
-             "--max-concurrency", str(max_concurrency)],
+             "--max-concurrency", str(max_concurrency), *(["--adapters"] if adapters else [])],
             cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -4,6 +4,7 @@ The release candidate (gate.release_candidate) is the quantized model of that me
 for `none`, the fine-tuned model with its LoRA adapter merged into the base. Either way the
 directory is self-contained: config, safetensors weights, and a tokenizer whose chat template
 is the instruction template the model was trained on (so a chat request is the prompt it knows).
+A LoRA fine-tune's release also holds the adapter itself, in adapter/, for multi-adapter serving.
 Beside them, release.json says what it is and where it came from: the variant, the hashes of
 its sources, and the gate's verdict with the scores behind it; the registry records it as the
 version's lineage.
@@ -27,6 +28,7 @@ from llmops.stage import StageFailed, run_cli
 from tasks import gate
 
 OUT = Path("models/release")
+ADAPTER_DIR = "adapter"  # models/release/adapter/: the LoRA adapter, for serving many versions on one base
 VERDICT = gate.OUT_DIR / "verdict.json"
 
 
@@ -36,6 +38,7 @@ class Release(BaseModel):
     gate: dict  # the verdict: passed, release_candidate, checks
     scores: dict[str, dict]  # headline figures of evaluate, audit_bias and quantize
     licences: list[dict[str, str]]  # each input (data, base model) and its licence: see llmops/licences.py
+    adapter: str | None = None  # the LoRA adapter's directory in the release (multi-adapter serving), if any
 
 
 def _scores(reports: dict[str, dict], candidate: str) -> dict[str, dict]:
@@ -78,7 +81,8 @@ def run_release(params: Params, root: str | Path = ".") -> Release:
     try:
         sources = _build(params, root, candidate, tmp)
         release = Release(variant="merged" if candidate == "none" else f"quantized/{candidate}", sources=sources,
-                          gate=verdict, scores=_scores(reports, candidate), licences=licences.of_inputs(params, root))
+                          gate=verdict, scores=_scores(reports, candidate), licences=licences.of_inputs(params, root),
+                          adapter=ADAPTER_DIR if (tmp / ADAPTER_DIR).is_dir() else None)
         write_text(tmp / "release.json", json.dumps(release.model_dump(), indent=2) + "\n")
         model_card.write(tmp, params, root, release.model_dump())
         weights = {f.name: f for f in tmp.glob("*.safetensors")}
@@ -113,7 +117,21 @@ def _build(params: Params, root: Path, candidate: str, tmp: Path) -> dict[str, d
                    "adapter": provenance.model_hashes(inference.ADAPTER, root)}
     tok.chat_template = chat_template()
     tok.save_pretrained(tmp)
+    _adapter(root, tok, tmp / ADAPTER_DIR)
     return sources
+
+
+def _adapter(root: Path, tok, out: Path) -> None:
+    """The LoRA adapter itself, beside the model made from it: a server holding the base once serves every
+    version's adapter on it (llmops/multilora.py). Its files are the fine-tune's, so DVC stores them once."""
+    from peft import PeftConfig
+
+    if PeftConfig.from_pretrained(str(root / inference.ADAPTER)).peft_type != "LORA":
+        return  # a prompt-tuning version is served on its own (its release is its quantized model)
+    out.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "manifest.json"):
+        shutil.copy2(root / inference.ADAPTER / name, out / name)
+    tok.save_pretrained(out)  # with the chat template: the adapter answers chat requests as the release does
 
 
 def _cli_body(params: Params) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -56,7 +58,7 @@ def toys(tmp_path_factory):
     return base, adapters
 
 
-def _alone(base, adapter, prompt_ids, n):
+def _alone(base, adapter, prompt_ids, n, eos=None):
     """What plain transformers (+ peft) generates greedily: the adapter served alone."""
     import torch
     from peft import PeftModel
@@ -65,7 +67,7 @@ def _alone(base, adapter, prompt_ids, n):
     model = LlamaForCausalLM.from_pretrained(base).eval()
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter)).eval()
-    out = model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+    out = model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, eos_token_id=eos,
                          pad_token_id=0)
     return out[0, len(prompt_ids):].tolist()
 
@@ -83,6 +85,7 @@ def test_mixed_adapters_in_one_batch_answer_as_each_alone(toys):
     engine = Engine(base, max_concurrency=8, adapters=True)
     ids = [engine.tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
     jobs = [(ids[i % len(ids)], name) for i, name in enumerate(["a", "b", None, "c", "a", "b", "c", None])]
+    long = [ids[3][i % len(ids[3])] for i in range(40)]  # 2.5 pages of 16 tokens
     want = [_alone(base, adapters[name] if name else None, prompt, 10) for prompt, name in jobs]
     assert len({tuple(w) for w in want}) >= 6  # the adapters really differ from each other and from the base
     batches = []
@@ -104,11 +107,15 @@ def test_mixed_adapters_in_one_batch_answer_as_each_alone(toys):
                 await _answers(engine, [(ids[0], "b")], 2)
             await engine.add_adapter("b", adapters["b"])  # and back, without a restart
             back = await _answers(engine, [job for job in jobs if job[1] == "b"], 10)
-            return got, again, back
+            # a prompt of several KV-cache pages asked of each in turn: a page cached for one adapter's request
+            # holds that adapter's keys and values, and must not serve another's (transformers shares prefix pages)
+            shared = [await _answers(engine, [(long, name)], 6) for name in ("a", "b", None, "c")]
+            return got, again, back, shared
 
-        got, again, back = asyncio.run(scenario())
+        got, again, back, shared = asyncio.run(scenario())
     finally:
         engine.stop()
+    assert shared == [[_alone(base, adapters[name] if name else None, long, 6)] for name in ("a", "b", None, "c")]
     assert got == want
     assert again == [w for w, job in zip(want, jobs) if job[1] != "b"]
     assert back == [w for w, job in zip(want, jobs) if job[1] == "b"]
@@ -131,9 +138,10 @@ def test_an_adapter_of_another_base_or_kind_is_refused_and_the_rest_keeps_servin
     engine.start()
     try:
         async def scenario():
-            await engine.add_adapter("a", adapters["a"])
-            with pytest.raises(AdapterError, match="adapter 'foreign' does not fit this base"):
-                await engine.add_adapter("foreign", foreign)
+            for _ in range(2):  # before any adapter is loaded (the base is untouched), and beside one
+                with pytest.raises(AdapterError, match="adapter 'foreign' does not fit this base: .*q_proj"):
+                    await engine.add_adapter("foreign", foreign)
+                await engine.add_adapter("a", adapters["a"])
             with pytest.raises(AdapterError, match="prompt_tuning; only LoRA adapters share a base"):
                 await engine.add_adapter("prompt", prompt)
             assert engine.lora.names == ["a"]
@@ -145,3 +153,72 @@ def test_an_adapter_of_another_base_or_kind_is_refused_and_the_rest_keeps_servin
     assert got == [_alone(base, adapters["a"], ids, 8), _alone(base, None, ids, 8)]
     with pytest.raises(AdapterError, match="serves one model"):
         asyncio.run(Engine(base, max_concurrency=2).add_adapter("a", adapters["a"]))
+
+
+@pytest.mark.services
+@pytest.mark.training
+def test_a_server_of_adapters_serves_every_version_on_its_base_and_follows_the_registry(ran_project):
+    """`llmops serve --adapters`: v1 (production) and v2 (another fine-tune of the same base) from one process, each
+    answering as its adapter alone; a version registered later is served without a restart, and the oldest one
+    not holding a stage leaves (deploy.max_adapters)."""
+    import subprocess
+
+    from openai import NotFoundError, OpenAI
+
+    from conftest import BIN, _wait_http, base_env, free_port, run, set_params, stop_servers
+
+    project = ran_project
+    llmops = [str(BIN / "llmops")]
+    run(llmops + ["registry", "register", "--why", "v1"], project)
+    run(llmops + ["registry", "promote", "v1", "--to", "production", "--why", "first"], project)
+    set_params(project, "train.finetune.seed=1", "train.finetune.lr=0.02")  # another adapter on the same base
+    run(["dvc", "repro", "release"], project)
+    run(llmops + ["registry", "register", "--why", "v2"], project)
+    key = run(llmops + ["serve", "keygen", "--name", "tests"], project).stdout.strip()
+    set_params(project, "deploy.max_adapters=2", "deploy.watch_s=1")
+    port = free_port()
+    log = open(project / "adapters.log", "w")
+    proc = subprocess.Popen(llmops + ["serve", "--adapters", "--port", str(port)], cwd=project, env=base_env(),
+                            stdout=log, stderr=log)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", proc, 180)
+        api = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+        assert [m.id for m in api.models.list().data] == ["model", "model@v2.0.0", "model@v1.0.0"]
+        adapters = project / ".llmops/serve/adapters"
+        prompts = ["What number comes after 250?", "What is 12 plus 30?", "Reverse the word: cat", "Hello"]
+        jobs = [(p, m) for p in prompts for m in ("model@v1.0.0", "model@v2.0.0", "model")]
+        with ThreadPoolExecutor(len(jobs)) as pool:  # together: the two adapters share forward passes
+            got = list(pool.map(lambda job: api.completions.create(model=job[1], prompt=job[0], max_tokens=8,
+                                                                   temperature=0), jobs))
+        want = {v: [_alone_text(project / "models/pretrain", adapters / v, p, 8) for p in prompts]
+                for v in ("v1.0.0", "v2.0.0")}
+        assert want["v1.0.0"] != want["v2.0.0"]  # two different adapters
+        for (prompt, model), reply in zip(jobs, got):
+            version = "v1.0.0" if model == "model" else model.split("@")[1]
+            assert reply.model == f"model@{version}"
+            assert reply.choices[0].text == want[version][prompts.index(prompt)], (prompt, model)
+
+        set_params(project, "gate.release_candidate=nf4")  # a third version (same adapter as v2), no restart
+        run(["dvc", "repro", "release"], project)
+        run(llmops + ["registry", "register", "--why", "v3"], project)
+        deadline = time.monotonic() + 60
+        while [m.id for m in api.models.list().data] != ["model", "model@v3.0.0", "model@v1.0.0"]:
+            assert time.monotonic() < deadline, [m.id for m in api.models.list().data]
+            time.sleep(0.5)
+        reply = api.completions.create(model="model@v3.0.0", prompt=prompts[0], max_tokens=8, temperature=0)
+        assert reply.choices[0].text == want["v2.0.0"][0]
+        with pytest.raises(NotFoundError, match="not among the 2 newest versions served here"):
+            api.completions.create(model="model@v2.0.0", prompt="x", max_tokens=1)
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        stop_servers(project)
+
+
+def _alone_text(base, adapter, prompt, n):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(adapter)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    return tok.decode(_alone(base, adapter, ids, n, eos=tok.eos_token_id), skip_special_tokens=True)

@@ -107,9 +107,11 @@ def test_a_fresh_clone_pulls_the_production_model_from_s3_byte_identical(origin,
     assert not (fresh / "models").exists()
     assert llmops(fresh, "pull", "production", "-o", "served").stdout.strip() == "v2.0.0 -> served/"
     work = origin.parent / "work"  # where v2 was made: its models/release is v2's
-    assert sorted(p.name for p in (fresh / "served").iterdir()) == sorted(p.name for p in (work / "models/release").iterdir())
-    for f in (work / "models/release").iterdir():
-        assert filecmp.cmp(f, fresh / "served" / f.name, shallow=False), f.name
+    files = sorted(f.relative_to(work / "models/release") for f in (work / "models/release").rglob("*") if f.is_file())
+    assert files == sorted(f.relative_to(fresh / "served") for f in (fresh / "served").rglob("*") if f.is_file())
+    assert any(f.parts[0] == "adapter" for f in files)
+    for f in files:
+        assert filecmp.cmp(work / "models/release" / f, fresh / "served" / f, shallow=False), f
 
 
 def test_racing_promotions_from_two_clones_lose_nothing(origin, tmp_path):

@@ -30,6 +30,9 @@ def test_the_release_is_the_gated_candidate_and_stands_alone(pipeline, tmp_path)
         assert release["sources"][name]["sha256"][weights] == provenance.sha256_file(pipeline / path / weights)
     metrics = json.loads((pipeline / "reports/evaluate/metrics.json").read_text())
     assert release["scores"]["evaluate"]["exact_match"] == metrics["finetuned"]["exact_match"]
+    assert release["adapter"] == "adapter"  # the LoRA adapter itself, for a server of adapters on one base
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (pipeline / "models/release/adapter" / name).read_bytes() == (pipeline / "models/finetune" / name).read_bytes()
 
     moved = shutil.copytree(pipeline / "models/release", tmp_path / "elsewhere")  # nothing outside it is needed
     tok = AutoTokenizer.from_pretrained(moved)

@@ -160,6 +160,36 @@ def test_metrics_and_the_request_log(server):
     assert not logged.skipped and len(list((tmp / ".llmops/serve/requests").glob("date=*/*.jsonl"))) == 1
 
 
+def test_identical_greedy_requests_are_answered_from_the_cache(server):
+    """The second identical greedy request is a hit (header, metric, same text, streamed too); another max_tokens or a
+    sampled request generates."""
+    url, key, _, _ = server
+    api = client(url, key)
+
+    def ask(stream=False, **kw):
+        args = dict(model="release", prompt="What is 7 plus 5?", max_tokens=6, temperature=0) | kw
+        raw = api.completions.with_raw_response.create(stream=stream, **args)
+        reply = raw.parse()
+        text = "".join(c.choices[0].text for c in reply) if stream else reply.choices[0].text
+        return raw.headers["x-llmops-cache"], text
+
+    def hits():
+        req = urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Bearer {key}"})
+        page = urllib.request.urlopen(req, timeout=30).read().decode()
+        return {r: float(line.split(" ")[1]) for line in page.splitlines() for r in ("hit", "miss", "bypass")
+                if line.startswith(f'llmops_response_cache_total{{result="{r}"}}')}
+
+    before = hits()
+    first, text = ask(prompt="What is 7 plus 5? (cache)")
+    assert first == "miss" and text
+    assert ask(prompt="What is 7 plus 5? (cache)") == ("hit", text)
+    assert ask(stream=True, prompt="What is 7 plus 5? (cache)") == ("hit", text)
+    assert ask(prompt="What is 7 plus 5? (cache)", max_tokens=5)[0] == "miss"  # another request
+    assert ask(prompt="What is 7 plus 5? (cache)", temperature=1.0)[0] == "bypass"  # sampled: never cached
+    after = hits()
+    assert {r: after.get(r, 0) - before.get(r, 0) for r in after} == {"hit": 2, "miss": 2, "bypass": 1}
+
+
 def test_a_model_directory_without_safetensors_is_refused(tmp_path):
     model = tmp_path / "model"
     model.mkdir()

@@ -1,0 +1,20 @@
+"""The server's response cache: what is cacheable, the size bound, the TTL (the server's use: tests/test_serve.py)."""
+
+import time
+
+from llmops.engine import Sampling
+from llmops.response_cache import Answer, ResponseCache
+
+
+def test_the_response_cache_is_bounded_and_expires():
+    cache = ResponseCache(max_entries=2, ttl_s=0.5)
+    greedy = Sampling(max_tokens=4, temperature=0)
+    keys = [cache.key("model@v1.0.0", [1, 2, i], greedy, []) for i in range(3)]
+    assert cache.key("model@v1.0.0", [1], Sampling(max_tokens=4, temperature=0.7), []) is None
+    assert cache.key("model@v2.0.0", [1, 2, 0], greedy, []) != keys[0]  # another version: another entry
+    for i, key in enumerate(keys):
+        cache.put(key, Answer(f"answer {i}", "length", 4))
+    assert cache.get(keys[0]) is None and cache.get(keys[2]).text == "answer 2"  # the oldest made room
+    time.sleep(0.6)
+    assert cache.get(keys[2]) is None  # expired
+    assert ResponseCache(0, 60).key("model", [1], greedy, []) is None  # 0 entries: no cache
