@@ -381,6 +381,12 @@ class DeployParams(Section):
     cache_entries: int = Field(1024, ge=0, description="greedy answers the server's response cache keeps (the same "
                                "model, prompt, max_tokens and stop strings are answered from it); 0: no cache")
     cache_ttl_s: float = Field(600, gt=0, description="how long a cached answer is served")
+    canary_min_requests: int = Field(20, ge=1, description="recent requests each of the canary and production "
+                                     "need before the server judges the canary")
+    canary_max_error_rate_increase: float = Field(0.05, ge=0, le=1, description="the canary is dropped when its "
+                                                  "share of 5xx answers exceeds production's by more than this")
+    canary_max_latency_ratio: float = Field(1.5, gt=0, description="the canary is dropped when its median latency "
+                                            "is over this many times production's")
 
 
 class OrchestrationParams(Section):

@@ -40,7 +40,7 @@ from llmops import audit, identity
 from llmops.errors import LlmopsError
 
 ARTIFACT = "model"  # the dvc.yaml `artifacts:` entry (models/release)
-STAGES = ("staging", "production")
+STAGES = ("staging", "canary", "production")  # canary: a share of production's traffic (its assignment says how much)
 REVIEWS = f"reviews/{ARTIFACT}"  # reviews/model/<version>/<n>
 RELEASE = Path("models/release")
 _ATTEMPTS = 5
@@ -353,44 +353,60 @@ def _licensed(root: Path, lineage: dict, what: str) -> None:
         raise RegistryError(str(exc)) from None
 
 
-def promote(root: str | os.PathLike, version: str, stage: str, why: str, purpose: str = "promote") -> Version | None:
+@dataclass(frozen=True)
+class Canary:
+    version: Version
+    share: float  # percent of production's traffic, 0-100 exclusive
+
+
+def promote(root: str | os.PathLike, version: str, stage: str, why: str, purpose: str = "promote",
+            share: float | None = None) -> Version | None:
     """Give `version` the stage (see `_promote`); allowed by the access policy (`purpose`: promote by hand, or the
-    pipeline's deploy) and audited."""
+    pipeline's deploy) and audited. The canary stage takes the `share` of production's traffic it gets."""
     root = _repo(root)
     with audit.recorded(root, "registry.promote", ARTIFACT, version, allow=(purpose, f"stage:{stage}"), stage=stage,
-                        why=why) as note:
-        before = _promote(root, version, stage, why)
+                        why=why, **({"share": share} if share is not None else {})) as note:
+        before = _promote(root, version, stage, why, share)
         note.update(version=normalize(version), replaced=before.version if before else None)
     return before
 
 
-def _promote(root: Path, version: str, stage: str, why: str) -> Version | None:
+def _promote(root: Path, version: str, stage: str, why: str, share: float | None = None) -> Version | None:
     """Give `version` the stage; return the version that held it before (None if none).
 
     Raises:
         RegistryError: unknown stage or version, a version the gate did not pass, one that
-            already holds the stage, or a registry remote that cannot be read or written.
+            already holds the stage, a canary without a share in (0, 100) or one that holds production, or a
+            registry remote that cannot be read or written.
     """
     if stage not in STAGES:
         raise RegistryError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    if (stage == "canary") != (share is not None):
+        raise RegistryError("a canary takes a share of production's traffic (--share PERCENT), and only a canary does")
+    if share is not None and not 0 < share < 100:
+        raise RegistryError(f"canary share {share:g}% is outside 0-100% (exclusive: 100% is a promotion to "
+                            "production, 0% no canary)")
     target = normalize(version)
 
     def write() -> Version | None:
         wanted = get(root, target)
         if not wanted.lineage.get("gate", {}).get("passed"):
             raise RegistryError(f"{wanted.version} did not pass the release gate; it cannot be promoted")
-        if stage == "production":  # what production holds is served
-            _licensed(root, wanted.lineage, f"{wanted.version} cannot be promoted to production")
+        if stage in ("production", "canary"):  # what these hold is served
+            _licensed(root, wanted.lineage, f"{wanted.version} cannot be promoted to {stage}")
+        if stage == "canary" and "production" in wanted.stages:
+            raise RegistryError(f"{wanted.version} holds production already; a canary is another version")
         current = holder(root, stage)
-        if current is not None and current.version == wanted.version:
+        if current is not None and current.version == wanted.version and stage != "canary":
             raise RegistryError(f"{wanted.version} already holds {stage}")
-        _move(root, stage, current, wanted, why)
+        _move(root, stage, current, wanted, why, share)  # a canary may move to another share
         return current
 
     return _change(root, write)
 
 
-def _move(root: Path, stage: str, current: Version | None, target: Version, why: str) -> None:
+def _move(root: Path, stage: str, current: Version | None, target: Version, why: str,
+          share: float | None = None) -> None:
     from gto import api
 
     if current is not None:
@@ -398,8 +414,42 @@ def _move(root: Path, stage: str, current: Version | None, target: Version, why:
         api.unassign(str(root), ARTIFACT, version=current.version, stage=stage,
                      message=json.dumps({"by": identity.current(), "why": f"replaced by {target.version}: {why}"}))
     _tick()
-    api.assign(str(root), ARTIFACT, stage, version=target.version, force=True,
-               message=json.dumps({"by": identity.current(), "why": why}))
+    record = {"by": identity.current(), "why": why} | ({"share": share} if share is not None else {})
+    api.assign(str(root), ARTIFACT, stage, version=target.version, force=True, message=json.dumps(record))
+
+
+def canary(root: str | os.PathLike, known: list[Version] | None = None) -> Canary | None:
+    """The canary version and its share of production's traffic, or None."""
+    held = holder(root, "canary", known)
+    if held is None:
+        return None
+    shares = [e["share"] for e in history(root, "canary") if e["event"] == "assignment" and e["version"] == held.version]
+    return Canary(held, float(shares[-1]))
+
+
+def drop(root: str | os.PathLike, stage: str, why: str) -> Version:
+    """Take the stage from its holder, giving it to nobody (a canary dropped); allowed as a rollback, audited.
+
+    Raises:
+        RegistryError: nothing holds the stage.
+    """
+    from gto import api
+
+    root = _repo(root)
+    with audit.recorded(root, "registry.drop", ARTIFACT, allow=("rollback", f"stage:{stage}"), stage=stage,
+                        why=why) as note:
+        def write() -> Version:
+            current = holder(root, stage)
+            if current is None:
+                raise RegistryError(f"no version holds {stage}; nothing to drop")
+            _tick()
+            api.unassign(str(root), ARTIFACT, version=current.version, stage=stage,
+                         message=json.dumps({"by": identity.current(), "why": why}))
+            return current
+
+        dropped = _change(root, write)
+        note.update(version=dropped.version)
+    return dropped
 
 
 def history(root: str | os.PathLike, stage: str | None = None) -> list[dict[str, Any]]:
@@ -420,7 +470,7 @@ def history(root: str | os.PathLike, stage: str | None = None) -> list[dict[str,
         record = _record(e.get("message", ""))
         out.append({"time": str(e["timestamp"]), "event": e["event"], "version": e["version"],
                     "stage": e.get("stage"), "by": record.get("by") or e.get("author"), "why": record.get("why", ""),
-                    "tag": e.get("ref")})
+                    "tag": e.get("ref"), "share": record.get("share")})
     out += [r for r in _reviews(root) if not stage or r["stage"] == stage]
     return sorted(out, key=lambda e: datetime.fromisoformat(e["time"]))  # GTO's and the reviews' carry offsets
 

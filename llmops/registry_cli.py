@@ -35,6 +35,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     back = cmds.add_parser("rollback", help="give a stage back to the version that held it before")
     back.add_argument("--stage", choices=registry.STAGES, default="production")
     back.add_argument("--why", required=True, help="kept in the stage history")
+    canary = cmds.add_parser(
+        "canary", help="give a version a share of production's traffic; promote it to production, or drop it",
+        description="`canary V --share 10`: V answers 10%% of the requests for production (sticky per user or API "
+        "key), on servers started with --adapters; `canary promote`: it takes production; `canary drop`: it "
+        "stops (the server also drops it by itself when its error rate or latency exceeds production's by "
+        "deploy.canary_*).")
+    canary.add_argument("target", help="a version, or: promote, drop")
+    canary.add_argument("--share", type=float, help="percent of production's requests (0-100, exclusive)")
+    canary.add_argument("--why", required=True, help="kept in the stage history")
     pull = cmds.add_parser("pull", help="download a version's files (byte-identical) from the DVC remote")
     pull.add_argument("ref", help="a version (v3) or a stage (production)")
     pull.add_argument("-o", "--out", help="destination directory (default: model-<version>)")
@@ -135,6 +144,27 @@ def _rollback(root: Path, args) -> str:
                       *_follow(root, args.stage)])
 
 
+def _canary(root: Path, args) -> str:
+    if args.target in ("promote", "drop"):
+        if args.share is not None:
+            raise LlmopsError(f"canary {args.target} takes no --share")
+        held = registry.canary(root)
+        if held is None:
+            raise LlmopsError("no version holds canary")
+        if args.target == "promote":
+            before = registry.promote(root, held.version.version, "production", f"canary promoted: {args.why}")
+        registry.drop(root, "canary", args.why if args.target == "drop" else f"promoted to production: {args.why}")
+        done = (f"production: {before.version if before else 'none'} -> {held.version.version}; no canary"
+                if args.target == "promote" else f"canary {held.version.version} dropped")
+        return "\n".join([done, *_follow(root, "production")])
+    if args.share is None:
+        raise LlmopsError("canary VERSION needs --share PERCENT (its part of production's traffic)")
+    before = registry.promote(root, args.target, "canary", args.why, share=args.share)
+    target = registry.normalize(args.target)
+    return "\n".join([f"canary: {before.version if before else 'none'} -> {target} at {args.share:g}% of "
+                      "production's traffic", *_follow(root, "production")])
+
+
 def _follow(root: Path, stage: str) -> list[str]:
     """Reload this project's running servers that follow the stage, so that they serve its new holder."""
     lines = []
@@ -156,4 +186,4 @@ def _pull(root: Path, args) -> str:
 
 _READS = ("list", "show", "lineage", "history")
 _ACTIONS = {"list": _list, "show": _show, "lineage": _lineage, "history": _history, "register": _register,
-            "promote": _promote, "rollback": _rollback, "pull": _pull}
+            "promote": _promote, "rollback": _rollback, "canary": _canary, "pull": _pull}

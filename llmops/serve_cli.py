@@ -77,6 +77,8 @@ def describe(server: servers.Server) -> str:
     what = f"{registry.ARTIFACT} {server.version}" if server.version else server.model
     if server.adapters:
         what += f" (adapters on one base: {', '.join(server.adapters)})"
+    if server.canary:
+        what += f", canary {server.canary}"
     follows = f", follows {server.ref}" if server.ref != server.version else ""
     error = f"; last reload failed: {server.reload_error}" if server.reload_error else ""
     return f"{server.url}  {what}{follows}  (pid {server.pid}, up since {server.started[:19]}){error}"
@@ -114,7 +116,7 @@ def _serve(args: argparse.Namespace) -> int:
     from llmops.config import DeployParams
     from llmops.requestlog import LOG_DIR
     from llmops.response_cache import ResponseCache
-    from llmops.server import Callers, Served, create_app
+    from llmops.server import CanaryLimits, Callers, Served, create_app
 
     root = Path.cwd()
     in_project = (root / PARAMS_FILE).is_file()
@@ -155,16 +157,26 @@ def _serve(args: argparse.Namespace) -> int:
         servers.record(root, servers.Server(pid=os.getpid(), url=url, port=port, ref=ref, model=served.name,
                                             version=served.version, started=started, loaded=state["loaded"],
                                             reload_error=error, reloads=state["reloads"],
-                                            adapters=list(served.adapters)))
+                                            adapters=list(served.adapters),
+                                            canary=served.canary and f"{served.canary[0]} at {served.canary[1]:g}%"))
 
     store = Store(database_url(root))  # an unusable feedback database stops here, before the model loads
     served = load()  # a bad model or an unknown version stops here, with its reason
     watch = None
     if args.adapters and deploy.watch_s > 0:  # new versions, and stage moves, are served without a reload
         watch = (deploy.watch_s, lambda: [(v.version, tuple(v.stages)) for v in registry.versions(root)])
+    canary = None
+    if args.adapters:
+        limits = CanaryLimits(deploy.canary_min_requests, deploy.canary_max_error_rate_increase,
+                              deploy.canary_max_latency_ratio)
+        canary = (limits, lambda version, reason: registry.drop(root, "canary", f"automatic rollback of {version}: "
+                                                                                  f"{reason}"))
+    elif in_project and not args.model and (held := registry.canary(root)) is not None:
+        print(f"note: canary {held.version.version} ({held.share:g}%) is served by servers started with --adapters "
+              "only", flush=True)
     app = create_app(served, callers, root / LOG_DIR, store, reload=load, on_change=on_change, privacy=privacy,
                      watch=watch, cache=ResponseCache(deploy.cache_entries if args.cache_entries is None
-                                                      else args.cache_entries, deploy.cache_ttl_s))
+                                                      else args.cache_entries, deploy.cache_ttl_s), canary=canary)
     print(f"serving {served.label} at {url} (OpenAI-compatible; Authorization: Bearer <key>)", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=port, log_level="warning", timeout_graceful_shutdown=30)
@@ -202,7 +214,11 @@ def _adapters(root: Path, ref: str, now, max_concurrency: int, max_adapters: int
                 refused[version] = str(exc)  # the others are served all the same
     except adapter_catalog.CatalogError as exc:
         raise LlmopsError(str(exc)) from None
-    return Served(engine, registry.ARTIFACT, follows.version, tuple(served), refused, catalog.base_id)
+    held = registry.canary(root) if ref == "production" else None  # a canary takes a share of production's requests
+    canary = (held.version.version, held.share) if held and held.version.version in served else None
+    if held and canary is None:
+        print(f"canary {held.version.version} is not served: {refused.get(held.version.version)}", flush=True)
+    return Served(engine, registry.ARTIFACT, follows.version, tuple(served), refused, catalog.base_id, canary)
 
 
 def _deploy_params(root: Path):

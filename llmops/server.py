@@ -11,13 +11,16 @@ with an OpenAI-style error body naming the field; nothing a client sends reaches
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
 import os
 import signal
+import statistics
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -95,12 +98,14 @@ class FeedbackRequest(BaseModel):
 class _Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("llmops_requests", "HTTP requests by route and status", ["route", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("llmops_request_seconds", "request latency", ["route"], registry=self.registry)
-        self.ttft = Histogram("llmops_time_to_first_token_seconds", "time to the first generated token",
+        # `version`: the registry version that answered (a canary's requests apart from production's); "" where none
+        self.requests = Counter("llmops_requests", "HTTP requests by route, status and answering version",
+                                ["route", "status", "version"], registry=self.registry)
+        self.latency = Histogram("llmops_request_seconds", "request latency (to the first byte of a stream)",
+                                 ["route", "version"], registry=self.registry)
+        self.ttft = Histogram("llmops_time_to_first_token_seconds", "time to the first generated token", ["version"],
                               registry=self.registry)
-        self.tokens = Counter("llmops_generated_tokens", "generated tokens", registry=self.registry)
+        self.tokens = Counter("llmops_generated_tokens", "generated tokens", ["version"], registry=self.registry)
         self.running = Gauge("llmops_requests_running", "requests being generated", registry=self.registry)
         self.waiting = Gauge("llmops_requests_waiting", "requests waiting for a batch slot", registry=self.registry)
         self.batch = Histogram("llmops_batch_size", "requests in each forward pass", registry=self.registry,
@@ -143,6 +148,7 @@ class Served:
     adapters: tuple[str, ...] = ()  # the versions served as adapters, newest first
     refused: dict[str, str] = field(default_factory=dict)  # versions not served here -> why
     base_id: str | None = None  # which base the engine holds, for a server of adapters (adapter_catalog)
+    canary: tuple[str, float] | None = None  # (version, percent): that share of the requests for `name` goes to it
 
     @property
     def label(self) -> str:
@@ -154,8 +160,16 @@ class Served:
         """The names a request may give, each with the version behind it."""
         return [(self.name, self.version)] + [(f"{self.name}@{v}", v) for v in self.adapters]
 
-    def pick(self, model: str) -> Target:
-        """Raises UnknownModel for a model not served here."""
+    def pick(self, model: str, who: str | None = None) -> Target:
+        """The target of a request for `model` from `who` (a user or a key: a canary's share is sticky per caller;
+        None: production, never the canary).
+
+        Raises:
+            UnknownModel: a model not served here.
+        """
+        if self.canary is not None and who is not None and model == self.name and _bucket(who) < self.canary[1]:
+            version = self.canary[0]
+            return Target(f"{self.name}@{version}", version, version)
         if not self.adapters:
             if model in (self.name, self.label):
                 return Target(self.label, self.version, None)
@@ -168,6 +182,48 @@ class Served:
             raise UnknownModel(f"The model {model!r} is not served here: {self.refused[version]}")
         served = ", ".join(repr(m) for m, _ in self.models)
         raise UnknownModel(f"The model {model!r} does not exist; this server has {served}")
+
+
+@dataclass(frozen=True)
+class CanaryLimits:
+    """When a canary is dropped by itself (deploy.canary_*): against production's recent requests, once each side has
+    `min_requests`."""
+
+    min_requests: int
+    max_error_rate_increase: float  # canary's share of 5xx minus production's
+    max_latency_ratio: float  # canary's median latency over production's (answered requests)
+
+
+class _CanaryWatch:
+    """The recent requests (ok, latency) of each version, and the verdict on a canary against production."""
+
+    def __init__(self, limits: CanaryLimits, window: int = 500):
+        self.limits, self.window = limits, window
+        self.recent: dict[str, deque] = {}
+        self.dropping = False
+
+    def record(self, version: str, ok: bool, latency_s: float) -> None:
+        self.recent.setdefault(version, deque(maxlen=self.window)).append((ok, latency_s))
+
+    def breach(self, production: str, canary: str) -> str | None:
+        """Why the canary must go, or None."""
+        prod, cand = self.recent.get(production, ()), self.recent.get(canary, ())
+        if min(len(prod), len(cand)) < self.limits.min_requests:
+            return None
+        errors = [sum(not ok for ok, _ in side) / len(side) for side in (prod, cand)]
+        if errors[1] - errors[0] > self.limits.max_error_rate_increase:
+            return (f"its error rate {errors[1]:.1%} exceeds production's {errors[0]:.1%} by more than "
+                    f"{self.limits.max_error_rate_increase:.1%} (deploy.canary_max_error_rate_increase)")
+        medians = [statistics.median([s for ok, s in side if ok] or [0.0]) for side in (prod, cand)]
+        if medians[0] > 0 and medians[1] > self.limits.max_latency_ratio * medians[0]:
+            return (f"its median latency {medians[1] * 1000:.0f} ms is over x{self.limits.max_latency_ratio:g} "
+                    f"production's {medians[0] * 1000:.0f} ms (deploy.canary_max_latency_ratio)")
+        return None
+
+
+def _bucket(who: str) -> float:
+    """A caller's fixed place in [0, 100): the same caller always falls on the same side of a canary's share."""
+    return int.from_bytes(hashlib.sha256(who.encode()).digest()[:8], "big") / 2**64 * 100
 
 
 class Callers:
@@ -220,7 +276,8 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
                reload: Callable[[Served], Served] | None = None,
                on_change: Callable[[Served, str | None], None] | None = None,
                privacy: Privacy = Privacy(), watch: tuple[float, Callable[[], object]] | None = None,
-               cache: ResponseCache | None = None) -> FastAPI:
+               cache: ResponseCache | None = None,
+               canary: tuple[CanaryLimits, Callable[[str, str], None]] | None = None) -> FastAPI:
     """The app answering with `served`; requests are logged as JSON lines under `log_dir` (see requestlog) and
     recorded in `store`, which keeps the feedback on them.
 
@@ -230,10 +287,14 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
     unloaded once its requests are done). A reload that fails keeps the old model serving.
     `on_change(served, error)` hears of the start and of each reload (the error of one that
     failed). With `watch = (seconds, look)`, the server reloads by itself whenever `look()`
-    returns something new (the registry's versions and stages, for a server of adapters).
+    returns something new (the registry's versions and stages, for a server of adapters). With
+    `canary = (limits, drop)`, a canary whose requests fare worse than production's by the limits is
+    dropped: `drop(version, reason)` takes its stage (registry.drop), then the server reloads without it.
     """
     metrics = _Metrics()
     cache = cache or ResponseCache(0, 1)
+    watch_canary = _CanaryWatch(canary[0]) if canary is not None else None
+    background: set[asyncio.Task] = set()  # tasks started from a request, kept until done
     log = _RequestLog(Writer(log_dir), store, privacy)
     current = [served]  # the one mutable cell: handlers read current[0] once, when a request arrives
     retiring: set[Engine] = set()
@@ -267,6 +328,28 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
         await old.engine.drain()
         await asyncio.to_thread(old.engine.stop)
         retiring.discard(old.engine)
+
+    def _judge_canary(version: str) -> None:
+        """After a canary's request: drop it (in the background, the response is not held) if it fares worse."""
+        now = current[0]
+        if now.canary is None or version != now.canary[0] or watch_canary.dropping:
+            return
+        reason = watch_canary.breach(now.version, version)
+        if reason is not None:
+            watch_canary.dropping = True  # one drop at a time
+            background.add(task := asyncio.ensure_future(_drop_canary(version, reason)))
+            task.add_done_callback(background.discard)
+
+    async def _drop_canary(version: str, reason: str) -> None:
+        logger.error("dropping canary %s: %s", version, reason)
+        try:
+            await asyncio.to_thread(canary[1], version, reason)
+        except Exception as exc:  # the registry refused (policy, remote): it keeps serving; look again later
+            logger.error("could not drop canary %s: %s", version, exc)
+        else:
+            await swap()
+        finally:
+            watch_canary.dropping = False
 
     async def _watch() -> None:
         seconds, look = watch
@@ -314,8 +397,12 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
         else:
             response = await call_next(request)
         elapsed = time.perf_counter() - started
-        metrics.requests.labels(route, str(response.status_code)).inc()
-        metrics.latency.labels(route).observe(elapsed)
+        version = getattr(request.state, "version", None) or ""  # set by a generation route once it picked
+        metrics.requests.labels(route, str(response.status_code), version).inc()
+        metrics.latency.labels(route, version).observe(elapsed)
+        if route in GENERATION_ROUTES and version and watch_canary is not None:
+            watch_canary.record(version, response.status_code < 500, elapsed)
+            _judge_canary(version)
         if route in GENERATION_ROUTES and response.status_code >= 400:  # answered ones are logged with their text
             log.failed(route, response.status_code, elapsed)
         return response
@@ -376,7 +463,7 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
             return refused
         now = current[0]
         ids = now.engine.tokenizer(privacy.prompt(body.prompt), add_special_tokens=False)["input_ids"]
-        return await _respond(now, body, ids, body.prompt, "text_completion", "prompt")
+        return await _respond(now, request, body, ids, body.prompt, "text_completion", "prompt")
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
@@ -390,7 +477,7 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
                                                             tokenize=True)["input_ids"])
         if body.max_completion_tokens is not None:
             body = body.model_copy(update={"max_tokens": body.max_completion_tokens})
-        return await _respond(now, body, ids, messages[-1]["content"], "chat.completion", "messages")
+        return await _respond(now, request, body, ids, messages[-1]["content"], "chat.completion", "messages")
 
     def _screen(what: str, texts: list[str]) -> JSONResponse | None:
         """Count the personal data in a prompt; a 400 if this deployment refuses it."""
@@ -444,12 +531,14 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
         await asyncio.to_thread(callers.record_refusal, caller, model, why)
         return _error(403, why, param="model", code="model_not_allowed", kind="permission_error")
 
-    async def _respond(now: Served, body: _Request, ids: list[int], prompt: str, kind: str, what: str):
+    async def _respond(now: Served, request: Request, body: _Request, ids: list[int], prompt: str, kind: str,
+                       what: str):
         engine = now.engine
         try:
-            target = now.pick(body.model)
+            target = now.pick(body.model, body.user or f"key:{request.state.caller}")
         except UnknownModel as exc:
             return _error(404, str(exc), param="model", code="model_not_found")
+        request.state.version = target.version
         max_tokens = body.max_tokens or max(1, min(256, engine.context - len(ids)))
         if len(ids) + max_tokens > engine.context:
             return _error(400, f"This model's maximum context length is {engine.context} tokens; the {what} has "
@@ -464,7 +553,7 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
         cached = "bypass" if key is None else "hit" if hit is not None else "miss"
         metrics.cache.labels(cached).inc()
         headers = {CACHE_HEADER: cached}
-        run = _Generation(engine, ids, sampling, stops, metrics, target.adapter, replay=hit,
+        run = _Generation(engine, ids, sampling, stops, metrics, target, replay=hit,
                           keep=(lambda answer: cache.put(key, answer)) if cached == "miss" else None)
         if body.stream:
             return StreamingResponse(_sse(run, rid, kind, target.label, log, prompt, target.version, body.user,
@@ -496,10 +585,11 @@ class _Generation:
     (for the response cache)."""
 
     def __init__(self, engine: Engine, ids: list[int], sampling: Sampling, stops: list[str], metrics: _Metrics,
-                 adapter: str | None = None, replay: Answer | None = None,
+                 target: Target | None = None, replay: Answer | None = None,
                  keep: Callable[[Answer], None] | None = None):
         self.engine, self.ids, self.sampling, self.stops, self.metrics = engine, ids, sampling, stops, metrics
-        self.adapter, self.replay, self.keep = adapter, replay, keep
+        self.adapter, self.version = (target.adapter, target.version) if target else (None, None)
+        self.replay, self.keep = replay, keep
         self.completion_tokens = 0
         self.finish_reason = "length"
         self.started = time.perf_counter()
@@ -518,10 +608,10 @@ class _Generation:
         try:
             async for new in self.engine.generate(self.ids, self.sampling, self.adapter):
                 if not tokens:
-                    self.metrics.ttft.observe(time.perf_counter() - self.started)
+                    self.metrics.ttft.labels(self.version or "").observe(time.perf_counter() - self.started)
                 tokens += new
                 self.completion_tokens = len(tokens)
-                self.metrics.tokens.inc(len(new))
+                self.metrics.tokens.labels(self.version or "").inc(len(new))
                 if tok.eos_token_id in new and not self.sampling.ignore_eos:
                     self.finish_reason = "stop"
                 text = tok.decode(tokens, skip_special_tokens=True)

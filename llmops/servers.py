@@ -49,6 +49,7 @@ class Server:
     reload_error: str | None = None  # why the last reload failed (it kept serving the model before)
     reloads: int = 0  # reloads done or failed since it started
     adapters: list[str] = field(default_factory=list)  # the versions served as adapters on one base (--adapters)
+    canary: str | None = None  # the canary and its share of production's requests ("v3.0.0 at 10%")
 
 
 def now() -> str:

@@ -143,6 +143,8 @@ MATRIX = [
     ("register", "registry", {"operator", "approver", "admin"}),
     ("promote", "stage:staging", {"operator", "approver", "admin"}),
     ("promote", "stage:production", {"approver", "admin"}),
+    ("promote", "stage:canary", {"approver", "admin"}),  # a canary takes production's traffic
+    ("rollback", "stage:canary", {"approver", "admin"}),  # dropping a canary
     ("deploy", "stage:production", {"operator", "approver", "admin"}),
     ("rollback", "stage:production", {"approver", "admin"}),
     ("approve", "stage:production", {"approver", "admin"}),

@@ -159,8 +159,8 @@ def test_an_adapter_of_another_base_or_kind_is_refused_and_the_rest_keeps_servin
 @pytest.mark.training
 def test_a_server_of_adapters_serves_every_version_on_its_base_and_follows_the_registry(ran_project):
     """`llmops serve --adapters`: v1 (production) and v2 (another fine-tune of the same base) from one process, each
-    answering as its adapter alone; a version registered later is served without a restart, and the oldest one
-    not holding a stage leaves (deploy.max_adapters)."""
+    answering as its adapter alone; v2 as a canary (below); a version registered later is served without a restart,
+    and the oldest one not holding a stage leaves (deploy.max_adapters)."""
     import subprocess
 
     from openai import NotFoundError, OpenAI
@@ -175,7 +175,9 @@ def test_a_server_of_adapters_serves_every_version_on_its_base_and_follows_the_r
     run(["dvc", "repro", "release"], project)
     run(llmops + ["registry", "register", "--why", "v2"], project)
     key = run(llmops + ["serve", "keygen", "--name", "tests"], project).stdout.strip()
-    set_params(project, "deploy.max_adapters=2", "deploy.watch_s=1")
+    # canary_*: judged after 10 requests each; dropped unless twice as fast as production (_canary checks it is)
+    set_params(project, "deploy.max_adapters=2", "deploy.watch_s=1", "deploy.canary_min_requests=10",
+               "deploy.canary_max_latency_ratio=0.5")
     port = free_port()
     log = open(project / "adapters.log", "w")
     proc = subprocess.Popen(llmops + ["serve", "--adapters", "--port", str(port)], cwd=project, env=base_env(),
@@ -197,6 +199,8 @@ def test_a_server_of_adapters_serves_every_version_on_its_base_and_follows_the_r
             version = "v1.0.0" if model == "model" else model.split("@")[1]
             assert reply.model == f"model@{version}"
             assert reply.choices[0].text == want[version][prompts.index(prompt)], (prompt, model)
+
+        _canary(project, api, port, key)
 
         set_params(project, "gate.release_candidate=nf4")  # a third version (same adapter as v2), no restart
         run(["dvc", "repro", "release"], project)
@@ -222,3 +226,53 @@ def _alone_text(base, adapter, prompt, n):
     tok = AutoTokenizer.from_pretrained(adapter)
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
     return tok.decode(_alone(base, adapter, ids, n, eos=tok.eos_token_id), skip_special_tokens=True)
+
+
+def _canary(project, api, port, key):
+    """v2 takes half of production's requests, sticky per user, labelled in answers and metrics; it is dropped by the
+    server when it fares worse than deploy.canary_*; `canary promote` gives it production."""
+    import urllib.request
+
+    from conftest import BIN, run
+    from llmops import registry
+    from llmops.server import _bucket
+
+    llmops = [str(BIN / "llmops")]
+    bad = run(llmops + ["registry", "canary", "v2", "--share", "150", "--why", "x"], project, check=False)
+    assert bad.returncode == 1 and "canary share 150% is outside 0-100%" in bad.stderr
+    out = run(llmops + ["registry", "canary", "v2", "--share", "50", "--why", "try it"], project).stdout
+    assert "canary: none -> v2.0.0 at 50% of production's traffic" in out and "now serves v1.0.0" in out
+
+    def ask(user):  # sampled, the same work each: never cached, latencies comparable
+        return api.completions.create(model="model", prompt="What is 2 plus 2?", max_tokens=6, temperature=1.0,
+                                      user=user, extra_body={"ignore_eos": True}).model
+
+    users = [f"user-{i}" for i in range(8)]
+    routed = {u: ask(u) for u in users}
+    assert routed == {u: "model@v2.0.0" if _bucket(u) < 50 else "model@v1.0.0" for u in users}
+    assert 0 < list(routed.values()).count("model@v2.0.0") < len(users)
+    assert all(ask(u) == routed[u] for u in users[:4])  # sticky
+    page = urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
+                                                         headers={"Authorization": f"Bearer {key}"})).read().decode()
+    assert 'llmops_requests_total{route="/v1/completions",status="200",version="v2.0.0"}' in page
+    # more requests: once both have 10, the canary is judged, and (not twice as fast) dropped by the server
+    for i in range(40):
+        ask(f"more-{i}")
+        if registry.canary(project) is None:
+            break
+    assert registry.canary(project) is None
+    dropped = [e for e in registry.history(project, "canary") if e["event"] == "unassignment"][-1]
+    assert dropped["version"] == "v2.0.0" and "automatic rollback of v2.0.0: its median latency" in dropped["why"]
+    deadline = time.monotonic() + 30
+    while any(ask(u) != "model@v1.0.0" for u in users):  # the server reloaded without it
+        assert time.monotonic() < deadline
+    logged = run(llmops + ["audit", "log", "--action", "registry.drop"], project).stdout
+    assert "registry.drop" in logged and "ok" in logged
+
+    run(llmops + ["registry", "canary", "v2", "--share", "10", "--why", "again"], project)
+    out = run(llmops + ["registry", "canary", "promote", "--why", "it holds"], project).stdout
+    assert "production: v1.0.0 -> v2.0.0; no canary" in out
+    assert ask("anyone") == "model@v2.0.0" and registry.canary(project) is None
+    run(llmops + ["registry", "rollback", "--why", "back for the rest of the test"], project)
+    again = run(llmops + ["registry", "canary", "drop", "--why", "x"], project, check=False)
+    assert again.returncode == 1 and "no version holds canary" in again.stderr

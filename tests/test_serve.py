@@ -144,7 +144,7 @@ def test_metrics_and_the_request_log(server):
     page = urllib.request.urlopen(req, timeout=30).read().decode()
     value = {line.split(" ")[0]: float(line.split(" ")[1]) for line in page.splitlines() if line and line[0] != "#"}
     assert value["llmops_batch_size_sum"] > value["llmops_batch_size_count"] > 0  # forward passes were shared
-    assert 'llmops_requests_total{route="/v1/chat/completions",status="200"}' in page
+    assert 'llmops_requests_total{route="/v1/chat/completions",status="200",version=""}' in page  # a directory
     assert value['llmops_pii_total{kind="email",where="prompt"}'] == value['llmops_pii_total{kind="phone",where="prompt"}'] == 1
     for name in ("llmops_generated_tokens_total", "llmops_time_to_first_token_seconds_count",
                  "llmops_request_seconds_bucket", "llmops_requests_running", "llmops_requests_waiting",
@@ -244,7 +244,8 @@ def test_a_deployment_that_refuses_personal_data(pipeline, tmp_path):
                 {"role": "user", "content": "I am jane@example.com, call me on +44 20 7946 0958"}])
         assert refused.value.code == "pii_in_prompt"
         assert "personal data (email, phone)" in refused.value.message and "jane" not in refused.value.message
-        assert api.completions.create(model="release", prompt="What is 2 + 2?", max_tokens=2).choices[0].text
+        assert api.completions.create(model="release", prompt="What is 2 + 2?", max_tokens=2,
+                                      temperature=0).choices[0].text  # greedy: a sampled answer may be empty
         logged = [json.loads(line) for f in (tmp_path / ".llmops/serve/requests").glob("date=*/*.jsonl")
                   for line in f.read_text().splitlines()]
         assert sorted(r["status"] for r in logged) == [200, 400]
