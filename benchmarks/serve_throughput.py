@@ -101,7 +101,7 @@ def generate_loop(model_dir: Path, device: str, texts: list[str], new_tokens: in
 
 
 class Server:
-    def __init__(self, model_dir: Path, port: int, concurrency: int, log: Path):
+    def __init__(self, model_dir: Path, port: int, concurrency: int, log: Path, cache_entries: int = 0):
         repo = str(Path(__file__).resolve().parents[1])
         env = dict(os.environ, LLMOPS_API_KEY_HASHES=hash_key(KEY),
                    PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
@@ -110,7 +110,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "import sys; from llmops.cli import main; sys.exit(main())", "serve", "--model",
              str(model_dir), "--port", str(port), "--max-concurrency", str(concurrency),
-             "--cache-entries", "0"],  # the prompts repeat across the runs: every request must generate
+             "--cache-entries", str(cache_entries)],  # 0 here: the prompts repeat across the runs
             cwd=model_dir.parent,
             env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 600
