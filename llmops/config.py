@@ -347,12 +347,35 @@ class GovernanceParams(Section):
                                  "bucket must have Object Lock enabled); 0: off")
 
 
+class VllmParams(Section):
+    """deploy.vllm: the cluster manifests `deploy.target: vllm` writes (llmops/vllm_manifests.py)."""
+
+    format: Literal["kserve", "kubernetes"] = Field(
+        "kserve", description="kserve: an InferenceService (canary traffic through canaryTrafficPercent); kubernetes: "
+                              "a Deployment and a Service")
+    image: str = Field("vllm/vllm-openai:v0.11.0", min_length=1, description="vLLM's OpenAI-compatible server image")
+    fetch_image: str = Field("python:3.11-slim", min_length=1,
+                             description="the init container that `dvc get`s the models from the registry")
+    name: str = Field("llmops-model", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+                      description="the objects' name (a DNS-1123 label)")
+    namespace: str | None = None
+    replicas: int = Field(1, ge=1)
+    gpus: int = Field(1, ge=1, description="nvidia.com/gpu per replica")
+    api_key_secret: str = Field("llmops-api-key", min_length=1,
+                                description="a Secret whose key `api-key` vLLM takes as its API key")
+    storage_secret: str = Field("llmops-storage", min_length=1,
+                                description="a Secret of AWS_* variables for the DVC remote (S3)")
+    kubernetes_version: str = Field("1.33.0", description="the Kubernetes schemas the manifests are validated against")
+    out: str = Field("deployments/vllm", min_length=1, description="where the manifest is written")
+
+
 class DeployParams(Section):
     """deploy: after register, the version goes to staging, passes a smoke request, then production (served)."""
 
-    target: Literal["local", "none"] = Field(
+    target: Literal["local", "vllm", "none"] = Field(
         "local", description="local: a server process on this machine that keeps running after the run "
-                             "(`llmops serve status|stop`); none: register only")
+                             "(`llmops serve status|stop`); vllm: Kubernetes manifests for vLLM on a GPU cluster "
+                             "(deploy.vllm); none: register only")
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8000, ge=1, le=65535, description="the production server's port")
     max_concurrency: int = Field(16, ge=1, description="requests generated together (continuous batching)")
@@ -387,6 +410,7 @@ class DeployParams(Section):
                                                   "share of 5xx answers exceeds production's by more than this")
     canary_max_latency_ratio: float = Field(1.5, gt=0, description="the canary is dropped when its median latency "
                                             "is over this many times production's")
+    vllm: VllmParams = Field(default_factory=VllmParams)
 
 
 class OrchestrationParams(Section):

@@ -30,7 +30,7 @@ class DeployError(LlmopsError):
 class Deployed(BaseModel):
     version: str
     previous: str | None  # the production version before, if it changed
-    url: str
+    url: str  # where it serves; for deploy.target vllm, the manifest written (file://...)
     model: str
     prompt: str
     answer: str
@@ -83,7 +83,7 @@ def deploy(root: Path, version: str, params: DeployParams, source: str) -> Deplo
         return None
     with audit.recorded(root, "deploy", registry.ARTIFACT, version, allow=("deploy", "stage:production"),
                         target=params.target, source=source) as note:
-        deployed = _deploy(root, version, params, source)
+        deployed = (_deploy_vllm if params.target == "vllm" else _deploy)(root, version, params, source)
         note.update(url=deployed.url, previous=deployed.previous)
     return deployed
 
@@ -121,8 +121,31 @@ def _deploy(root: Path, version: str, params: DeployParams, source: str) -> Depl
                     model=registry.ARTIFACT, prompt=params.smoke_prompt, answer=answer)
 
 
+def _deploy_vllm(root: Path, version: str, params: DeployParams, source: str) -> Deployed:
+    """The cluster manifests for vLLM are rendered and validated (deploy.vllm; a refusal leaves production as it
+    was), the candidate answers its smoke request on our server here, takes production, and the manifests are
+    written."""
+    from llmops import vllm_manifests
+    from llmops.config import PARAMS_FILE, load_params
+
+    everything = load_params(root / PARAMS_FILE)  # the manifests need the storage and registry sections too
+    try:  # everything the manifests need is checked before production moves
+        objects = vllm_manifests.render(root, everything, production=registry.get(root, version))
+    except vllm_manifests.ManifestError as exc:
+        raise DeployError(f"no vLLM manifests for {version}, so production is unchanged: {exc}") from None
+    before = registry.holder(root, "production")
+    changed = before is None or before.version != version
+    key = project_key(root)
+    answer = _smoke_candidate(root, version, params, key, f"deploy candidate from {source}", before)
+    if changed:
+        registry.promote(root, version, "production", f"passed its smoke test in {source}", purpose="deploy")
+    path = vllm_manifests.write(root, everything, objects=objects)
+    return Deployed(version=version, previous=before.version if before and changed else None,
+                    url=path.resolve().as_uri(), model=registry.ARTIFACT, prompt=params.smoke_prompt, answer=answer)
+
+
 def _smoke_candidate(root: Path, version: str, params: DeployParams, key: str, why: str,
-                     production: registry.Version | None) -> None:
+                     production: registry.Version | None) -> str:
     """Staging, then a smoke request to a server of the candidate's own on a free port (stopped afterwards)."""
     staging = registry.holder(root, "staging")
     if staging is None or staging.version != version:
@@ -134,7 +157,7 @@ def _smoke_candidate(root: Path, version: str, params: DeployParams, key: str, w
     except servers.ServerError as exc:
         raise DeployError(f"{version} could not be served, so {stays}: {exc}") from None
     try:
-        smoke(candidate.url, key, params)
+        return smoke(candidate.url, key, params)
     except DeployError as exc:
         raise DeployError(f"{version} failed its smoke test, so {stays}: {exc}") from None
     finally:
@@ -145,6 +168,13 @@ def summary(deployed: Deployed) -> str:
     """What the user needs to call the served model."""
     key = f"$(cat {KEY_FILE})"
     changed = f" (was {deployed.previous})" if deployed.previous else ""
+    if deployed.url.startswith("file://"):
+        manifest = deployed.url.removeprefix("file://")
+        return "\n".join([
+            f"Deployed {registry.ARTIFACT} {deployed.version} to production{changed}: vLLM manifests in {manifest}",
+            f"  asked {deployed.prompt!r} here, it answered {deployed.answer!r}",
+            f"  on the cluster: kubectl apply -f {manifest} (README: The production engine path)",
+        ])
     body = ('{"model": "' + deployed.model + '", "temperature": 0, "messages": [{"role": "user", "content": '
             + _json_str(deployed.prompt) + '}]}')
     return "\n".join([

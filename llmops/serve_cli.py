@@ -18,15 +18,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Serve the production version (default), a registered version, or a model directory. "
         "status, stop and reload act on this project's running servers; keygen, revoke and keys manage its API keys "
         "(allowed by the access policy, recorded in the audit trail).")
-    parser.add_argument("action", nargs="?", choices=["keygen", "revoke", "keys", "status", "stop", "reload"],
+    parser.add_argument("action", nargs="?", choices=["keygen", "revoke", "keys", "status", "stop", "reload",
+                                                      "manifests"],
                         help="keygen: make an API key named --name, store its hash; revoke: remove the key named "
                         "--name (servers drop it on reload); keys: list the keys' names; status: the running servers; "
                         "stop: stop them (finishing requests in flight); reload: make them load what their ref names "
-                        "now, and the keys and the access policy")
+                        "now, and the keys and the access policy; manifests: write the Kubernetes manifests for vLLM "
+                        "serving production and its canary (deploy.vllm; --out DIR)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--version", help="a registered version (v3) or stage (production, staging); a server on a "
                        "stage follows it on reload")
     which.add_argument("--model", help="a model directory (safetensors weights, tokenizer)")
+    parser.add_argument("--out", help="manifests: the directory (default deploy.vllm.out)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, help="default 8000; for stop and reload: only the server on this port")
     parser.add_argument("--keys", default=str(apikeys.DEFAULT_FILE),
@@ -65,6 +68,16 @@ def main(args: argparse.Namespace) -> int:
             return 0
         if args.action == "status":
             return _status()
+        if args.action == "manifests":
+            from llmops import vllm_manifests
+            from llmops.config import ConfigError, load_params
+
+            try:
+                params = load_params(Path.cwd() / PARAMS_FILE)
+            except ConfigError as exc:
+                raise LlmopsError(str(exc)) from None
+            print(f"wrote {vllm_manifests.write(Path.cwd(), params, args.out)} (kubectl apply -f it)")
+            return 0
         if args.action in ("stop", "reload"):
             return _each(args.action, args.port)
         return _serve(args)

@@ -167,6 +167,30 @@ def ran_project(pipeline: Path, tmp_path: Path) -> Path:
     return copy_ran_project(pipeline, tmp_path)
 
 
+def _register_two_versions(tmp: Path, pipeline: Path) -> None:
+    project = copy_ran_project(pipeline, tmp)
+    llmops = [str(BIN / "llmops")]
+    run(llmops + ["registry", "register", "--why", "v1"], project)
+    run(llmops + ["registry", "promote", "v1", "--to", "production", "--why", "first"], project)
+    set_params(project, "train.finetune.seed=1", "train.finetune.lr=0.02")  # another adapter on the same base
+    run(["dvc", "repro", "release"], project)
+    run(llmops + ["registry", "register", "--why", "v2"], project)
+    run(["git", "commit", "-qam", "v2's params"], project)
+
+
+@pytest.fixture(scope="session")
+def two_versions(pipeline, tmp_path_factory) -> Path:
+    """The pipeline with v1 (production) and v2 (the same base, another LoRA adapter) registered, built once per
+    test run: copy it with `versioned_project`."""
+    return built_once(tmp_path_factory, "two_versions", lambda tmp: _register_two_versions(tmp, pipeline)) / "project"
+
+
+@pytest.fixture
+def versioned_project(two_versions: Path, tmp_path: Path) -> Path:
+    """A copy of `two_versions` (registry tags, DVC cache), with a remote of its own."""
+    return copy_ran_project(two_versions, tmp_path)
+
+
 def copy_ran_project(pipeline: Path, into: Path) -> Path:
     dest = into / "project"
     shutil.copytree(pipeline, dest, symlinks=True)

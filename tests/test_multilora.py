@@ -157,7 +157,7 @@ def test_an_adapter_of_another_base_or_kind_is_refused_and_the_rest_keeps_servin
 
 @pytest.mark.services
 @pytest.mark.training
-def test_a_server_of_adapters_serves_every_version_on_its_base_and_follows_the_registry(ran_project):
+def test_a_server_of_adapters_serves_every_version_on_its_base_and_follows_the_registry(versioned_project):
     """`llmops serve --adapters`: v1 (production) and v2 (another fine-tune of the same base) from one process, each
     answering as its adapter alone; v2 as a canary (below); a version registered later is served without a restart,
     and the oldest one not holding a stage leaves (deploy.max_adapters)."""
@@ -167,13 +167,8 @@ def test_a_server_of_adapters_serves_every_version_on_its_base_and_follows_the_r
 
     from conftest import BIN, _wait_http, base_env, free_port, run, set_params, stop_servers
 
-    project = ran_project
+    project = versioned_project  # v1 in production, v2 another adapter on the same base
     llmops = [str(BIN / "llmops")]
-    run(llmops + ["registry", "register", "--why", "v1"], project)
-    run(llmops + ["registry", "promote", "v1", "--to", "production", "--why", "first"], project)
-    set_params(project, "train.finetune.seed=1", "train.finetune.lr=0.02")  # another adapter on the same base
-    run(["dvc", "repro", "release"], project)
-    run(llmops + ["registry", "register", "--why", "v2"], project)
     key = run(llmops + ["serve", "keygen", "--name", "tests"], project).stdout.strip()
     # canary_*: judged after 10 requests each; dropped unless twice as fast as production (_canary checks it is)
     set_params(project, "deploy.max_adapters=2", "deploy.watch_s=1", "deploy.canary_min_requests=10",
@@ -199,6 +194,12 @@ def test_a_server_of_adapters_serves_every_version_on_its_base_and_follows_the_r
             version = "v1.0.0" if model == "model" else model.split("@")[1]
             assert reply.model == f"model@{version}"
             assert reply.choices[0].text == want[version][prompts.index(prompt)], (prompt, model)
+        explained = api.post("/explain", cast_to=object, body={"model": "model@v2.0.0", "prompt": prompts[0],
+                                                                "max_tokens": 3})
+        chat = api.chat.completions.create(model="model@v2.0.0", max_tokens=3, temperature=0,
+                                           messages=[{"role": "user", "content": prompts[0]}])
+        assert explained["model"] == "model@v2.0.0"  # the adapter's own answer (explain renders the chat template)
+        assert explained["answer"] == chat.choices[0].message.content
 
         _canary(project, api, port, key)
 
