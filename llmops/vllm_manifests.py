@@ -108,7 +108,9 @@ def _pod_spec(params: Params, git_url: str, alias: registry.Version, served: lis
             "ports": [{"containerPort": PORT, "name": "http"}],
             "env": [{"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": vllm.api_key_secret,
                                                                              "key": "api-key"}}}],
-            "envFrom": storage_env,  # a base on the hub may need HF_TOKEN: put it in the same Secret
+            # the storage credentials stay in the init container; a base on the hub may need HF_TOKEN: then vLLM
+            # reads the same Secret
+            **({"envFrom": storage_env} if "hub_id" in base else {}),
             "resources": {"limits": {"nvidia.com/gpu": vllm.gpus}, "requests": {"nvidia.com/gpu": vllm.gpus}},
             "readinessProbe": {"httpGet": {"path": "/health", "port": PORT}, "periodSeconds": 10},
             "volumeMounts": mount,
@@ -139,6 +141,8 @@ def render(root: str | os.PathLike, params: Params, production: registry.Version
         raise ManifestError("no version holds production; promote one first")
     _served(production)
     served = [production]
+    if canary is not None and canary.version.version == production.version:
+        canary = None  # the canary is what takes production now
     if canary is not None:
         _served(canary.version)
         if adapter_catalog.base_identity(canary.version) != adapter_catalog.base_identity(production):
