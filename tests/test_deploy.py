@@ -19,26 +19,30 @@ def ask(client, model: str = "model") -> str:
                                           max_tokens=3, temperature=0).model
 
 
-def test_a_broken_smoke_test_leaves_production_serving_the_version_before(ran_project):
+def test_a_broken_smoke_test_leaves_production_serving_the_version_before(versioned_project):
+    """(The flow's own deploy, `llmops run` to a served model, is in test_flow and test_monitor; here the deploy
+    step is called directly, on v1 in production and v2 registered.)"""
     from openai import OpenAI
 
-    project = ran_project
+    from llmops import deploy
+    from llmops.config import load_params
+
+    project = versioned_project
     port = free_port()
     set_params(project, "deploy.target=local", f"deploy.port={port}")
-    run(["git", "commit", "-qam", "deploy to a local server"], project)
+    params = load_params(project / "params.yaml").deploy
     try:
-        first = run(["llmops", "run", "--no-push"], project)
-        assert "Deployed model v1.0.0 to production" in first.stdout
+        first = deploy.deploy(project, "v1.0.0", params, "a test")  # production already: started and asked
+        assert first.version == "v1.0.0" and first.previous is None and first.answer
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1",
                         api_key=(project / ".llmops/serve/api_key").read_text().strip(), max_retries=0)
         assert ask(client) == "model@v1.0.0"
 
-        # a new release whose smoke answer cannot pass: registered and staged, never production
-        second = run(["llmops", "run", "--no-push", "-S", "train.finetune.steps=30",
-                      "-S", "deploy.smoke_expect=an answer no model gives"], project, check=False)
-        assert second.returncode == 1
-        assert ("error: pipeline failed: deploy: v2.0.0 failed its smoke test, so production stays on v1.0.0: the "
-                "smoke answer") in second.stderr
+        # a new release whose smoke answer cannot pass: staged, never production
+        with pytest.raises(deploy.DeployError, match="v2.0.0 failed its smoke test, so production stays on v1.0.0: "
+                                                     "the smoke answer"):
+            deploy.deploy(project, "v2.0.0", params.model_copy(update={"smoke_expect": "an answer no model gives"}),
+                          "a test")
         listing = run(["llmops", "registry", "list"], project).stdout
         assert listing.startswith("v2.0.0    staging ") and "\nv1.0.0    production " in listing
         assert ask(client) == "model@v1.0.0"  # the same server, untouched
