@@ -33,13 +33,13 @@ class CatalogError(LlmopsError):
 
 @dataclass(frozen=True)
 class Catalog:
-    """The base (a local directory or a hub id), the followed version, and the versions served on it."""
+    """The followed version, its base, the versions served on it, and production's canary."""
 
-    base: str
-    base_id: str  # a short digest of the base's identity, for messages and metrics
+    base_id: str  # a short digest of the base's identity
     follows: registry.Version
-    served: tuple[str, ...]  # versions whose adapters are served, newest first
+    served: tuple[registry.Version, ...]  # versions whose adapters are served, newest first
     refused: dict[str, str] = field(default_factory=dict)  # other versions -> why they are not served
+    canary: registry.Canary | None = None  # when the server follows production and a version holds canary
 
 
 def base_identity(version: registry.Version) -> dict | None:
@@ -60,6 +60,7 @@ def plan(root: str | os.PathLike, ref: str, max_adapters: int) -> Catalog:
     try:
         known = registry.versions(root)
         follows = registry.resolve(root, ref)
+        canary = registry.canary(root, known) if ref == "production" else None  # a share of production's requests
     except registry.RegistryError as exc:
         raise CatalogError(str(exc)) from None
     identity = base_identity(follows)
@@ -78,10 +79,9 @@ def plan(root: str | os.PathLike, ref: str, max_adapters: int) -> Catalog:
             refused[v.version] = (f"{v.version} is not among the {max_adapters} newest versions served here "
                                   "(deploy.max_adapters)")
         else:
-            served.append(v.version)
-    served.sort(key=registry._semver, reverse=True)
-    return Catalog(base=_describe(identity), base_id=_digest(identity), follows=follows, served=tuple(served),
-                   refused=refused)
+            served.append(v)
+    served.sort(key=lambda v: registry._semver(v.version), reverse=True)
+    return Catalog(base_id=_digest(identity), follows=follows, served=tuple(served), refused=refused, canary=canary)
 
 
 def _describe(identity: dict | None) -> str:

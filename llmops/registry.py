@@ -410,12 +410,18 @@ def _move(root: Path, stage: str, current: Version | None, target: Version, why:
     from gto import api
 
     if current is not None:
-        _tick()
-        api.unassign(str(root), ARTIFACT, version=current.version, stage=stage,
-                     message=json.dumps({"by": identity.current(), "why": f"replaced by {target.version}: {why}"}))
+        _unassign(root, stage, current, f"replaced by {target.version}: {why}")
     _tick()
     record = {"by": identity.current(), "why": why} | ({"share": share} if share is not None else {})
     api.assign(str(root), ARTIFACT, stage, version=target.version, force=True, message=json.dumps(record))
+
+
+def _unassign(root: Path, stage: str, current: Version, why: str) -> None:
+    from gto import api
+
+    _tick()
+    api.unassign(str(root), ARTIFACT, version=current.version, stage=stage,
+                 message=json.dumps({"by": identity.current(), "why": why}))
 
 
 def canary(root: str | os.PathLike, known: list[Version] | None = None) -> Canary | None:
@@ -433,8 +439,6 @@ def drop(root: str | os.PathLike, stage: str, why: str) -> Version:
     Raises:
         RegistryError: nothing holds the stage.
     """
-    from gto import api
-
     root = _repo(root)
     with audit.recorded(root, "registry.drop", ARTIFACT, allow=("rollback", f"stage:{stage}"), stage=stage,
                         why=why) as note:
@@ -442,9 +446,7 @@ def drop(root: str | os.PathLike, stage: str, why: str) -> Version:
             current = holder(root, stage)
             if current is None:
                 raise RegistryError(f"no version holds {stage}; nothing to drop")
-            _tick()
-            api.unassign(str(root), ARTIFACT, version=current.version, stage=stage,
-                         message=json.dumps({"by": identity.current(), "why": why}))
+            _unassign(root, stage, current, why)
             return current
 
         dropped = _change(root, write)

@@ -70,13 +70,8 @@ def main(args: argparse.Namespace) -> int:
             return _status()
         if args.action == "manifests":
             from llmops import vllm_manifests
-            from llmops.config import ConfigError, load_params
 
-            try:
-                params = load_params(Path.cwd() / PARAMS_FILE)
-            except ConfigError as exc:
-                raise LlmopsError(str(exc)) from None
-            print(f"wrote {vllm_manifests.write(Path.cwd(), params, args.out)} (kubectl apply -f it)")
+            print(f"wrote {vllm_manifests.write(Path.cwd(), _params(Path.cwd()), args.out)} (kubectl apply -f it)")
             return 0
         if args.action in ("stop", "reload"):
             return _each(args.action, args.port)
@@ -139,7 +134,8 @@ def _serve(args: argparse.Namespace) -> int:
                           f"or set {apikeys.KEYS_ENV}")
     if not in_project:
         print(f"note: no {PARAMS_FILE} here, so no access policy: every valid key may call", flush=True)
-    privacy = _privacy(root if in_project else None, args.privacy)
+    params = _params(root) if in_project else None
+    privacy = _privacy(params, args.privacy)
     port = args.port or 8000
     ref = args.model or args.version or "production"  # what the server follows: a directory, a stage or a version
     if not args.model and ref not in registry.STAGES:
@@ -147,7 +143,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.adapters and (args.model or not in_project):
         raise LlmopsError("--adapters serves registered versions: run it in the project, without --model")
-    deploy = _deploy_params(root) if in_project else DeployParams()
+    deploy = params.deploy if params is not None else DeployParams()
 
     def load(now: Served | None = None) -> Served:
         if args.model:
@@ -218,42 +214,38 @@ def _adapters(root: Path, ref: str, now, max_concurrency: int, max_adapters: int
         served = []
         for version in catalog.served:
             try:
-                if version not in engine.lora.names:
-                    engine.lora.load(version, adapter_catalog.adapter_dir(root, registry.get(root, version)))
-                served.append(version)
+                if version.version not in engine.lora.names:
+                    engine.lora.load(version.version, adapter_catalog.adapter_dir(root, version))
+                served.append(version.version)
             except (AdapterError, adapter_catalog.CatalogError) as exc:
-                if version == follows.version:
+                if version.version == follows.version:
                     raise
-                refused[version] = str(exc)  # the others are served all the same
+                refused[version.version] = str(exc)  # the others are served all the same
     except adapter_catalog.CatalogError as exc:
         raise LlmopsError(str(exc)) from None
-    held = registry.canary(root) if ref == "production" else None  # a canary takes a share of production's requests
+    held = catalog.canary
     canary = (held.version.version, held.share) if held and held.version.version in served else None
     if held and canary is None:
         print(f"canary {held.version.version} is not served: {refused.get(held.version.version)}", flush=True)
     return Served(engine, registry.ARTIFACT, follows.version, tuple(served), refused, catalog.base_id, canary)
 
 
-def _deploy_params(root: Path):
+def _params(root: Path):
     from llmops.config import ConfigError, load_params
 
     try:
-        return load_params(root / PARAMS_FILE).deploy
+        return load_params(root / PARAMS_FILE)
     except ConfigError as exc:
         raise LlmopsError(str(exc)) from None
 
 
-def _privacy(root: Path | None, mode: str | None):
-    """The project's privacy policy (deploy.privacy, with validate_data's detectors), `mode` overriding its mode."""
-    from llmops.config import ConfigError, load_params
+def _privacy(params, mode: str | None):
+    """The project's privacy policy (deploy.privacy, with validate_data's detectors; none: mask), `mode` overriding
+    its mode."""
     from llmops.privacy import Privacy
 
-    if root is None:
+    if params is None:
         return Privacy(mode=mode or "mask")
-    try:
-        params = load_params(root / PARAMS_FILE)
-    except ConfigError as exc:
-        raise LlmopsError(str(exc)) from None
     return Privacy(mode=mode or params.deploy.privacy, kinds=tuple(params.validate_data.pii),
                    regions=tuple(params.validate_data.phone_regions))
 
