@@ -10,7 +10,7 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from llmops import audit, audit_cli, explain_cli, locks, monitor_cli, registry, registry_cli, serve_cli
+from llmops import audit, audit_cli, explain_cli, locks, monitor_cli, registry, registry_cli, route_cli, serve_cli
 from llmops.config import PARAMS_FILE, ConfigError, load_params, storage_for
 from llmops.errors import LlmopsError
 from llmops.prefect_api import PrefectUnavailable, prefect_api
@@ -94,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
 
     registry_cli.add_parser(sub)
     serve_cli.add_parser(sub)
+    route_cli.add_parser(sub)
     monitor_cli.add_parser(sub)
     audit_cli.add_parser(sub)
     explain_cli.add_parser(sub)
@@ -125,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         return registry_cli.main(args)
     if args.command == "serve":
         return serve_cli.main(args)
+    if args.command == "route":
+        return route_cli.main(args)
     if args.command in ("monitor", "feedback"):
         return monitor_cli.main(args)
     if args.command == "audit":

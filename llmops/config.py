@@ -413,6 +413,73 @@ class DeployParams(Section):
     vllm: VllmParams = Field(default_factory=VllmParams)
 
 
+class ReplicaClass(Section):
+    """route.classes.<name>: what every replica of the class must be; each replica's /health says what it is."""
+
+    hardware: Literal["cpu", "cuda"]
+    variant: str | None = Field(None, min_length=1, description="its weights: a dtype (bfloat16, float32) or a "
+                                "quantization method (int8_weight_only); null: any")
+
+
+class Replica(Section):
+    """route.replicas[]: an `llmops serve` (or any server with our /health) behind the router."""
+
+    url: str = Field(pattern=r"^https?://[^/\s]+/?$", description="its base URL, e.g. http://10.0.0.5:8000")
+    class_: str = Field(alias="class", title="class", min_length=1, description="its class in route.classes")
+    name: str | None = Field(None, min_length=1, description="default: host:port")
+
+    # `class` is a Python keyword: the field is class_, params.yaml and the UI's form say class
+    model_config = ConfigDict(**Section.model_config, populate_by_name=True, serialize_by_alias=True)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.url.split("://", 1)[1].rstrip("/")
+
+
+class RoutePolicy(Section):
+    """route.policy: the classes each kind of request tries, in order (the next when none of a class fits or has
+    room: overflow); within a class, the least loaded replica."""
+
+    latency: list[str] = Field(default_factory=lambda: ["gpu-bf16", "cpu"], min_length=1,
+                               description="latency-sensitive requests (streamed, or X-LLMOps-Priority: latency)")
+    default: list[str] = Field(default_factory=lambda: ["cpu", "gpu-bf16"], min_length=1,
+                               description="every other request")
+
+
+class RouteParams(Section):
+    """route: `llmops route`, one OpenAI-compatible endpoint in front of several servers (llmops/router.py)."""
+
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8080, ge=1, le=65535)
+    classes: dict[str, ReplicaClass] = Field(
+        default_factory=lambda: {"gpu-bf16": ReplicaClass(hardware="cuda", variant="bfloat16"),
+                                 "cpu": ReplicaClass(hardware="cpu")},
+        description="replica classes by name: the hardware (and variant) a replica of the class must report")
+    replicas: list[Replica] = Field(default_factory=list)
+    policy: RoutePolicy = Field(default_factory=RoutePolicy)
+    tokenizer: str | None = Field(None, description="counts a prompt's tokens (against each replica's context); null: "
+                                  "the production release's (models/release)")
+    health_interval_s: float = Field(1.0, gt=0, description="how often each replica's /health is read")
+    health_timeout_s: float = Field(2.0, gt=0, description="a replica that does not answer /health in this long is "
+                                    "down until it does")
+    retries: int = Field(2, ge=0, description="other replicas a failed request is sent to (one that never reached a "
+                         "replica, or a generation whose replica failed before answering)")
+    timeout_s: float = Field(600, gt=0, description="for a replica's whole answer")
+
+    @model_validator(mode="after")
+    def _known_classes(self):
+        problems = [f".replicas[{i}].class: {r.class_!r} is not one of route.classes ({', '.join(self.classes)})"
+                    for i, r in enumerate(self.replicas) if r.class_ not in self.classes]
+        problems += [f".policy.{kind}: {name!r} is not one of route.classes ({', '.join(self.classes)})"
+                     for kind in ("latency", "default") for name in getattr(self.policy, kind)
+                     if name not in self.classes]
+        labels = [r.label for r in self.replicas]
+        problems += [f".replicas: {label!r} is listed twice" for label in sorted(set(labels)) if labels.count(label) > 1]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class OrchestrationParams(Section):
     """orchestration: how the runs that Prefect starts (UI, schedule, git push) share this machine's devices."""
 
@@ -552,6 +619,7 @@ class Params(Section):
     storage: StorageParams = Field(default_factory=StorageParams)
     registry: RegistryParams = Field(default_factory=RegistryParams)
     deploy: DeployParams = Field(default_factory=DeployParams)
+    route: RouteParams = Field(default_factory=RouteParams)
     orchestration: OrchestrationParams = Field(default_factory=OrchestrationParams)
     monitor: MonitorParams = Field(default_factory=MonitorParams)
     governance: GovernanceParams = Field(default_factory=GovernanceParams)

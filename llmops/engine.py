@@ -50,14 +50,26 @@ class Engine:
     """A model directory (safetensors only) served with continuous batching; start() before use, stop() after."""
 
     def __init__(self, model_dir: str | os.PathLike, max_concurrency: int = 16, adapters: bool = False,
-                 tokenizer_dir: str | os.PathLike | None = None):
+                 tokenizer_dir: str | os.PathLike | None = None, device: str | None = None,
+                 max_context: int | None = None):
         """`adapters`: serve LoRA adapters on this model (see multilora; `add_adapter`); `tokenizer_dir`: the tokenizer
-        to use, when not the model's own (a release's, which carries the chat template)."""
+        to use, when not the model's own (a release's, which carries the chat template); `device`: cpu or cuda
+        (default: a GPU when there is one); `max_context`: fewer tokens per request than the model takes (its KV
+        cache shrinks with it: a replica with little memory).
+
+        Raises:
+            EngineError: `device` is cuda on a machine without one, or an unknown device.
+        """
         import torch
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-        cuda = torch.cuda.is_available()
+        if device not in (None, "cpu", "cuda"):
+            raise EngineError(f"unknown device {device!r}: cpu or cuda")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise EngineError("device cuda: this machine has no CUDA GPU that torch can use "
+                              "(torch.cuda.is_available() is false)")
+        cuda = device == "cuda" or (device is None and torch.cuda.is_available())
         verify_model_dir(model_dir)  # ModelError: a pickle, a missing or changed weights file
         self.model_dir = Path(model_dir)
         self.tokenizer_dir = Path(tokenizer_dir or model_dir)
@@ -66,6 +78,10 @@ class Engine:
         self.model = load_causal_lm(str(model_dir), dtype=torch.bfloat16 if cuda else torch.float32)
         self.model = self.model.to("cuda" if cuda else "cpu").eval()
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        if max_context is not None:
+            self.context = min(self.context, max_context)
+        self.hardware = _hardware(cuda)
+        self.variant = _variant(self.model_dir, self.model)
         self.vocab = int(self.model.config.vocab_size)
         # do_sample with all three processors present (transformers makes one only for a non-neutral default),
         # so that each request sets its own values; every request passes all three
@@ -87,6 +103,7 @@ class Engine:
         )
         self.manager = self.model.init_continuous_batching(generation_config=generation,
                                                            continuous_batching_config=cache)
+        self.max_concurrency = max_concurrency
         self.active = 0  # requests being generated (a reload stops this engine when it reaches 0)
         self.lora = MixedLora(self.model) if adapters else None
         self._adapter_of: dict[str, str | None] = {}  # request id -> its adapter (None: the model itself)
@@ -203,8 +220,40 @@ class Engine:
             return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
         return {"temperature": float(s.temperature), "top_k": self.vocab, "top_p": float(s.top_p)}
 
+    def describe(self) -> dict[str, Any]:
+        """What a router needs to know of this replica: its hardware, variant, context and load."""
+        stats = self.stats()
+        return {**self.hardware, "variant": self.variant, "context": self.context,
+                "max_concurrency": self.max_concurrency, "running": stats.running, "waiting": stats.waiting}
+
     def _forget(self, rid: str) -> None:
         self._adapter_of.pop(rid, None)
         router = getattr(self.manager, "output_router", None)
         if router is not None:
             router.result_handlers.pop(rid, None)
+
+
+def _hardware(cuda: bool) -> dict[str, Any]:
+    """The device the model runs on, as a replica reports it (llmops/router.py checks it against its class)."""
+    import platform
+
+    import torch
+
+    if cuda:
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return {"hardware": "cuda", "device_name": props.name, "memory_gib": round(props.total_memory / 2**30, 1)}
+    return {"hardware": "cpu", "device_name": platform.processor() or platform.machine(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+
+
+def _variant(model_dir: Path, model: Any) -> str:
+    """The served variant: the quantization method of a release (release.json), else the weights' dtype."""
+    import json
+
+    try:
+        variant = json.loads((model_dir / "release.json").read_text())["variant"]
+    except (OSError, ValueError, KeyError, TypeError):
+        variant = None
+    if isinstance(variant, str) and variant.startswith("quantized/"):
+        return variant.removeprefix("quantized/")
+    return str(model.dtype).removeprefix("torch.")

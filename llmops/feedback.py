@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy import (Column, DateTime, ForeignKey, Integer, MetaData, String, Table, Text, create_engine, event,
                         insert, select, update)
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from llmops.errors import LlmopsError
 
@@ -82,7 +82,10 @@ class Store:
             if url.startswith("sqlite"):
                 # servers and the monitor write from several processes: WAL lets readers work beside one writer
                 event.listen(self.engine, "connect", lambda conn, _: conn.execute("PRAGMA journal_mode=WAL"))
-            metadata.create_all(self.engine)
+            try:
+                metadata.create_all(self.engine)
+            except OperationalError:  # another process (a replica starting beside this one) made them after our
+                metadata.create_all(self.engine)  # look and before our CREATE: look again; a real fault raises again
         except SQLAlchemyError as exc:
             raise FeedbackError(f"the feedback database {self._safe_url()} cannot be used: {exc.orig or exc}") from None
 

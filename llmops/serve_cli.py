@@ -37,6 +37,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         f"${{{apikeys.KEYS_ENV}}})")
     parser.add_argument("--name", help="keygen, revoke: the key's name (its identity in the access policy: key:NAME)")
     parser.add_argument("--max-concurrency", type=int, default=16, help="requests generated together")
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        help="where the model runs (default: a CUDA GPU when there is one); a replica declares it to "
+                        "`llmops route` this way, and cuda on a machine without one is refused")
+    parser.add_argument("--context", type=int, help="at most this many tokens per request (prompt and answer; default "
+                        "the model's): a smaller KV cache, for a replica with little memory")
     parser.add_argument("--cache-entries", type=int, help="greedy answers the response cache keeps; 0: no cache "
                         "(default: the project's deploy.cache_entries, else 1024)")
     parser.add_argument("--adapters", action="store_true",
@@ -144,15 +149,17 @@ def _serve(args: argparse.Namespace) -> int:
     if args.adapters and (args.model or not in_project):
         raise LlmopsError("--adapters serves registered versions: run it in the project, without --model")
     deploy = params.deploy if params is not None else DeployParams()
+    if args.context is not None and args.context < 2:
+        raise LlmopsError(f"--context {args.context}: a request needs at least 2 tokens (a prompt and an answer)")
+    options = {"max_concurrency": args.max_concurrency, "device": args.device, "max_context": args.context}
 
     def load(now: Served | None = None) -> Served:
         if args.model:
-            return Served(Engine(args.model, max_concurrency=args.max_concurrency), Path(args.model).resolve().name)
+            return Served(Engine(args.model, **options), Path(args.model).resolve().name)
         if args.adapters:
-            return _adapters(root, ref, now, args.max_concurrency, deploy.max_adapters)
+            return _adapters(root, ref, now, options, deploy.max_adapters)
         version = _resolve(root, ref)
-        return Served(Engine(servers.model_dir(root, version), max_concurrency=args.max_concurrency),
-                      registry.ARTIFACT, version)
+        return Served(Engine(servers.model_dir(root, version), **options), registry.ARTIFACT, version)
 
     url = f"http://{args.host}:{port}/v1"
     started = servers.now()
@@ -194,7 +201,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _adapters(root: Path, ref: str, now, max_concurrency: int, max_adapters: int):
+def _adapters(root: Path, ref: str, now, options: dict, max_adapters: int):
     """What a server of adapters serves: the catalog's versions on its base, on `now`'s engine if the base is the
     same (loading the new adapters into it), else on a new engine."""
     from llmops import adapter_catalog
@@ -208,8 +215,8 @@ def _adapters(root: Path, ref: str, now, max_concurrency: int, max_adapters: int
         if now is not None and now.engine.lora is not None and now.base_id == catalog.base_id:
             engine = now.engine
         else:
-            engine = Engine(adapter_catalog.base_dir(root, catalog), max_concurrency=max_concurrency, adapters=True,
-                            tokenizer_dir=adapter_catalog.adapter_dir(root, follows))  # with the chat template
+            engine = Engine(adapter_catalog.base_dir(root, catalog), adapters=True,
+                            tokenizer_dir=adapter_catalog.adapter_dir(root, follows), **options)  # its chat template
         refused = dict(catalog.refused)
         served = []
         for version in catalog.served:

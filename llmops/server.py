@@ -423,7 +423,10 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        # open, for load balancers and `llmops route`: what this replica runs on, and how busy it is
+        now = current[0]
+        return {"status": "ok", "ready": now.engine.healthy, "model": now.name, "version": now.version,
+                **now.engine.describe()}
 
     @app.get("/ready")
     async def ready():

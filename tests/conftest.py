@@ -53,6 +53,28 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
+TOY_WORDS = [f"w{i}" for i in range(40)]
+
+
+def toy_model(path: Path) -> Path:
+    """A 2-layer Llama of random weights with a word-level tokenizer over TOY_WORDS: loads and answers in seconds."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", *TOY_WORDS])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                                         pad_token_id=0, eos_token_id=1, bos_token_id=None))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _aws_env(monkeypatch):
     """In-process boto3 calls use fake credentials and never the developer's real ones."""

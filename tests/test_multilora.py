@@ -9,28 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from llmops.engine import Engine, EngineError, Sampling
+from conftest import toy_model
 from llmops.multilora import AdapterError
 
-WORDS = [f"w{i}" for i in range(40)]
 PROMPTS = ["w1 w2 w3", "w4 w4 w4 w4 w4 w9 w10", "w7", "w11 w12 w13 w14 w15 w16 w17 w18 w19 w20 w21", "w30 w31"]
-
-
-def _toy_base(path):
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", *WORDS])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
-                                         pad_token_id=0, eos_token_id=1, bos_token_id=None))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def _adapter(base, path, seed, **lora):
@@ -49,7 +31,7 @@ def _adapter(base, path, seed, **lora):
 @pytest.fixture(scope="module")
 def toys(tmp_path_factory):
     root = tmp_path_factory.mktemp("multilora")
-    base = _toy_base(root / "base")
+    base = toy_model(root / "base")
     adapters = {
         "a": _adapter(base, root / "a", 1, r=4, target_modules=["q_proj", "v_proj"]),
         "b": _adapter(base, root / "b", 2, r=8, target_modules=["q_proj", "k_proj", "o_proj", "down_proj"]),
