@@ -73,6 +73,15 @@ class Fleet:
             proc.wait(60)
 
 
+def _load_test():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("load_test", Path(__file__).parents[1] / "benchmarks/load_test.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _get(url: str, path: str) -> dict:
     request = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {KEY}"})
     return json.load(urllib.request.urlopen(request, timeout=10))
@@ -148,6 +157,13 @@ def test_requests_go_by_class_context_and_load_and_bad_declarations_are_refused(
         no_gpu = run([str(BIN / "llmops"), "serve", "--model", str(toy), "--device", "cuda", "--port",
                       str(free_port())], tmp_path / "replicas", env=_env(), check=False)
         assert no_gpu.returncode == 1 and "device cuda: this machine has no CUDA GPU" in no_gpu.stderr
+        # the load test's locust users (benchmarks/load_test.py), briefly: every request answered and counted
+        load = _load_test().locust(url, KEY, ["toy"], users=4, seconds=4, work=tmp_path, name="load",
+                                   max_tokens=4)
+        assert load["requests"] == load["answered"] > 0 and load["other_errors"] == load["refused_503"] == 0, load
+        assert load["tokens_per_s"] > 0 and load["p99_ms"] >= load["p50_ms"] > 0
+        assert set(load["by_replica"]) <= {"small", "big"}
+
         metrics = urllib.request.urlopen(urllib.request.Request(
             f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"})).read().decode()
         assert 'llmops_router_requests_total{replica="small",status="200"}' in metrics
