@@ -159,7 +159,19 @@ def _serve(args: argparse.Namespace) -> int:
         if args.adapters:
             return _adapters(root, ref, now, options, deploy.max_adapters)
         version = _resolve(root, ref)
-        return Served(Engine(servers.model_dir(root, version), **options), registry.ARTIFACT, version)
+        if now is not None and now.version == version:  # only the canary changed: production stays loaded
+            engine = now.engine
+        elif now is not None and now.canary_engine is not None and now.canary[0] == version:  # the canary promoted
+            engine = now.canary_engine
+        else:
+            engine = Engine(servers.model_dir(root, version), **options)
+        held = registry.canary(root) if ref == "production" else None
+        if held is None or held.version.version == version:
+            return Served(engine, registry.ARTIFACT, version)
+        canary = held.version.version  # a second engine: a one-model server holds the canary's model beside it
+        reuse = now is not None and now.canary_engine is not None and now.canary[0] == canary
+        canary_engine = now.canary_engine if reuse else Engine(servers.model_dir(root, canary), **options)
+        return Served(engine, registry.ARTIFACT, version, canary=(canary, held.share), canary_engine=canary_engine)
 
     url = f"http://{args.host}:{port}/v1"
     started = servers.now()
@@ -182,14 +194,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.adapters and deploy.watch_s > 0:  # new versions, and stage moves, are served without a reload
         watch = (deploy.watch_s, lambda: [(v.version, tuple(v.stages)) for v in registry.versions(root)])
     canary = None
-    if args.adapters:
+    if not args.model:  # a server of registered versions serves production's canary, and drops one that fares worse
         limits = CanaryLimits(deploy.canary_min_requests, deploy.canary_max_error_rate_increase,
                               deploy.canary_max_latency_ratio)
         canary = (limits, lambda version, reason: registry.drop(root, "canary", f"automatic rollback of {version}: "
                                                                                   f"{reason}"))
-    elif in_project and not args.model and (held := registry.canary(root)) is not None:
-        print(f"note: canary {held.version.version} ({held.share:g}%) is served by servers started with --adapters "
-              "only", flush=True)
     app = create_app(served, callers, root / LOG_DIR, store, reload=load, on_change=on_change, privacy=privacy,
                      watch=watch, cache=ResponseCache(deploy.cache_entries if args.cache_entries is None
                                                       else args.cache_entries, deploy.cache_ttl_s), canary=canary)

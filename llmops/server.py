@@ -127,11 +127,13 @@ class UnknownModel(LookupError):
 
 @dataclass(frozen=True)
 class Target:
-    """The model a request goes to: its label in responses, its registry version, its adapter on the engine."""
+    """The model a request goes to: its label in responses, its registry version, the engine answering and the
+    adapter on it (None: the engine's model itself)."""
 
     label: str
     version: str | None
     adapter: str | None
+    engine: Engine
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,8 @@ class Served:
     """What the server answers with now: an engine, the name clients ask for, and the registry version behind it.
 
     With adapters (llmops/multilora.py), the engine holds a base and each version in `adapters` is a LoRA adapter
-    on it, asked for as `name@version`; `name` alone is the followed version (production, by default).
+    on it, asked for as `name@version`; `name` alone is the followed version (production, by default). A canary is
+    one of those adapters or, on a server of one model, the model of `canary_engine`.
     """
 
     engine: Engine
@@ -149,6 +152,11 @@ class Served:
     refused: dict[str, str] = field(default_factory=dict)  # versions not served here -> why
     base_id: str | None = None  # which base the engine holds, for a server of adapters (adapter_catalog)
     canary: tuple[str, float] | None = None  # (version, percent): that share of the requests for `name` goes to it
+    canary_engine: Engine | None = None  # a one-model server's canary (a server of adapters has it as an adapter)
+
+    @property
+    def engines(self) -> tuple[Engine, ...]:
+        return (self.engine,) if self.canary_engine is None else (self.engine, self.canary_engine)
 
     @property
     def label(self) -> str:
@@ -158,7 +166,8 @@ class Served:
     @property
     def models(self) -> list[tuple[str, str | None]]:
         """The names a request may give, each with the version behind it."""
-        return [(self.name, self.version)] + [(f"{self.name}@{v}", v) for v in self.adapters]
+        canary = [self.canary[0]] if self.canary_engine is not None else []
+        return [(self.name, self.version)] + [(f"{self.name}@{v}", v) for v in (*self.adapters, *canary)]
 
     def pick(self, model: str, who: str | None = None) -> Target:
         """The target of a request for `model` from `who` (a user or a key: a canary's share is sticky per caller;
@@ -167,17 +176,20 @@ class Served:
         Raises:
             UnknownModel: a model not served here.
         """
-        if self.canary is not None and who is not None and model == self.name and _bucket(who) < self.canary[1]:
-            version = self.canary[0]
-            return Target(f"{self.name}@{version}", version, version)
+        canary = self.canary[0] if self.canary is not None else None
+        if canary is not None and ((who is not None and model == self.name and _bucket(who) < self.canary[1])
+                                   or model == f"{self.name}@{canary}"):
+            if self.canary_engine is not None:
+                return Target(f"{self.name}@{canary}", canary, None, self.canary_engine)
+            return Target(f"{self.name}@{canary}", canary, canary, self.engine)
         if not self.adapters:
             if model in (self.name, self.label):
-                return Target(self.label, self.version, None)
+                return Target(self.label, self.version, None, self.engine)
             raise UnknownModel(f"The model {model!r} does not exist; this server has {self.name!r} ({self.label!r})")
         name, _, version = model.partition("@")
         version = version or self.version
         if name == self.name and version in self.adapters:
-            return Target(f"{self.name}@{version}", version, version)
+            return Target(f"{self.name}@{version}", version, version, self.engine)
         if name == self.name and version in self.refused:
             raise UnknownModel(f"The model {model!r} is not served here: {self.refused[version]}")
         served = ", ".join(repr(m) for m, _ in self.models)
@@ -309,25 +321,28 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
                 new = await asyncio.to_thread(reload, current[0])
                 if closing:  # the server is shutting down: a started engine's thread would keep the process alive
                     return
-                if new.engine is not current[0].engine:
-                    new.engine.on_step = metrics.batch.observe
-                    new.engine.start()
+                for engine in new.engines:
+                    if engine not in current[0].engines:
+                        engine.on_step = metrics.batch.observe
+                        engine.start()
             except Exception as exc:  # whatever failed, the model that serves now keeps serving
                 logger.error("reload failed, still serving %s: %s", current[0].label, exc)
                 notify(current[0], f"{type(exc).__name__}: {exc}")
                 return
             old, current[0] = current[0], new
             if new != old:
-                logger.warning("reloaded: %s -> %s (adapters: %s)", old.label, new.label, ", ".join(new.adapters))
+                logger.warning("reloaded: %s -> %s (adapters: %s; canary: %s)", old.label, new.label,
+                               ", ".join(new.adapters), new.canary and new.canary[0])
             notify(new, None)
             if new.engine is old.engine:  # the same base: adapters no longer served go once their requests are done
                 for gone in set(old.adapters) - set(new.adapters):
                     await new.engine.remove_adapter(gone)
-                return
-            retiring.add(old.engine)
-        await old.engine.drain()
-        await asyncio.to_thread(old.engine.stop)
-        retiring.discard(old.engine)
+            gone = [engine for engine in old.engines if engine not in new.engines]
+            retiring.update(gone)
+        for engine in gone:  # requests in flight finish on the engine they started on, which then stops
+            await engine.drain()
+            await asyncio.to_thread(engine.stop)
+            retiring.discard(engine)
 
     def _judge_canary(version: str) -> None:
         """After a canary's request: drop it (in the background, the response is not held) if it fares worse."""
@@ -367,8 +382,9 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        current[0].engine.on_step = metrics.batch.observe
-        current[0].engine.start()
+        for engine in current[0].engines:
+            engine.on_step = metrics.batch.observe
+            engine.start()
         if reload is not None:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(swap()))
         notify(current[0], None)
@@ -379,7 +395,7 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
             closing.append(True)
             if watcher is not None:
                 watcher.cancel()
-            for engine in (current[0].engine, *retiring):
+            for engine in (*current[0].engines, *retiring):
                 engine.stop()  # after uvicorn finished the requests in flight
 
     app = FastAPI(title="llmops", lifespan=lifespan)
@@ -464,9 +480,9 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
     async def completions(body: CompletionRequest, request: Request):
         if refused := await _refused(request.state.caller, body.model) or _screen("prompt", [body.prompt]):
             return refused
-        now = current[0]
-        ids = now.engine.tokenizer(privacy.prompt(body.prompt), add_special_tokens=False)["input_ids"]
-        return await _respond(now, request, body, ids, body.prompt, "text_completion", "prompt")
+        prompt = privacy.prompt(body.prompt)
+        return await _respond(current[0], request, body, lambda tok: tok(prompt, add_special_tokens=False)["input_ids"],
+                              body.prompt, "text_completion", "prompt")
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
@@ -474,13 +490,12 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
         if refused := await _refused(request.state.caller, body.model) or _screen("messages",
                                                                                    [m["content"] for m in messages]):
             return refused
-        now = current[0]
         seen = [{**m, "content": privacy.prompt(m["content"])} for m in messages]
-        ids = list(now.engine.tokenizer.apply_chat_template(seen, add_generation_prompt=True,
-                                                            tokenize=True)["input_ids"])
         if body.max_completion_tokens is not None:
             body = body.model_copy(update={"max_tokens": body.max_completion_tokens})
-        return await _respond(now, request, body, ids, messages[-1]["content"], "chat.completion", "messages")
+        return await _respond(current[0], request, body, lambda tok: list(tok.apply_chat_template(
+            seen, add_generation_prompt=True, tokenize=True)["input_ids"]), messages[-1]["content"], "chat.completion",
+            "messages")
 
     def _screen(what: str, texts: list[str]) -> JSONResponse | None:
         """Count the personal data in a prompt; a 400 if this deployment refuses it."""
@@ -509,11 +524,12 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
 
         def work():
             # gradients need a model of their own: the serving engine's is set up for paged, batched decoding
-            key = (str(now.engine.model_dir), target.adapter)
+            engine = target.engine
+            key = (str(engine.model_dir), target.adapter)
             if key not in explainers:
                 explainers.clear()  # after a reload, the old model's copy goes
-                adapter = now.engine.lora.dirs[target.adapter] if target.adapter else None
-                explainers[key] = explain.load(key[0], adapter=adapter, tokenizer_dir=now.engine.tokenizer_dir)
+                adapter = engine.lora.dirs[target.adapter] if target.adapter else None
+                explainers[key] = explain.load(key[0], adapter=adapter, tokenizer_dir=engine.tokenizer_dir)
             model, tokenizer = explainers[key]
             return explain.explain(model, tokenizer, privacy.prompt(body.prompt), answer=body.answer,
                                    max_new_tokens=body.max_tokens)
@@ -534,14 +550,17 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
         await asyncio.to_thread(callers.record_refusal, caller, model, why)
         return _error(403, why, param="model", code="model_not_allowed", kind="permission_error")
 
-    async def _respond(now: Served, request: Request, body: _Request, ids: list[int], prompt: str, kind: str,
-                       what: str):
-        engine = now.engine
+    async def _respond(now: Served, request: Request, body: _Request, encode: Callable[[object], list[int]],
+                       prompt: str, kind: str, what: str):
+        """Generate for `body` on the model it picks; `encode(tokenizer)` gives the prompt's token ids (by that
+        model's tokenizer: a canary on another base has its own)."""
         try:
             target = now.pick(body.model, body.user or f"key:{request.state.caller}")
         except UnknownModel as exc:
             return _error(404, str(exc), param="model", code="model_not_found")
         request.state.version = target.version
+        engine = target.engine
+        ids = encode(engine.tokenizer)
         max_tokens = body.max_tokens or max(1, min(256, engine.context - len(ids)))
         if len(ids) + max_tokens > engine.context:
             return _error(400, f"This model's maximum context length is {engine.context} tokens; the {what} has "
@@ -556,7 +575,7 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
         cached = "bypass" if key is None else "hit" if hit is not None else "miss"
         metrics.cache.labels(cached).inc()
         headers = {CACHE_HEADER: cached}
-        run = _Generation(engine, ids, sampling, stops, metrics, target, replay=hit,
+        run = _Generation(ids, sampling, stops, metrics, target, replay=hit,
                           keep=(lambda answer: cache.put(key, answer)) if cached == "miss" else None)
         if body.stream:
             return StreamingResponse(_sse(run, rid, kind, target.label, log, prompt, target.version, body.user,
@@ -587,11 +606,10 @@ class _Generation:
     With `replay`, the text is a cached answer's (no forward pass); with `keep`, a complete answer is handed to it
     (for the response cache)."""
 
-    def __init__(self, engine: Engine, ids: list[int], sampling: Sampling, stops: list[str], metrics: _Metrics,
-                 target: Target | None = None, replay: Answer | None = None,
-                 keep: Callable[[Answer], None] | None = None):
-        self.engine, self.ids, self.sampling, self.stops, self.metrics = engine, ids, sampling, stops, metrics
-        self.adapter, self.version = (target.adapter, target.version) if target else (None, None)
+    def __init__(self, ids: list[int], sampling: Sampling, stops: list[str], metrics: _Metrics, target: Target,
+                 replay: Answer | None = None, keep: Callable[[Answer], None] | None = None):
+        self.ids, self.sampling, self.stops, self.metrics = ids, sampling, stops, metrics
+        self.engine, self.adapter, self.version = target.engine, target.adapter, target.version
         self.replay, self.keep = replay, keep
         self.completion_tokens = 0
         self.finish_reason = "length"

@@ -203,6 +203,35 @@ def test_a_server_of_adapters_serves_every_version_on_its_base_and_follows_the_r
         stop_servers(project)
 
 
+def test_a_server_of_one_model_serves_the_canary_from_a_second_engine(versioned_project):
+    """Without --adapters, the production server loads the canary's model beside production's: the same routing,
+    labels, automatic rollback and promotion as a server of adapters."""
+    import subprocess
+
+    from openai import OpenAI
+
+    from conftest import BIN, _wait_http, base_env, free_port, run, set_params, stop_servers
+
+    project = versioned_project
+    llmops = [str(BIN / "llmops")]
+    key = run(llmops + ["serve", "keygen", "--name", "tests"], project).stdout.strip()
+    set_params(project, "deploy.canary_min_requests=10", "deploy.canary_max_latency_ratio=0.5")
+    port = free_port()
+    log = open(project / "one.log", "w")
+    proc = subprocess.Popen(llmops + ["serve", "--port", str(port)], cwd=project, env=base_env(), stdout=log,
+                            stderr=log)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", proc, 180)
+        api = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+        assert [m.id for m in api.models.list().data] == ["model"]
+        _canary(project, api, port, key)
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        stop_servers(project)
+
+
 def _alone_text(base, adapter, prompt, n):
     from transformers import AutoTokenizer
 
@@ -225,6 +254,7 @@ def _canary(project, api, port, key):
     assert bad.returncode == 1 and "canary share 150% is outside 0-100%" in bad.stderr
     out = run(llmops + ["registry", "canary", "v2", "--share", "50", "--why", "try it"], project).stdout
     assert "canary: none -> v2.0.0 at 50% of production's traffic" in out and "now serves v1.0.0" in out
+    assert "model@v2.0.0" in [m.id for m in api.models.list().data]
 
     def ask(user):  # sampled, the same work each: never cached, latencies comparable
         return api.completions.create(model="model", prompt="What is 2 plus 2?", max_tokens=6, temperature=1.0,
