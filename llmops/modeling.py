@@ -174,9 +174,25 @@ def load_causal_lm(name: str, **kwargs: Any) -> Any:
     verify_model_dir(name)
     hf_logging.disable_progress_bar()  # a bar redrawn through a pipe is noise in a log
     try:
-        return AutoModelForCausalLM.from_pretrained(name, use_safetensors=True, **kwargs)
+        return safe_4bit_on_cpu(AutoModelForCausalLM.from_pretrained(name, use_safetensors=True, **kwargs))
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # a truncated file, a missing one
         raise ModelError(f"model {name}: cannot load its weights: {str(exc).splitlines()[0]}") from None
+
+
+def safe_4bit_on_cpu(model: Any) -> Any:
+    """`model`, with bitsandbytes' AVX512-BF16 weight packing off for the 4-bit layers it would break.
+
+    On a CPU with AVX512-BF16 (e.g. AMD Zen 4), bitsandbytes 0.50 repacks a 4-bit layer's weights at its first
+    forward pass, reshaping the scales to (out, in // blocksize): a layer narrower than a block (in < 64, as in
+    the tests' tiny model) fails with "shape '[32, 0]' is invalid". Those layers keep the plain 4-bit kernel;
+    on other CPUs nothing changes.
+    """
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if getattr(module, "support_avx512bf16_for_cpu", False) and state is not None and \
+                module.in_features % state.blocksize != 0:
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def load_adapter(model: Any, adapter_dir: str | os.PathLike, **kwargs: Any) -> Any:

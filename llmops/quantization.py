@@ -88,7 +88,9 @@ def quantize(src: str, method: str, device: str, dtype: Any = None) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
+    from llmops.modeling import safe_4bit_on_cpu
+
+    return safe_4bit_on_cpu(AutoModelForCausalLM.from_pretrained(
         src, quantization_config=METHODS[method].config(), device_map=device, dtype=dtype or torch.float32,
         use_safetensors=True,
-    ).eval()
+    )).eval()

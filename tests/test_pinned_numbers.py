@@ -28,10 +28,11 @@ FIRST_LOSSES = {
     "pretrain": [5.699400, 5.613944, 5.465807, 5.272559],
     "finetune": [4.089717, 4.167846, 3.261132, 3.356837],
 }
-# float32 CPU kernels may round differently on another instruction set (AVX2 vs AVX-512), which moves
-# these losses in the 5th-6th decimal; a change of data, tokenizer, initialisation, learning-rate schedule
-# or loss masking moves the first step's loss by 1e-2 or more.
-TOLERANCE = 1e-3
+# float32 CPU kernels round differently on another instruction set (AVX2, AVX-512, AVX512-BF16), which
+# moves these losses: in the 5th-6th decimal on Intel machines, by up to 2.1e-3 on an AMD Zen 4 one (the
+# fine-tune's first steps start from a pretrained model that already differs); a change of data, tokenizer,
+# initialisation, learning-rate schedule or loss masking moves the first step's loss by 1e-2 or more.
+TOLERANCE = 5e-3
 
 
 def test_the_generated_data_is_byte_identical(pipeline: Path):

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from conftest import BIN, run, set_params, snapshot
+from llmops.modeling import safe_4bit_on_cpu
 from llmops.provenance import sha256_file
 
 pytestmark = [pytest.mark.services, pytest.mark.training]  # the session's run pipeline
@@ -32,7 +33,9 @@ def test_each_method_reloads_with_plain_transformers_and_matches_its_metrics(pip
 
         config = json.loads((path / "config.json").read_text())
         assert config["quantization_config"]["quant_method"] == LIBRARY[name]
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)  # no extra arguments
+        # no extra arguments; safe_4bit_on_cpu only keeps bitsandbytes' AVX512-BF16 repacking off the tiny model's
+        # 32-wide layers, which it cannot repack (a real model's layers are wide enough)
+        model = safe_4bit_on_cpu(AutoModelForCausalLM.from_pretrained(path, use_safetensors=True))
         tok = AutoTokenizer.from_pretrained(path)
         ids = tok("### Instruction:\nWhat is 2 + 2?\n\n### Response:\n", return_tensors="pt")["input_ids"]
         with torch.no_grad():
