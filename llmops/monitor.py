@@ -143,7 +143,14 @@ def judge(root: str | Path, params: Params, end: datetime) -> Judged:
     report.judge_harm(reference, {})
     consistency, fairness, counted = {"requests": 0, "note": "no server answers for production"}, {}, {}
     if live is not None:
-        consistency, fairness, counted = _probe(root, live, version, current, mp)
+        from openai import OpenAIError
+
+        try:
+            consistency, fairness, counted = _probe(root, live, version, current, mp)
+        except (OpenAIError, OSError) as exc:  # the server went away mid-probe: the log's figures are still judged
+            why = f"the probes of {live.url} failed: {type(exc).__name__}: {exc}"
+            print(f"warning: {why}; the report goes on without them")
+            consistency = {"requests": 0, "note": why}
     snapshot, values = report.report(current, reference, mp)
     fig = report.figures(values, current, window, ref_info, errors, mp, by_detector, consistency)
     fig.fairness = fairness

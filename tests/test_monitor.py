@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from conftest import base_env, free_port, prefect_server, run, set_params, stop_servers
+from conftest import base_env, free_port, postgres, prefect_server, run, set_params, stop_servers
 from llmops.feedback import FeedbackError, Store, UnknownRequest
 from llmops.requestlog import Writer, read_window
 
@@ -47,8 +47,18 @@ def test_the_request_log_is_read_by_day_partition_and_survives_corrupt_lines(tmp
     assert empty.records == [] and empty.files == 0
 
 
-def test_feedback_needs_a_known_request_and_a_review_needs_a_correction(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'fb.db'}")
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.services)])
+def feedback_db(request, tmp_path):
+    """The feedback database's URL: the default SQLite file, or a real PostgreSQL server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fb.db'}"
+    else:
+        with postgres() as url:
+            yield url
+
+
+def test_feedback_needs_a_known_request_and_a_review_needs_a_correction(feedback_db):
+    store = Store(feedback_db)
     with pytest.raises(UnknownRequest):
         store.add_feedback("nope", 3)
     store.record_request("r1", datetime.now(timezone.utc), "v1.0.0", "What number comes after 4?", "7")
@@ -61,6 +71,37 @@ def test_feedback_needs_a_known_request_and_a_review_needs_a_correction(tmp_path
     assert [r["correction"] for r in store.accepted(unused_only=True)] == ["5"]
     store.mark_used(["r1"], "data/corrections/accepted-000001.jsonl")
     assert store.accepted(unused_only=True) == [] and len(store.accepted()) == 1
+
+
+@pytest.mark.services
+def test_a_server_configured_with_postgresql_keeps_its_feedback_there(tmp_path):
+    """LLMOPS_FEEDBACK_DB: answered requests and the feedback on them go to the PostgreSQL server it names."""
+    import subprocess
+
+    from openai import OpenAI
+
+    from conftest import BIN, _wait_http, toy_model
+    from llmops.apikeys import hash_key
+
+    model, port, key = toy_model(tmp_path / "toy"), free_port(), "sk-llmops-feedback-test"
+    with postgres() as url:
+        env = base_env(LLMOPS_FEEDBACK_DB=url, LLMOPS_API_KEY_HASHES=hash_key(key))
+        proc = subprocess.Popen([str(BIN / "llmops"), "serve", "--model", str(model), "--port", str(port)],
+                                cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "err", "w"))
+        try:
+            _wait_http(f"http://127.0.0.1:{port}/health", proc, 120)
+            answer = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0).completions.create(
+                model="toy", prompt="w1 w2", max_tokens=2, temperature=0)
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/feedback", headers={
+                "Authorization": f"Bearer {key}", "Content-Type": "application/json"}, data=json.dumps(
+                {"request_id": answer.id, "rating": 2, "correction": "w3"}).encode())
+            assert json.load(urllib.request.urlopen(req, timeout=30))["rating"] == 2
+        finally:
+            proc.terminate()
+            proc.wait(60)
+        stored = Store(url).feedback_for([answer.id])[answer.id]
+        assert stored["rating"] == 2 and stored["correction"] == "w3"
+        assert not (tmp_path / ".llmops/serve/feedback.db").exists()  # nothing went to the default SQLite file
 
 
 def test_a_user_registers_a_checker_for_their_own_tasks(tmp_path, monkeypatch):
@@ -145,6 +186,15 @@ def test_the_window_is_read_from_s3_partitions(tmp_path, s3_endpoint, bucket):
     down = StorageParams(remote="s3", bucket=bucket, endpoint_url=f"http://127.0.0.1:{free_port()}")
     with pytest.raises(LogError, match="cannot reach the S3 endpoint"):
         read_window(f"s3://{bucket}/serving", now - timedelta(hours=1), now, down)
+
+
+def test_the_wordlist_detector_flags_profanity_and_not_numbers():
+    from llmops.checks import detectors
+    from llmops.config import HarmfulParams
+
+    detect = detectors(HarmfulParams(detectors=["wordlist"]))["wordlist"]
+    assert detect(["you are a fucking idiot", "f u c k this", "sh1t", "85", "What number comes after 41?", ""]) == \
+        [True, True, True, False, False, False]
 
 
 def test_a_local_classifier_is_a_harmful_content_detector(tmp_path):
@@ -248,11 +298,12 @@ def test_drifted_traffic_and_corrections_alert_and_start_a_run_on_a_new_dataset_
         asked = []
         for i in range(12):
             prompt = DRIFTED[i % len(DRIFTED)] + ("" if i < 5 else f" (number {i})")
+            prompt = "Tell me a story about a fucking dragon" if i == 11 else prompt  # for the wordlist detector
             reply = client.chat.completions.create(model="model", messages=[{"role": "user", "content": prompt}],
                                                    max_tokens=6, temperature=0)
             asked.append(reply.id)
-        client.chat.completions.create(model="model", max_tokens=4, temperature=0,
-                                       messages=[{"role": "user", "content": "What number comes after 41?"}])
+        checkable = client.chat.completions.create(model="model", max_tokens=4, temperature=0, messages=[
+            {"role": "user", "content": "What number comes after 41?"}]).choices[0].message.content
         with pytest.raises(Exception):
             client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
 
@@ -282,11 +333,25 @@ def test_drifted_traffic_and_corrections_alert_and_start_a_run_on_a_new_dataset_
         assert sum(c["drifted"] for c in fig["drift"]["columns"].values()) == fig["drift"]["count"]
         assert fig["traffic"]["task_mix"] == {"next_number": 1, "other": 12}
         assert fig["hallucination"]["checked"] == 1 and fig["hallucination"]["consistency"]["requests"] == 3
+        assert fig["hallucination"]["wrong_rate"] == (0.0 if checkable.strip() == "42" else 1.0), checkable
+        assert 0 <= fig["hallucination"]["consistency"]["mean_agreement"] <= 1
+        assert fig["harmful"]["prompt_rate"] == pytest.approx(1 / 13)  # the one profane prompt, by the wordlist
         assert fig["feedback"]["rated"] == 2 and fig["feedback"]["mean_rating"] == pytest.approx(1.5)
+        assert fig["feedback"]["by_version"]["v1.0.0"] == pytest.approx(1.5)
+        assert fig["feedback"]["by_task"]["other"] == pytest.approx(1.5)
         assert set(fig["fairness"]["by_type"]) == {"gender", "race-color", "religion", "age", "nationality",
                                                    "disability"}
+        release = json.loads((project / ".llmops/serve/models/v1.0.0/release.json").read_text())
+        assert fig["fairness"]["version"] == "v1.0.0"  # beside the offline audit of the same version
+        assert fig["fairness"]["offline_audit"] == release["scores"]["audit_bias"] and "pct_stereotype" in \
+            fig["fairness"]["offline_audit"]
         _opens_offline(report.parent / "report.html")
-        assert "drifted" in first.stdout and "retraining is due" in first.stdout
+        drifted_line = next(line for line in first.stdout.splitlines() if line.startswith("| drifted columns |"))
+        assert "task" in drifted_line and "retraining is due" in first.stdout
+        artifacts = _artifacts(api_url)
+        assert f"{report.parent.resolve().as_uri()}/report.html" in artifacts["monitor-report"]["data"]
+        assert "wrong checkable answers" in artifacts["monitor"]["data"]
+        assert asked[0] in json.dumps(artifacts["review-queue"]["data"])  # rated 1: flagged for a reviewer
         texts = [m["text"] for m in _Hook.received]
         assert any("share of monitored columns drifted" in t for t in texts), texts
         assert any("mean user rating" in t for t in texts)
@@ -327,6 +392,15 @@ def test_drifted_traffic_and_corrections_alert_and_start_a_run_on_a_new_dataset_
     finally:
         hook.shutdown()
         stop_servers(project)
+
+
+def _artifacts(api_url: str) -> dict[str, dict]:
+    """The newest artifact of each key on the Prefect server."""
+    req = urllib.request.Request(f"{api_url}/artifacts/filter", data=json.dumps({"sort": "CREATED_DESC"}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        newest_first = json.loads(resp.read())
+    return {a["key"]: a for a in reversed(newest_first) if a.get("key")}
 
 
 def _flow_runs(api_url: str) -> dict[str, dict]:
