@@ -263,6 +263,33 @@ def _wait_http(url: str, proc: subprocess.Popen, seconds: float) -> None:
     raise RuntimeError(f"no answer from {url} within {seconds}s")
 
 
+@contextmanager
+def postgres() -> Iterator[str]:
+    """A PostgreSQL server (Debian's package; .ci/run installs it) in a throwaway cluster on 127.0.0.1; yields its
+    SQLAlchemy URL. As root it runs as the package's `postgres` user, since PostgreSQL refuses to run as root."""
+    import tempfile
+
+    bindirs = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+    if not bindirs:
+        pytest.fail("PostgreSQL is not installed (apt-get install postgresql; .ci/run does it)")
+    bindir, port = bindirs[-1], free_port()
+    data = Path(tempfile.mkdtemp(prefix="llmops-pg-"))
+    as_owner = []
+    if os.geteuid() == 0:
+        shutil.chown(data, "postgres")
+        as_owner = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*as_owner, bindir / "initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_owner, bindir / "pg_ctl", "-D", data, "-w", "-l", data / "log", "-o",
+                    f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_owner, bindir / "pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """moto's standalone S3-compatible server on 127.0.0.1."""
