@@ -97,7 +97,15 @@ def overhead(direct: str, routed: str, key: str, model: str, n: int) -> dict:
 
     body = {"model": model, "prompt": "What number comes after 250?", "max_tokens": 4, "temperature": 0}
     found = {}
+
+    def own(client: httpx.Client) -> tuple[float, float]:  # the router's histogram: (sum s, count)
+        text = client.get(f"{routed}/metrics").text
+        total = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                 if line.startswith("llmops_router_overhead_seconds_")}
+        return total["llmops_router_overhead_seconds_sum"], total["llmops_router_overhead_seconds_count"]
+
     with httpx.Client(headers={"Authorization": f"Bearer {key}"}, timeout=60) as client:
+        before = own(client)  # this phase's requests only: the load runs' include time queued behind others
         for name, base in (("direct", direct), ("router", routed)):
             client.post(f"{base}/v1/completions", json=body).raise_for_status()  # cached from here on
             times = []
@@ -106,12 +114,10 @@ def overhead(direct: str, routed: str, key: str, model: str, n: int) -> dict:
                 client.post(f"{base}/v1/completions", json=body).raise_for_status()
                 times.append(time.perf_counter() - started)
             found[name] = statistics.median(times) * 1000
-        text = client.get(f"{routed}/metrics").text
-    total = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-             if line.startswith("llmops_router_overhead_seconds_")}
-    own = total["llmops_router_overhead_seconds_sum"] / total["llmops_router_overhead_seconds_count"] * 1000
+        after = own(client)
     return {"direct_p50_ms": found["direct"], "router_p50_ms": found["router"],
-            "added_p50_ms": found["router"] - found["direct"], "router_own_mean_ms": own}
+            "added_p50_ms": found["router"] - found["direct"],
+            "router_own_mean_ms": (after[0] - before[0]) / (after[1] - before[1]) * 1000}
 
 
 def main() -> int:
@@ -180,13 +186,25 @@ def main() -> int:
         for proc in procs:
             proc.wait(60)
         if args.canary:
-            subprocess.run([llmops, "registry", "canary", "drop", "--why", "load test over"], cwd=project, env=env)
+            figures["canary_outcome"] = _end_canary(project, args.canary, env)
     _print(figures)
     if args.out:
         args.out.write_text(json.dumps(figures, indent=2) + "\n")
     print(f"(logs and locust's CSV files in {work})")
     kill = figures.get("kill")
     return 1 if kill and (kill["other_errors"] or kill["requests"] != kill["answered"] + kill["refused_503"]) else 0
+
+
+def _end_canary(project: Path, canary: str, env: dict) -> str:
+    """Drop the run's canary, or say why the servers dropped it themselves (automatic rollback) during the run."""
+    from llmops import registry
+
+    if registry.canary(project) is not None:
+        subprocess.run([str(BIN / "llmops"), "registry", "canary", "drop", "--why", "load test over"], cwd=project,
+                       env=env, check=True, capture_output=True)
+        return "held through the run; dropped after it"
+    last = [e for e in registry.history(project, "canary") if e["event"] == "unassignment"][-1]
+    return f"dropped by a server during the run: {last['why']}"
 
 
 def _print(f: dict) -> None:
@@ -203,6 +221,8 @@ def _print(f: dict) -> None:
     for name in ("mixed", "kill"):
         if (r := f.get(name)) is not None:
             print(f"{name}: answered by version {r['by_version']}, by replica {r['by_replica']}")
+    if f.get("canary_outcome"):
+        print(f"canary {f['canary']}: {f['canary_outcome']}")
     o = f["overhead"]
     print(f"\nrouter overhead (one cached request at a time): direct p50 {o['direct_p50_ms']:.2f} ms, through the "
           f"router {o['router_p50_ms']:.2f} ms: +{o['added_p50_ms']:.2f} ms; the router's own time, mean "
