@@ -91,6 +91,15 @@ def _states(url: str) -> dict[str, dict]:
     return {r["name"]: r for r in _get(url, "/router/replicas")["replicas"]}
 
 
+def _up(url: str, *names: str) -> dict[str, dict]:
+    """The replicas' states once the router has seen these up (it reads each /health every 0.5 s)."""
+    deadline = time.monotonic() + 30
+    while not all((states := _states(url))[name]["up"] for name in names):
+        assert time.monotonic() < deadline, states
+        time.sleep(0.2)
+    return states
+
+
 def _complete(url: str, words: int, max_tokens: int = 2, headers: dict | None = None):
     """A completion through the router with the openai client; (the replica that answered, the response)."""
     from openai import OpenAI
@@ -116,8 +125,7 @@ def test_requests_go_by_class_context_and_load_and_bad_declarations_are_refused(
                          "name": "small"}, {"url": big, "class": "gpu", "name": "claims-gpu"}],
             "policy": {"latency": ["gpu", "cpu-big"], "default": ["cpu-small", "cpu-big"]},
             "tokenizer": str(toy), "health_interval_s": 0.5})
-        states = _states(url)
-        assert states["big"]["up"] and states["small"]["up"], states
+        states = _up(url, "big", "small")
         assert not states["claims-gpu"]["up"]
         assert "declares cuda, but the replica runs on cpu" in states["claims-gpu"]["why"]
         assert states["small"]["context"] == 24 and states["big"]["context"] == 64
@@ -184,6 +192,7 @@ def test_a_replica_killed_under_load_loses_no_request(toy, tmp_path):
                            "replicas": [{"url": u, "class": "cpu", "name": n} for n, u in replicas.items()],
                            "policy": {"latency": ["cpu"], "default": ["cpu"]}, "tokenizer": str(toy),
                            "health_interval_s": 0.5, "health_timeout_s": 1})
+        _up(url, "a", "b")
         results: list[object] = []
         lock = threading.Lock()
 
