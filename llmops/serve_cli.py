@@ -133,7 +133,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     root = Path.cwd()
     in_project = (root / PARAMS_FILE).is_file()
-    callers = Callers(lambda: apikeys.load(args.keys), root if in_project else None)
+    callers = Callers(lambda: apikeys.load(args.keys) | _deploy_key(root), root if in_project else None)
     if not callers.keys:
         raise LlmopsError(f"no API keys: make one with `llmops serve keygen --name NAME` (stored hashed in {args.keys}) "
                           f"or set {apikeys.KEYS_ENV}")
@@ -244,6 +244,15 @@ def _adapters(root: Path, ref: str, now, options: dict, max_adapters: int):
     if held and canary is None:
         print(f"canary {held.version.version} is not served: {refused.get(held.version.version)}", flush=True)
     return Served(engine, registry.ARTIFACT, follows.version, tuple(served), refused, catalog.base_id, canary)
+
+
+def _deploy_key(root: Path) -> dict[str, str]:
+    """The project's deploy key (hash -> name), when it has one: a server started by hand accepts it as a deployed
+    one does, so the README's examples and the monitor's probes (which call with it) work against either."""
+    from llmops.deploy import DEPLOY_KEY_NAME, KEY_FILE
+
+    path = root / KEY_FILE
+    return {apikeys.hash_key(path.read_text().strip()): DEPLOY_KEY_NAME} if path.is_file() else {}
 
 
 def _params(root: Path):

@@ -210,11 +210,13 @@ def test_a_server_of_one_model_serves_the_canary_from_a_second_engine(versioned_
 
     from openai import OpenAI
 
-    from conftest import BIN, _wait_http, base_env, free_port, run, set_params, stop_servers
+    from conftest import BIN, _wait_http, base_env, free_port, set_params, stop_servers
+
+    from llmops.deploy import project_key
 
     project = versioned_project
     llmops = [str(BIN / "llmops")]
-    key = run(llmops + ["serve", "keygen", "--name", "tests"], project).stdout.strip()
+    key = project_key(project)  # the deploy key: a server started by hand accepts it too (the monitor calls with it)
     set_params(project, "deploy.canary_min_requests=10", "deploy.canary_max_latency_ratio=0.5")
     port = free_port()
     log = open(project / "one.log", "w")
