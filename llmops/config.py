@@ -458,7 +458,7 @@ class RouteParams(Section):
     replicas: list[Replica] = Field(default_factory=list)
     policy: RoutePolicy = Field(default_factory=RoutePolicy)
     tokenizer: str | None = Field(None, description="counts a prompt's tokens (against each replica's context); null: "
-                                  "the production release's (models/release)")
+                                  "production's release, as its servers load it")
     health_interval_s: float = Field(1.0, gt=0, description="how often each replica's /health is read")
     health_timeout_s: float = Field(2.0, gt=0, description="a replica that does not answer /health in this long is "
                                     "down until it does")
