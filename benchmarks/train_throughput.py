@@ -1,30 +1,31 @@
-"""Training-throughput benchmark: our train stage vs a plain PyTorch AMP loop, and LoRA vs full training.
+"""Training-throughput benchmark: our train stage against a compiled PyTorch loop; kernels, LoRA, QLoRA, packing.
 
-    python benchmarks/train_throughput.py            # GPU: ~374M Llama, seq 2048, micro-batch 8, bf16
-    python benchmarks/train_throughput.py --tiny     # CPU smoke test with a toy model
+    python benchmarks/train_throughput.py                        # GPU: ~374M Llama, seq 2048, bf16
+    python benchmarks/train_throughput.py --size 1.3b            # GPU: ~1.37B Llama (hidden 2048, 24 layers)
+    python benchmarks/train_throughput.py --tiny                 # CPU smoke test with a toy model
 
-Runs (each in its own process, so one run's GPU memory, CUDA context and
-DeepSpeed state cannot leak into the next):
+A run is named  IMPL[-ADAPTER][-KERNELS][-ckpt][@MICROBATCH][+DATA]:
 
-    plain       plain PyTorch loop: fp32 weights, torch.autocast(bf16), fused AdamW, eager
-    ours        our train stage: llmops.trainer.deepspeed_config + deepspeed.initialize + train_steps
-                (ZeRO-2, bf16, AdamW as DeepSpeed picks it), eager
-    ours-lora   the same core on a peft LoRA model (r=16 on q,k,v,o,gate,up,down), built from FinetuneParams
-    plain-lora  the plain loop on the same LoRA model
+    IMPL      plain: a hand-written PyTorch loop (fp32 weights, torch.autocast(bf16), fused AdamW,
+                     grad clipping); ours: our train stage (llmops.trainer.start_engine: DeepSpeed
+                     ZeRO-2 bf16 + train_steps), with the model built as the trainer builds it
+    ADAPTER   lora: peft LoRA r16 on every linear layer (FinetuneParams' method); qlora: the same on
+              a 4-bit NF4 base, loaded by llmops.trainer.build_model exactly as `qlora: true` does
+    KERNELS   liger: llmops.trainer.with_kernels (Liger's RoPE, RMSNorm, SwiGLU, fused linear
+              cross-entropy); compile: torch.compile (plain) or DeepSpeed's engine.compile() (ours)
+    -ckpt     activation checkpointing (llmops.trainer.with_checkpointing)
+    DATA      random tokens (default), or a length mix of instruction examples: +padded (one per
+              row, padded to the longest, as fine-tuning did) or +packed (llmops.modeling.pack_examples)
 
-Every run feeds the same random-token batches through llmops.trainer.Batches,
-warms up, then times whole optimizer steps (each ends in loss.item() plus a
-device synchronize, so the host clock sees finished work).
+Every run starts in its own process, gets its batches through llmops.trainer.Batches, warms
+up, then times whole optimizer steps (each ends in loss.item() plus a device synchronize).
+tokens/s counts real tokens (no padding). MFU = tokens/s * (6N + 12 L H T) / peak, N = every
+parameter (GPU.md's definition); peak is the dense bf16 datasheet rate (989 TFLOP/s for
+H100/H200 SXM) unless --peak-tflops says otherwise. No MFU for adapter runs (the frozen weights
+get no weight-gradient matmuls, so 6N over-counts) or for the length mix.
 
-MFU = tokens/s * (6N + 12 L H T) / peak, N = every parameter of the model
-(the same definition as /work/shared/GPU.md's reference table). Peak is the
-dense bf16 datasheet rate (989 TFLOP/s for H100/H200 SXM) unless --peak-tflops
-says otherwise. For LoRA runs MFU is not printed: the frozen weights get no
-weight-gradient matmuls, so 6N over-counts the work.
-
-The script applies llmops.trainer.sanitized_env() before it imports DeepSpeed,
-so a TORCH_CUDA_ARCH_LIST such as NVIDIA images' "9.0a" (which crashes
-DeepSpeed's FusedAdam JIT build) needs no manual export.
+Runs that differ only in kernels see the same batches from the same initial weights; the
+report prints how far their losses stray from the run without kernels.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -46,15 +48,33 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing the project
     sys.path.insert(0, str(ROOT))
 
-RUNS = ["plain", "ours", "ours-lora", "plain-lora"]
+DEFAULT_RUNS = ["plain-compile@16", "ours@16", "ours-liger@16"]
+RUN = re.compile(r"^(?P<impl>plain|ours)(?:-(?P<adapter>lora|qlora))?(?:-(?P<kernels>liger|compile))?"
+                 r"(?P<ckpt>-ckpt)?(?:@(?P<mb>\d+))?(?:\+(?P<data>padded|packed))?$")
 
-# ~374M parameters: the Llama config of GPU.md's reference numbers, so they compare directly.
-FULL = dict(vocab_size=32000, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-            intermediate_size=2816, seq=2048, micro_batch=8, warmup=5, steps=25)
-TINY = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=128, seq=64, micro_batch=2, warmup=1, steps=3)
+SIZES = {
+    # ~374M parameters: the Llama config of GPU.md's reference numbers, so they compare directly
+    "374m": dict(vocab_size=32000, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                 intermediate_size=2816, seq=2048, micro_batch=8, warmup=5, steps=25),
+    # ~1.37B: twice the width, the same depth
+    "1.3b": dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
+                 intermediate_size=5632, seq=2048, micro_batch=8, warmup=5, steps=25),
+    "tiny": dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=128, seq=64, micro_batch=2, warmup=1, steps=3),
+}
 LORA_R = 16
 LR = 3e-4
+
+
+def parse_run(name: str, default_mb: int) -> dict[str, Any]:
+    m = RUN.match(name)
+    if not m:
+        raise ValueError(f"{name!r}: expected IMPL[-lora|-qlora][-liger|-compile][-ckpt][@MB][+padded|+packed]")
+    run = {"name": name, "impl": m["impl"], "adapter": m["adapter"] or "", "kernels": m["kernels"] or "none",
+           "ckpt": bool(m["ckpt"]), "mb": int(m["mb"] or default_mb), "data": m["data"] or "random"}
+    if run["impl"] == "plain" and (run["adapter"] == "qlora" or run["kernels"] == "liger" or run["ckpt"]):
+        raise ValueError(f"{name!r}: qlora, liger and -ckpt runs go through our train stage (ours-...)")
+    return run
 
 
 def peak_flops(device_name: str, override_tflops: float | None) -> float | None:
@@ -70,51 +90,87 @@ def peak_flops(device_name: str, override_tflops: float | None) -> float | None:
 # child: one run in this process
 
 
-def _model(spec: dict[str, Any], device: Any) -> Any:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _config(spec: dict[str, Any]) -> Any:
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=spec["vocab_size"], hidden_size=spec["hidden_size"], num_hidden_layers=spec["num_hidden_layers"],
         num_attention_heads=spec["num_attention_heads"], intermediate_size=spec["intermediate_size"],
         max_position_embeddings=spec["seq"], attn_implementation="sdpa", tie_word_embeddings=False,
     )
+
+
+def _model(spec: dict[str, Any], run: dict[str, Any], cfg: Any, device: Any) -> Any:
+    """The model as the trainer builds it: Liger's kernels patched in first, then the adapter."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from llmops.trainer import TrainJob, build_model, with_checkpointing, with_kernels
+
     torch.manual_seed(0)
+    if run["adapter"] == "qlora":
+        # the real loading path of `qlora: true`: a saved base, quantized to NF4 as it loads
+        with torch.device(device):
+            base = LlamaForCausalLM(_config(spec)).to(torch.bfloat16)
+        saved = tempfile.mkdtemp()
+        base.save_pretrained(saved)
+        del base
+        torch.cuda.empty_cache()
+        job = TrainJob(mode="finetune", cfg=cfg.model_dump(mode="json"), data="-", model=saved, out_dir="-",
+                       ckpt_dir="-", log_file="-", fingerprint="-", kernels=run["kernels"])
+        return build_model(job, cfg)
     with torch.device(device):  # initialise on the GPU: CPU init of 374M params costs more than the benchmark
-        return LlamaForCausalLM(config).float()
+        model = LlamaForCausalLM(_config(spec)).float()
+    model = with_checkpointing(with_kernels(model, run["kernels"] if run["kernels"] == "liger" else "none"), cfg)
+    if run["adapter"] == "lora":
+        from peft import get_peft_model
+
+        from llmops.adapters import METHODS
+
+        model = get_peft_model(model, METHODS["lora"].peft_config(cfg.method_params))
+    return model
 
 
-def _lora(model: Any) -> Any:
-    from peft import get_peft_model
-
-    from llmops.adapters import METHODS, LoraParams
-
-    return get_peft_model(model, METHODS["lora"].peft_config(LoraParams(r=LORA_R, alpha=2 * LORA_R)))
-
-
-def _train_cfg(kind: str, spec: dict[str, Any], precision: str) -> Any:
+def _train_cfg(run: dict[str, Any], spec: dict[str, Any]) -> Any:
     """The project's own params models, as params.yaml would give them."""
     from llmops.adapters import LoraParams
     from llmops.config import DeepSpeedParams, FinetuneParams, PretrainParams
 
     common = dict(steps=spec["warmup"] + spec["steps"], lr=LR, lr_schedule="constant", warmup_steps=1,
-                  micro_batch=spec["micro_batch"], grad_accum=1, max_seq_len=spec["seq"], checkpoint_every=0,
-                  deepspeed=DeepSpeedParams(zero_stage=2, precision=precision))
-    if kind == "lora":
-        return FinetuneParams(method="lora", lora=LoraParams(r=LORA_R, alpha=2 * LORA_R), **common)
+                  micro_batch=run["mb"], grad_accum=1, max_seq_len=spec["seq"], checkpoint_every=0,
+                  kernels=run["kernels"], activation_checkpointing=run["ckpt"],
+                  deepspeed=DeepSpeedParams(zero_stage=2, precision="bf16"))
+    if run["adapter"]:
+        return FinetuneParams(method="lora", lora=LoraParams(r=LORA_R, alpha=2 * LORA_R),
+                              qlora=run["adapter"] == "qlora", **common)
     return PretrainParams(**common)
 
 
-def _batches(spec: dict[str, Any], cfg: Any) -> Any:
-    """Random tokens through the project's Batches (what train_steps gets in the real stage)."""
+def length_mix(spec: dict[str, Any], n: int) -> list[tuple[list[int], list[int]]]:
+    """Instruction examples of mixed length (log-normal, median seq/8, capped at seq), 40% of each the prompt."""
+    import random
+
+    rng = random.Random(1)
+    pairs = []
+    for _ in range(n):
+        total = max(8, min(spec["seq"], int(rng.lognormvariate(0, 0.9) * spec["seq"] / 8)))
+        head = max(1, int(total * 0.4))
+        pairs.append(([rng.randrange(3, spec["vocab_size"]) for _ in range(head)],
+                      [rng.randrange(3, spec["vocab_size"]) for _ in range(total - head)]))
+    return pairs
+
+
+def _tensors(spec: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from llmops.trainer import Batches
+    from llmops.modeling import pack_examples, pad_examples
 
-    n = 4 * spec["micro_batch"]
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, spec["vocab_size"], (n, spec["seq"]), generator=gen)
-    return Batches({"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}, cfg, world=1)
+    if run["data"] == "random":
+        gen = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, spec["vocab_size"], (4 * run["mb"], spec["seq"]), generator=gen)
+        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    pairs = length_mix(spec, 2048)
+    return pad_examples(pairs, 0) if run["data"] == "padded" else pack_examples(pairs, spec["seq"], 0)
 
 
 class Timer:
@@ -141,44 +197,42 @@ class Timer:
         self.losses.append(loss)
 
 
-def child(run: str, spec: dict[str, Any], out: Path) -> None:
+def child(run: dict[str, Any], spec: dict[str, Any], out: Path) -> None:
     raw_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
     from llmops.trainer import sanitized_env
 
     os.environ.update(sanitized_env())  # before DeepSpeed is imported: its op builder reads this at JIT time
     import torch
 
+    from llmops.trainer import Batches, model_inputs
+
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    # bf16 is the requirement; the CPU smoke test keeps it too (DeepSpeed and autocast both run bf16 on CPU)
-    precision = "bf16"
 
-    model = _model(spec, device)
+    cfg = _train_cfg(run, spec)
+    if run["impl"] == "ours":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")  # as trainer.main does (before qlora)
+    model = _model(spec, run, cfg, device)
     n_params = sum(p.numel() for p in model.parameters())
-    lora = run.endswith("lora")
-    if lora:
-        model = _lora(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    cfg = _train_cfg("lora" if lora else "full", spec, precision)
-    batches = _batches(spec, cfg)
+    batches = Batches(_tensors(spec, run), cfg, world=1)
     timer = Timer(spec["warmup"], sync)
     total = spec["warmup"] + spec["steps"]
-    optimizer_name = ""
 
-    if run.startswith("ours"):
+    if run["impl"] == "ours":
         import logging
 
-        import deepspeed
         import torch.distributed as dist
 
-        from llmops.trainer import deepspeed_config, train_steps
+        from llmops.trainer import start_engine, train_steps
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")  # as trainer.main does
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=deepspeed_config(cfg))
+        engine = start_engine(model, cfg, run["kernels"])
         optimizer_name = type(engine.basic_optimizer).__name__
         train_steps(engine, lambda step, micro: batches(step, micro, 0, engine.device), 0, total, cfg.seed,
                     timer.on_step)
@@ -189,19 +243,19 @@ def child(run: str, spec: dict[str, Any], out: Path) -> None:
         # as the DeepSpeed config, so the only difference is the framework.
         opt = torch.optim.AdamW(trainable, lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=True)
         optimizer_name = "torch.optim.AdamW(fused=True)"
+        forward = torch.compile(model) if run["kernels"] == "compile" else model
         model.train()
         for step in range(total):
             t = time.perf_counter()
             batch = batches(step, 0, 0, device)
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss = model(**batch).loss
+                loss = forward(**model_inputs(batch)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             timer.on_step(step + 1, loss.item(), LR, int(batch["attention_mask"].sum()), time.perf_counter() - t)
 
-    import deepspeed  # noqa: F401  (only for its version; imported after sanitising, as above)
     import peft
     import transformers
 
@@ -209,17 +263,28 @@ def child(run: str, spec: dict[str, Any], out: Path) -> None:
     result = {
         "run": run, "tokens_per_s": timer.tokens / elapsed, "elapsed_s": elapsed, "tokens": timer.tokens,
         "step_s_median": statistics.median(timer.step_s), "step_s_min": min(timer.step_s),
-        "step_s_max": max(timer.step_s), "first_loss": timer.losses[0], "last_loss": timer.losses[-1],
+        "step_s_max": max(timer.step_s), "losses": timer.losses,
         "n_params": n_params, "n_trainable": sum(p.numel() for p in trainable),
+        "padding": 1 - float(batches.tensors["attention_mask"].sum()) / batches.tensors["attention_mask"].numel(),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "optimizer": optimizer_name, "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
-        "peft": peft.__version__, "deepspeed": sys.modules["deepspeed"].__version__,
+        "peft": peft.__version__, "deepspeed": _version("deepspeed"), "liger": _version("liger-kernel"),
+        "bitsandbytes": _version("bitsandbytes"), "triton": _version("triton"),
         "arch_list_raw": raw_arch, "arch_list_used": os.environ.get("TORCH_CUDA_ARCH_LIST"),
     }
     out.write_text(json.dumps(result))
-    del model, trainable, batches
+    del model, trainable
     gc.collect()
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -232,22 +297,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(run: str, spec: dict[str, Any]) -> dict[str, Any] | None:
+def launch(run: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any] | None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
     # single-process "distributed" job for DeepSpeed, on a fresh port so runs never share a store
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, __file__, "--child", run, "--spec", json.dumps(spec), "--result", str(out)]
-        print(f"\n=== {run} ===", flush=True)
+        cmd = [sys.executable, __file__, "--child", json.dumps(run), "--spec", json.dumps(spec), "--result", str(out)]
+        print(f"\n=== {run['name']} ===", flush=True)
         t = time.perf_counter()
         rc = subprocess.call(cmd, env=env)
         if rc or not out.exists():
-            print(f"=== {run} FAILED (exit {rc}) after {time.perf_counter() - t:.0f}s ===", flush=True)
+            print(f"=== {run['name']} FAILED (exit {rc}) after {time.perf_counter() - t:.0f}s ===", flush=True)
             return None
         result = json.loads(out.read_text())
-        print(f"=== {run}: {result['tokens_per_s']:,.0f} tokens/s ({time.perf_counter() - t:.0f}s with start-up) ===",
-              flush=True)
+        print(f"=== {run['name']}: {result['tokens_per_s']:,.0f} tokens/s, {result['peak_mem_gib'] or 0:.1f} GiB "
+              f"({time.perf_counter() - t:.0f}s with start-up) ===", flush=True)
         return result
 
 
@@ -255,69 +320,101 @@ def flops_per_token(spec: dict[str, Any], n_params: int) -> float:
     return 6 * n_params + 12 * spec["num_hidden_layers"] * spec["hidden_size"] * spec["seq"]
 
 
+def _loss_gap(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Largest |difference| of two runs' losses, at the first step and over all steps."""
+    gaps = [abs(x - y) for x, y in zip(a, b)]
+    return gaps[0], max(gaps)
+
+
 def report(spec: dict[str, Any], results: dict[str, list[dict[str, Any]]], peak_tflops: float | None) -> dict:
     first = next(r[0] for r in results.values() if r)
     peak = peak_flops(first["device"], peak_tflops)
-    fpt = flops_per_token(spec, first["n_params"])
-    summary: dict[str, Any] = {"spec": spec, "n_params": first["n_params"], "flops_per_token": fpt,
+    full = next((r[0] for r in results.values() if r and not r[0]["run"]["adapter"]), first)
+    fpt = flops_per_token(spec, full["n_params"])
+    summary: dict[str, Any] = {"spec": spec, "n_params": full["n_params"], "flops_per_token": fpt,
                                "peak_flops": peak, "runs": {}}
-    print("\n" + "=" * 100)
+    print("\n" + "=" * 110)
     print(f"device {first['device']} | torch {first['torch']} (CUDA {first['cuda']}) | deepspeed {first['deepspeed']} | "
-          f"transformers {first['transformers']} | peft {first['peft']}")
-    print(f"model: Llama, {first['n_params']:,} parameters (hidden {spec['hidden_size']}, {spec['num_hidden_layers']} "
+          f"transformers {first['transformers']} | peft {first['peft']} | liger-kernel {first['liger']} | triton "
+          f"{first['triton']} | bitsandbytes {first['bitsandbytes']}")
+    print(f"model: Llama, {full['n_params']:,} parameters (hidden {spec['hidden_size']}, {spec['num_hidden_layers']} "
           f"layers, {spec['num_attention_heads']} heads, intermediate {spec['intermediate_size']}, vocab "
-          f"{spec['vocab_size']}, untied), seq {spec['seq']}, micro-batch {spec['micro_batch']}, bf16, SDPA, eager")
+          f"{spec['vocab_size']}, untied), seq {spec['seq']}, bf16, SDPA")
     print(f"timing: {spec['warmup']} warm-up steps, then {spec['steps']} timed steps; "
-          f"{len(next(iter(results.values())))} repeat(s), median shown")
+          f"{len(next(iter(results.values())))} repeat(s), interleaved, median shown")
     print(f"MFU = tokens/s x {fpt / 1e9:.3f} GFLOP/token (6N + 12LHT) / "
           + (f"{peak / 1e12:.0f} TFLOP/s (dense bf16 peak)" if peak else "(no known peak: not computed)"))
-    print(f"TORCH_CUDA_ARCH_LIST: environment {first['arch_list_raw']!r} -> used {first['arch_list_used']!r} "
-          "(llmops.trainer.sanitized_env)")
     print()
-    # tokens/s is total tokens / wall time of the timed window; "median-step" divides one step's tokens by the
-    # median step time, which ignores the occasional slow step (host jitter on the lent VM shows up as those)
-    header = f"{'run':<11} {'tokens/s':>10} {'range':>19} {'MFU':>7} {'median-step':>11} {'step ms':>8} {'trainable':>12} " \
-             f"{'peak GiB':>8} {'loss':>13}  optimizer"
+    header = f"{'run':<24} {'tokens/s':>10} {'range':>19} {'MFU':>7} {'step ms':>8} {'trainable':>13} " \
+             f"{'peak GiB':>8} {'padding':>7} {'loss':>13}  optimizer"
     print(header)
     print("-" * len(header))
-    for run, rs in results.items():
+    for name, rs in results.items():
         if not rs:
-            print(f"{run:<11} FAILED")
+            print(f"{name:<24} FAILED")
             continue
-        tps = [r["tokens_per_s"] for r in rs]
-        med = statistics.median(tps)
-        mfu = med * fpt / peak if peak and not run.endswith("lora") else None
         r = rs[0]
+        tps = [x["tokens_per_s"] for x in rs]
+        med = statistics.median(tps)
+        mfu = med * fpt / peak if peak and not r["run"]["adapter"] and r["run"]["data"] == "random" else None
         step_ms = 1000 * statistics.median(x["step_s_median"] for x in rs)
-        step_tps = spec["micro_batch"] * spec["seq"] / (step_ms / 1000)
-        summary["runs"][run] = {"tokens_per_s": med, "tokens_per_s_all": tps, "mfu": mfu,
-                                "median_step_tokens_per_s": step_tps, "raw": rs}
+        summary["runs"][name] = {"tokens_per_s": med, "tokens_per_s_all": tps, "mfu": mfu, "raw": rs}
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
-        print(f"{run:<11} {med:>10,.0f} {min(tps):>9,.0f}-{max(tps):<9,.0f} "
-              f"{(f'{100 * mfu:.1f}%' if mfu else '-'):>7} {step_tps:>11,.0f} {step_ms:>8.1f} "
-              f"{r['n_trainable']:>12,} {mem:>8} {r['first_loss']:>6.2f}>{r['last_loss']:<6.2f}  {r['optimizer']}")
+        print(f"{name:<24} {med:>10,.0f} {min(tps):>9,.0f}-{max(tps):<9,.0f} "
+              f"{(f'{100 * mfu:.1f}%' if mfu else '-'):>7} {step_ms:>8.1f} {r['n_trainable']:>13,} {mem:>8} "
+              f"{100 * r['padding']:>6.1f}% {r['losses'][0]:>6.3f}>{r['losses'][-1]:<6.3f}  {r['optimizer']}")
     runs = summary["runs"]
+    print()
 
     def ratio(a: str, b: str, label: str) -> None:
         if a in runs and b in runs:
             value = runs[a]["tokens_per_s"] / runs[b]["tokens_per_s"]
-            summary[f"{a}/{b}"] = value
-            print(f"{label:<52} {value:.3f}")
+            summary.setdefault("ratios", {})[f"{a} / {b}"] = value
+            print(f"{label:<60} {value:.3f}")
 
-    print()
-    ratio("ours", "plain", "ours / plain AMP (full training, tokens/s)")
-    ratio("ours-lora", "ours", "LoRA / full fine-tuning, our train core")
-    ratio("plain-lora", "plain", "LoRA / full fine-tuning, plain loop")
-    ratio("ours-lora", "plain-lora", "ours / plain, LoRA")
+    names = list(runs)
+    for a in names:
+        ra = runs[a]["raw"][0]["run"]
+        for b in names:
+            rb = runs[b]["raw"][0]["run"]
+            if a == b:
+                continue
+            if ra["impl"] == "ours" and rb["impl"] == "plain" and rb["kernels"] == "compile" and not ra["adapter"] \
+                    and not rb["adapter"]:
+                ratio(a, b, f"{a} / {b} (vs the compiled reference)")
+            elif ra["data"] == "packed" and rb["data"] == "padded" and {**ra, "data": "", "name": ""} == \
+                    {**rb, "data": "", "name": ""}:
+                ratio(a, b, f"{a} / {b} (packing)")
+            elif ra["impl"] == rb["impl"] == "ours" and ra["adapter"] and not rb["adapter"] \
+                    and (ra["kernels"], ra["mb"], ra["data"]) == (rb["kernels"], rb["mb"], rb["data"]):
+                ratio(a, b, f"{a} / {b} ({ra['adapter']} vs full training)")
+                mem = runs[a]["raw"][0]["peak_mem_gib"], runs[b]["raw"][0]["peak_mem_gib"]
+                if all(mem):
+                    summary["ratios"][f"{a} / {b} memory"] = mem[0] / mem[1]
+                    print(f"{'  peak memory':<60} {mem[0] / mem[1]:.3f}")
+    # the same batches from the same weights, other kernels: how far the losses stray
+    def twin_key(run: dict[str, Any]) -> tuple:
+        return tuple(v for k, v in sorted(run.items()) if k not in ("name", "kernels"))
+
+    for a in names:
+        ra = runs[a]["raw"][0]
+        for b in names:
+            rb = runs[b]["raw"][0]
+            if ra["run"]["kernels"] != "none" and rb["run"]["kernels"] == "none" \
+                    and twin_key(ra["run"]) == twin_key(rb["run"]):
+                step1, worst = _loss_gap(ra["losses"], rb["losses"])
+                summary.setdefault("loss_gaps", {})[f"{a} vs {b}"] = {"first": step1, "max": worst}
+                print(f"loss {a} vs {b}: |diff| {step1:.4f} at step 1, at most {worst:.4f} over "
+                      f"{len(ra['losses'])} steps (loss ~{rb['losses'][-1]:.2f})")
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tiny", action="store_true", help="toy model and sequence: a CPU smoke test")
-    ap.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
+    ap.add_argument("--size", choices=sorted(SIZES), default="374m")
+    ap.add_argument("--tiny", action="store_true", help="the toy model: a CPU smoke test (same as --size tiny)")
+    ap.add_argument("--runs", default=",".join(DEFAULT_RUNS), help="comma-separated run names (see above)")
     ap.add_argument("--repeats", type=int, default=1, help="run the whole list this many times (interleaved)")
-    ap.add_argument("--micro-batch", type=int)
     ap.add_argument("--seq", type=int)
     ap.add_argument("--steps", type=int, help="timed steps")
     ap.add_argument("--warmup", type=int, help="untimed steps first")
@@ -329,24 +426,24 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.child:
-        child(args.child, json.loads(args.spec), args.result)
+        child(json.loads(args.child), json.loads(args.spec), args.result)
         return 0
 
-    spec = dict(TINY if args.tiny else FULL)
-    for key in ("micro_batch", "seq", "steps", "warmup"):
+    spec = dict(SIZES["tiny" if args.tiny else args.size])
+    for key in ("seq", "steps", "warmup"):
         if getattr(args, key) is not None:
             spec[key] = getattr(args, key)
-    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    unknown = set(runs) - set(RUNS)
-    if unknown:
-        ap.error(f"unknown runs {sorted(unknown)}; choose from {RUNS}")
+    try:
+        runs = [parse_run(r.strip(), spec["micro_batch"]) for r in args.runs.split(",") if r.strip()]
+    except ValueError as exc:
+        ap.error(str(exc))
 
-    results: dict[str, list[dict[str, Any]]] = {r: [] for r in runs}
+    results: dict[str, list[dict[str, Any]]] = {r["name"]: [] for r in runs}
     for _ in range(args.repeats):
         for run in runs:
             result = launch(run, spec)
             if result:
-                results[run].append(result)
+                results[run["name"]].append(result)
     if not any(results.values()):
         print("every run failed", file=sys.stderr)
         return 1

@@ -54,6 +54,7 @@ class Method:
     params: type[BaseModel]
     peft_config: Callable[[Any], Any]
     peft_type: str  # as written in adapter_config.json
+    prompt_learning: bool = False  # virtual tokens before each sequence (so a sequence holds one example)
 
 
 METHODS: dict[str, Method] = {}
@@ -64,4 +65,4 @@ def register(name: str, method: Method) -> None:
 
 
 register("lora", Method(LoraParams, _lora, "LORA"))
-register("prompt_tuning", Method(PromptTuningParams, _prompt_tuning, "PROMPT_TUNING"))
+register("prompt_tuning", Method(PromptTuningParams, _prompt_tuning, "PROMPT_TUNING", prompt_learning=True))

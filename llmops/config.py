@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
@@ -147,7 +148,20 @@ class DeepSpeedParams(Section):
     offload_optimizer: bool = Field(False, description="keep optimizer states in CPU memory (ZeRO 1-3)")
     offload_params: bool = Field(False, description="keep parameters in CPU memory (ZeRO 3 only)")
     precision: Literal["bf16", "fp32"] = "fp32"
-    num_procs: int = Field(1, ge=1, description="training processes (one per GPU; CPU ranks when there is none)")
+    num_procs: int = Field(1, ge=1, description="training processes per node (one per GPU; CPU ranks when there is none)")
+    nnodes: int = Field(1, ge=1, le=65_536, description="machines training together; each runs the same command in its "
+                        "own checkout, and the node that gets rank 0 publishes the model")
+    rdzv_endpoint: str | None = Field(
+        None, description="host:port where the nodes meet (torchrun's c10d rendezvous, on one of them); null: "
+        "LLMOPS_RDZV_ENDPOINT, PET_RDZV_ENDPOINT, or MASTER_ADDR and MASTER_PORT as SLURM scripts and Kubernetes "
+        "set them. Needed when nnodes > 1")
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _host_port(cls, value):
+        if value is not None and not re.fullmatch(r"[^\s:]+:\d{1,5}", value):
+            raise ValueError(f"{value!r}: expected host:port")
+        return value
 
     @model_validator(mode="after")
     def _offload_needs_zero(self):
@@ -176,6 +190,13 @@ class TrainRunParams(Section):
     seed: int = 0
     checkpoint_every: int = Field(50, ge=0, description="steps between resumable checkpoints; 0: none")
     keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept while training")
+    kernels: Literal["auto", "none", "liger", "compile"] = Field(
+        "auto", description="auto: liger on a CUDA GPU (when liger-kernel is installed), none on CPU; liger: Liger's "
+        "Triton kernels (RoPE, RMSNorm, SwiGLU, and a cross-entropy fused with the output layer that never holds the "
+        "logits; CUDA only); compile: torch.compile of the model; none: eager PyTorch")
+    activation_checkpointing: bool = Field(
+        False, description="keep only each layer's input and recompute the rest in the backward pass: far less "
+        "activation memory for about a third more compute")
     deepspeed: DeepSpeedParams = Field(default_factory=DeepSpeedParams)
 
     @model_validator(mode="after")
@@ -229,6 +250,10 @@ class FinetuneParams(TrainRunParams):
     prompt_overflow: Literal["truncate", "refuse"] = Field(
         "refuse", description="examples longer than max_seq_len: cut the prompt's start (with a count) or stop"
     )
+    packing: bool = Field(True, description="pack several examples into each sequence of max_seq_len, with "
+                          "attention that cannot cross from one to the next; false: one example per sequence, padded")
+    qlora: bool = Field(False, description="QLoRA: hold the frozen base in 4-bit NF4 (bitsandbytes) and train the "
+                        "LoRA adapter on it in bf16; needs a CUDA GPU, method lora and deepspeed.precision bf16")
 
     @field_validator("method")
     @classmethod
@@ -241,6 +266,10 @@ class FinetuneParams(TrainRunParams):
     def _merge_needs_lora(self):
         if self.merge and self.method != "lora":
             raise ValueError(f"merge needs method 'lora' (a {self.method} adapter has no weights to merge)")
+        if self.qlora and self.method != "lora":
+            raise ValueError(f"qlora needs method 'lora' (got {self.method!r})")
+        if self.qlora and self.deepspeed.precision != "bf16":
+            raise ValueError("qlora needs deepspeed.precision: bf16 (the 4-bit base computes in bf16)")
         return self
 
     @property

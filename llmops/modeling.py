@@ -346,8 +346,13 @@ def fit_to_length(head: list[int], tail: list[int], max_len: int) -> tuple[list[
     return head[-room:], tail
 
 
-def instruction_tensors(tok: Any, rows: list[dict], max_len: int, overflow: str, source: str) -> tuple[dict, int]:
-    """Right-padded input_ids / labels / attention_mask for instruction rows; labels are -100 outside the response.
+def instruction_tensors(tok: Any, rows: list[dict], max_len: int, overflow: str, source: str,
+                        pack: bool = False) -> tuple[dict, int]:
+    """Tensors of instruction rows: labels are -100 outside the response.
+
+    Unpacked: one example per sequence, right-padded to the longest (input_ids, labels, attention_mask).
+    Packed: examples packed into sequences of max_len (`pack_examples`), with position_ids restarting
+    at each example; attention_mask then marks real tokens only, for counting, and is not the model's.
 
     Returns:
         The tensors and how many examples were truncated.
@@ -355,8 +360,6 @@ def instruction_tensors(tok: Any, rows: list[dict], max_len: int, overflow: str,
     Raises:
         DataError: an example is over max_len and overflow is 'refuse', or its response alone is over.
     """
-    import torch
-
     pairs, too_long = [], []
     for i, row in enumerate(rows, 1):
         head, tail = encode_instruction(tok, row["prompt"], row["response"])
@@ -374,8 +377,17 @@ def instruction_tensors(tok: Any, rows: list[dict], max_len: int, overflow: str,
         pairs.append((head, tail))
     if not pairs:
         raise DataError(f"{source}: no examples")
+    if pack:
+        return pack_examples(pairs, max_len, tok.pad_token_id), len(too_long)
+    return pad_examples(pairs, tok.pad_token_id), len(too_long)
+
+
+def pad_examples(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    """One (prompt, response) token pair per row, right-padded to the longest."""
+    import torch
+
     width = max(len(h) + len(t) for h, t in pairs)
-    ids = torch.full((len(pairs), width), tok.pad_token_id, dtype=torch.long)
+    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
     labels = torch.full((len(pairs), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(pairs), width), dtype=torch.long)
     for row, (head, tail) in enumerate(pairs):
@@ -383,7 +395,64 @@ def instruction_tensors(tok: Any, rows: list[dict], max_len: int, overflow: str,
         ids[row, :n] = torch.tensor(head + tail)
         labels[row, len(head):n] = torch.tensor(tail)
         mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}, len(too_long)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Example indices grouped into sequences of at most `capacity` tokens: first-fit decreasing.
+
+    Our own because the libraries that pack (TRL's BFD packing) pull in `datasets` and a
+    trainer; this is fifteen lines. Deterministic: ties keep the examples' order.
+    """
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return bins
+
+
+def pack_examples(pairs: list[tuple[list[int], list[int]]], max_len: int, pad_id: int) -> dict:
+    """(prompt, response) pairs packed into sequences of max_len tokens that attention cannot cross.
+
+    Each example's position_ids start at 0, which is how transformers tells packed examples
+    apart: given position_ids and no attention_mask, its masks keep each token's attention
+    within its own example (block-diagonal causal; flash-attention uses the same ids). Each
+    example's first label is -100, as an unpacked row's first label is never a target: no
+    example learns to predict the next one's start. The padding at the end is a block of its own.
+    """
+    import torch
+
+    bins = pack_bins([len(h) + len(t) for h, t in pairs], max_len)
+    ids = torch.full((len(bins), max_len), pad_id, dtype=torch.long)
+    labels = torch.full((len(bins), max_len), IGNORE, dtype=torch.long)
+    positions = torch.zeros((len(bins), max_len), dtype=torch.long)
+    mask = torch.zeros((len(bins), max_len), dtype=torch.long)
+    for row, members in enumerate(bins):
+        at = 0
+        for i in members:
+            head, tail = pairs[i]
+            n = len(head) + len(tail)
+            ids[row, at:at + n] = torch.tensor(head + tail)
+            labels[row, at + len(head):at + n] = torch.tensor(tail)
+            labels[row, at] = IGNORE
+            positions[row, at:at + n] = torch.arange(n)
+            mask[row, at:at + n] = 1
+            at += n
+        positions[row, at:] = torch.arange(max_len - at)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": mask}
+
+
+def padding_share(tensors: dict) -> float:
+    """The share of the tensors' token slots that hold padding."""
+    mask = tensors["attention_mask"]
+    return 1 - float(mask.sum()) / mask.numel()
 
 
 def corpus_tensors(tok: Any, text: str, max_len: int, source: str) -> dict:

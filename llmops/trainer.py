@@ -49,6 +49,7 @@ class TrainJob(BaseModel):
     resume_from: str | None = None  # a complete, verified checkpoint's tag (the parent checked its hashes)
     log_file: str
     fingerprint: str
+    kernels: Literal["none", "liger", "compile"] = "none"  # cfg.kernels as llmops.launch resolved it for this machine
 
     def params(self) -> TrainRunParams:
         return (PretrainParams if self.mode == "pretrain" else FinetuneParams).model_validate(self.cfg)
@@ -108,25 +109,92 @@ def deepspeed_config(cfg: TrainRunParams) -> dict[str, Any]:
         "scheduler": scheduler,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        # Each node runs in its own checkout: its first rank writes the model states there too, so every node
+        # can resume from its own disk (one node: the same files as without).
+        "checkpoint": {"use_node_local_storage": ds.nnodes > 1},
     }
 
 
 def build_model(job: TrainJob, cfg: TrainRunParams) -> Any:
-    """Pretrain: a randomly initialised model from config. Finetune: the base with a new or saved peft adapter."""
+    """Pretrain: a randomly initialised model from config. Finetune: the base with a new or saved peft adapter.
+
+    With kernels 'liger', Liger's kernels replace the model's RoPE, RMSNorm, SwiGLU and its
+    loss (fused with the output layer, so the logits are never held), before peft wraps it.
+    With qlora the base is loaded in 4-bit NF4 on this rank's GPU; its packed weights are
+    stored as bf16 so that DeepSpeed's cast of the module to bf16 leaves them as they are.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
     if job.mode == "pretrain":
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(job.model), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(job.model), dtype=torch.float32)
+        return with_checkpointing(with_kernels(model, job.kernels), cfg)
     from peft import PeftModel, get_peft_model
 
     assert isinstance(cfg, FinetuneParams)
+    load: dict[str, Any] = {"dtype": torch.float32}
+    if cfg.qlora:
+        from transformers import BitsAndBytesConfig
+
+        load = {"dtype": torch.bfloat16, "device_map": {"": torch.cuda.current_device()},
+                "quantization_config": BitsAndBytesConfig(
+                    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)}
     # safetensors only (pickle can run code); the parent verified the base and the adapter before launch
-    base = AutoModelForCausalLM.from_pretrained(job.model, dtype=torch.float32, use_safetensors=True)
+    base = with_kernels(AutoModelForCausalLM.from_pretrained(job.model, use_safetensors=True, **load), job.kernels)
+    base = with_checkpointing(base, cfg)
     if cfg.adapter:
         return PeftModel.from_pretrained(base, cfg.adapter, is_trainable=True)
     return get_peft_model(base, METHODS[cfg.method].peft_config(cfg.method_params))
+
+
+def with_checkpointing(model: Any, cfg: TrainRunParams) -> Any:
+    """The model recomputing each layer's activations in the backward pass when cfg asks for it.
+
+    Non-reentrant checkpointing, so a frozen base (LoRA) needs no inputs that require grad.
+    """
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def with_kernels(model: Any, kernels: str) -> Any:
+    """The model with Liger's kernels patched into this instance (kernels 'liger'); as it is otherwise."""
+    if kernels == "liger":
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+
+        if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+            raise RuntimeError(f"kernels: liger has no kernels for model type {model.config.model_type!r}; "
+                               "set kernels: none or compile")
+        _apply_liger_kernel_to_instance(model=model)
+    return model
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """What the model gets of a batch in training: no KV cache, and packed rows without their attention_mask.
+
+    Packed rows carry position_ids that restart at each example; transformers keeps attention
+    within each example only when it gets them with no attention_mask and no cache (it would
+    otherwise let one packed example read the one before it).
+    """
+    if "position_ids" in batch:
+        batch = {k: v for k, v in batch.items() if k != "attention_mask"}
+    return {**batch, "use_cache": False}
+
+
+def start_engine(model: Any, cfg: TrainRunParams, kernels: str) -> Any:
+    """The DeepSpeed engine over the model's trainable parameters, its schedule at step 1, compiled for 'compile'."""
+    import deepspeed
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=deepspeed_config(cfg))
+    # DeepSpeed's schedulers start before iteration 0, at lr 0: without this step 1 would learn nothing.
+    # (A resumed run loads the scheduler's state from its checkpoint over this.)
+    engine.lr_scheduler.step()
+    if kernels == "compile":
+        engine.compile()
+    return engine
 
 
 class Batches:
@@ -174,7 +242,7 @@ def train_steps(engine: Any, batches: Callable[[int, int], dict[str, Any]], star
         loss_sum, tokens = 0.0, 0
         for micro in range(gas):
             batch = batches(step, micro)
-            loss = engine(**batch).loss
+            loss = engine(**model_inputs(batch)).loss
             engine.backward(loss)
             engine.step()
             loss_sum += loss.item()
@@ -207,7 +275,7 @@ def eval_loss(engine: Any, tensors: dict[str, Any], micro_batch: int) -> float:
             lo = (r * world + rank) * micro_batch
             idx = torch.arange(lo, min(lo + micro_batch, n)) if lo < n else torch.arange(0, 1)
             batch = {k: v[idx].to(engine.device) for k, v in tensors.items()}
-            loss = engine(**batch).loss
+            loss = engine(**model_inputs(batch)).loss
             counted = int((batch["labels"][:, 1:] != -100).sum()) if lo < n else 0
             if counted:
                 total += torch.tensor([loss.item() * counted, counted], dtype=torch.float64, device=engine.device)
@@ -216,7 +284,11 @@ def eval_loss(engine: Any, tensors: dict[str, Any], micro_batch: int) -> float:
     return total[0].item() / max(total[1].item(), 1)
 
 
-class Diverged(Exception):
+class Stopped(Exception):
+    """An expected failure, explained in one line: rank 0 leaves it for the launcher."""
+
+
+class Diverged(Stopped):
     """The loss or the gradient norm left the range of a model that is learning."""
 
 
@@ -241,6 +313,19 @@ def check_finite(step: int, loss: float, grad_norm: float | None, first_loss: fl
 
 
 def _resume(engine: Any, job: TrainJob, finetune: bool) -> int:
+    import torch
+    import torch.distributed as dist
+
+    # Each node's launcher picked the latest complete checkpoint in its own checkout: they must agree.
+    start = checkpoints.step_of(job.resume_from) if job.resume_from else 0
+    bounds = torch.tensor([start, -start], device=engine.device)
+    dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
+    latest, earliest = int(bounds[0]), -int(bounds[1])
+    if latest != earliest:
+        raise Stopped(f"the nodes would resume from different checkpoints (steps {earliest} and {latest}): "
+                      "a node stopped while others saved. Delete the newer one "
+                      f"(checkpoints/train/{job.mode}/checkpoints/{checkpoints.name(latest)}) on the nodes that have "
+                      "it, then run again")
     if not job.resume_from:
         return 0
     # fine-tuning checkpoints hold only the trainable (adapter) weights; the frozen base comes from the base model
@@ -256,7 +341,7 @@ def _save_checkpoint(engine: Any, job: TrainJob, cfg: TrainRunParams, step: int,
     engine.save_checkpoint(job.ckpt_dir, tag=checkpoints.partial_name(step), save_latest=False,
                            exclude_frozen_parameters=finetune)
     dist.barrier()  # every rank's shard is on disk before the checkpoint is declared complete
-    if dist.get_rank() == 0:
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # each node declares its own checkout's copy
         checkpoints.commit(job.ckpt_dir, step, job.fingerprint, cfg.keep_checkpoints, {"loss": loss})
     dist.barrier()
 
@@ -288,6 +373,17 @@ def _save_final(engine: Any, out_dir: str, zero_stage: int) -> None:
         if dist.get_rank() == 0:
             model.save_pretrained(out_dir, safe_serialization=True)
     dist.barrier()
+
+
+def _stop(exc: Stopped, job: TrainJob, rank: int) -> int:
+    """An expected failure: rank 0 leaves its reason for the launcher, and every rank exits 0, because
+    torchrun turns any non-zero worker exit into a ChildFailedError traceback the user need not see."""
+    import torch.distributed as dist
+
+    if rank == 0:
+        Path(job.out_dir, FAILURE).write_text(json.dumps({"error": str(exc)}))
+    dist.destroy_process_group()
+    return 0
 
 
 def _format_eta(seconds: float) -> str:
@@ -323,14 +419,13 @@ def main(argv: list[str]) -> int:
 
     model = build_model(job, cfg)
     vocab = model.config.vocab_size
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=deepspeed_config(cfg))
-    # DeepSpeed's schedulers start before iteration 0, at lr 0: without this step 1 would learn nothing.
-    # (A resumed run loads the scheduler's state from its checkpoint over this.)
-    engine.lr_scheduler.step()
+    engine = start_engine(model, cfg, job.kernels)
     batches = Batches(load_file(job.data), cfg, world)
     held_out = load_file(job.eval_data) if job.eval_data else None
-    start = _resume(engine, job, finetune)
+    try:
+        start = _resume(engine, job, finetune)
+    except Stopped as exc:
+        return _stop(exc, job, rank)
     if rank == 0:
         print(f"{name}: {'resumed from step ' + str(start) if start else 'starting at step 0'} "
               f"of {cfg.steps}, {world} process(es), ZeRO-{cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision}",
@@ -370,13 +465,8 @@ def main(argv: list[str]) -> int:
     try:
         train_steps(engine, lambda step, micro: batches(step, micro, rank, device), start, cfg.steps, cfg.seed,
                     on_step)
-    except Diverged as exc:
-        # An expected failure: rank 0 leaves its reason for the launcher, and every rank exits 0, because
-        # torchrun turns any non-zero worker exit into a ChildFailedError traceback the user need not see.
-        if rank == 0:
-            Path(job.out_dir, FAILURE).write_text(json.dumps({"error": str(exc)}))
-        dist.destroy_process_group()
-        return 0
+    except Stopped as exc:
+        return _stop(exc, job, rank)
     finally:
         if log:
             log.close()

@@ -34,9 +34,10 @@ from llmops.adapters import METHODS
 from llmops.config import FinetuneParams, Params, PretrainParams, TrainRunParams
 from llmops.datasets import DataError, read_jsonl, replace_dir, write_text
 from llmops.fit import Shape, check_fit, describe, devices
+from llmops.launch import check_qlora, rendezvous_endpoint, resolve_kernels, torchrun_args
 from llmops.modeling import (
     check_adapter, corpus_tensors, count_params, instruction_tensors, llama_config, load_config, load_tokenizer,
-    meta_model, model_card, resolve_base, train_tokenizer, verify_model_dir,
+    meta_model, model_card, padding_share, resolve_base, train_tokenizer, verify_model_dir,
 )
 from llmops.repro import StageRun
 from llmops.stage import StageFailed, run_cli
@@ -65,6 +66,8 @@ class TrainResult(BaseModel):
     params_total: int
     params_trainable: int
     truncated_examples: int = 0
+    padding: float = 0.0  # share of the training sequences' token slots that were padding
+    kernels: str = "none"  # as resolved for the machine it ran on
 
 
 class _Prepared(BaseModel):
@@ -118,7 +121,12 @@ def _prepare_finetune(cfg: FinetuneParams, root: Path) -> tuple[_Prepared, Any, 
     data = root / PREPARED / "train.jsonl"
     rows = read_jsonl(data)
     limit = cfg.max_seq_len - (cfg.prompt_tuning.num_virtual_tokens if cfg.method == "prompt_tuning" else 0)
-    tensors, truncated = instruction_tensors(tok, rows, limit, cfg.prompt_overflow, f"{PREPARED}/train.jsonl")
+    # Prompt tuning puts its virtual tokens before each sequence: packed examples after the first would not see them.
+    pack = cfg.packing and not METHODS[cfg.method].prompt_learning
+    if cfg.packing and not pack:
+        print(f"train@finetune: packing off: {cfg.method} prepends its virtual tokens to every sequence, so each "
+              "example needs a sequence of its own")
+    tensors, truncated = instruction_tensors(tok, rows, limit, cfg.prompt_overflow, f"{PREPARED}/train.jsonl", pack)
     if truncated:
         print(f"warning: train@finetune: {truncated} of {len(rows)} examples were longer than max_seq_len "
               f"({limit} tokens) and had the start of their prompt cut (prompt_overflow: truncate)")
@@ -156,10 +164,15 @@ def _counts(mode: Mode, cfg: TrainRunParams, config: Any):
     return count_params(model)
 
 
-def run_train(mode: Mode, params: Params, root: str | Path = ".") -> TrainResult:
+def run_train(mode: Mode, params: Params, root: str | Path = ".") -> TrainResult | None:
     """Train (or resume training) and publish models/<mode>/ with its manifest and the step log.
 
+    Returns:
+        What the run produced; None on a node of a multi-node run that did not run rank 0 (that node publishes).
+
     Raises:
+        LaunchError: the params ask for kernels or QLoRA that this machine cannot run.
+        ConfigError: several nodes (deepspeed.nnodes) and no rendezvous endpoint.
         DataError: missing or unusable data (e.g. an example longer than max_seq_len with prompt_overflow: refuse).
         ModelError: a missing base model, or an adapter that does not match it.
         FitError: the configuration cannot fit in the devices' memory.
@@ -167,16 +180,28 @@ def run_train(mode: Mode, params: Params, root: str | Path = ".") -> TrainResult
     """
     root = Path(root).resolve()
     cfg: TrainRunParams = getattr(params.train, mode)
+    kernels, endpoint = _launch_plan(mode, cfg)  # refused here, before anything is written or tokenized
     run_dir = root / RUNS / mode
     run_dir.mkdir(parents=True, exist_ok=True)
     try:  # two runs of one mode would write into the same checkpoints
         with locks.exclusive(run_dir.parent / f".{mode}.lock", f"train@{mode}"):
-            return _train(mode, cfg, root, run_dir)
+            return _train(mode, cfg, root, run_dir, kernels, endpoint)
     except locks.Busy as exc:
         raise StageFailed(str(exc)) from None
 
 
-def _train(mode: Mode, cfg: TrainRunParams, root: Path, run_dir: Path) -> TrainResult:
+def _launch_plan(mode: Mode, cfg: TrainRunParams) -> tuple[str, str | None]:
+    """The kernels this machine runs and the rendezvous endpoint (None on one node), or why not."""
+    import torch
+
+    key = f"train.{mode}"
+    cuda = torch.cuda.is_available()
+    check_qlora(cfg, key, cuda)
+    return resolve_kernels(cfg, key, cuda), rendezvous_endpoint(cfg, key)
+
+
+def _train(mode: Mode, cfg: TrainRunParams, root: Path, run_dir: Path, kernels: str,
+           endpoint: str | None) -> TrainResult | None:
     if mode == "pretrain":
         prep, tok, config, tensors, held_out = _prepare_pretrain(cfg, root, run_dir)
     else:
@@ -193,7 +218,10 @@ def _train(mode: Mode, cfg: TrainRunParams, root: Path, run_dir: Path) -> TrainR
     if held_out is not None:
         save_file(held_out, str(eval_file))
     fingerprint = _sha256_json({
-        "mode": mode, "cfg": cfg.model_dump(mode="json"), "data": provenance.sha256_file(data_file),
+        # kernels and the rendezvous address change how a run computes or meets, not what it learns: a run resumes
+        # across them
+        "mode": mode, "cfg": cfg.model_dump(mode="json", exclude={"kernels": True, "deepspeed": {"rdzv_endpoint"}}),
+        "data": provenance.sha256_file(data_file),
         # a fine-tuning base was hashed for the manifest already; hashing gigabytes twice buys nothing
         "model": (prep.parent or {}).get("sha256")
         or (_model_files_hash(Path(prep.model)) if Path(prep.model).is_dir() else prep.model),
@@ -211,17 +239,18 @@ def _train(mode: Mode, cfg: TrainRunParams, root: Path, run_dir: Path) -> TrainR
     job = TrainJob(mode=mode, cfg=cfg.model_dump(mode="json"), data=str(data_file),
                    eval_data=str(eval_file) if held_out is not None else None, model=prep.model,
                    out_dir=str(tmp_out), ckpt_dir=str(ckpt_dir), resume_from=found[1].name if found else None,
-                   log_file=str(log_file), fingerprint=fingerprint)
+                   log_file=str(log_file), fingerprint=fingerprint, kernels=kernels)
     job_file = run_dir / "job.json"
     job_file.write_text(job.model_dump_json(indent=2))
-    n = cfg.deepspeed.num_procs
+    launch = torchrun_args(cfg, f"train.{mode}", f"llmops-{mode}-{fingerprint[:16]}")
+    world = cfg.deepspeed.num_procs * cfg.deepspeed.nnodes
     print(f"train@{mode}: {counts.total:,} parameters ({counts.trainable:,} trainable), "
-          f"{tensors['input_ids'].shape[0]} sequences; fits: {describe(estimate)}", flush=True)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-         "-m", "llmops.trainer", str(job_file)],
-        cwd=root, env=sanitized_env(),
-    )
+          f"{tensors['input_ids'].shape[0]} sequences ({100 * padding_share(tensors):.1f}% padding), kernels "
+          f"{kernels}; fits: {describe(estimate)}", flush=True)
+    if endpoint:
+        print(f"train@{mode}: one of {cfg.deepspeed.nnodes} nodes, meeting at {endpoint}", flush=True)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", *launch, "-m", "llmops.trainer",
+                           str(job_file)], cwd=root, env=sanitized_env())
     failure = tmp_out / FAILURE  # an expected failure, e.g. divergence, explained by rank 0
     if proc.returncode != 0 or failure.exists():
         reason = json.loads(failure.read_text())["error"] if failure.exists() else (
@@ -229,11 +258,17 @@ def _train(mode: Mode, cfg: TrainRunParams, root: Path, run_dir: Path) -> TrainR
             f"checkpoints in {RUNS / mode}/checkpoints are kept, and the next run resumes from the latest")
         shutil.rmtree(tmp_out, ignore_errors=True)
         raise StageFailed(reason)
-    return _publish(mode, cfg, root, tmp_out, tok, prep, counts, log_file, resumed_from, n)
+    if not (tmp_out / "config.json").exists() and not (tmp_out / "adapter_config.json").exists():
+        # rank 0 ran on another node, which publishes; this node's part is done (its checkpoints served their purpose)
+        shutil.rmtree(tmp_out, ignore_errors=True)
+        shutil.rmtree(run_dir)
+        return None
+    return _publish(mode, cfg, root, tmp_out, tok, prep, counts, log_file, resumed_from, world,
+                    {"padding": padding_share(tensors), "kernels": kernels})
 
 
 def _publish(mode: Mode, cfg: TrainRunParams, root: Path, tmp_out: Path, tok: Any, prep: _Prepared, counts,
-             log_file: Path, resumed_from: int, world: int) -> TrainResult:
+             log_file: Path, resumed_from: int, world: int, how: dict[str, Any]) -> TrainResult:
     with open(log_file, newline="") as fh:
         rows = list(csv.DictReader(fh))
     tok.save_pretrained(tmp_out)
@@ -251,7 +286,7 @@ def _publish(mode: Mode, cfg: TrainRunParams, root: Path, tmp_out: Path, tok: An
         final_loss=float(rows[-1]["loss"]), final_eval_loss=evals[-1] if evals else None,
         tokens_per_s=statistics.median(float(r["tokens_per_s"]) for r in rows),
         resumed_from=resumed_from, world_size=world, params_total=counts.total, params_trainable=counts.trainable,
-        truncated_examples=prep.truncated,
+        truncated_examples=prep.truncated, **how,
     )
     weights = {f.name: f for f in sorted(tmp_out.glob("*.safetensors"))}
     manifest = provenance.manifest(
@@ -287,6 +322,8 @@ def _merge(base: str, adapter_dir: Path, tok: Any) -> None:
 def _cli_body(mode: Mode):
     def body(params: Params) -> str:
         r = run_train(mode, params)
+        if r is None:
+            return f"train@{mode}: this node's ranks are done; the node that ran rank 0 published {MODELS / mode}/"
         resumed = f", resumed from step {r.resumed_from}" if r.resumed_from else ""
         return (f"train@{mode}: {r.steps} steps{resumed}, loss {r.first_loss:.3f} -> {r.final_loss:.3f}, "
                 f"{r.tokens_per_s:,.0f} tokens/s on {r.world_size} process(es) -> {r.out_dir}/")

@@ -169,6 +169,24 @@ def _run_pipeline(tmp: Path) -> None:
     (tmp / "repro.log").write_text(run(["dvc", "repro"], project).stdout)
 
 
+def _train_two_ranks(tmp: Path) -> None:
+    project = make_project(tmp / "project", tmp / "remote")
+    set_params(
+        project,
+        "train.pretrain.deepspeed.zero_stage=2", "train.pretrain.deepspeed.num_procs=2",
+        "train.finetune.deepspeed.zero_stage=3", "train.finetune.deepspeed.num_procs=2",
+        "train.finetune.merge=true",
+    )
+    for stage in (["prepare_data"], ["train", "pretrain"], ["train", "finetune"]):
+        run([str(BIN / "llmops"), *stage], project)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Path:
+    """A project whose tiny model was pretrained with ZeRO-2 and LoRA-fine-tuned with ZeRO-3, each on 2 ranks."""
+    return built_once(tmp_path_factory, "trained", _train_two_ranks) / "project"
+
+
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory) -> Path:
     """The tiny pipeline, run once per test run through `dvc repro`: copy it with `ran_project`."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, built_once, make_project, run, set_params
+from conftest import BIN, run, set_params
 from llmops import provenance
 
 pytestmark = pytest.mark.training
@@ -27,25 +27,6 @@ def log_rows(path: Path) -> list[dict]:
 def mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs)
-
-
-def _train_two_ranks(tmp: Path) -> None:
-    project = make_project(tmp / "project", tmp / "remote")
-    set_params(
-        project,
-        "train.pretrain.deepspeed.zero_stage=2", "train.pretrain.deepspeed.num_procs=2",
-        "train.finetune.deepspeed.zero_stage=3", "train.finetune.deepspeed.num_procs=2",
-        "train.finetune.merge=true",
-    )
-    llmops(project, "prepare_data")
-    llmops(project, "train", "pretrain")
-    llmops(project, "train", "finetune")
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory) -> Path:
-    """A project whose tiny model was pretrained with ZeRO-2 and LoRA-fine-tuned with ZeRO-3, each on 2 ranks."""
-    return built_once(tmp_path_factory, "trained", _train_two_ranks) / "project"
 
 
 def test_pretrain_zero2_two_ranks_loss_falls(trained):
