@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             resume = {"reference_final_loss": straight["final_loss"], "resumed_final_loss": resumed["final_loss"],
                       "killed_after_step": killed_at, "resumed_from": resumed["resumed_from"],
                       "relative_difference": abs(resumed["final_loss"] / straight["final_loss"] - 1)}
+            print(f"resume: {resume}", flush=True)
         except Failed as exc:
             failed["resume"] = str(exc)
             print(f"resume: FAILED\n{exc}", flush=True)

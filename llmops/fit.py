@@ -12,7 +12,9 @@ Per process, for Psi parameters of which Psi_t are trainable, N processes
 Activations per micro-batch b, sequence s, hidden h, heads a, L layers, without
 recomputation (Korthikanti et al., "Reducing Activation Recomputation", 2022):
 s * b * h * (34 + 5 a s / h) bytes per layer in 16-bit (twice that in fp32),
-plus the logits and their gradient: 2 * b * s * vocab * 4 bytes.
+plus the logits and their gradient: 2 * b * s * vocab * 4 bytes. On a GPU, SDPA's fused
+attention kernels never hold the a * s * s scores (the 5 a s / h term goes), and Liger's
+loss fused with the output layer never holds the logits (kernels: liger).
 A 10% margin covers the allocator, the communication buffers and the runtime.
 """
 
@@ -63,7 +65,7 @@ class Estimate:
 
 def estimate(params: ParamCount, shape: Shape, cfg: TrainRunParams, micro_batch: int | None = None,
              zero_stage: int | None = None, offload_optimizer: bool | None = None,
-             offload_params: bool | None = None) -> Estimate:
+             offload_params: bool | None = None, kernels: str = "none", fused_attention: bool = False) -> Estimate:
     """Bytes per training process for `cfg` (keyword arguments try alternatives to it)."""
     ds = cfg.deepspeed
     stage = ds.zero_stage if zero_stage is None else zero_stage
@@ -78,8 +80,9 @@ def estimate(params: ParamCount, shape: Shape, cfg: TrainRunParams, micro_batch:
     gradients = g_bytes * params.trainable / (n if stage >= 2 else 1)
     optimizer = o_bytes * params.trainable / (n if stage >= 1 else 1)
     s, h = cfg.max_seq_len, shape.hidden
-    per_layer = s * b * h * (34 + 5 * shape.heads * s / h) * (1 if bf16 else 2)
-    activations = per_layer * shape.layers + 2 * b * s * shape.vocab * 4
+    scores = 0 if fused_attention else 5 * shape.heads * s / h
+    per_layer = s * b * h * (34 + scores) * (1 if bf16 else 2)
+    activations = per_layer * shape.layers + (0 if kernels == "liger" else 2 * b * s * shape.vocab * 4)
     host = 0.0
     if off_opt:
         host += optimizer * n
@@ -120,8 +123,9 @@ def _fits(e: Estimate, dev: Devices, num_procs: int) -> bool:
     return e.device <= dev.bytes_each and e.host <= dev.host_bytes
 
 
-def check_fit(params: ParamCount, shape: Shape, cfg: TrainRunParams, dev: Devices, finetune: bool) -> Estimate:
-    """Refuse before launch a configuration that cannot fit.
+def check_fit(params: ParamCount, shape: Shape, cfg: TrainRunParams, dev: Devices, finetune: bool,
+              kernels: str = "none") -> Estimate:
+    """Refuse before launch a configuration that cannot fit (kernels: as resolved for this machine).
 
     Raises:
         FitError: too few GPUs for num_procs, or too little memory, with suggestions that would fit.
@@ -129,7 +133,8 @@ def check_fit(params: ParamCount, shape: Shape, cfg: TrainRunParams, dev: Device
     ds = cfg.deepspeed
     if dev.kind == "cuda" and ds.num_procs > dev.count:
         raise FitError(f"deepspeed.num_procs is {ds.num_procs} but this machine has {dev.count} GPU(s)")
-    e = estimate(params, shape, cfg)
+    how = {"kernels": kernels, "fused_attention": dev.kind == "cuda"}
+    e = estimate(params, shape, cfg, **how)
     if _fits(e, dev, ds.num_procs):
         return e
     where = f"{dev.count} x {dev.kind.upper()} with {_gib(dev.bytes_each)} free each" if dev.kind == "cuda" \
@@ -137,11 +142,13 @@ def check_fit(params: ParamCount, shape: Shape, cfg: TrainRunParams, dev: Device
     need = describe(e) + (f"; {_gib(e.host)} offloaded to CPU memory" if e.host else "")
     raise FitError(
         f"this configuration does not fit: it needs {need}; the machine has {where} "
-        f"({params.total:,} parameters, {params.trainable:,} trainable). {_suggest(params, shape, cfg, dev, finetune)}"
+        f"({params.total:,} parameters, {params.trainable:,} trainable). "
+        f"{_suggest(params, shape, cfg, dev, finetune, how)}"
     )
 
 
-def _suggest(params: ParamCount, shape: Shape, cfg: TrainRunParams, dev: Devices, finetune: bool) -> str:
+def _suggest(params: ParamCount, shape: Shape, cfg: TrainRunParams, dev: Devices, finetune: bool,
+             how: dict) -> str:
     ds = cfg.deepspeed
     tries: list[tuple[str, dict]] = []
     if ds.zero_stage < 3:
@@ -155,7 +162,7 @@ def _suggest(params: ParamCount, shape: Shape, cfg: TrainRunParams, dev: Devices
                       {"micro_batch": 1}))
     fits = []
     for label, alt in tries:
-        e = estimate(params, shape, cfg, **alt)
+        e = estimate(params, shape, cfg, **alt, **how)
         if _fits(e, dev, ds.num_procs):
             fits.append(f"{label} ({_gib(e.device)} per process)")
     hints = []

@@ -209,7 +209,8 @@ def _train(mode: Mode, cfg: TrainRunParams, root: Path, run_dir: Path, kernels: 
 
     counts = _counts(mode, cfg, config)
     shape = Shape(config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.vocab_size)
-    estimate = check_fit(counts, shape, cfg, devices(cfg.deepspeed.num_procs), finetune=mode == "finetune")
+    estimate = check_fit(counts, shape, cfg, devices(cfg.deepspeed.num_procs), finetune=mode == "finetune",
+                         kernels=kernels)
 
     from safetensors.torch import save_file
 
