@@ -125,9 +125,13 @@ def test_two_nodes_train_as_one_node_of_two_ranks(trained, tmp_path):
         nodes.append(node)
     assert load_params(nodes[0] / "params.yaml").train.pretrain.deepspeed.zero_stage == 2
 
+    # torchrun's own variable for --local-addr: both "nodes" are this machine, and finding its address otherwise
+    # costs about 50 s of lookups here
+    env = {**os.environ, "PET_LOCAL_ADDR": "127.0.0.1"}
+
     def train(node: Path) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "llmops"), "train", "pretrain"], cwd=node, capture_output=True, text=True,
-                              timeout=600)
+                              timeout=600, env=env)
 
     with ThreadPoolExecutor(2) as pool:
         procs = list(pool.map(train, nodes))

@@ -244,8 +244,9 @@ def test_a_deployment_that_refuses_personal_data(pipeline, tmp_path):
                 {"role": "user", "content": "I am jane@example.com, call me on +44 20 7946 0958"}])
         assert refused.value.code == "pii_in_prompt"
         assert "personal data (email, phone)" in refused.value.message and "jane" not in refused.value.message
-        assert api.completions.create(model="release", prompt="What is 2 + 2?", max_tokens=2,
-                                      temperature=0).choices[0].text  # greedy: a sampled answer may be empty
+        served = api.completions.create(model="release", prompt="What is 2 + 2?", max_tokens=2, temperature=0)
+        # served, not refused; the tiny model's greedy answer may be the end-of-text token alone
+        assert served.choices[0].finish_reason in ("stop", "length")
         logged = [json.loads(line) for f in (tmp_path / ".llmops/serve/requests").glob("date=*/*.jsonl")
                   for line in f.read_text().splitlines()]
         assert sorted(r["status"] for r in logged) == [200, 400]
