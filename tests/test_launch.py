@@ -114,14 +114,17 @@ def _free_port() -> int:
 @pytest.mark.training
 def test_two_nodes_train_as_one_node_of_two_ranks(trained, tmp_path):
     """Two checkouts on this machine play two nodes of one rank each, meeting at a c10d rendezvous on 127.0.0.1:
-    every step's loss equals the 2-rank single-node run of the same params, and one node publishes."""
+    their losses equal the 2-rank single-node run of the same params, and one node publishes.
+
+    Ten steps, not the reference's sixty: the warm-up's learning rates do not depend on the run's length, so the
+    first five losses (four updates from gradients all-reduced across the nodes) must be the reference's."""
     nodes = []
     port = _free_port()
     for name in ("node-a", "node-b"):
         node = tmp_path / name
         shutil.copytree(trained, node, ignore=shutil.ignore_patterns("models", "reports", "checkpoints"))
-        set_params(node, "train.pretrain.deepspeed.num_procs=1", "train.pretrain.deepspeed.nnodes=2",
-                   f"train.pretrain.deepspeed.rdzv_endpoint=127.0.0.1:{port}")
+        set_params(node, "train.pretrain.steps=10", "train.pretrain.deepspeed.num_procs=1",
+                   "train.pretrain.deepspeed.nnodes=2", f"train.pretrain.deepspeed.rdzv_endpoint=127.0.0.1:{port}")
         nodes.append(node)
     assert load_params(nodes[0] / "params.yaml").train.pretrain.deepspeed.zero_stage == 2
 
@@ -148,6 +151,7 @@ def test_two_nodes_train_as_one_node_of_two_ranks(trained, tmp_path):
         lines = (project / "reports/train/pretrain/log.csv").read_text().splitlines()[1:]
         return [float(line.split(",")[1]) for line in lines]
 
-    assert losses(published[0]) == pytest.approx(losses(trained), abs=1e-5)
+    warmup = load_params(trained / "params.yaml").train.pretrain.warmup_steps
+    assert losses(published[0])[:warmup] == pytest.approx(losses(trained)[:warmup], abs=1e-5)
     summary = (published[0] / "reports/train/pretrain/summary.json").read_text()
     assert '"world_size": 2' in summary
