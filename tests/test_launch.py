@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 
 from llmops.config import ConfigError, FinetuneParams, PretrainParams, load_params
 from llmops.launch import LaunchError, check_qlora, rendezvous_endpoint, resolve_kernels, torchrun_args
-from conftest import BIN, set_params
+from conftest import BIN, free_port, set_params
 
 KEY = "train.pretrain"
 
@@ -105,12 +104,6 @@ def test_the_cli_refuses_before_any_work(project, overrides, expected, code):
     assert not (project / "checkpoints").exists() and not (project / "models/pretrain").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.training
 def test_two_nodes_train_as_one_node_of_two_ranks(trained, tmp_path):
     """Two checkouts on this machine play two nodes of one rank each, meeting at a c10d rendezvous on 127.0.0.1:
@@ -119,7 +112,7 @@ def test_two_nodes_train_as_one_node_of_two_ranks(trained, tmp_path):
     Ten steps, not the reference's sixty: the warm-up's learning rates do not depend on the run's length, so the
     first five losses (four updates from gradients all-reduced across the nodes) must be the reference's."""
     nodes = []
-    port = _free_port()
+    port = free_port()
     for name in ("node-a", "node-b"):
         node = tmp_path / name
         shutil.copytree(trained, node, ignore=shutil.ignore_patterns("models", "reports", "checkpoints"))
