@@ -41,7 +41,7 @@ TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "mode
         "max_seq_len=64", "micro_batch=4"]
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost", "GIT_COMMITTER_NAME": "bench",
                 "GIT_COMMITTER_EMAIL": "bench@localhost"}
-IGNORE = shutil.ignore_patterns(".git", ".venv", ".whl", "models", "reports", "checkpoints", ".llmops", "__pycache__")
+IGNORE = shutil.ignore_patterns(".git", ".venv", ".whl*", "models", "reports", "checkpoints", ".llmops", "__pycache__")
 
 
 class Failed(Exception):
