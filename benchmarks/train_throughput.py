@@ -218,11 +218,23 @@ def child(run: dict[str, Any], spec: dict[str, Any], out: Path) -> None:
 
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")  # as trainer.main does (before qlora)
     model = _model(spec, run, cfg, device)
+    built_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None  # building/loading the model
     n_params = sum(p.numel() for p in model.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
     batches = Batches(_tensors(spec, run), cfg, world=1)
     timer = Timer(spec["warmup"], sync)
     total = spec["warmup"] + spec["steps"]
+    on_step = timer.on_step
+    if spec.get("profile"):  # the CUDA ops of 3 steps after the warm-up, into the profile folder
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                       schedule=schedule(wait=spec["warmup"] - 1, warmup=1, active=3, repeat=1))
+        prof.start()
+
+        def on_step(*args: Any, **kwargs: Any) -> None:
+            timer.on_step(*args, **kwargs)
+            prof.step()
 
     if run["impl"] == "ours":
         import logging
@@ -235,7 +247,8 @@ def child(run: dict[str, Any], spec: dict[str, Any], out: Path) -> None:
         engine = start_engine(model, cfg, run["kernels"])
         optimizer_name = type(engine.basic_optimizer).__name__
         train_steps(engine, lambda step, micro: batches(step, micro, 0, engine.device), 0, total, cfg.seed,
-                    timer.on_step)
+                    on_step)
+        resident = torch.cuda.memory_allocated() / 2**30 if cuda else None
         del engine
         dist.destroy_process_group()
     else:
@@ -254,8 +267,15 @@ def child(run: dict[str, Any], spec: dict[str, Any], out: Path) -> None:
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            timer.on_step(step + 1, loss.item(), LR, int(batch["attention_mask"].sum()), time.perf_counter() - t)
+            on_step(step + 1, loss.item(), LR, int(batch["attention_mask"].sum()), time.perf_counter() - t)
+        resident = torch.cuda.memory_allocated() / 2**30 if cuda else None
 
+    if spec.get("profile"):
+        prof.stop()
+        Path(spec["profile"]).mkdir(parents=True, exist_ok=True)
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+        # no "@" in the name: the device tool does not bring such files back
+        (Path(spec["profile"]) / f"{run['name'].replace('@', '_mb')}.txt").write_text(table)
     import peft
     import transformers
 
@@ -267,6 +287,8 @@ def child(run: dict[str, Any], spec: dict[str, Any], out: Path) -> None:
         "n_params": n_params, "n_trainable": sum(p.numel() for p in trainable),
         "padding": 1 - float(batches.tensors["attention_mask"].sum()) / batches.tensors["attention_mask"].numel(),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "built_peak_gib": built_peak,
+        "resident_gib": resident,  # after the last step: weights, optimizer state, gradients kept
         "optimizer": optimizer_name, "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
         "peft": peft.__version__, "deepspeed": _version("deepspeed"), "liger": _version("liger-kernel"),
@@ -311,8 +333,9 @@ def launch(run: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any] | None:
             print(f"=== {run['name']} FAILED (exit {rc}) after {time.perf_counter() - t:.0f}s ===", flush=True)
             return None
         result = json.loads(out.read_text())
-        print(f"=== {run['name']}: {result['tokens_per_s']:,.0f} tokens/s, {result['peak_mem_gib'] or 0:.1f} GiB "
-              f"({time.perf_counter() - t:.0f}s with start-up) ===", flush=True)
+        print(f"=== {run['name']}: {result['tokens_per_s']:,.0f} tokens/s, peak {result['peak_mem_gib'] or 0:.1f} GiB "
+              f"(model built: {result['built_peak_gib'] or 0:.1f}, kept after the steps: "
+              f"{result['resident_gib'] or 0:.1f}; {time.perf_counter() - t:.0f}s with start-up) ===", flush=True)
         return result
 
 
@@ -346,7 +369,7 @@ def report(spec: dict[str, Any], results: dict[str, list[dict[str, Any]]], peak_
           + (f"{peak / 1e12:.0f} TFLOP/s (dense bf16 peak)" if peak else "(no known peak: not computed)"))
     print()
     header = f"{'run':<24} {'tokens/s':>10} {'range':>19} {'MFU':>7} {'step ms':>8} {'trainable':>13} " \
-             f"{'peak GiB':>8} {'padding':>7} {'loss':>13}  optimizer"
+             f"{'peak GiB':>8} {'kept GiB':>8} {'padding':>7} {'loss':>13}  optimizer"
     print(header)
     print("-" * len(header))
     for name, rs in results.items():
@@ -360,8 +383,9 @@ def report(spec: dict[str, Any], results: dict[str, list[dict[str, Any]]], peak_
         step_ms = 1000 * statistics.median(x["step_s_median"] for x in rs)
         summary["runs"][name] = {"tokens_per_s": med, "tokens_per_s_all": tps, "mfu": mfu, "raw": rs}
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+        kept = f"{r['resident_gib']:.1f}" if r.get("resident_gib") is not None else "-"
         print(f"{name:<24} {med:>10,.0f} {min(tps):>9,.0f}-{max(tps):<9,.0f} "
-              f"{(f'{100 * mfu:.1f}%' if mfu else '-'):>7} {step_ms:>8.1f} {r['n_trainable']:>13,} {mem:>8} "
+              f"{(f'{100 * mfu:.1f}%' if mfu else '-'):>7} {step_ms:>8.1f} {r['n_trainable']:>13,} {mem:>8} {kept:>8} "
               f"{100 * r['padding']:>6.1f}% {r['losses'][0]:>6.3f}>{r['losses'][-1]:<6.3f}  {r['optimizer']}")
     runs = summary["runs"]
     print()
@@ -420,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, help="untimed steps first")
     ap.add_argument("--peak-tflops", type=float, help="override the dense bf16 peak used for MFU")
     ap.add_argument("--json", type=Path, help="write the summary here")
+    ap.add_argument("--profile", type=Path, help="write each run's top CUDA ops (3 steps after warm-up) here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -433,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("seq", "steps", "warmup"):
         if getattr(args, key) is not None:
             spec[key] = getattr(args, key)
+    if args.profile:
+        spec["profile"] = str(args.profile.resolve())
     try:
         runs = [parse_run(r.strip(), spec["micro_batch"]) for r in args.runs.split(",") if r.strip()]
     except ValueError as exc:

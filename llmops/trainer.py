@@ -189,6 +189,9 @@ def start_engine(model: Any, cfg: TrainRunParams, kernels: str) -> Any:
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=deepspeed_config(cfg))
+    # from_pretrained hands the base over in eval mode, and DeepSpeed leaves the mode alone: a fine-tune would
+    # run without activation checkpointing (transformers skips it outside training mode) and without dropout
+    engine.train()
     # DeepSpeed's schedulers start before iteration 0, at lr 0: without this step 1 would learn nothing.
     # (A resumed run loads the scheduler's state from its checkpoint over this.)
     engine.lr_scheduler.step()
