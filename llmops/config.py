@@ -237,7 +237,7 @@ class PretrainParams(TrainRunParams):
 class FinetuneParams(TrainRunParams):
     """train@finetune: a peft adapter on a base model, trained on the instruction data (response tokens only)."""
 
-    steps: int = Field(1200, ge=1, le=MAX_STEPS)
+    steps: int = Field(1800, ge=1, le=MAX_STEPS)
     lr: float = Field(4e-3, gt=0, le=MAX_LR)
     base_model: str = Field(
         "pretrain", description="'pretrain' (this pipeline's checkpoint), a local model directory or a hub id"
