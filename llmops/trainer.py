@@ -69,10 +69,14 @@ def sanitized_env(environ: dict[str, str] | None = None) -> dict[str, str]:
 
     DeepSpeed JIT-builds its C++ ops into TORCH_EXTENSIONS_DIR (~/.cache/torch_extensions
     by default) and rebuilds them whenever another environment built them last; one
-    directory per virtual environment keeps each build.
+    directory per virtual environment keeps each build. The build runs the first `ninja`
+    on PATH, and two ninjas (the environment's and the system's, of other log versions)
+    take each other's build logs for stale: the environment's own comes first, so a run from
+    an activated venv and one from cron or a service no longer rebuild each other's ops.
     """
     env = dict(os.environ if environ is None else environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), *filter(None, env.get("PATH", "").split(":"))])
     if env.get("TORCH_CUDA_ARCH_LIST"):
         env["TORCH_CUDA_ARCH_LIST"] = sanitize_cuda_arch_list(env["TORCH_CUDA_ARCH_LIST"])
     return env

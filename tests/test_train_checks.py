@@ -165,6 +165,12 @@ def test_deepspeed_ops_are_built_per_virtual_environment():
 
     assert sanitized_env({})["TORCH_EXTENSIONS_DIR"] == str(Path(sys.prefix) / "torch_extensions")
     assert sanitized_env({"TORCH_EXTENSIONS_DIR": "/mine"})["TORCH_EXTENSIONS_DIR"] == "/mine"
+    # with the system's first on PATH (a run not from an activated venv), the environment's ninja still builds them
+    import shutil
+
+    env = sanitized_env({"PATH": "/usr/local/bin:/usr/bin:/bin"})
+    assert shutil.which("ninja", path=env["PATH"]) == str(Path(sys.executable).parent / "ninja")
+    assert env["PATH"].endswith(":/usr/local/bin:/usr/bin:/bin")
 
 
 def test_deepspeed_config_follows_params():
