@@ -82,6 +82,23 @@ def sanitized_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def clear_stale_build_locks(extensions_dir: Path, idle_s: float = 600) -> list[Path]:
+    """Remove the build locks of DeepSpeed ops whose build was killed; return the ops' directories.
+
+    torch's JIT build (FileBaton) creates `<op>/lock` and deletes it when the build ends, even
+    on Ctrl-C; a SIGKILL, an OOM kill or a SIGTERM mid-build leaves it, and every later run
+    then waits on it forever, silently. A lock is stale when nothing in its op's directory
+    changed for idle_s (a build writes object files as it goes; one op takes about two minutes).
+    """
+    stale = []
+    for lock in extensions_dir.glob("*/lock"):
+        newest = max((f.stat().st_mtime for f in lock.parent.iterdir()), default=0)
+        if time.time() - newest > idle_s:
+            lock.unlink(missing_ok=True)
+            stale.append(lock.parent)
+    return stale
+
+
 def deepspeed_config(cfg: TrainRunParams) -> dict[str, Any]:
     """The DeepSpeed config for `cfg`: ZeRO stage and offload, precision, batch, clipping, AdamW, schedule."""
     ds = cfg.deepspeed

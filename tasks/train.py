@@ -41,7 +41,7 @@ from llmops.modeling import (
 )
 from llmops.repro import StageRun
 from llmops.stage import StageFailed, run_cli
-from llmops.trainer import FAILURE, TrainJob, sanitized_env
+from llmops.trainer import FAILURE, TrainJob, clear_stale_build_locks, sanitized_env
 
 Mode = Literal["pretrain", "finetune"]
 MODES: tuple[Mode, ...] = ("pretrain", "finetune")
@@ -250,8 +250,11 @@ def _train(mode: Mode, cfg: TrainRunParams, root: Path, run_dir: Path, kernels: 
           f"{kernels}; fits: {describe(estimate)}", flush=True)
     if endpoint:
         print(f"train@{mode}: one of {cfg.deepspeed.nnodes} nodes, meeting at {endpoint}", flush=True)
+    env = sanitized_env()
+    for op in clear_stale_build_locks(Path(env["TORCH_EXTENSIONS_DIR"])):
+        print(f"train@{mode}: removed {op}/lock, left by a DeepSpeed op build that was killed", flush=True)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", *launch, "-m", "llmops.trainer",
-                           str(job_file)], cwd=root, env=sanitized_env())
+                           str(job_file)], cwd=root, env=env)
     failure = tmp_out / FAILURE  # an expected failure, e.g. divergence, explained by rank 0
     if proc.returncode != 0 or failure.exists():
         reason = json.loads(failure.read_text())["error"] if failure.exists() else (

@@ -14,7 +14,8 @@ from llmops.fit import GIB, Devices, FitError, Shape, check_fit, estimate
 from llmops.modeling import (
     IGNORE, ParamCount, encode_instruction, instruction_tensors, llama_config, train_tokenizer,
 )
-from llmops.trainer import Batches, deepspeed_config, sanitize_cuda_arch_list, sanitized_env
+from llmops.trainer import (Batches, clear_stale_build_locks, deepspeed_config, sanitize_cuda_arch_list,
+                            sanitized_env)
 
 
 def llmops(project: Path, *args: str):
@@ -171,6 +172,26 @@ def test_deepspeed_ops_are_built_per_virtual_environment():
     env = sanitized_env({"PATH": "/usr/local/bin:/usr/bin:/bin"})
     assert shutil.which("ninja", path=env["PATH"]) == str(Path(sys.executable).parent / "ninja")
     assert env["PATH"].endswith(":/usr/local/bin:/usr/bin:/bin")
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path):
+    """torch's JIT build waits forever on a lock whose builder was killed; a build in progress keeps writing."""
+    import os
+    import time
+
+    killed, building, built = (tmp_path / name for name in ("fused_adam", "cpu_adam", "shm_comm"))
+    for op in (killed, building, built):
+        op.mkdir()
+        (op / "build.ninja").write_text("")
+    for op in (killed, building):
+        (op / "lock").touch()
+    long_ago = time.time() - 3600
+    for f in (killed / "build.ninja", killed / "lock", building / "build.ninja"):
+        os.utime(f, (long_ago, long_ago))
+    (building / "fused_adam.o").write_text("")  # written a moment ago: this build is alive
+    assert clear_stale_build_locks(tmp_path) == [killed]
+    assert not (killed / "lock").exists() and (building / "lock").exists()
+    assert clear_stale_build_locks(tmp_path) == []
 
 
 def test_deepspeed_config_follows_params():
