@@ -8,7 +8,7 @@ import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llmops.config import DeepSpeedParams, FinetuneParams
-from llmops.trainer import Batches, TrainJob, build_model, start_engine, train_steps
+from llmops.trainer import Batches, TrainJob, build_model, sanitized_env, start_engine, train_steps
 from conftest import free_port
 
 pytestmark = pytest.mark.training  # DeepSpeed optimizer steps, in this process
@@ -16,11 +16,11 @@ pytestmark = pytest.mark.training  # DeepSpeed optimizer steps, in this process
 
 @pytest.fixture(scope="module")
 def one_rank():
-    """A process group of this process alone, as torchrun would describe it; one per module, as DeepSpeed
-    keeps its groups for the life of the process."""
+    """A process group of this process alone, as torchrun would describe it, in the trainer's environment (where
+    DeepSpeed builds its ops); one per module, as DeepSpeed keeps its groups for the life of the process."""
     with pytest.MonkeyPatch.context() as env:
-        for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
-                               WORLD_SIZE="1").items():
+        for key, value in dict(sanitized_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
+                               LOCAL_RANK="0", WORLD_SIZE="1").items():
             env.setenv(key, value)
         yield
         if dist.is_initialized():
