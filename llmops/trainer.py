@@ -76,8 +76,8 @@ def sanitized_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     """
     env = dict(os.environ if environ is None else environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-    path = [p for p in env.get("PATH", "").split(os.pathsep) if p]
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), *path])
+    own = str(Path(sys.executable).parent)  # once, however often the environment is sanitized (stage, then trainer)
+    env["PATH"] = os.pathsep.join([own, *(p for p in env.get("PATH", "").split(os.pathsep) if p and p != own)])
     if env.get("TORCH_CUDA_ARCH_LIST"):
         env["TORCH_CUDA_ARCH_LIST"] = sanitize_cuda_arch_list(env["TORCH_CUDA_ARCH_LIST"])
     return env

@@ -172,6 +172,7 @@ def test_deepspeed_ops_are_built_per_virtual_environment():
     env = sanitized_env({"PATH": "/usr/local/bin:/usr/bin:/bin"})
     assert shutil.which("ninja", path=env["PATH"]) == str(Path(sys.executable).parent / "ninja")
     assert env["PATH"].endswith(":/usr/local/bin:/usr/bin:/bin")
+    assert sanitized_env(env)["PATH"] == env["PATH"]  # the trainer sanitizes what the stage sanitized
 
 
 def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path):
