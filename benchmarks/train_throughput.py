@@ -229,7 +229,7 @@ def child(run: dict[str, Any], spec: dict[str, Any], out: Path) -> None:
         from torch.profiler import ProfilerActivity, profile, schedule
 
         prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
-                       schedule=schedule(wait=spec["warmup"] - 1, warmup=1, active=3, repeat=1))
+                       schedule=schedule(wait=max(spec["warmup"] - 1, 0), warmup=1, active=3, repeat=1))
         prof.start()
 
         def on_step(*args: Any, **kwargs: Any) -> None:
