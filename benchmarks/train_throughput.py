@@ -9,8 +9,9 @@ A run is named  IMPL[-ADAPTER][-KERNELS][-ckpt][@MICROBATCH][+DATA]:
     IMPL      plain: a hand-written PyTorch loop (fp32 weights, torch.autocast(bf16), fused AdamW,
                      grad clipping); ours: our train stage (llmops.trainer.start_engine: DeepSpeed
                      ZeRO-2 bf16 + train_steps), with the model built as the trainer builds it
-    ADAPTER   lora: peft LoRA r16 on every linear layer (FinetuneParams' method); qlora: the same on
-              a 4-bit NF4 base, loaded by llmops.trainer.build_model exactly as `qlora: true` does
+    ADAPTER   lora: peft LoRA r16 on every linear layer (FinetuneParams' method), or on the layers
+              --lora-targets names; qlora: the same on a 4-bit NF4 base, loaded by
+              llmops.trainer.build_model exactly as `qlora: true` does
     KERNELS   liger: llmops.trainer.with_kernels (Liger's RoPE, RMSNorm, SwiGLU, fused linear
               cross-entropy); compile: torch.compile (plain) or DeepSpeed's engine.compile() (ours)
     -ckpt     activation checkpointing (llmops.trainer.with_checkpointing)
@@ -141,7 +142,8 @@ def _train_cfg(run: dict[str, Any], spec: dict[str, Any]) -> Any:
                   kernels=run["kernels"], activation_checkpointing=run["ckpt"],
                   deepspeed=DeepSpeedParams(zero_stage=2, precision="bf16"))
     if run["adapter"]:
-        return FinetuneParams(method="lora", lora=LoraParams(r=LORA_R, alpha=2 * LORA_R),
+        targets = {"target_modules": spec["lora_targets"]} if spec.get("lora_targets") else {}
+        return FinetuneParams(method="lora", lora=LoraParams(r=LORA_R, alpha=2 * LORA_R, **targets),
                               qlora=run["adapter"] == "qlora", **common)
     return PretrainParams(**common)
 
@@ -183,6 +185,11 @@ class Timer:
         self.step_s: list[float] = []
         self.losses: list[float] = []
         self._last = 0.0
+
+    def begin(self) -> None:
+        """Right before step 1: without warm-up steps, the window starts here."""
+        self.sync()
+        self._last = self.t0 = time.perf_counter()
 
     def on_step(self, step: int, loss: float, lr: float, tokens: int, seconds: float,
                 grad_norm: float | None = None) -> None:
@@ -246,6 +253,7 @@ def child(run: dict[str, Any], spec: dict[str, Any], out: Path) -> None:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         engine = start_engine(model, cfg, run["kernels"])
         optimizer_name = type(engine.basic_optimizer).__name__
+        timer.begin()
         train_steps(engine, lambda step, micro: batches(step, micro, 0, engine.device), 0, total, cfg.seed,
                     on_step)
         resident = torch.cuda.memory_allocated() / 2**30 if cuda else None
@@ -258,6 +266,7 @@ def child(run: dict[str, Any], spec: dict[str, Any], out: Path) -> None:
         optimizer_name = "torch.optim.AdamW(fused=True)"
         forward = torch.compile(model) if run["kernels"] == "compile" else model
         model.train()
+        timer.begin()
         for step in range(total):
             t = time.perf_counter()
             batch = batches(step, 0, 0, device)
@@ -367,6 +376,7 @@ def report(spec: dict[str, Any], results: dict[str, list[dict[str, Any]]], peak_
           f"{len(next(iter(results.values())))} repeat(s), interleaved, median shown")
     print(f"MFU = tokens/s x {fpt / 1e9:.3f} GFLOP/token (6N + 12LHT) / "
           + (f"{peak / 1e12:.0f} TFLOP/s (dense bf16 peak)" if peak else "(no known peak: not computed)"))
+    print(f"LoRA: r {LORA_R} on " + (", ".join(spec["lora_targets"]) if spec.get("lora_targets") else "every linear layer"))
     print()
     header = f"{'run':<24} {'tokens/s':>10} {'range':>19} {'MFU':>7} {'step ms':>8} {'trainable':>13} " \
              f"{'peak GiB':>8} {'kept GiB':>8} {'padding':>7} {'loss':>13}  optimizer"
@@ -442,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int)
     ap.add_argument("--steps", type=int, help="timed steps")
     ap.add_argument("--warmup", type=int, help="untimed steps first")
+    ap.add_argument("--lora-targets", help="comma-separated linear layers LoRA adapts (default: every one)")
     ap.add_argument("--peak-tflops", type=float, help="override the dense bf16 peak used for MFU")
     ap.add_argument("--json", type=Path, help="write the summary here")
     ap.add_argument("--profile", type=Path, help="write each run's top CUDA ops (3 steps after warm-up) here")
@@ -458,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("seq", "steps", "warmup"):
         if getattr(args, key) is not None:
             spec[key] = getattr(args, key)
+    if args.lora_targets:
+        spec["lora_targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     if args.profile:
         spec["profile"] = str(args.profile.resolve())
     try:
