@@ -100,13 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", default="2,3", help="ZeRO stages to measure")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--no-resume", action="store_true")
+    ap.add_argument("--kernels", default="auto", choices=["auto", "none", "liger", "compile"],
+                    help="train.pretrain.kernels for every run")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if not (ROOT / "data/prepared/corpus.txt").exists():
         raise SystemExit("data/prepared/corpus.txt: run `llmops prepare_data` first")
 
     model = TINY if args.tiny else MODEL
-    common = [*model, "warmup_steps=2", "eval_every=0", "checkpoint_every=0", "lr=3e-4",
+    common = [*model, "warmup_steps=2", "eval_every=0", "checkpoint_every=0", "lr=3e-4", f"kernels={args.kernels}",
               f"deepspeed.precision={'fp32' if args.tiny else 'bf16'}"]
     workdir = Path(tempfile.mkdtemp(prefix="llmops-scaling-"))
     results: dict[str, dict] = {}
