@@ -1,9 +1,14 @@
 """validate_data: the prepared dataset run through a Great Expectations suite.
 
-Both splits get the same suite (columns present and strings, no nulls or blanks,
-length bounds, duplicate rate, no PII); the train split also gets the leakage
-check against the eval prompts. A failure stops the pipeline with each failed
+Both instruction splits get the same suite (columns present and strings, no nulls
+or blanks, length bounds, duplicate rate, no PII); the train split also gets the
+leakage check against the eval prompts. The pretraining corpus, one row per line,
+is checked for rows and PII. A failure stops the pipeline with each failed
 expectation, its counts and up to 3 example rows, PII masked.
+
+The verdicts go to two files: result.json (the instruction splits, which fine-tuning
+depends on) and corpus.json (the corpus, which pretraining depends on), so that new
+instruction data, such as the monitor's corrections, does not pretrain the base again.
 """
 
 from __future__ import annotations
@@ -19,13 +24,16 @@ from pydantic import BaseModel
 
 from llmops import pii, provenance
 from llmops.config import Params, ValidateDataParams
-from llmops.datasets import read_jsonl, write_text
+from llmops.datasets import DataError, read_jsonl, write_text
 from llmops.repro import StageRun
 from llmops.stage import StageFailed, run_cli
 
 IN_DIR = Path("data/prepared")
 OUT_DIR = Path("reports/validate_data")
 SPLITS = ("train", "eval")
+CORPUS = "corpus"
+FILES = {"train": "train.jsonl", "eval": "eval.jsonl", CORPUS: "corpus.txt"}
+RESULTS = {"result.json": SPLITS, "corpus.json": (CORPUS,)}  # each verdict file, and the splits it holds
 EXAMPLES = 3
 
 
@@ -63,7 +71,20 @@ def _expectations(cfg: ValidateDataParams, split: str) -> list[Any]:
         expectation.meta = {"check": check}
         return expectation
 
+    def no_pii(col: str) -> list[Any]:
+        out = []
+        for kind in cfg.pii:
+            if kind in pii.CHECKED:  # a regex alone would flag order numbers: Luhn or libphonenumber decides
+                expectation = ExpectColumnValuesToContainNoCheckedPii(column=col, kind=kind,
+                                                                      regions=list(cfg.phone_regions))
+            else:
+                expectation = gxe.ExpectColumnValuesToNotMatchRegex(column=col, regex=pii.PATTERNS[kind])
+            out.append(named(f"{col}_no_{kind}", expectation))
+        return out
+
     suite = [named("has_rows", gxe.ExpectTableRowCountToBeBetween(min_value=1))]
+    if split == CORPUS:  # free text for pretraining: what the model would learn by heart must hold no PII
+        return suite + no_pii("text")
     limits = {"prompt": cfg.max_prompt_chars, "response": cfg.max_response_chars}
     for col, max_chars in limits.items():
         suite += [
@@ -75,14 +96,7 @@ def _expectations(cfg: ValidateDataParams, split: str) -> list[Any]:
                 f"{col}_length",
                 gxe.ExpectColumnValueLengthsToBeBetween(column=col, min_value=cfg.min_chars, max_value=max_chars),
             ),
-        ]
-        for kind in cfg.pii:
-            if kind in pii.CHECKED:  # a regex alone would flag order numbers: Luhn or libphonenumber decides
-                expectation = ExpectColumnValuesToContainNoCheckedPii(column=col, kind=kind,
-                                                                      regions=list(cfg.phone_regions))
-            else:
-                expectation = gxe.ExpectColumnValuesToNotMatchRegex(column=col, regex=pii.PATTERNS[kind])
-            suite.append(named(f"{col}_no_{kind}", expectation))
+        ] + no_pii(col)
     suite.append(
         named(
             "duplicate_rate",
@@ -112,7 +126,7 @@ def _examples(frame, indices: list[int]) -> list[dict[str, str]]:
         row = frame.loc[i]
         out.append(
             {"line": str(int(i) + 1)}
-            | {col: pii.mask(str(row[col]))[:120] for col in ("prompt", "response") if col in frame.columns}
+            | {col: pii.mask(str(row[col]))[:120] for col in ("prompt", "response", "text") if col in frame.columns}
         )
     return out
 
@@ -122,7 +136,7 @@ def validate(cfg: ValidateDataParams, splits: dict[str, list[dict]]) -> Validati
 
     Args:
         cfg: thresholds.
-        splits: rows of "train" and "eval".
+        splits: rows of "train" and "eval", and of "corpus" (one {"text": line} per line) where it is checked.
 
     Returns:
         One CheckResult per expectation and split.
@@ -187,7 +201,7 @@ def failure_message(result: ValidationResult) -> str:
         lines.append(f"- {c.split}.{c.check} [{c.expectation}]: {c.unexpected_count} of {c.element_count} rows{share}")
         for ex in c.examples:
             fields = ", ".join(f"{k}={v!r}" for k, v in ex.items() if k != "line")
-            lines.append(f"    {c.split}.jsonl:{ex['line']}: {fields}")
+            lines.append(f"    {FILES.get(c.split, c.split)}:{ex['line']}: {fields}")
     skipped = [c for c in result.checks if not c.evaluated]
     if skipped:
         lines.append(f"({len(skipped)} more could not run because their column is missing)")
@@ -224,26 +238,40 @@ def report_markdown(result: ValidationResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_corpus(path: Path) -> list[dict[str, str]]:
+    """The corpus as rows of one line each (blank ones too, so that a row's number is its line's)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
+    return [{"text": line} for line in text.splitlines()]
+
+
 def run_validate_data(cfg: ValidateDataParams, in_dir: str | Path = IN_DIR, out_dir: str | Path = OUT_DIR) -> ValidationResult:
-    """Validate `in_dir`/{train,eval}.jsonl; write result.json and report.md into `out_dir`.
+    """Validate `in_dir`/{train,eval}.jsonl and corpus.txt; write result.json, corpus.json and report.md into `out_dir`.
 
     Raises:
-        DataError: a split file is missing, empty or malformed.
+        DataError: a file is missing, empty or malformed.
         StageFailed: any expectation failed (the message lists them).
     """
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     # Input that cannot be read leaves the previous report in place; a verdict, pass or fail, replaces it.
-    splits = {name: read_jsonl(in_dir / f"{name}.jsonl", require=()) for name in SPLITS}
+    splits = {name: read_jsonl(in_dir / FILES[name], require=()) for name in SPLITS}
+    splits[CORPUS] = read_corpus(in_dir / FILES[CORPUS])
     result = validate(cfg, splits)
-    summary = {
-        "success": result.success,
-        "rows": result.rows,
-        "failed": len(result.failed),
-        "checks": [c.model_dump() for c in result.checks],
-    }
-    write_text(out_dir / "result.json", json.dumps(summary, indent=2) + "\n")
+    for name, held in RESULTS.items():
+        checks = [c for c in result.checks if c.split in held]
+        summary = {
+            "success": all(c.success for c in checks if c.evaluated),
+            "rows": {n: k for n, k in result.rows.items() if n in held},
+            "failed": sum(c.evaluated and not c.success for c in checks),
+            "checks": [c.model_dump() for c in checks],
+        }
+        write_text(out_dir / name, json.dumps(summary, indent=2) + "\n")
     write_text(out_dir / "report.md", report_markdown(result))
-    provenance.write_report_manifest(out_dir, cfg, data=[in_dir / f"{name}.jsonl" for name in SPLITS])
+    provenance.write_report_manifest(out_dir, cfg, data=[in_dir / FILES[name] for name in FILES])
     if not result.success:
         raise StageFailed(failure_message(result))
     return result

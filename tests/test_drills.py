@@ -66,7 +66,10 @@ def test_no_secret_in_any_output_and_an_erased_subject_leaves_no_trace(ran_proje
     env = base_env(**SENTINELS)
     wrong = "sk-llmops-sentinel-wrong-key-LEAK-0007"
     try:  # data onwards (the corpus is unchanged: pretraining is not) runs, pushes and deploys with the sentinels set
-        run(["llmops", "run"], project, env=env)
+        ran = run(["llmops", "run"], project, env=env)
+        out = ran.stdout + ran.stderr
+        # new instruction rows, the same corpus: the adapter trains again on the same pretrained base
+        assert "train@pretrain: unchanged since the last run" in out and "train@finetune: unchanged" not in out
         key = (project / KEY_STORE).read_text().strip()
         api = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
         answer = api.chat.completions.create(model="model", max_tokens=4,

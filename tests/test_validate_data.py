@@ -8,7 +8,7 @@ import pytest
 
 from llmops import sample_data
 from llmops.config import ValidateDataParams
-from llmops.datasets import DataError, write_jsonl
+from llmops.datasets import DataError, write_jsonl, write_text
 from llmops.stage import StageFailed
 from tasks.validate_data import run_validate_data
 
@@ -18,17 +18,21 @@ def _splits():
     return rows[:50], rows[50:]
 
 
-def _write(tmp_path, train, eval_):
+CORPUS = sample_data.corpus(seed=7, lines=40)
+
+
+def _write(tmp_path, train, eval_, corpus=CORPUS):
     write_jsonl(tmp_path / "in" / "train.jsonl", train)
     write_jsonl(tmp_path / "in" / "eval.jsonl", eval_)
+    write_text(tmp_path / "in" / "corpus.txt", corpus)
     return tmp_path / "in"
 
 
-def _failed(tmp_path, train, eval_, cfg=None):
+def _failed(tmp_path, train, eval_, cfg=None, corpus=CORPUS, verdict="result.json"):
     cfg = cfg or ValidateDataParams()
     with pytest.raises(StageFailed) as exc:
-        run_validate_data(cfg, _write(tmp_path, train, eval_), tmp_path / "out")
-    result = json.loads((tmp_path / "out" / "result.json").read_text())
+        run_validate_data(cfg, _write(tmp_path, train, eval_, corpus), tmp_path / "out")
+    result = json.loads((tmp_path / "out" / verdict).read_text())
     failed = {f"{c['split']}.{c['check']}" for c in result["checks"] if c["evaluated"] and not c["success"]}
     return failed, str(exc.value), result
 
@@ -42,6 +46,32 @@ def test_clean_sample_passes_and_writes_reports(tmp_path):
     names = {c["check"] for c in summary["checks"]}
     assert {"prompt_no_card", "duplicate_rate", "no_eval_leakage", "response_length"} <= names
     assert "# Data validation PASSED" in (tmp_path / "out" / "report.md").read_text()
+    corpus = json.loads((tmp_path / "out" / "corpus.json").read_text())
+    assert corpus["success"] is True and corpus["rows"] == {"corpus": len(CORPUS.splitlines())}
+    assert {c["check"] for c in corpus["checks"]} == {"has_rows", "text_no_email", "text_no_phone", "text_no_card",
+                                                      "text_no_ip"}
+    assert {c["split"] for c in summary["checks"]} == {"train", "eval"}
+
+
+def test_the_corpus_verdict_depends_on_the_corpus_alone(tmp_path):
+    """Pretraining depends on corpus.json (dvc.yaml): new instruction rows must leave it byte for byte as it was."""
+    train, eval_ = _splits()
+    run_validate_data(ValidateDataParams(), _write(tmp_path, train, eval_), tmp_path / "out")
+    before = {name: (tmp_path / "out" / name).read_bytes() for name in ("result.json", "corpus.json")}
+    run_validate_data(ValidateDataParams(), _write(tmp_path, train[:40], eval_), tmp_path / "out")
+    assert (tmp_path / "out" / "corpus.json").read_bytes() == before["corpus.json"]
+    assert (tmp_path / "out" / "result.json").read_bytes() != before["result.json"]
+
+
+def test_pii_in_the_corpus_fails_its_check_and_names_the_line(tmp_path):
+    train, eval_ = _splits()
+    lines = CORPUS.splitlines()
+    lines[4] = "Reach the author at jane.doe@example.com any day."
+    failed, message, corpus = _failed(tmp_path, train, eval_, corpus="\n".join(lines) + "\n", verdict="corpus.json")
+    assert failed == {"corpus.text_no_email"}
+    assert "corpus.txt:5: text='Reach the author at [EMAIL] any day.'" in message and "jane.doe" not in message
+    assert corpus["success"] is False
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["success"] is True  # the instructions passed
 
 
 def _with(rows, index, **changes):
@@ -115,6 +145,10 @@ def test_missing_split_file_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match=r"eval\.jsonl: no such file"):
         run_validate_data(ValidateDataParams(), tmp_path / "in", tmp_path / "out")
     assert not (tmp_path / "out" / "result.json").exists()
+    write_jsonl(tmp_path / "in" / "eval.jsonl", _splits()[1])
+    with pytest.raises(DataError, match=r"corpus\.txt: no such file"):
+        run_validate_data(ValidateDataParams(), tmp_path / "in", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_report_shows_data_as_text_never_as_markup_that_loads():
