@@ -60,6 +60,17 @@ class ValidationResult(BaseModel):
     def failed(self) -> list[CheckResult]:
         return [c for c in self.checks if c.evaluated and not c.success]
 
+    @classmethod
+    def of(cls, checks: list[CheckResult], rows: dict[str, int]) -> ValidationResult:
+        """The verdict on `checks`: passed when every one that could run passed (a missing column fails its
+        *_present check)."""
+        return cls(success=all(c.success for c in checks if c.evaluated), rows=rows, checks=checks)
+
+    def only(self, splits: tuple[str, ...]) -> ValidationResult:
+        """The verdict on these splits alone."""
+        return ValidationResult.of([c for c in self.checks if c.split in splits],
+                                   {n: k for n, k in self.rows.items() if n in splits})
+
 
 def _expectations(cfg: ValidateDataParams, split: str) -> list[Any]:
     """The suite for one split; each expectation carries a short check name in its meta."""
@@ -189,8 +200,7 @@ def validate(cfg: ValidateDataParams, splits: dict[str, list[dict]]) -> Validati
                     examples=_examples(frame, result.get("unexpected_index_list") or []),
                 )
             )
-    success = all(c.success for c in checks if c.evaluated)  # a missing column fails its *_present check
-    return ValidationResult(success=success, rows={n: len(f) for n, f in frames.items()}, checks=checks)
+    return ValidationResult.of(checks, {n: len(f) for n, f in frames.items()})
 
 
 def failure_message(result: ValidationResult) -> str:
@@ -262,16 +272,16 @@ def run_validate_data(cfg: ValidateDataParams, in_dir: str | Path = IN_DIR, out_
     splits[CORPUS] = read_corpus(in_dir / FILES[CORPUS])
     result = validate(cfg, splits)
     for name, held in RESULTS.items():
-        checks = [c for c in result.checks if c.split in held]
+        part = result.only(held)
         summary = {
-            "success": all(c.success for c in checks if c.evaluated),
-            "rows": {n: k for n, k in result.rows.items() if n in held},
-            "failed": sum(c.evaluated and not c.success for c in checks),
-            "checks": [c.model_dump() for c in checks],
+            "success": part.success,
+            "rows": part.rows,
+            "failed": len(part.failed),
+            "checks": [c.model_dump() for c in part.checks],
         }
         write_text(out_dir / name, json.dumps(summary, indent=2) + "\n")
     write_text(out_dir / "report.md", report_markdown(result))
-    provenance.write_report_manifest(out_dir, cfg, data=[in_dir / FILES[name] for name in FILES])
+    provenance.write_report_manifest(out_dir, cfg, data=[in_dir / file for file in FILES.values()])
     if not result.success:
         raise StageFailed(failure_message(result))
     return result
