@@ -62,7 +62,8 @@ def main() -> int:
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     spec = TINY_MODEL if args.tiny else GPU_MODEL
-    prompts = ["Write a short story about a lighthouse keeper who finds a message in a bottle."] * 8
+    prompts = [[{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a "
+                                            "bottle."}]] * 8
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -148,8 +148,9 @@ def _train_cfg(run: dict[str, Any], spec: dict[str, Any]) -> Any:
     return PretrainParams(**common)
 
 
-def length_mix(spec: dict[str, Any], n: int) -> list[tuple[list[int], list[int]]]:
-    """Instruction examples of mixed length (log-normal, median seq/8, capped at seq), 40% of each the prompt."""
+def length_mix(spec: dict[str, Any], n: int) -> list[tuple[list[int], list[bool]]]:
+    """Instruction examples of mixed length (log-normal, median seq/8, capped at seq), 40% of each the prompt: each
+    its token ids and which are trained (the response), as llmops.modeling.encode_row gives them."""
     import random
 
     rng = random.Random(1)
@@ -157,8 +158,8 @@ def length_mix(spec: dict[str, Any], n: int) -> list[tuple[list[int], list[int]]
     for _ in range(n):
         total = max(8, min(spec["seq"], int(rng.lognormvariate(0, 0.9) * spec["seq"] / 8)))
         head = max(1, int(total * 0.4))
-        pairs.append(([rng.randrange(3, spec["vocab_size"]) for _ in range(head)],
-                      [rng.randrange(3, spec["vocab_size"]) for _ in range(total - head)]))
+        pairs.append(([rng.randrange(3, spec["vocab_size"]) for _ in range(total)],
+                      [False] * head + [True] * (total - head)))
     return pairs
 
 

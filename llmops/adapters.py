@@ -8,7 +8,7 @@ the training core never branches on the method's name.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,9 +21,10 @@ class LoraParams(BaseModel):
     r: int = Field(8, ge=1, le=65_536, description="rank of the update")
     alpha: float = Field(16, gt=0, description="scale numerator: the update is multiplied by alpha / r")
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        min_length=1, description="names (last path component) of the linear layers to adapt",
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        "all-linear", description="the layers to adapt: all-linear (every linear layer but the output one, whatever "
+        "the architecture calls them; GPT-2's Conv1D included), null (peft's default for the architecture, e.g. "
+        "q_proj and v_proj on Llama, c_attn on GPT-2), or a list of layer names (last path component)",
     )
 
 
@@ -38,9 +39,8 @@ class PromptTuningParams(BaseModel):
 def _lora(p: LoraParams) -> Any:
     from peft import LoraConfig
 
-    return LoraConfig(
-        task_type="CAUSAL_LM", r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=list(p.target_modules)
-    )
+    targets = list(p.target_modules) if isinstance(p.target_modules, list) else p.target_modules
+    return LoraConfig(task_type="CAUSAL_LM", r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=targets)
 
 
 def _prompt_tuning(p: PromptTuningParams) -> Any:

@@ -47,7 +47,12 @@ class DataParams(Section):
     num_examples: int = Field(2000, ge=2, le=10_000_000, description="generated instruction examples (train + eval)")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of examples held out for eval")
     corpus_lines: int = Field(4000, ge=1, le=100_000_000, description="lines of generated pretraining text")
-    instructions: str | None = Field(None, description="your instruction data: JSONL or CSV, local path or s3:// URI")
+    instructions: str | None = Field(None, description="your instruction data: JSONL or CSV, local path or s3:// URI, "
+                                     "in one of the formats of `format`")
+    format: Literal["auto", "messages", "alpaca", "prompt_response"] = Field(
+        "auto", description="of instructions and eval_instructions: messages (OpenAI chat: system, user and assistant "
+        "turns), alpaca (instruction, input, output), prompt_response (prompt, response); auto: as the first row's "
+        "keys say")
     eval_instructions: str | None = Field(
         None, description="your eval split (same format); when null, eval is split off `instructions`"
     )
@@ -240,16 +245,27 @@ class FinetuneParams(TrainRunParams):
     steps: int = Field(1800, ge=1, le=MAX_STEPS)
     lr: float = Field(4e-3, gt=0, le=MAX_LR)
     base_model: str = Field(
-        "pretrain", description="'pretrain' (this pipeline's checkpoint), a local model directory or a hub id"
-    )
+        "pretrain", description="what is fine-tuned: a hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct), a local Hugging Face "
+        "model directory, or 'pretrain' (the demo: a small model pretrained here from scratch on the corpus). A named "
+        "base is fetched once by train@pretrain into models/pretrain, where DVC versions it; nothing is pretrained")
+    revision: str | None = Field(
+        None, min_length=1, description="the hub revision of base_model: a commit sha pins it; a branch or tag (null: "
+        "the default branch) is resolved to its commit when fetched, and the commit is recorded in the lineage")
+    chat_template: str | None = Field(
+        None, min_length=1, description="a chat template (Jinja text, or a path to a .jinja file) for a base whose "
+        "tokenizer has none, or to replace its own; null: the base's. Training, evaluation and serving render with it")
     method: str = Field("lora", description=f"one of: {', '.join(METHODS)}")
     lora: LoraParams = Field(default_factory=LoraParams)
     prompt_tuning: PromptTuningParams = Field(default_factory=PromptTuningParams)
     adapter: str | None = Field(None, description="start from this saved adapter directory instead of a new one")
     merge: bool = Field(False, description="also write the base model with the adapter merged in (LoRA)")
-    prompt_overflow: Literal["truncate", "refuse"] = Field(
-        "refuse", description="examples longer than max_seq_len: cut the prompt's start (with a count) or stop"
-    )
+    prompt_overflow: Literal["truncate", "drop", "refuse"] = Field(
+        "refuse", description="examples longer than max_seq_len (counted in the base's tokens before training): "
+        "truncate (cut the conversation's start; its final answer must fit), drop (leave them out), or refuse (stop, "
+        "naming the first); how many there are is printed either way")
+    max_seq_len: int | None = Field(
+        None, ge=8, le=1 << 20, description="tokens per sequence; null: the base's context (its "
+        "max_position_embeddings), at most 2048")
     packing: bool = Field(True, description="pack several examples into each sequence of max_seq_len, with "
                           "attention that cannot cross from one to the next; false: one example per sequence, padded")
     qlora: bool = Field(False, description="QLoRA: hold the frozen base in 4-bit NF4 (bitsandbytes) and train the "

@@ -4,7 +4,7 @@
 - `continuation_logprobs`: the summed log-probability of each continuation given its context,
   the quantity behind perplexity, the bias audit's paired likelihoods and lm-evaluation-harness's
   `loglikelihood` requests.
-- `perplexity` and `greedy_answers` on instruction rows, built on the two above.
+- `perplexity` and `greedy_answers` on instruction rows (through the chat template), built on the two above.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from llmops import chat, formats
 from llmops.config import Params
 from llmops.modeling import (
-    ModelError, encode_instruction, fit_to_length, load_adapter, load_causal_lm, load_tokenizer, resolve_base,
+    ModelError, answer_start, encode_row, fit_to_length, load_adapter, load_causal_lm, load_tokenizer, resolve_base,
 )
 
 ADAPTER = Path("models/finetune")
@@ -57,7 +58,7 @@ def load_finetuned(params: Params, root: str | os.PathLike = ".", adapter: str |
     if not (adapter / "adapter_config.json").is_file():
         raise ModelError(f"{Path(adapter).relative_to(root)}/ has no trained adapter; "
                          "run `llmops run` (or `dvc pull` in a fresh clone)")
-    base = resolve_base(params.train.finetune.base_model, root)
+    base = resolve_base(params.train.finetune.base_model, root, params.train.finetune.revision)
     tok = load_tokenizer(str(adapter))
     kwargs.setdefault("dtype", torch.float32)
     model = load_adapter(load_causal_lm(base, **kwargs), adapter).to(device()).eval()
@@ -98,22 +99,25 @@ def continuation_logprobs(model: Any, pad_id: int, items: Iterable[tuple[list[in
 
 
 def response_logprobs(loaded: Loaded, rows: list[dict], batch_size: int) -> list[tuple[float, int]]:
-    """Summed log-probability of each row's response (and end-of-text) given its templated prompt.
+    """Summed log-probability of each row's final answer (with the template's end of turn) given the conversation
+    before it, rendered through the chat template.
 
-    A row longer than the context has the start of its prompt cut, so every response
+    A row longer than the context has the start of its conversation cut, so every answer
     token is scored with as much of its prompt as fits.
 
     Raises:
-        ModelError: a response alone is longer than the model's context.
+        ModelError: an answer alone is longer than the model's context.
     """
     items = []
     for i, row in enumerate(rows, 1):
-        head, tail = encode_instruction(loaded.tokenizer, row["prompt"], row["response"])
-        fitted = fit_to_length(head, tail, loaded.context)
+        example = encode_row(loaded.tokenizer, row, f"eval row {i}")
+        fitted = fit_to_length(example, loaded.context)
         if fitted is None:
-            raise ModelError(f"eval row {i}: its response alone is longer than the model's context "
-                             f"({len(tail)} > {loaded.context} tokens)")
-        items.append(fitted)
+            raise ModelError(f"eval row {i}: its answer alone is longer than the model's context "
+                             f"({len(example[0]) - answer_start(example[1])} > {loaded.context} tokens)")
+        ids, trained = fitted
+        start = answer_start(trained)
+        items.append((ids[:start], ids[start:]))
     return continuation_logprobs(loaded.model, loaded.tokenizer.pad_token_id, items, batch_size)
 
 
@@ -122,15 +126,14 @@ def perplexity(scores: list[tuple[float, int]]) -> float:
     return math.exp(-sum(s for s, _ in scores) / sum(n for _, n in scores))
 
 
-def _left_padded(loaded: Loaded, prompts: list[str], max_new_tokens: int) -> tuple[Any, Any]:
-    """input_ids and attention_mask of the templated prompts, left-padded (generation continues on the right)."""
+def _left_padded(loaded: Loaded, contexts: list[chat.Messages], max_new_tokens: int) -> tuple[Any, Any]:
+    """input_ids and attention_mask of the conversations rendered for an answer, left-padded (generation continues
+    on the right); a conversation longer than the context has its start cut."""
     import torch
 
     tok = loaded.tokenizer
-    heads = []
-    for prompt in prompts:
-        head, _ = encode_instruction(tok, prompt, None)
-        heads.append(fit_to_length(head, [], loaded.context - max_new_tokens)[0])
+    room = max(1, loaded.context - max_new_tokens)
+    heads = [chat.prompt_ids(tok, c)[-room:] for c in contexts]
     width = max(map(len, heads))
     ids = torch.full((len(heads), width), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -141,24 +144,42 @@ def _left_padded(loaded: Loaded, prompts: list[str], max_new_tokens: int) -> tup
     return ids.to(dev), mask.to(dev)
 
 
-def greedy_answers(loaded: Loaded, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy generations from the templated prompts (left-padded batches), cut at end-of-text, stripped."""
+def stop_ids(loaded: Loaded) -> list[int]:
+    """The tokens that end an answer: the tokenizer's end of text and the model's generation config's (a chat model
+    often ends its turn with a token of its own, such as <|im_end|>)."""
+    found = [loaded.tokenizer.eos_token_id]
+    configured = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
+    for i in configured if isinstance(configured, list) else [configured]:
+        if i is not None and i not in found:
+            found.append(i)
+    return found
+
+
+def greedy_answers(loaded: Loaded, contexts: list[chat.Messages], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers to conversations (rendered through the chat template, left-padded batches), cut at the end of
+    the turn, stripped."""
     import torch
 
     tok = loaded.tokenizer
+    stops = stop_ids(loaded)
     answers = []
-    for i in range(0, len(prompts), batch_size):
-        ids, mask = _left_padded(loaded, prompts[i:i + batch_size], max_new_tokens)
+    for i in range(0, len(contexts), batch_size):
+        ids, mask = _left_padded(loaded, contexts[i:i + batch_size], max_new_tokens)
         with torch.no_grad():
             out = loaded.model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id,
             )
         for seq in out[:, ids.shape[1]:].tolist():
-            if tok.eos_token_id in seq:
-                seq = seq[: seq.index(tok.eos_token_id)]
+            ends = [seq.index(s) for s in stops if s in seq]
+            seq = seq[: min(ends)] if ends else seq
             answers.append(tok.decode(seq, skip_special_tokens=True).strip())
     return answers
+
+
+def contexts(rows: list[dict]) -> list[chat.Messages]:
+    """What each row asks: its conversation before the final answer."""
+    return [formats.context(r) for r in rows]
 
 
 def exact_matches(answers: list[str], rows: list[dict]) -> list[bool]:
@@ -166,8 +187,8 @@ def exact_matches(answers: list[str], rows: list[dict]) -> list[bool]:
     return [a == r["response"].strip() for a, r in zip(answers, rows, strict=True)]
 
 
-def ms_per_token(loaded: Loaded, prompts: list[str], new_tokens: int, repeats: int) -> float:
-    """Greedy generation latency for one batch of `prompts`: milliseconds per generated token step.
+def ms_per_token(loaded: Loaded, prompts: list[chat.Messages], new_tokens: int, repeats: int) -> float:
+    """Greedy generation latency for one batch of conversations: milliseconds per generated token step.
 
     Exactly `new_tokens` steps each time (end-of-text does not stop it), after one warm-up
     run; the median of `repeats` timed runs.

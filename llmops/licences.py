@@ -6,9 +6,10 @@ embedded sample, which this project generates and dedicates to the public domain
 governance.data_licence) and the base
 model (train.finetune.base_model: `pretrain` is trained here on the corpus, so it carries the
 corpus's licence; another model's licence comes from governance.base_model_licence, else from
-its model card's `license:`, the Hugging Face convention). An input whose licence nobody stated is
-NOASSERTION (SPDX's word for it). Registering a release, or promoting one to production, is refused
-unless every licence is in deploy.allowed_licences, naming the input that is not.
+its model card's `license:`, the Hugging Face convention, as read when train@pretrain fetched it). An input whose
+licence nobody stated is NOASSERTION (SPDX's word for it). Registering a release, or promoting one to production,
+is refused unless every licence is in deploy.allowed_licences, naming the input that is not; and since a run is
+made to be registered, training refuses, before any work, inputs that registration would refuse (`before_training`).
 """
 
 from __future__ import annotations
@@ -41,20 +42,49 @@ def of_inputs(params, root: str | Path = ".") -> list[dict[str, str]]:
                         "licence": params.governance.base_model_licence or corpus})
     else:
         entries.append({"input": f"train.finetune.base_model ({base})",
-                        "licence": params.governance.base_model_licence or _card_licence(base, Path(root))})
+                        "licence": params.governance.base_model_licence or _card_licence(params, Path(root))})
     return entries
 
 
-def _card_licence(base: str, root: Path) -> str:
-    """The `license:` of a model's card (README.md front matter), local or on the hub; NOASSERTION if none."""
+def _card_licence(params, root: Path) -> str:
+    """The `license:` of the base's model card (README.md front matter): as recorded when it was fetched into
+    models/pretrain, else from its directory or the hub (or the hub cache); NOASSERTION if none."""
     from huggingface_hub import ModelCard
 
-    local = (root / Path(base).expanduser())
+    from llmops import base_model
+
+    ft = params.train.finetune
+    fetched = base_model.recorded(root)
+    if base_model.matches(fetched, ft.base_model, ft.revision):
+        return fetched.get("licence") or UNKNOWN
+    local = root / Path(ft.base_model).expanduser()
     try:
-        card = ModelCard.load(local / "README.md" if local.is_dir() else base)
+        card = ModelCard.load(local / "README.md" if local.is_dir() else ft.base_model)
     except Exception:  # no card, no network, no such model: nobody stated a licence
         return UNKNOWN
     return str(card.data.license or UNKNOWN)
+
+
+def before_training(params, root: str | Path = ".") -> None:
+    """Refuse, before any work, a run whose inputs registration would refuse (deploy.allowed_licences).
+
+    Raises:
+        ConfigError: naming the input, its licence, and the keys that decide.
+    """
+    from llmops import base_model
+    from llmops.config import ConfigError
+
+    ft = params.train.finetune
+    entries = of_inputs(params, root)
+    if base_model.is_named(ft.base_model) and not params.governance.base_model_licence and \
+            not base_model.matches(base_model.recorded(root), ft.base_model, ft.revision):
+        # a base not fetched yet: train@pretrain reads its card when it fetches it, and checks it then
+        entries = [e for e in entries if not e["input"].startswith("train.finetune.base_model")]
+    try:
+        check({"licences": entries}, params.deploy.allowed_licences, "this run")
+    except LicenceError as exc:
+        raise ConfigError(f"{exc}, so its model could never be registered; state the licence "
+                          "(governance.data_licence, governance.base_model_licence) or allow it") from None
 
 
 def check(lineage: dict, allowed: list[str], what: str) -> None:

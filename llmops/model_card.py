@@ -38,6 +38,19 @@ def _ci(stats: dict, key: str, pct: bool = False) -> str:
     return f" (95% CI {fmt(ci['low'])} to {fmt(ci['high'])})"
 
 
+def _base_line(root: Path, pt, ft) -> str:
+    """What the fine-tuning started from: the fetched base (hub id or directory, commit, licence), or the demo's
+    pretraining."""
+    fetched = _read(root, "reports/train/pretrain/summary.json")
+    if "fetched" in fetched:
+        return (f"- base model: {fetched['fetched']}" + (f" at commit {fetched['revision']}" if fetched["revision"] else "")
+                + f", {fetched['params_total']:,} parameters, licence {fetched['licence'] or 'not stated'} (not "
+                "trained here)")
+    return (f"- pretraining: {pt.model.num_layers} layers, hidden {pt.model.hidden_size}, {pt.model.num_heads} heads, "
+            f"vocabulary {pt.model.vocab_size}; {pt.steps} steps at lr {pt.lr:g}, sequence {pt.max_seq_len}, "
+            f"DeepSpeed ZeRO-{pt.deepspeed.zero_stage} ({pt.deepspeed.precision})")
+
+
 def markdown(params, root: str | Path, release: dict[str, Any]) -> str:
     """The card of the release in `release` (release.json's content), built from the reports and params in `root`."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -64,14 +77,14 @@ def markdown(params, root: str | Path, release: dict[str, Any]) -> str:
          + ", ".join(f"{split} {n}" for split, n in valid.get("rows", {}).items()) + ".") if valid else
         "No validation report.", "",
         "## Training", "",
-        f"- pretraining: {pt.model.num_layers} layers, hidden {pt.model.hidden_size}, {pt.model.num_heads} heads, "
-        f"vocabulary {pt.model.vocab_size}; {pt.steps} steps at lr {pt.lr:g}, sequence {pt.max_seq_len}, "
-        f"DeepSpeed ZeRO-{pt.deepspeed.zero_stage} ({pt.deepspeed.precision})",
-        f"- fine-tuning: {ft.method} on {ft.base_model}; {ft.steps} steps at lr {ft.lr:g}, sequence {ft.max_seq_len}"
+        _base_line(root, pt, ft),
+        f"- fine-tuning: {ft.method} on {ft.base_model}; {ft.steps} steps at lr {ft.lr:g}, sequence "
+        f"{ft.max_seq_len or 'up to the base context (2048 at most)'}"
         + (f", LoRA r={ft.lora.r}" if ft.method == "lora" else ""),
         *(f"- {mode} loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}"
           + (f" (eval {s['final_eval_loss']:.4f})" if s.get("final_eval_loss") is not None else "")
-          for mode in ("pretrain", "finetune") if (s := _read(root, f"reports/train/{mode}/summary.json"))), "",
+          for mode in ("pretrain", "finetune") if "first_loss" in (s := _read(root, f"reports/train/{mode}/summary.json"))),
+        "",
         "## Evaluation", "",
     ]
     if tuned:

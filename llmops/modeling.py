@@ -1,6 +1,8 @@
-"""Models, tokenizers and the instruction prompt template, shared by train and evaluate.
+"""Models, tokenizers and training examples, shared by train and evaluate.
 
-The prompt template (one place, used for training and for generation):
+A training example is a conversation rendered through the base's chat template (llmops/chat.py),
+with only the assistant's answers trained. The demo model, trained here from scratch, has a
+tokenizer of our own whose chat template is the instruction template
 
     ### Instruction:
     {prompt}
@@ -8,10 +10,7 @@ The prompt template (one place, used for training and for generation):
     ### Response:
     {response}<|endoftext|>
 
-The prompt part and the response part are tokenized separately and concatenated,
-so the tokens the model is trained to produce are exactly the tokens it starts
-from at generation time. Only the response tokens (and the end-of-text token)
-count in the fine-tuning loss.
+whose two framing parts are single special tokens.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from llmops import chat, formats
 from llmops.config import ModelParams
 from llmops.datasets import DataError
 from llmops.errors import LlmopsError
@@ -32,15 +32,10 @@ PAD = "<|pad|>"
 PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 IGNORE = -100  # label value the loss skips (transformers' convention)
 PRETRAINED = Path("models/pretrain")
-_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
 class ModelError(LlmopsError):
     """A base model or adapter that cannot be used; the message says which and why."""
-
-
-def format_prompt(prompt: str) -> str:
-    return PROMPT_TEMPLATE.format(prompt=prompt)
 
 
 def chat_template() -> str:
@@ -82,7 +77,9 @@ def train_tokenizer(text_lines: Iterable[str], vocab_size: int, max_len: int) ->
     )
     tok.train_from_iterator(text_lines, trainer=trainer)
     # model_max_length: the model's context, so the tokenizer warns about longer inputs instead of passing them
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, model_max_length=max_len)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, model_max_length=max_len)
+    wrapped.chat_template = chat_template()  # the demo's own: training, evaluation and serving render through it
+    return wrapped
 
 
 def llama_config(model: ModelParams, vocab_size: int, max_seq_len: int, eos_id: int, pad_id: int) -> Any:
@@ -103,28 +100,28 @@ def llama_config(model: ModelParams, vocab_size: int, max_seq_len: int, eos_id: 
     )
 
 
-def resolve_base(base_model: str, root: str | os.PathLike = ".") -> str:
-    """The local directory or hub id that `train.finetune.base_model` names.
+def resolve_base(base_model: str, root: str | os.PathLike = ".", revision: str | None = None) -> str:
+    """models/pretrain, once it holds the base that `train.finetune.base_model` (and `revision`) name.
 
     Raises:
-        ModelError: 'pretrain' before train@pretrain ran, or a path that is not a model directory.
+        ModelError: models/pretrain holds no model yet, or another base than the one named.
     """
-    if base_model == "pretrain":
-        path = Path(root) / PRETRAINED
-        if not (path / "config.json").is_file():
-            raise ModelError(
-                f"base model 'pretrain': {PRETRAINED}/ has no trained model yet; "
-                "run train@pretrain first (`llmops run`, or `dvc pull` in a fresh clone), or set train.finetune.base_model"
-            )
-        return str(path)
-    path = Path(base_model).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"base model {base_model!r}: directory has no config.json (not a transformers model)")
-        return str(path)
-    if base_model.startswith((".", "/", "~")) or not _HUB_ID.match(base_model):
-        raise ModelError(f"base model {base_model!r}: no such directory")
-    return base_model  # a hub id: loaded (and checked) by transformers below
+    from llmops import base_model as bases
+
+    path = Path(root) / PRETRAINED
+    if not (path / "config.json").is_file():
+        raise ModelError(
+            f"base model {base_model!r}: {PRETRAINED}/ holds no model yet; run train@pretrain first (`llmops run`, "
+            "`llmops train pretrain`, or `dvc pull` in a fresh clone)")
+    fetched = bases.recorded(root)
+    if bases.is_named(base_model) and not bases.matches(fetched, base_model, revision):
+        holds = f"{fetched['base_model']}@{fetched['revision']}" if fetched else "the demo model pretrained here"
+        raise ModelError(f"base model {base_model!r}: {PRETRAINED}/ holds {holds}; run train@pretrain to fetch "
+                         f"{base_model} (`llmops train pretrain`, or `llmops run`)")
+    if not bases.is_named(base_model) and fetched:
+        raise ModelError(f"base model 'pretrain': {PRETRAINED}/ holds {fetched['base_model']}, fetched, not the demo "
+                         "model; run train@pretrain to train it")
+    return str(path)
 
 
 def verify_model_dir(path: str | os.PathLike) -> None:
@@ -329,73 +326,93 @@ def load_tokenizer(name: str) -> Any:
     return tok
 
 
-def encode_instruction(tok: Any, prompt: str, response: str | None) -> tuple[list[int], list[int]]:
-    """Token ids of the templated prompt, and of the response followed by EOS (empty when None)."""
-    head = tok(format_prompt(prompt), add_special_tokens=False)["input_ids"]
-    tail = [] if response is None else tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    return head, tail
+Example = tuple[list[int], list[bool]]  # a conversation's token ids, and whether each is trained (an answer's)
 
 
-def fit_to_length(head: list[int], tail: list[int], max_len: int) -> tuple[list[int], list[int]] | None:
-    """Cut the prompt's start so prompt + response fit in max_len; None if the response alone does not fit."""
-    if len(head) + len(tail) <= max_len:
-        return head, tail
-    room = max_len - len(tail)
-    if room < 1:
+def encode_row(tok: Any, row: dict, where: str) -> Example:
+    """A prepared row's conversation through the tokenizer's chat template, its assistant turns trained."""
+    return chat.training_ids(tok, formats.conversation(row), where)
+
+
+def answer_start(trained: list[bool]) -> int:
+    """Where the final answer (the last run of trained tokens) starts."""
+    end = max(i for i, t in enumerate(trained) if t)
+    start = end
+    while start > 0 and trained[start - 1]:
+        start -= 1
+    return start
+
+
+def fit_to_length(example: Example, max_len: int) -> Example | None:
+    """Cut the conversation's start so it fits in max_len; None if its final answer alone does not fit."""
+    ids, trained = example
+    if len(ids) <= max_len:
+        return example
+    cut = len(ids) - max_len
+    if cut > answer_start(trained):
         return None
-    return head[-room:], tail
+    return ids[cut:], trained[cut:]
 
 
 def instruction_tensors(tok: Any, rows: list[dict], max_len: int, overflow: str, source: str,
                         pack: bool = False) -> tuple[dict, int]:
-    """Tensors of instruction rows: labels are -100 outside the response.
+    """Tensors of instruction rows: labels are -100 outside the assistant's answers.
 
     Unpacked: one example per sequence, right-padded to the longest (input_ids, labels, attention_mask).
     Packed: examples packed into sequences of max_len (`pack_examples`), with position_ids restarting
     at each example; attention_mask then marks real tokens only, for counting, and is not the model's.
 
+    Args:
+        overflow: what to do with an example over max_len: refuse (stop, naming the row), truncate (cut the
+            conversation's start; its final answer must fit), drop (leave it out).
+
     Returns:
-        The tensors and how many examples were truncated.
+        The tensors and how many examples were over max_len (truncated or dropped).
 
     Raises:
-        DataError: an example is over max_len and overflow is 'refuse', or its response alone is over.
+        DataError: an example is over max_len and overflow is 'refuse', its final answer alone is over (truncate),
+            or no example is left.
     """
-    pairs, too_long = [], []
+    examples, too_long = [], []
     for i, row in enumerate(rows, 1):
-        head, tail = encode_instruction(tok, row["prompt"], row["response"])
-        if len(head) + len(tail) > max_len:
-            too_long.append((i, len(head) + len(tail)))
-            fitted = fit_to_length(head, tail, max_len) if overflow == "truncate" else None
+        example = encode_row(tok, row, f"{source}: row {i}")
+        if len(example[0]) > max_len:
+            too_long.append(i)
+            if overflow == "drop":
+                continue
+            fitted = fit_to_length(example, max_len) if overflow == "truncate" else None
             if fitted is None:
-                what = "its response alone is" if overflow == "truncate" else "it is"
+                what = "its final answer alone is" if overflow == "truncate" else "it is"
                 raise DataError(
-                    f"{source}: row {i}: {what} longer than max_seq_len ({len(head) + len(tail)} > {max_len} tokens); "
+                    f"{source}: row {i}: {what} longer than max_seq_len ({len(example[0])} > {max_len} tokens); "
                     f"{len(too_long)} such row(s) so far. Raise max_seq_len"
-                    + ("" if overflow == "truncate" else " or set prompt_overflow: truncate")
+                    + (", or set prompt_overflow: drop" if overflow == "truncate"
+                       else " or set prompt_overflow: truncate or drop")
                 )
-            head, tail = fitted
-        pairs.append((head, tail))
-    if not pairs:
-        raise DataError(f"{source}: no examples")
+            example = fitted
+        examples.append(example)
+    if not examples:
+        raise DataError(f"{source}: no examples" + (f" (all {len(too_long)} are over max_seq_len, {max_len} tokens, "
+                                                    "and prompt_overflow is drop)" if too_long else ""))
     if pack:
-        return pack_examples(pairs, max_len, tok.pad_token_id), len(too_long)
-    return pad_examples(pairs, tok.pad_token_id), len(too_long)
+        return pack_examples(examples, max_len, tok.pad_token_id), len(too_long)
+    return pad_examples(examples, tok.pad_token_id), len(too_long)
 
 
-def pad_examples(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
-    """One (prompt, response) token pair per row, right-padded to the longest."""
+def pad_examples(examples: list[Example], pad_id: int) -> dict:
+    """One example per row, right-padded to the longest."""
     import torch
 
-    width = max(len(h) + len(t) for h, t in pairs)
-    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(pairs), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(pairs), width), dtype=torch.long)
-    for row, (head, tail) in enumerate(pairs):
-        n = len(head) + len(tail)
-        ids[row, :n] = torch.tensor(head + tail)
-        labels[row, len(head):n] = torch.tensor(tail)
+    width = max(len(ids) for ids, _ in examples)
+    ids_t = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ids, trained) in enumerate(examples):
+        n = len(ids)
+        ids_t[row, :n] = torch.tensor(ids)
+        labels[row, :n] = torch.where(torch.tensor(trained), torch.tensor(ids), IGNORE)
         mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    return {"input_ids": ids_t, "labels": labels, "attention_mask": mask}
 
 
 def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -418,8 +435,8 @@ def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def pack_examples(pairs: list[tuple[list[int], list[int]]], max_len: int, pad_id: int) -> dict:
-    """(prompt, response) pairs packed into sequences of max_len tokens that attention cannot cross.
+def pack_examples(examples: list[Example], max_len: int, pad_id: int) -> dict:
+    """Examples packed into sequences of max_len tokens that attention cannot cross.
 
     Each example's position_ids start at 0, which is how transformers tells packed examples
     apart: given position_ids and no attention_mask, its masks keep each token's attention
@@ -429,24 +446,24 @@ def pack_examples(pairs: list[tuple[list[int], list[int]]], max_len: int, pad_id
     """
     import torch
 
-    bins = pack_bins([len(h) + len(t) for h, t in pairs], max_len)
-    ids = torch.full((len(bins), max_len), pad_id, dtype=torch.long)
+    bins = pack_bins([len(ids) for ids, _ in examples], max_len)
+    ids_t = torch.full((len(bins), max_len), pad_id, dtype=torch.long)
     labels = torch.full((len(bins), max_len), IGNORE, dtype=torch.long)
     positions = torch.zeros((len(bins), max_len), dtype=torch.long)
     mask = torch.zeros((len(bins), max_len), dtype=torch.long)
     for row, members in enumerate(bins):
         at = 0
         for i in members:
-            head, tail = pairs[i]
-            n = len(head) + len(tail)
-            ids[row, at:at + n] = torch.tensor(head + tail)
-            labels[row, at + len(head):at + n] = torch.tensor(tail)
+            ids, trained = examples[i]
+            n = len(ids)
+            ids_t[row, at:at + n] = torch.tensor(ids)
+            labels[row, at:at + n] = torch.where(torch.tensor(trained), torch.tensor(ids), IGNORE)
             labels[row, at] = IGNORE
             positions[row, at:at + n] = torch.arange(n)
             mask[row, at:at + n] = 1
             at += n
         positions[row, at:] = torch.arange(max_len - at)
-    return {"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": mask}
+    return {"input_ids": ids_t, "labels": labels, "position_ids": positions, "attention_mask": mask}
 
 
 def padding_share(tensors: dict) -> float:

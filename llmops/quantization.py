@@ -51,16 +51,59 @@ class Method:
     what: str
     config: Callable[[], Any]
     needs_cuda: bool = False
+    # the layer classes it converts: torchao's quantize_ swaps nn.Linear weights only; transformers' bitsandbytes
+    # integration also converts GPT-2's Conv1D (a linear layer with its weight transposed)
+    layers: tuple[str, ...] = ("Linear",)
 
 
 METHODS: dict[str, Method] = {
     "int8_weight_only": Method("torchao", "int8 weights, per-channel scales; activations stay float", _torchao_int8),
-    "nf4": Method("bitsandbytes", "4-bit NormalFloat weights in blocks of 64, float compute", _bnb_nf4),
+    "nf4": Method("bitsandbytes", "4-bit NormalFloat weights in blocks of 64, float compute", _bnb_nf4,
+                  layers=("Linear", "Conv1D")),
     "int4_weight_only": Method("torchao", "int4 weights, groups of 128 (tinygemm kernels)", _torchao_int4,
                                needs_cuda=True),
     "fp8": Method("torchao", "float8 weights and activations, per-row scales (Hopper or newer)", _torchao_fp8,
                   needs_cuda=True),
 }
+
+
+def _layers(model: Any) -> dict[str, str]:
+    """The model's linear layers (nn.Linear and GPT-2's Conv1D) but its output layer: name -> class name."""
+    import torch
+
+    out = model.get_output_embeddings()
+    return {name: type(m).__name__ for name, m in model.named_modules()
+            if m is not out and (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")}
+
+
+def check_architecture(methods: list[str], model: Any) -> None:
+    """Refuse, before any training, a method that would quantize no layer of this architecture (e.g. torchao's,
+    which convert nn.Linear only, on GPT-2, whose layers are Conv1D): it would ship the float model as quantized.
+
+    Args:
+        model: the model, or an empty copy of it (on the meta device).
+
+    Raises:
+        ConfigError: naming the method, the layers it converts and the ones the model has.
+    """
+    layers = _layers(model)
+    for name in methods:
+        if not any(kind in METHODS[name].layers for kind in layers.values()):
+            raise ConfigError(
+                f"quantize.methods: {name} ({METHODS[name].library}) converts {'/'.join(METHODS[name].layers)} layers "
+                f"and this {model.config.model_type} model has none (its linear layers are "
+                f"{', '.join(sorted(set(layers.values()))) or 'none'}): it would change nothing. Remove it from "
+                "quantize.methods" + ("" if name == "nf4" else " (nf4 converts Conv1D too)"))
+
+
+def quantized(model: Any) -> tuple[int, int]:
+    """(layers whose weight is now a quantized tensor, linear layers), the output layer left out."""
+    import torch
+
+    modules = dict(model.named_modules())
+    names = _layers(model)
+    done = sum(type(modules[n].weight) not in (torch.Tensor, torch.nn.Parameter) for n in names)
+    return done, len(names)
 
 
 def check_runnable(methods: list[str]) -> None:

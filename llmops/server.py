@@ -4,7 +4,7 @@ Routes: /v1/completions and /v1/chat/completions (streamed over SSE or not), /v1
 /v1/feedback (a rating of an answer, by its response id), /health (open: for a load balancer),
 /ready, /metrics. Every route but /health needs
 `Authorization: Bearer <key>`, /metrics included. Chat messages render through the model's
-chat template, which is the training prompt (see tasks/release.py). Bad requests get a 4xx
+chat template, the one the model was fine-tuned with (llmops/chat.py). Bad requests get a 4xx
 with an OpenAI-style error body naming the field; nothing a client sends reaches a 500.
 """
 
@@ -35,6 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmops import access, apikeys, audit
+from llmops.chat import TemplateError
+from llmops.chat import prompt_ids as chat_ids
 from llmops.engine import Engine, EngineError, Sampling
 from llmops.feedback import MAX_RATING, MIN_RATING, FeedbackError, Store, UnknownRequest
 from llmops.privacy import AnswerStream, Privacy
@@ -493,9 +495,8 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
         seen = [{**m, "content": privacy.prompt(m["content"])} for m in messages]
         if body.max_completion_tokens is not None:
             body = body.model_copy(update={"max_tokens": body.max_completion_tokens})
-        return await _respond(current[0], request, body, lambda tok: list(tok.apply_chat_template(
-            seen, add_generation_prompt=True, tokenize=True)["input_ids"]), messages[-1]["content"], "chat.completion",
-            "messages")
+        return await _respond(current[0], request, body, lambda tok: chat_ids(tok, seen, "messages"),
+                              messages[-1]["content"], "chat.completion", "messages")
 
     def _screen(what: str, texts: list[str]) -> JSONResponse | None:
         """Count the personal data in a prompt; a 400 if this deployment refuses it."""
@@ -560,7 +561,11 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
             return _error(404, str(exc), param="model", code="model_not_found")
         request.state.version = target.version
         engine = target.engine
-        ids = encode(engine.tokenizer)
+        try:
+            ids = encode(engine.tokenizer)
+        except TemplateError as exc:  # no chat template, or one that refuses these messages (e.g. roles out of order)
+            return _error(400, f"{exc}; a model without a chat template takes /v1/completions", param=what,
+                          code="chat_template_error")
         max_tokens = body.max_tokens or max(1, min(256, engine.context - len(ids)))
         if len(ids) + max_tokens > engine.context:
             return _error(400, f"This model's maximum context length is {engine.context} tokens; the {what} has "

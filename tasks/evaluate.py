@@ -90,7 +90,7 @@ def _scores(loaded: inference.Loaded, rows: list[dict], params: Params) -> tuple
     ppl_ci = bootstrap(
         ([s for s, _ in logprobs], [n for _, n in logprobs]),
         lambda lp, n, axis: np.exp(-lp.sum(axis=axis) / n.sum(axis=axis)), cfg.bootstrap_resamples, cfg.seed)
-    answers = inference.greedy_answers(loaded, [r["prompt"] for r in rows], cfg.max_new_tokens, cfg.batch_size)
+    answers = inference.greedy_answers(loaded, inference.contexts(rows), cfg.max_new_tokens, cfg.batch_size)
     hits = sum(inference.exact_matches(answers, rows))
     scores = Scores(perplexity=inference.perplexity(logprobs), perplexity_ci95=ppl_ci,
                     exact_match=hits / len(rows), exact_match_ci95=wilson(hits, len(rows)), examples=len(rows))

@@ -1,7 +1,8 @@
 """prepare_data: the instruction dataset (train and eval splits) and the pretraining corpus.
 
 From the embedded sample generator (same seed, byte-identical files) or from the
-user's own files (JSONL or CSV instructions, plain-text corpus; local or s3://).
+user's own files (instructions as JSONL or CSV in any format of llmops/formats.py: chat
+`messages`, alpaca, prompt/response; a plain-text corpus; local or s3://).
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from pathlib import Path
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
-from llmops import provenance, sample_data
+from llmops import formats, provenance, sample_data
 from llmops.config import DataParams, Params, StorageParams, storage_from_env
-from llmops.datasets import DataError, parse_instructions, replace_dir, write_jsonl, write_text
+from llmops.datasets import DataError, parse_rows, replace_dir, write_jsonl, write_text
 from llmops.repro import StageRun
 from llmops.stage import run_cli
 from llmops.storage import read_bytes
@@ -33,14 +34,19 @@ class PrepareResult(BaseModel):
     corpus_lines: int
 
 
+def _read(uri: str, cfg: DataParams, storage: StorageParams) -> list[dict]:
+    """A file of instruction rows in its format, as prepared rows (prompt, response, and a conversation's messages)."""
+    return formats.normalize(parse_rows(read_bytes(uri, storage), uri, require=()), uri, cfg.format)
+
+
 def _split_rows(cfg: DataParams, storage: StorageParams) -> tuple[list[dict], list[dict], str]:
     if cfg.instructions is None:
         rows = sample_data.instructions(cfg.seed, cfg.num_examples)
         train, eval_ = sample_data.split(rows, cfg.eval_fraction, cfg.seed)
         return train, eval_, f"generated sample (seed {cfg.seed})"
-    rows = parse_instructions(read_bytes(cfg.instructions, storage), cfg.instructions)
+    rows = _read(cfg.instructions, cfg, storage)
     if cfg.eval_instructions:
-        eval_ = parse_instructions(read_bytes(cfg.eval_instructions, storage), cfg.eval_instructions)
+        eval_ = _read(cfg.eval_instructions, cfg, storage)
         return rows, eval_, f"{cfg.instructions} + {cfg.eval_instructions}"
     if len(rows) < 2:
         raise DataError(f"{cfg.instructions}: {len(rows)} row, need at least 2 to split into train and eval")
@@ -75,7 +81,8 @@ def run_prepare_data(cfg: DataParams, storage: StorageParams, out_dir: str | Pat
     out_dir = Path(out_dir)
     train, eval_, source = _split_rows(cfg, storage)
     if cfg.corrections:  # reviewed answers from production: training rows only, judged by validate_data like the rest
-        corrections = parse_instructions(read_bytes(cfg.corrections, storage), cfg.corrections)
+        corrections = formats.normalize(parse_rows(read_bytes(cfg.corrections, storage), cfg.corrections, require=()),
+                                        cfg.corrections)
         held_out = {row.get("prompt") for row in eval_}
         kept = [row for row in corrections if row.get("prompt") not in held_out]
         train = train + kept

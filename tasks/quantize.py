@@ -42,6 +42,8 @@ class Measured(BaseModel):
 class Quantized(Measured):
     library: str
     path: str
+    quantized_layers: int = 0  # of linear_layers (the output layer left out), whose weights it converted
+    linear_layers: int = 0
     size_ratio: float  # on disk, vs unquantized
     perplexity_change: float
     perplexity_change_ratio: float
@@ -62,7 +64,7 @@ def _size(path: Path) -> int:
 
 def _measure(loaded: inference.Loaded, rows: list[dict], params: Params, size: int) -> Measured:
     cfg = params.quantize
-    prompts = [r["prompt"] for r in rows]
+    prompts = inference.contexts(rows)
     answers = inference.greedy_answers(loaded, prompts, params.evaluate.max_new_tokens, cfg.batch_size)
     latency = {
         f"batch_{b}": inference.ms_per_token(loaded, (prompts * b)[:b], cfg.latency_new_tokens, cfg.latency_repeats)
@@ -129,13 +131,20 @@ def _quantize_all(params: Params, loaded: inference.Loaded, rows: list[dict], tm
     methods = {}
     for name in cfg.methods:
         out = tmp / name
-        quantization.quantize(str(merged_dir), name, dev, dtype).save_pretrained(out)
+        model = quantization.quantize(str(merged_dir), name, dev, dtype)
+        done, layers = quantization.quantized(model)
+        if not done:  # a method that changed nothing is refused, never reported as a quantized model
+            quantization.check_architecture([name], model)
+            raise ConfigError(f"quantize.methods: {name} quantized none of the {layers} linear layers of this model")
+        model.save_pretrained(out)
+        del model
         tok.save_pretrained(out)
         model = load_causal_lm(str(out), device_map=dev)  # what ships: reloaded from safetensors, as a user would
         m = _measure(inference.Loaded(tok, model, str(out), 0), rows, params, _size(out))
         del model
         methods[name] = Quantized(
             **m.model_dump(), library=quantization.METHODS[name].library, path=str(MODELS / name),
+            quantized_layers=done, linear_layers=layers,
             size_ratio=m.size_bytes / reference.size_bytes,
             perplexity_change=m.perplexity - reference.perplexity,
             perplexity_change_ratio=m.perplexity / reference.perplexity - 1,

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from llmops import inference, licences, model_card, provenance
 from llmops.config import ConfigError, Params
 from llmops.datasets import DataError, replace_dir, write_text
-from llmops.modeling import chat_template, load_tokenizer
+from llmops.modeling import load_tokenizer
 from llmops.repro import StageRun
 from llmops.stage import StageFailed, run_cli
 from tasks import gate
@@ -97,7 +97,8 @@ def run_release(params: Params, root: str | Path = ".") -> Release:
 
 
 def _build(params: Params, root: Path, candidate: str, tmp: Path) -> dict[str, dict]:
-    """Write the candidate's model and tokenizer (with the chat template) into tmp; return the hashes of its sources."""
+    """Write the candidate's model and tokenizer (with the chat template it was trained with) into tmp; return the
+    hashes of its sources."""
     if candidate != "none":
         src = Path("models/quantized") / candidate
         if not (root / src / "config.json").is_file():
@@ -115,8 +116,7 @@ def _build(params: Params, root: Path, candidate: str, tmp: Path) -> dict[str, d
         tok = loaded.tokenizer
         sources = {"base": provenance.model_hashes(loaded.base_path, root),
                    "adapter": provenance.model_hashes(inference.ADAPTER, root)}
-    tok.chat_template = chat_template()
-    tok.save_pretrained(tmp)
+    tok.save_pretrained(tmp)  # with the chat template training rendered through: served chats render the same
     _adapter(root, tok, tmp / ADAPTER_DIR)
     return sources
 

@@ -1,4 +1,9 @@
-"""train: pretrain a model from scratch, or fine-tune a base model with a peft adapter, with DeepSpeed ZeRO.
+"""train: the base model (pretrained here from scratch, or fetched), then a peft adapter on it, with DeepSpeed ZeRO.
+
+train@pretrain makes models/pretrain, the base that fine-tuning starts from: with
+`train.finetune.base_model: pretrain` (the demo) it pretrains a small model from scratch on the
+corpus; with a named base (a hub id or a local directory) it trains nothing and fetches that
+model instead (llmops/base_model.py), so that DVC versions it like any other input.
 
 This process prepares and checks everything before any training process starts
 (tokenizer, tokenized data, base model and adapter, the memory fit), then
@@ -6,7 +11,7 @@ launches `deepspeed.num_procs` processes with torchrun (llmops/trainer.py) and
 finally publishes their weights atomically with the tokenizer and a manifest.
 
 Outputs (train@<mode> in dvc.yaml):
-    models/<mode>/                 pretrain: model.safetensors + config + tokenizer
+    models/<mode>/                 pretrain: model.safetensors + config + tokenizer (a fetched base: its files)
                                    finetune: adapter_model.safetensors + adapter_config + tokenizer (+ merged/)
     models/<mode>/manifest.json    params, dataset hash, parent model, git commit, libraries, world size, results
     reports/train/<mode>/log.csv   loss, lr, tokens/s per optimizer step (`dvc plots show`)
@@ -26,22 +31,23 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
-from llmops import checkpoints, locks, provenance
+from llmops import base_model, chat, checkpoints, licences, locks, provenance, quantization
 from llmops.adapters import METHODS
-from llmops.config import FinetuneParams, Params, PretrainParams, TrainRunParams
+from llmops.config import ConfigError, FinetuneParams, Params, PretrainParams, TrainRunParams
 from llmops.datasets import DataError, read_jsonl, replace_dir, write_text
 from llmops.fit import Shape, check_fit, describe, devices
 from llmops.launch import check_qlora, rendezvous_endpoint, resolve_kernels, torchrun_args
 from llmops.modeling import (
-    check_adapter, corpus_tensors, count_params, instruction_tensors, llama_config, load_config, load_tokenizer,
-    meta_model, model_card, padding_share, resolve_base, train_tokenizer, verify_model_dir,
+    ModelError, check_adapter, corpus_tensors, count_params, encode_row, instruction_tensors, llama_config,
+    load_config, load_tokenizer, meta_model, model_card, padding_share, resolve_base, train_tokenizer,
+    verify_model_dir,
 )
 from llmops.repro import StageRun
 from llmops.stage import StageFailed, run_cli
-from llmops.trainer import FAILURE, TrainJob, clear_stale_build_locks, sanitized_env
+from llmops.trainer import FAILURE, LOG_COLUMNS, TrainJob, clear_stale_build_locks, sanitized_env
 
 Mode = Literal["pretrain", "finetune"]
 MODES: tuple[Mode, ...] = ("pretrain", "finetune")
@@ -49,6 +55,9 @@ PREPARED = Path("data/prepared")
 MODELS = Path("models")
 REPORTS = Path("reports/train")
 RUNS = Path("checkpoints/train")
+# train.finetune.max_seq_len: null takes the base's context up to this: LLaMA-Factory's default cutoff_len, which
+# holds most instruction data; longer sequences cost memory (the fit check says whether a run can afford them)
+DEFAULT_SEQ_LEN = 2048
 
 
 class TrainResult(BaseModel):
@@ -68,6 +77,19 @@ class TrainResult(BaseModel):
     truncated_examples: int = 0
     padding: float = 0.0  # share of the training sequences' token slots that were padding
     kernels: str = "none"  # as resolved for the machine it ran on
+
+
+class FetchedBase(BaseModel):
+    """What train@pretrain did instead of pretraining: the named base it fetched (also in summary.json)."""
+
+    mode: Literal["pretrain"] = "pretrain"
+    fetched: str  # the hub id or local directory
+    revision: str | None  # the commit it resolved to (None: a local directory)
+    licence: str | None  # its model card's
+    out_dir: str
+    params_total: int
+    files: int
+    size_bytes: int
 
 
 class _Prepared(BaseModel):
@@ -111,36 +133,71 @@ def _hold_out_blocks(tensors: dict) -> tuple[dict, dict | None]:
     return {k: v[kept] for k, v in tensors.items()}, {k: v[held] for k, v in tensors.items()}
 
 
-def _prepare_finetune(cfg: FinetuneParams, root: Path) -> tuple[_Prepared, Any, Any, dict, dict | None]:
-    base = resolve_base(cfg.base_model, root)
+def _prepare_finetune(cfg: FinetuneParams, root: Path) -> tuple[_Prepared, Any, Any, dict, dict | None, FinetuneParams]:
+    base = resolve_base(cfg.base_model, root, cfg.revision)
     verify_model_dir(base)
     config = load_config(base)
     if cfg.adapter:
         check_adapter(cfg.adapter, config, METHODS[cfg.method].peft_type)
-    tok = load_tokenizer(base)
+    tok = chat.set_template(load_tokenizer(base), cfg.chat_template, f"base model {cfg.base_model}")
     data = root / PREPARED / "train.jsonl"
     rows = read_jsonl(data)
-    limit = cfg.max_seq_len - (cfg.prompt_tuning.num_virtual_tokens if cfg.method == "prompt_tuning" else 0)
+    source = f"{PREPARED}/train.jsonl"
+    lengths = [len(encode_row(tok, row, f"{source}: row {i}")[0]) for i, row in enumerate(rows, 1)]
+    cfg = _with_seq_len(cfg, config)
+    virtual = cfg.prompt_tuning.num_virtual_tokens if cfg.method == "prompt_tuning" else 0
+    limit = cfg.max_seq_len - virtual
+    over = [i for i, n in enumerate(lengths, 1) if n > limit]
+    if over and cfg.prompt_overflow == "refuse":
+        raise DataError(f"{source}: {len(over)} of {len(rows)} examples are longer than max_seq_len ({limit} tokens"
+                        + (f" after {virtual} virtual tokens" if virtual else "") + f"; the longest has "
+                        f"{max(lengths)}), the first at row {over[0]} ({lengths[over[0] - 1]} tokens); raise "
+                        "train.finetune.max_seq_len (the base's context allows "
+                        f"{_context(config) or 'any'}), or set prompt_overflow: truncate or drop")
+    print(f"train@finetune: {len(rows)} examples of {min(lengths)}-{max(lengths)} tokens (the base's tokenizer and "
+          f"chat template); max_seq_len {cfg.max_seq_len}" + (f" less {virtual} virtual tokens" if virtual else "")
+          + (f"; {len(over)} over it: prompt_overflow {cfg.prompt_overflow}" if over else ""), flush=True)
     # Prompt tuning puts its virtual tokens before each sequence: packed examples after the first would not see them.
     pack = cfg.packing and not METHODS[cfg.method].prompt_learning
     if cfg.packing and not pack:
         print(f"train@finetune: packing off: {cfg.method} prepends its virtual tokens to every sequence, so each "
               "example needs a sequence of its own")
-    tensors, truncated = instruction_tensors(tok, rows, limit, cfg.prompt_overflow, f"{PREPARED}/train.jsonl", pack)
+    tensors, truncated = instruction_tensors(tok, rows, limit, cfg.prompt_overflow, source, pack)
     if truncated:
+        done = "had the start of their conversation cut" if cfg.prompt_overflow == "truncate" else "were left out"
         print(f"warning: train@finetune: {truncated} of {len(rows)} examples were longer than max_seq_len "
-              f"({limit} tokens) and had the start of their prompt cut (prompt_overflow: truncate)")
+              f"({limit} tokens) and {done} (prompt_overflow: {cfg.prompt_overflow})")
     eval_file = root / PREPARED / "eval.jsonl"
     held_out = None
     if eval_file.is_file():  # the eval loss during training; evaluate scores the whole split afterwards
         held_out, _ = instruction_tensors(tok, read_jsonl(eval_file)[:256], limit, "truncate", str(eval_file))
-    local = Path(base)
+    fetched = base_model.recorded(root)
     parent = {"base_model": cfg.base_model, "path": _portable(base, root),
-              "sha256": _model_files_hash(local) if local.is_dir() else None,
-              "revision": getattr(config, "_commit_hash", None)}
+              "sha256": _model_files_hash(Path(base)), "revision": (fetched or {}).get("revision")}
     if cfg.adapter:
         parent["adapter"] = {"path": _portable(cfg.adapter, root), "sha256": _model_files_hash(Path(cfg.adapter))}
-    return _Prepared(model=base, dataset=str(data), parent=parent, truncated=truncated), tok, config, tensors, held_out
+    return (_Prepared(model=base, dataset=str(data), parent=parent, truncated=truncated), tok, config, tensors,
+            held_out, cfg)
+
+
+def _context(config: Any) -> int | None:
+    """The positions a base model takes (GPT-2 calls them n_positions)."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def _with_seq_len(cfg: FinetuneParams, config: Any) -> FinetuneParams:
+    """cfg with max_seq_len resolved: as set, or (null) the base's context, at most DEFAULT_SEQ_LEN.
+
+    Raises:
+        ConfigError: max_seq_len is set beyond the base's context.
+    """
+    context = _context(config)
+    if cfg.max_seq_len is not None:
+        if context and cfg.max_seq_len > context:
+            raise ConfigError(f"train.finetune.max_seq_len: {cfg.max_seq_len} is beyond the base's context "
+                              f"({context} positions); set at most {context}, or null")
+        return cfg
+    return cfg.model_copy(update={"max_seq_len": min(context or DEFAULT_SEQ_LEN, DEFAULT_SEQ_LEN)})
 
 
 def _portable(path: str, root: Path) -> str:
@@ -155,20 +212,35 @@ def _portable(path: str, root: Path) -> str:
 
 
 def _counts(mode: Mode, cfg: TrainRunParams, config: Any):
+    """The parameters of the model to train: for fine-tuning, with the adapter that the method puts on this
+    architecture, built on an empty (meta) copy, so an architecture the method cannot adapt is refused here.
+
+    Raises:
+        ModelError: the method finds nothing to adapt in this architecture (e.g. LoRA target names it lacks).
+    """
     model = meta_model(config)
     if mode == "finetune":
         from peft import get_peft_model
 
         assert isinstance(cfg, FinetuneParams)
-        model = get_peft_model(model, METHODS[cfg.method].peft_config(cfg.method_params))
+        try:
+            model = get_peft_model(model, METHODS[cfg.method].peft_config(cfg.method_params))
+        except (ValueError, TypeError, KeyError) as exc:  # peft's NoMatchingPeftModuleError is a ValueError
+            key = f"train.finetune.{cfg.method}" + (".target_modules" if cfg.method == "lora" else "")
+            linear = sorted({name.rsplit(".", 1)[-1] for name, m in meta_model(config).named_modules()
+                             if type(m).__name__ in ("Linear", "Conv1D")})
+            raise ModelError(f"{key}: {cfg.method} cannot adapt a {config.model_type} model as set "
+                             f"({str(exc).splitlines()[0][:200]}); its linear layers are {', '.join(linear)}: use "
+                             "all-linear, null (peft's default for the architecture) or some of those") from None
     return count_params(model)
 
 
-def run_train(mode: Mode, params: Params, root: str | Path = ".") -> TrainResult | None:
+def run_train(mode: Mode, params: Params, root: str | Path = ".") -> TrainResult | FetchedBase | None:
     """Train (or resume training) and publish models/<mode>/ with its manifest and the step log.
 
     Returns:
-        What the run produced; None on a node of a multi-node run that did not run rank 0 (that node publishes).
+        What the run produced (train@pretrain with a named base: what it fetched); None on a node of a multi-node
+        run that did not run rank 0 (that node publishes).
 
     Raises:
         LaunchError: the params ask for kernels or QLoRA that this machine cannot run.
@@ -179,6 +251,9 @@ def run_train(mode: Mode, params: Params, root: str | Path = ".") -> TrainResult
         StageFailed: a training process failed; complete checkpoints are kept for the next run to resume.
     """
     root = Path(root).resolve()
+    licences.before_training(params, root)
+    if mode == "pretrain" and base_model.is_named(params.train.finetune.base_model):
+        return _fetch_base(params, root)
     cfg: TrainRunParams = getattr(params.train, mode)
     kernels, endpoint = _launch_plan(mode, cfg)  # refused here, before anything is written or tokenized
     run_dir = root / RUNS / mode
@@ -188,6 +263,49 @@ def run_train(mode: Mode, params: Params, root: str | Path = ".") -> TrainResult
             return _train(mode, cfg, root, run_dir, kernels, endpoint)
     except locks.Busy as exc:
         raise StageFailed(str(exc)) from None
+
+
+def _fetch_base(params: Params, root: Path) -> FetchedBase:
+    """models/pretrain as the named base: fetched, checked (tokenizer, chat template, licence, what the method
+    adapts), and published whole with its manifest, or not at all. Nothing is trained.
+
+    Raises:
+        BaseModelError: the base cannot be fetched, or lacks weights or a tokenizer.
+        ModelError, TemplateError, ConfigError: it cannot be fine-tuned as params say, or its licence is refused.
+    """
+    ft = params.train.finetune
+    tmp = root / MODELS / ".pretrain.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        fetched = base_model.fetch(ft.base_model, ft.revision, tmp, root)
+        config = load_config(str(tmp))
+        chat.set_template(load_tokenizer(str(tmp)), ft.chat_template, f"base model {ft.base_model}")
+        if not params.governance.base_model_licence:
+            entry = {"input": f"train.finetune.base_model ({ft.base_model})",
+                     "licence": fetched["licence"] or licences.UNKNOWN}
+            try:
+                licences.check({"licences": [entry]}, params.deploy.allowed_licences, "this run")
+            except licences.LicenceError as exc:
+                raise ConfigError(f"{exc} (its model card's licence), so its model could never be registered; "
+                                  "set governance.base_model_licence if the card is wrong, or allow it") from None
+        counts = _counts("finetune", ft, config)  # refuses now an architecture the method cannot adapt
+        quantization.check_architecture(params.quantize.methods, meta_model(config))  # or quantize nothing
+        manifest = provenance.manifest(
+            {"base_model": ft.base_model, "revision": ft.revision},
+            {f.name: f for f in sorted(tmp.iterdir()) if f.suffix in (".json", ".safetensors")}, fetched=fetched)
+        write_text(tmp / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # models/pretrain stays as it was
+        raise
+    result = FetchedBase(fetched=ft.base_model, revision=fetched["revision"], licence=fetched["licence"],
+                         out_dir=str(MODELS / "pretrain"), params_total=counts.total - counts.trainable,
+                         files=len(list(tmp.iterdir())), size_bytes=sum(f.stat().st_size for f in tmp.iterdir()))
+    replace_dir(tmp, root / MODELS / "pretrain")
+    reports = root / REPORTS / "pretrain"
+    write_text(reports / "log.csv", ",".join(LOG_COLUMNS) + "\n")  # no steps: nothing was trained
+    write_text(reports / "summary.json", json.dumps(result.model_dump(), indent=2) + "\n")
+    write_text(reports / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return result
 
 
 def _launch_plan(mode: Mode, cfg: TrainRunParams) -> tuple[str, str | None]:
@@ -205,7 +323,7 @@ def _train(mode: Mode, cfg: TrainRunParams, root: Path, run_dir: Path, kernels: 
     if mode == "pretrain":
         prep, tok, config, tensors, held_out = _prepare_pretrain(cfg, root, run_dir)
     else:
-        prep, tok, config, tensors, held_out = _prepare_finetune(cfg, root)
+        prep, tok, config, tensors, held_out, cfg = _prepare_finetune(cfg, root)
 
     counts = _counts(mode, cfg, config)
     shape = Shape(config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.vocab_size)
@@ -328,6 +446,10 @@ def _cli_body(mode: Mode):
         r = run_train(mode, params)
         if r is None:
             return f"train@{mode}: this node's ranks are done; the node that ran rank 0 published {MODELS / mode}/"
+        if isinstance(r, FetchedBase):
+            return (f"train@pretrain: nothing to pretrain: fetched the base {r.fetched}"
+                    + (f" at {r.revision}" if r.revision else "") + f" ({r.params_total:,} parameters, "
+                    f"{r.size_bytes / 1e6:,.1f} MB, licence {r.licence or 'not stated'}) -> {r.out_dir}/")
         resumed = f", resumed from step {r.resumed_from}" if r.resumed_from else ""
         return (f"train@{mode}: {r.steps} steps{resumed}, loss {r.first_loss:.3f} -> {r.final_loss:.3f}, "
                 f"{r.tokens_per_s:,.0f} tokens/s on {r.world_size} process(es) -> {r.out_dir}/")
@@ -338,10 +460,18 @@ def main(mode: Mode) -> int:
     return run_cli(f"train@{mode}", _cli_body(mode))
 
 
-def publish(root: Path, run: StageRun) -> TrainResult:
-    """The loss curve (every 5%) as a table, and the run's summary."""
+def publish(root: Path, run: StageRun) -> TrainResult | FetchedBase:
+    """The loss curve (every 5%) as a table, and the run's summary (a fetched base: what was fetched)."""
     mode = run.stage.split("@")[1]
-    result = TrainResult.model_validate_json((root / REPORTS / mode / "summary.json").read_text())
+    summary = json.loads((root / REPORTS / mode / "summary.json").read_text())
+    if "fetched" in summary:
+        fetched = FetchedBase.model_validate(summary)
+        create_markdown_artifact(key="train-pretrain", markdown=(
+            f"**train@pretrain** ({'cached, unchanged' if run.skipped else 'ran'}): no pretraining; fetched the base "
+            f"`{fetched.fetched}`" + (f" at `{fetched.revision}`" if fetched.revision else "")
+            + f", {fetched.params_total:,} parameters, licence {fetched.licence or 'not stated'} -> `{fetched.out_dir}/`"))
+        return fetched
+    result = TrainResult.model_validate(summary)
     with open(root / REPORTS / mode / "log.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     every = max(1, len(rows) // 20)

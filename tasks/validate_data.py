@@ -1,7 +1,9 @@
 """validate_data: the prepared dataset run through a Great Expectations suite.
 
 Both instruction splits get the same suite (columns present and strings, no nulls
-or blanks, length bounds, duplicate rate, no PII); the train split also gets the
+or blanks, length bounds, duplicate rate, no PII, in a conversation's earlier turns too);
+whatever format the data came in (llmops/formats.py), its rows have the prompt (last user turn)
+and response (final answer) these read. The train split also gets the
 leakage check against the eval prompts. The pretraining corpus, one row per line,
 is checked for rows and PII. A failure stops the pipeline with each failed
 expectation, its counts and up to 3 example rows, PII masked.
@@ -108,6 +110,7 @@ def _expectations(cfg: ValidateDataParams, split: str) -> list[Any]:
                 gxe.ExpectColumnValueLengthsToBeBetween(column=col, min_value=cfg.min_chars, max_value=max_chars),
             ),
         ] + no_pii(col)
+    suite += no_pii("context")  # a conversation's system message and earlier turns
     suite.append(
         named(
             "duplicate_rate",
@@ -125,10 +128,16 @@ def _expectations(cfg: ValidateDataParams, split: str) -> list[Any]:
 
 
 def _frame(rows: list[dict]):
+    """The rows as a DataFrame; a conversation's earlier turns (system message included) are its `context` column,
+    which the PII checks read too ("" for a single-turn row)."""
     import pandas as pd
 
+    flat = [{k: v for k, v in row.items() if k != "messages"}
+            | ({"context": "\n".join(str(m.get("content")) for m in row["messages"][:-2])}
+               if isinstance(row.get("messages"), list) else {"context": ""}) if isinstance(row, dict) else row
+            for row in rows]
     # object dtype keeps each value as read, so a number in a text column stays a number
-    return pd.DataFrame.from_records(rows).astype(object)
+    return pd.DataFrame.from_records(flat).astype(object)
 
 
 def _examples(frame, indices: list[int]) -> list[dict[str, str]]:
@@ -137,7 +146,8 @@ def _examples(frame, indices: list[int]) -> list[dict[str, str]]:
         row = frame.loc[i]
         out.append(
             {"line": str(int(i) + 1)}
-            | {col: pii.mask(str(row[col]))[:120] for col in ("prompt", "response", "text") if col in frame.columns}
+            | {col: pii.mask(str(row[col]))[:120] for col in ("prompt", "response", "context", "text")
+               if col in frame.columns and (col != "context" or row[col])}
         )
     return out
 

@@ -164,9 +164,17 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Pa
     return path
 
 
+# The CPU kernels the pinned run (test_pinned_numbers) computes with, whatever x86 CPU runs it: PyTorch's own
+# kernels and oneDNN at their AVX2 level (an AVX-512 or AMX machine would otherwise round differently), MKL's
+# conditional numerical reproducibility in its vendor-independent mode (its AVX2 path alone still differs between
+# Intel and AMD), and one thread (a reduction split over threads adds in another order).
+PORTABLE_CPU = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "COMPATIBLE",
+                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def _run_pipeline(tmp: Path) -> None:
     project = make_project(tmp / "project", tmp / "remote")
-    (tmp / "repro.log").write_text(run(["dvc", "repro"], project).stdout)
+    (tmp / "repro.log").write_text(run(["dvc", "repro"], project, env=base_env(**PORTABLE_CPU)).stdout)
 
 
 def _train_two_ranks(tmp: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, run, set_params
+from conftest import BIN, run, set_params, snapshot
 
 pytestmark = [pytest.mark.services, pytest.mark.training]  # the session's run pipeline (DVC, training)
 
@@ -62,8 +62,10 @@ def test_pickled_weights_are_refused(ran_project):
     torch.save(model.state_dict(), pickled / "pytorch_model.bin")  # what older tools and untrusted uploads hold
     assert (pickled / "pytorch_model.bin").is_file() and not list(pickled.glob("*.safetensors"))
     set_params(ran_project, f"train.finetune.base_model={pickled}")
-    one_line_error(llmops(ran_project, "train", "finetune"), "no .safetensors weights",
-                   "pytorch_model.bin: pickle files, which can run code when loaded, are refused")
+    before = snapshot(ran_project, "models")
+    one_line_error(llmops(ran_project, "train", "pretrain"), "no .safetensors weights",
+                   "(only pytorch_model.bin: pickle files, which can run code when loaded, are refused)")
+    assert snapshot(ran_project, "models") == before  # the previous base stays
 
 
 def test_changed_or_truncated_weights_are_refused(ran_project):

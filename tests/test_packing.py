@@ -15,10 +15,15 @@ PAD = 0
 
 
 def _pairs(n: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
-    """(prompt, response) token lists of mixed lengths, as encode_instruction gives them."""
+    """(prompt, response) token lists of mixed lengths."""
     rng = random.Random(seed)
     return [([rng.randrange(1, 97) for _ in range(rng.randint(2, 20))],
              [rng.randrange(1, 97) for _ in range(rng.randint(1, 12))]) for _ in range(n)]
+
+
+def _examples(pairs) -> list[tuple[list[int], list[bool]]]:
+    """Each pair as modeling.encode_row gives an example: its ids, and the response's marked trained."""
+    return [(h + t, [False] * len(h) + [True] * len(t)) for h, t in pairs]
 
 
 def _model(attn: str = "sdpa") -> LlamaForCausalLM:
@@ -62,9 +67,9 @@ def test_bins_hold_every_example_once_within_capacity():
 def test_packed_and_unpacked_batches_give_each_example_the_same_loss(attn):
     pairs = _pairs(24)
     model = _model(attn)
-    padded = pad_examples(pairs, PAD)
+    padded = pad_examples(_examples(pairs), PAD)
     alone = _per_example_loss(model, padded, [(i, 0, len(h) + len(t)) for i, (h, t) in enumerate(pairs)])
-    packed = pack_examples(pairs, 64, PAD)
+    packed = pack_examples(_examples(pairs), 64, PAD)
     bins = pack_bins([len(h) + len(t) for h, t in pairs], 64)
     assert packed["input_ids"].shape[0] == len(bins) < len(pairs)
     together = _per_example_loss(model, packed, _spans(pairs, bins))
@@ -89,7 +94,7 @@ def test_packed_and_unpacked_batches_give_each_example_the_same_loss(attn):
 
 def test_packing_cuts_the_padding_of_a_length_mix():
     pairs = _pairs(400, seed=1)
-    padded, packed = pad_examples(pairs, PAD), pack_examples(pairs, 64, PAD)
+    padded, packed = pad_examples(_examples(pairs), PAD), pack_examples(_examples(pairs), 64, PAD)
     assert padding_share(padded) > 0.3
     assert padding_share(packed) < 0.05
     # every response token is still a target, once
@@ -97,7 +102,7 @@ def test_packing_cuts_the_padding_of_a_length_mix():
 
 
 def test_only_packed_batches_lose_their_attention_mask():
-    packed = pack_examples(_pairs(4), 64, PAD)
+    packed = pack_examples(_examples(_pairs(4)), 64, PAD)
     assert set(model_inputs(packed)) == {"input_ids", "labels", "position_ids", "use_cache"}
-    padded = pad_examples(_pairs(4), PAD)
+    padded = pad_examples(_examples(_pairs(4)), PAD)
     assert set(model_inputs(padded)) == {"input_ids", "labels", "attention_mask", "use_cache"}

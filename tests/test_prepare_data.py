@@ -92,9 +92,19 @@ def test_own_data_is_split_when_no_eval_file(tmp_path):
         ("empty.jsonl", "\n\n", r"empty\.jsonl: empty dataset \(no rows\)"),
         ("bad.jsonl", '{"prompt": "a", "response": "b"}\n{"prompt": "a"\n', r"bad\.jsonl: line 2: invalid JSON"),
         ("list.jsonl", '{"prompt": "a", "response": "b"}\n["a", "b"]\n', r"list\.jsonl: line 2: expected a JSON object"),
-        ("cols.jsonl", '{"instruction": "a", "output": "b"}\n', r"cols\.jsonl: missing column\(s\) prompt, response \(found: instruction, output\)"),
+        ("cols.jsonl", '{"question": "a", "answer": "b"}\n', r"cols\.jsonl: line 1: no known format in its keys "
+                                                                  r"\(answer, question\); expected messages \(messages\); alpaca"),
+        ("mixed.jsonl", '{"prompt": "a", "response": "b"}\n{"instruction": "c", "output": "d"}\n',
+         r"mixed\.jsonl: line 2: the row is alpaca, but the file is prompt_response \(its first row\); a file holds "
+         r"one format"),
+        ("roles.jsonl", '{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}\n',
+         r"roles\.jsonl: line 1: messages\[1\]: unknown role 'bot'; roles are system, user, assistant"),
+        ("unanswered.jsonl", '{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}]}\n',
+         r"unanswered\.jsonl: line 1: the conversation must end with an assistant turn"),
+        ("order.jsonl", '{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}\n',
+         r"order\.jsonl: line 1: turns must alternate user, assistant, ... starting with user"),
         ("ragged.csv", "prompt,response\na,b\nc,d,e\n", r"ragged\.csv: line 3: 3 fields, the header has 2"),
-        ("header.csv", "prompt\nonly\n", r"header\.csv: missing column\(s\) response"),
+        ("header.csv", "prompt\nonly\n", r"header\.csv: line 2: no known format in its keys \(prompt\)"),
         ("latin1.jsonl", b'{"prompt": "caf\xe9", "response": "b"}\n', r"latin1\.jsonl: line 1: not valid UTF-8"),
     ],
 )

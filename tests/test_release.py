@@ -1,4 +1,4 @@
-"""release: the gated candidate, self-contained in models/release/, with a chat template that is the training prompt."""
+"""release: the gated candidate, self-contained in models/release/, with the chat template it was trained with."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from conftest import BIN, run, set_params, snapshot
 from llmops import provenance
 from llmops.datasets import read_jsonl
-from llmops.modeling import encode_instruction
+from llmops.modeling import answer_start, encode_row, load_tokenizer
 
 pytestmark = [pytest.mark.services, pytest.mark.training]
 
@@ -40,7 +40,9 @@ def test_the_release_is_the_gated_candidate_and_stands_alone(pipeline, tmp_path)
     for row in read_jsonl(pipeline / "data/prepared/eval.jsonl")[:5]:
         chat = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True,
                                        tokenize=True)["input_ids"]
-        assert chat == encode_instruction(tok, row["prompt"], None)[0]  # a chat request is the trained prompt
+        trained_with = load_tokenizer(str(pipeline / "models/finetune"))
+        ids, trained = encode_row(trained_with, row, "eval")
+        assert chat == ids[:answer_start(trained)]  # a chat request renders as the training prompt did
         with torch.no_grad():
             out = model.generate(torch.tensor([chat]), max_new_tokens=4, do_sample=False,
                                  pad_token_id=tok.pad_token_id)

@@ -122,8 +122,11 @@ def test_prompt_tuning(project, trained):
     """Prompt tuning on the pretrained base: only the virtual tokens train, and they help on held-out data."""
     set_params(project, f"train.finetune.base_model={trained / 'models/pretrain'}", "train.finetune.method=prompt_tuning",
                "train.finetune.prompt_tuning.num_virtual_tokens=8", "train.finetune.lr=0.1",
-               "train.finetune.steps=100")
+               "train.finetune.steps=100", "governance.base_model_licence=CC0-1.0")
     llmops(project, "prepare_data")
+    llmops(project, "train", "pretrain")  # fetches the named base: no pretraining
+    assert json.loads((project / "reports/train/pretrain/summary.json").read_text())["fetched"] == \
+        str(trained / "models/pretrain")
     llmops(project, "train", "finetune")
     cfg = json.loads((project / "models/finetune/adapter_config.json").read_text())
     assert cfg["peft_type"] == "PROMPT_TUNING" and cfg["num_virtual_tokens"] == 8

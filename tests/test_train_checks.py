@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, run, set_params
+from conftest import BIN, run, set_params, snapshot
 from llmops import checkpoints
 from llmops.config import FinetuneParams, ModelParams, PretrainParams
 from llmops.fit import GIB, Devices, FitError, Shape, check_fit, estimate
 from llmops.modeling import (
-    IGNORE, ParamCount, encode_instruction, instruction_tensors, llama_config, train_tokenizer,
+    IGNORE, ParamCount, encode_row, instruction_tensors, llama_config, train_tokenizer,
 )
 from llmops.trainer import (Batches, clear_stale_build_locks, deepspeed_config, sanitize_cuda_arch_list,
                             sanitized_env)
@@ -37,6 +37,7 @@ def save_base(path: Path, tok, hidden: int = 32) -> Path:
                        len(tok), 64, tok.eos_token_id, tok.pad_token_id)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     tok.save_pretrained(path)
+    (path / "README.md").write_text("---\nlicense: mit\n---\n# a local base\n")  # its card states its licence
     return path
 
 
@@ -68,20 +69,27 @@ def test_finetune_before_pretrain_names_the_missing_base(project):
 def test_missing_or_unreachable_base_model(project):
     llmops(project, "prepare_data")
     set_params(project, "train.finetune.base_model=/no/such/model")
-    assert_refused(llmops(project, "train", "finetune"), "'/no/such/model': no such directory")
+    assert_refused(llmops(project, "train", "pretrain"), "train.finetune.base_model: /no/such/model: no such directory")
+    assert_refused(llmops(project, "train", "finetune"), "models/pretrain/ holds no model yet", "run train@pretrain")
     set_params(project, "train.finetune.base_model=someorg/some-model")  # a hub id, with the hub unreachable
-    assert_refused(llmops(project, "train", "finetune"), "'someorg/some-model': cannot load its config")
+    assert_refused(llmops(project, "train", "pretrain"), "someorg/some-model@main: the hub cannot be reached "
+                   "(HF_HUB_OFFLINE is set)", "has no complete copy of it", "hf download someorg/some-model")
+    assert not (project / "models").exists()
 
 
 def test_adapter_that_does_not_match_its_base(project, tokenizer, tmp_path):
     llmops(project, "prepare_data")
     base = save_base(tmp_path / "base", tokenizer)
     other = save_base(tmp_path / "other", tokenizer, hidden=48)
-    set_params(project, f"train.finetune.base_model={base}", f"train.finetune.adapter={save_lora(other, tmp_path / 'a1')}")
+    set_params(project, f"train.finetune.base_model={base}")
+    fetched = llmops(project, "train", "pretrain")  # the named base is fetched into models/pretrain, not trained
+    assert fetched.returncode == 0 and f"nothing to pretrain: fetched the base {base}" in fetched.stdout, fetched.stderr
+    before = snapshot(project, "models")
+    set_params(project, f"train.finetune.adapter={save_lora(other, tmp_path / 'a1')}")
     assert_refused(llmops(project, "train", "finetune"), "does not match its base model", "q_proj")
     set_params(project, f"train.finetune.adapter={save_lora(base, tmp_path / 'a2')}", "train.finetune.method=prompt_tuning")
     assert_refused(llmops(project, "train", "finetune"), "is LORA, but train.finetune.method needs PROMPT_TUNING")
-    assert not (project / "models").exists()
+    assert snapshot(project, "models") == before
 
 
 def test_incompatible_zero_and_offload_is_a_params_error(project):
@@ -98,13 +106,14 @@ def test_prompts_over_max_seq_len_refused_or_truncated_with_a_count(project, tok
     llmops(project, "prepare_data")
     base = save_base(tmp_path / "base", tokenizer)
     set_params(project, f"train.finetune.base_model={base}", "train.finetune.max_seq_len=24")
-    assert_refused(llmops(project, "train", "finetune"), "data/prepared/train.jsonl: row", "longer than max_seq_len",
-                   "prompt_overflow: truncate")
+    llmops(project, "train", "pretrain")
+    assert_refused(llmops(project, "train", "finetune"), "data/prepared/train.jsonl:", "examples are longer than "
+                   "max_seq_len (24 tokens; the longest has", "the first at row", "prompt_overflow: truncate or drop")
     set_params(project, "train.finetune.prompt_overflow=truncate", "train.finetune.steps=2",
                "train.finetune.warmup_steps=1")
     proc = llmops(project, "train", "finetune")
     assert proc.returncode == 0, proc.stderr
-    assert "warning: train@finetune:" in proc.stdout and "had the start of their prompt cut" in proc.stdout
+    assert "warning: train@finetune:" in proc.stdout and "had the start of their conversation cut" in proc.stdout
 
 
 def test_configuration_that_cannot_fit_is_refused_before_launch(project):
@@ -214,12 +223,15 @@ def test_loss_counts_only_response_tokens(tokenizer):
     data, truncated = instruction_tensors(tokenizer, rows, 64, "refuse", "test")
     assert truncated == 0
     for i, row in enumerate(rows):
-        head, tail = encode_instruction(tokenizer, row["prompt"], row["response"])
+        ids, trained = encode_row(tokenizer, row, "test")
+        head = trained.index(True)
         labels = data["labels"][i]
-        assert (labels[: len(head)] == IGNORE).all()
+        assert (labels[:head] == IGNORE).all()
         kept = labels[labels != IGNORE].tolist()
-        assert kept == tail and tokenizer.decode(kept) == row["response"] + "<|endoftext|>"
-        assert data["attention_mask"][i].sum() == len(head) + len(tail)
+        assert kept == ids[head:] and tokenizer.decode(kept) == row["response"] + "<|endoftext|>"
+        # the demo's chat template is the instruction template: a prompt, then the answer and end of text
+        assert tokenizer.decode(ids[:head]) == f"### Instruction:\n{row['prompt']}\n\n### Response:\n"
+        assert data["attention_mask"][i].sum() == len(ids)
 
 
 def test_batches_are_a_function_of_seed_and_step():
