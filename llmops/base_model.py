@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from llmops.errors import LlmopsError
+from llmops.errors import Refused
 
 DEMO = "pretrain"
 DIR = Path("models/pretrain")
@@ -29,7 +29,7 @@ WANTED = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.tikt
 PICKLED = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
-class BaseModelError(LlmopsError):
+class BaseModelError(Refused):
     """A base model that cannot be fetched or used; the message names it and the fix."""
 
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llmops.errors import LlmopsError
+from llmops.errors import Refused
 
 Messages = list[dict[str, str]]
 
 
-class TemplateError(LlmopsError):
+class TemplateError(Refused):
     """A tokenizer with no chat template, or a template that fails or cannot mark the answer of a conversation."""
 
 

@@ -11,7 +11,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from llmops import audit, audit_cli, explain_cli, locks, monitor_cli, registry, registry_cli, route_cli, serve_cli
-from llmops.config import PARAMS_FILE, ConfigError, load_params, storage_for
+from llmops.config import PARAMS_FILE, ConfigError, load_params, overlay, storage_for, write_params
 from llmops.errors import LlmopsError
 from llmops.prefect_api import PrefectUnavailable, prefect_api
 from llmops.preflight import check_inputs
@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
         "will use as YAML (LLMOPS_S3_* environment variables applied).",
     )
     _add_overrides(params)
+    params.add_argument("--apply", metavar="FILE", help="lay the values FILE sets (a params file, whole or in part, "
+                        "e.g. one of configs/) over params.yaml and write them into it, every other key and comment "
+                        "kept; prints the keys that changed")
 
     registry_cli.add_parser(sub)
     serve_cli.add_parser(sub)
@@ -146,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         return _install_hook(args)
     root = Path.cwd()
     try:  # everything that can be refused without work is refused here, before Prefect or DVC start
+        if args.command == "params" and args.apply:
+            changed = write_params(PARAMS_FILE, overlay(PARAMS_FILE, args.apply, args.overrides))
+            print(f"params.yaml: {len(changed)} value(s) from {args.apply}" + "".join(f"\n  {k}" for k in changed))
+            return 0
         params = load_params(PARAMS_FILE, args.overrides)
         storage = storage_for(params.storage, root)  # what the run uses (LLMOPS_S3_*); never written to params.yaml
         if args.command == "params":

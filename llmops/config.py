@@ -18,14 +18,14 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 
 from llmops.adapters import METHODS, LoraParams, PromptTuningParams
-from llmops.errors import LlmopsError
+from llmops.errors import Refused
 
 PARAMS_FILE = "params.yaml"
 MAX_STEPS = 100_000_000
 MAX_LR = 1.0  # above this Adam only diverges; prompt tuning, the most lr-hungry method, uses <= 0.3
 
 
-class ConfigError(LlmopsError):
+class ConfigError(Refused):
     """Bad parameters. The message names the source and the dotted key, one line per problem."""
 
 
@@ -232,11 +232,16 @@ class ModelParams(Section):
 
 
 class PretrainParams(TrainRunParams):
-    """train@pretrain: tokenizer and model from scratch on the corpus."""
+    """train@pretrain: tokenizer and model from scratch on the corpus (the demo), or the named base model fetched,
+    and optionally pretrained further on the corpus."""
 
     steps: int = Field(900, ge=1, le=MAX_STEPS)
     lr: float = Field(3e-3, gt=0, le=MAX_LR)
     model: ModelParams = Field(default_factory=ModelParams)
+    continue_pretraining: bool = Field(
+        False, description="with a named train.finetune.base_model: continue its pretraining on data.corpus (every "
+        "weight, the loss on every token; its own tokenizer, `model` ignored) before fine-tuning, to adapt it to a "
+        "domain; false: fetch it as it is")
 
 
 class FinetuneParams(TrainRunParams):
@@ -299,15 +304,33 @@ class TrainParams(Section):
     pretrain: PretrainParams = Field(default_factory=PretrainParams)
     finetune: FinetuneParams = Field(default_factory=FinetuneParams)
 
+    @model_validator(mode="after")
+    def _continue_a_named_base(self):
+        if self.pretrain.continue_pretraining and self.finetune.base_model == "pretrain":
+            raise ValueError(".pretrain.continue_pretraining: needs a named train.finetune.base_model (a hub id or a "
+                             "directory) to continue; base_model 'pretrain' is pretrained from scratch anyway")
+        return self
+
 
 class EvaluateParams(Section):
-    """evaluate: held-out perplexity and exact match of greedy answers, base vs fine-tuned."""
+    """evaluate: held-out perplexity and the answer metrics of greedy answers, base vs fine-tuned."""
 
+    metrics: list[Literal["exact_match", "numeric", "chrf"]] = Field(
+        default_factory=lambda: ["exact_match"], min_length=1,
+        description="answer metrics, the first the headline the gate judges: exact_match (normalised), numeric (the "
+        "final number, GSM8K's #### N), chrf (character n-gram F-score, for free text)")
     max_examples: int | None = Field(None, ge=1, description="first N eval examples; null: all")
     max_new_tokens: int = Field(24, ge=1, description="generation budget per answer")
     batch_size: int = Field(32, ge=1)
     bootstrap_resamples: int = Field(1000, ge=100, le=100_000, description="for the perplexity interval")
     seed: int = 0
+
+    @field_validator("metrics")
+    @classmethod
+    def _unique(cls, value):
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a metric twice: {value}")
+        return value
 
 
 class AuditBiasParams(Section):
@@ -346,12 +369,18 @@ class QuantizeParams(Section):
 class GateParams(Section):
     """gate: the release checks; every one must pass for the run to go on (push, register, deploy)."""
 
-    min_exact_match: float = Field(0.4, ge=0, le=1, description="fine-tuned exact match on the eval split")
-    min_gain_over_base: float = Field(0.1, ge=-1, le=1, description="fine-tuned minus base exact match")
+    min_score: float = Field(0.4, ge=0, le=1, description="the fine-tuned model's headline metric (the first of "
+                             "evaluate.metrics) on the eval split")
+    min_gain_over_base: float = Field(0.1, ge=-1, le=1, description="fine-tuned minus base, headline metric")
     min_gain_over_baseline: float = Field(0.05, ge=-1, le=1,
-                                          description="fine-tuned minus most-frequent-answer baseline exact match")
+                                          description="fine-tuned minus most-frequent-answer baseline, headline metric")
+    max_regression: float = Field(0.05, ge=0, le=1, description="how much lower than the base's each other metric "
+                                  "of evaluate.metrics may be")
     max_perplexity: float = Field(1000.0, ge=1, description="fine-tuned perplexity on the eval split")
     max_stereotype_deviation: float = Field(25.0, ge=0, le=50, description="|pct_stereotype - 50|, fine-tuned")
+    max_stereotype_deviation_per_type: float = Field(
+        25.0, ge=0, le=50, description="each bias type's: the distance from 50 of the nearest point of its 95% "
+        "interval, fine-tuned (a type whose whole interval lies further from 50 fails)")
     max_stereotype_increase: float = Field(10.0, ge=-50, le=50,
                                            description="increase of |pct_stereotype - 50| over the base, in points")
     release_candidate: str = Field("int8_weight_only", description="a quantize.methods entry, or none (unquantized)")
@@ -784,6 +813,38 @@ def load_params(path: str | os.PathLike = PARAMS_FILE, overrides: Iterable[str] 
         return Params.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, str(path), keys)) from None
+
+
+def overlay(path: str | os.PathLike, config: str | os.PathLike, overrides: Iterable[str] = ()) -> Params:
+    """The params of `path` with every value that `config` (a whole or partial params file, such as one of
+    configs/) sets laid over them, then the overrides; checked as load_params checks.
+
+    Raises:
+        ConfigError: as load_params, naming `config` for its keys.
+    """
+    def merged(under: Any, over: Any) -> Any:
+        if isinstance(under, dict) and isinstance(over, dict):
+            return {**under, **{k: merged(under.get(k), v) for k, v in over.items()}}
+        return over
+
+    tree = _plain(_read_yaml(Path(path))) or {}
+    layer = _plain(_read_yaml(Path(config))) or {}
+    if not isinstance(layer, dict):
+        raise ConfigError(f"{config}: expected a mapping of sections at the top level")
+    try:
+        Params.model_validate(merged(Params().model_dump(mode="json", by_alias=True), layer))
+    except ValidationError as exc:  # the config's own mistakes, named as its own
+        raise ConfigError(_format_errors(exc, str(config), set())) from None
+    tree = merged(tree, layer)
+    keys = set()
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+        keys.add(key)
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, f"{path} with {config}", keys)) from None
 
 
 def storage_for(storage: StorageParams, root: str | os.PathLike) -> StorageParams:

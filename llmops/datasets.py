@@ -15,13 +15,17 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
-from llmops.errors import LlmopsError
+from llmops.errors import LlmopsError, Refused
 
 REQUIRED_COLUMNS = ("prompt", "response")
 
 
 class DataError(LlmopsError):
     """A dataset file that cannot be used: the message names the file and, where known, the line."""
+
+
+class DataRefused(DataError, Refused):
+    """Data that cannot be trained on as params say (its format, its rows' lengths), found before any work."""
 
 
 def parse_instructions(raw: bytes, name: str, require: tuple[str, ...] = REQUIRED_COLUMNS) -> list[dict[str, Any]]:

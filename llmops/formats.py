@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from llmops.datasets import DataError
+from llmops.datasets import DataRefused
 
 Format = Literal["messages", "alpaca", "prompt_response"]
 FORMATS: dict[str, tuple[str, ...]] = {  # the keys that say a row is of this format, in the order they are tried
@@ -29,7 +29,7 @@ FORMATS: dict[str, tuple[str, ...]] = {  # the keys that say a row is of this fo
 ROLES = ("system", "user", "assistant")
 
 
-class FormatError(DataError):
+class FormatError(DataRefused):
     """A row that is not of its file's format; the message names the file, the line and the fix."""
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from llmops import chat, formats
+from llmops import chat, formats, metrics
 from llmops.config import Params
 from llmops.modeling import (
     ModelError, answer_start, encode_row, fit_to_length, load_adapter, load_causal_lm, load_tokenizer, resolve_base,
@@ -183,8 +183,8 @@ def contexts(rows: list[dict]) -> list[chat.Messages]:
 
 
 def exact_matches(answers: list[str], rows: list[dict]) -> list[bool]:
-    """Whether each answer equals its row's reference response, stripped: the one exact-match rule."""
-    return [a == r["response"].strip() for a, r in zip(answers, rows, strict=True)]
+    """Whether each answer equals its row's reference response: the one exact-match rule (llmops/metrics.py)."""
+    return [bool(s) for s in metrics.scores("exact_match", answers, [r["response"] for r in rows])]
 
 
 def ms_per_token(loaded: Loaded, prompts: list[chat.Messages], new_tokens: int, repeats: int) -> float:

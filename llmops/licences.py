@@ -26,22 +26,31 @@ class LicenceError(LlmopsError):
     """A release built on an input whose licence this deployment does not allow; the message names the input."""
 
 
-def of_inputs(params, root: str | Path = ".") -> list[dict[str, str]]:
-    """One entry per input of the release: {"input": what and where, "licence": SPDX id}."""
-    data = params.data
+def of_inputs(params, root: str | Path = ".", fetched_only: bool = False) -> list[dict[str, str]]:
+    """One entry per input of the release: {"input": what and where, "licence": SPDX id}.
+
+    The corpus is an input only of a base pretrained on it: the demo's, or a named one whose pretraining continued
+    on it (train.pretrain.continue_pretraining). With `fetched_only`, a named base
+    not fetched yet, whose licence nobody stated, is left out (its card is read when train@pretrain fetches it).
+    """
+    from llmops import base_model
+
+    data, ft = params.data, params.train.finetune
+    demo = not base_model.is_named(ft.base_model)
     stated = params.governance.data_licence or (UNKNOWN if any((data.instructions, data.corpus)) else EMBEDDED)
     entries = [{"input": f"data.{name} ({value})" if value else f"data.{name} (the embedded sample)",
                 "licence": stated if value else EMBEDDED}
                for name, value in (("instructions", data.instructions), ("eval_instructions", data.eval_instructions),
                                    ("corpus", data.corpus))
-               if value or name != "eval_instructions"]
-    base = params.train.finetune.base_model
-    if base == "pretrain":
+               if (value or name != "eval_instructions")
+               and (name != "corpus" or demo or params.train.pretrain.continue_pretraining)]
+    if demo:
         corpus = next(e["licence"] for e in entries if e["input"].startswith("data.corpus"))
         entries.append({"input": "train.finetune.base_model (pretrain: trained here on data.corpus)",
                         "licence": params.governance.base_model_licence or corpus})
-    else:
-        entries.append({"input": f"train.finetune.base_model ({base})",
+    elif params.governance.base_model_licence or not fetched_only or \
+            base_model.matches(base_model.recorded(root), ft.base_model, ft.revision):
+        entries.append({"input": f"train.finetune.base_model ({ft.base_model})",
                         "licence": params.governance.base_model_licence or _card_licence(params, Path(root))})
     return entries
 
@@ -65,28 +74,6 @@ def _card_licence(params, root: Path) -> str:
     return str(card.data.license or UNKNOWN)
 
 
-def before_training(params, root: str | Path = ".") -> None:
-    """Refuse, before any work, a run whose inputs registration would refuse (deploy.allowed_licences).
-
-    Raises:
-        ConfigError: naming the input, its licence, and the keys that decide.
-    """
-    from llmops import base_model
-    from llmops.config import ConfigError
-
-    ft = params.train.finetune
-    entries = of_inputs(params, root)
-    if base_model.is_named(ft.base_model) and not params.governance.base_model_licence and \
-            not base_model.matches(base_model.recorded(root), ft.base_model, ft.revision):
-        # a base not fetched yet: train@pretrain reads its card when it fetches it, and checks it then
-        entries = [e for e in entries if not e["input"].startswith("train.finetune.base_model")]
-    try:
-        check({"licences": entries}, params.deploy.allowed_licences, "this run")
-    except LicenceError as exc:
-        raise ConfigError(f"{exc}, so its model could never be registered; state the licence "
-                          "(governance.data_licence, governance.base_model_licence) or allow it") from None
-
-
 def check(lineage: dict, allowed: list[str], what: str) -> None:
     """Raise LicenceError unless every input licence recorded in `lineage` is in `allowed` (case-insensitive)."""
     entries = lineage.get("licences")
@@ -98,3 +85,18 @@ def check(lineage: dict, allowed: list[str], what: str) -> None:
         if entry["licence"].lower() not in permitted:
             raise LicenceError(f"{what}: it is built on {entry['input']}, licensed {entry['licence']}, which "
                                f"deploy.allowed_licences ({', '.join(allowed) or 'none'}) does not list")
+
+
+def before_training(params, root: str | Path = ".") -> None:
+    """Refuse, before any work, a run whose inputs registration would refuse (deploy.allowed_licences).
+
+    Raises:
+        ConfigError: naming the input, its licence, and the keys that decide.
+    """
+    from llmops.config import ConfigError
+
+    try:
+        check({"licences": of_inputs(params, root, fetched_only=True)}, params.deploy.allowed_licences, "this run")
+    except LicenceError as exc:
+        raise ConfigError(f"{exc}, so its model could never be registered; state the licence "
+                          "(governance.data_licence, governance.base_model_licence) or allow it") from None

@@ -46,6 +46,9 @@ def _base_line(root: Path, pt, ft) -> str:
         return (f"- base model: {fetched['fetched']}" + (f" at commit {fetched['revision']}" if fetched["revision"] else "")
                 + f", {fetched['params_total']:,} parameters, licence {fetched['licence'] or 'not stated'} (not "
                 "trained here)")
+    if fetched.get("continued_from"):
+        return (f"- base model: {fetched['continued_from']}, its pretraining continued on data.corpus for "
+                f"{pt.steps} steps at lr {pt.lr:g}, sequence {pt.max_seq_len}")
     return (f"- pretraining: {pt.model.num_layers} layers, hidden {pt.model.hidden_size}, {pt.model.num_heads} heads, "
             f"vocabulary {pt.model.vocab_size}; {pt.steps} steps at lr {pt.lr:g}, sequence {pt.max_seq_len}, "
             f"DeepSpeed ZeRO-{pt.deepspeed.zero_stage} ({pt.deepspeed.precision})")

@@ -210,7 +210,14 @@ def model_card(mode: str, manifest: dict) -> str:
     """README.md for a trained model directory: what it is, where it came from, how to load it."""
     result = manifest.get("result", {})
     parent = manifest.get("parent_model") or {}
-    if mode == "pretrain":
+    fetched = manifest.get("fetched")
+    if mode == "pretrain" and fetched:
+        what = (f"The base {fetched['base_model']}" + (f" (commit {fetched['revision']})" if fetched.get("revision")
+                                                      else "") + ", its pretraining continued by `train@pretrain`")
+        load = ('from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
+                'model = AutoModelForCausalLM.from_pretrained("models/pretrain", use_safetensors=True)\n'
+                'tokenizer = AutoTokenizer.from_pretrained("models/pretrain")')
+    elif mode == "pretrain":
         what = "A Llama-style causal language model trained from scratch by `train@pretrain`"
         load = ('from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
                 'model = AutoModelForCausalLM.from_pretrained("models/pretrain", use_safetensors=True)\n'
@@ -234,8 +241,7 @@ def model_card(mode: str, manifest: dict) -> str:
         f"params, hashes and library versions in manifest.json", "",
         "Load it with plain transformers/peft, from the project root (weights are safetensors only):", "",
         "```python", load, "```", "",
-        "Prompts use the template `### Instruction:\\n{prompt}\\n\\n### Response:\\n`; "
-        "the answer ends at `<|endoftext|>`.", "",
+        "Chats render through the tokenizer's chat template (`tokenizer.apply_chat_template`).", "",
     ]
     return "\n".join(lines)
 

@@ -9,7 +9,8 @@ from llmops.config import ConfigError, Params
 
 
 def check_inputs(params: Params, root: str | os.PathLike = ".") -> None:
-    """Refuse a run whose local input files or directories do not exist, or that asks for hardware this machine lacks.
+    """Refuse a run whose local input files or directories do not exist, that asks for hardware this machine lacks,
+    or whose inputs' licences registration would refuse.
 
     s3:// inputs and hub ids are checked by their stage, which can reach them; this
     catches the typo in a local path before any previous output is touched.
@@ -38,6 +39,8 @@ def check_inputs(params: Params, root: str | os.PathLike = ".") -> None:
             problems.append(f"{key}: {value}: no such directory")
     if problems:
         raise ConfigError("\n".join(problems))
+    from llmops import licences
     from llmops.quantization import check_runnable
 
     check_runnable(params.quantize.methods)
+    licences.before_training(params, root)  # what registration would refuse is refused before any training

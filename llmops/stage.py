@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from llmops import audit
 from llmops.config import ConfigError, Params, load_params
-from llmops.errors import LlmopsError
+from llmops.errors import LlmopsError, Refused
 
 EXIT_BAD_PARAMS = 2
 EXIT_FAILED = 1
@@ -122,7 +122,8 @@ def plan(root: str | Path) -> list[PlannedStage]:
 def run_cli(stage: str, body: Callable[[Params], str], params_file: str = "params.yaml") -> int:
     """Run `body(params)` as the CLI of `stage`: print its summary, or one clear error.
 
-    Exit codes: 0 done, 1 bad input or failed verdict, 2 bad params. The error
+    Exit codes: 0 done, 1 bad input or failed verdict, 2 refused before any work (bad params, an unusable
+    base model or chat template, data that cannot be trained on as params say; llmops.errors.Refused). The error
     starts with "error: <stage>:" so a caller (the flow, through DVC) can pick it out.
     """
     try:
@@ -137,7 +138,7 @@ def run_cli(stage: str, body: Callable[[Params], str], params_file: str = "param
             summary = body(params)
             note["summary"] = summary.splitlines()[0] if summary else ""
         print(summary)
-    except ConfigError as exc:  # a contradiction only the stage can see (e.g. between two sections)
+    except Refused as exc:  # found before any work: a contradiction only the stage can see, an unusable base...
         _print_error(stage, exc)
         return EXIT_BAD_PARAMS
     except LlmopsError as exc:

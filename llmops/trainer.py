@@ -50,6 +50,7 @@ class TrainJob(BaseModel):
     log_file: str
     fingerprint: str
     kernels: Literal["none", "liger", "compile"] = "none"  # cfg.kernels as llmops.launch resolved it for this machine
+    from_weights: bool = False  # pretrain: start from the weights in `model` (continued pretraining), not at random
 
     def params(self) -> TrainRunParams:
         return (PretrainParams if self.mode == "pretrain" else FinetuneParams).model_validate(self.cfg)
@@ -138,7 +139,8 @@ def deepspeed_config(cfg: TrainRunParams) -> dict[str, Any]:
 
 
 def build_model(job: TrainJob, cfg: TrainRunParams) -> Any:
-    """Pretrain: a randomly initialised model from config. Finetune: the base with a new or saved peft adapter.
+    """Pretrain: a randomly initialised model from config, or (continued pretraining) the base's weights.
+    Finetune: the base with a new or saved peft adapter.
 
     With kernels 'liger', Liger's kernels replace the model's RoPE, RMSNorm, SwiGLU and its
     loss (fused with the output layer, so the logits are never held), before peft wraps it.
@@ -150,7 +152,9 @@ def build_model(job: TrainJob, cfg: TrainRunParams) -> Any:
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
     if job.mode == "pretrain":
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(job.model), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(job.model, use_safetensors=True, dtype=torch.float32) \
+            if job.from_weights else AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(job.model),
+                                                                      dtype=torch.float32)
         return with_checkpointing(with_kernels(model, job.kernels), cfg)
     from peft import PeftModel, get_peft_model
 

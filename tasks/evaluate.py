@@ -2,15 +2,16 @@
 
 Measures, on the same examples, each with a 95% interval:
 
-- perplexity: exp of the mean negative log-likelihood of the response tokens
-  (and the end-of-text token) given the templated prompt, over all eval examples,
-  token-weighted; interval: seeded percentile bootstrap over examples. Each example
-  is its own window of at most the model's context; a longer one has the start of its
-  prompt cut, so every response token is scored with as much of its prompt as fits.
-- exact match: the share of examples whose greedy answer (generation from the
-  templated prompt until end-of-text or max_new_tokens, whitespace stripped) equals
-  the reference exactly, overall and per task family; interval: Wilson.
-- baseline: exact match of answering each task family's most frequent training answer.
+- perplexity: exp of the mean negative log-likelihood of the final answer's tokens (with the
+  chat template's end of turn) given the conversation before it, over all eval examples,
+  token-weighted; interval: seeded percentile bootstrap over examples. Each example is its own
+  window of at most the model's context; a longer one has the start of its conversation cut,
+  so every answer token is scored with as much of its prompt as fits.
+- the answer metrics of `evaluate.metrics` (llmops/metrics.py: exact_match, numeric, chrf) on
+  the greedy answer (generated from the conversation rendered through the chat template, until
+  the end of the turn or max_new_tokens); the first is the headline the gate judges. Exact match
+  is always reported, overall and per task family; interval: Wilson (binary metrics) or bootstrap.
+- baseline: each metric of answering each task family's most frequent training answer.
   A model that does not beat it has learned nothing the answer distribution did not give away.
 
 Outputs: reports/evaluate/metrics.json (full precision; `dvc metrics show`, `dvc metrics diff`),
@@ -26,8 +27,8 @@ from pathlib import Path
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
-from llmops import inference, provenance
-from llmops.config import Params
+from llmops import inference, metrics, provenance
+from llmops.config import EvaluateParams, Params
 from llmops.datasets import DataError, read_jsonl, write_jsonl, write_text
 from llmops.repro import StageRun
 from llmops.stage import run_cli
@@ -38,12 +39,18 @@ TRAIN_DATA = Path("data/prepared/train.jsonl")
 OUT_DIR = Path("reports/evaluate")
 
 
+class Score(BaseModel):
+    value: float  # the mean over examples, 0-1
+    ci95: Interval
+
+
 class Scores(BaseModel):
     perplexity: float
     perplexity_ci95: Interval
     exact_match: float
     exact_match_ci95: Interval
     examples: int
+    metrics: dict[str, Score] = {}  # each of evaluate.metrics
 
 
 class TaskScores(BaseModel):
@@ -60,10 +67,12 @@ class Baseline(BaseModel):
     exact_match: float
     exact_match_ci95: Interval
     answers: dict[str, str]  # task -> its most frequent training answer
+    metrics: dict[str, Score] = {}
 
 
 class EvalResult(BaseModel):
     base_model: str
+    headline: str = "exact_match"  # evaluate.metrics[0]: what the gate judges
     base: Scores
     finetuned: Scores
     baseline: Baseline
@@ -82,6 +91,18 @@ def majority_answers(train_rows: list[dict]) -> dict[str, str]:
     return {task: c.most_common(1)[0][0] for task, c in sorted(counts.items())}
 
 
+def score(name: str, answers: list[str], rows: list[dict], cfg: EvaluateParams) -> Score:
+    """The metric `name` of the answers against the rows' responses, with its 95% interval."""
+    import numpy as np
+
+    values = metrics.scores(name, answers, [r["response"] for r in rows])
+    if metrics.METRICS[name].binary:
+        ci = wilson(int(sum(values)), len(values))
+    else:
+        ci = bootstrap((values,), lambda v, axis: np.mean(v, axis=axis), cfg.bootstrap_resamples, cfg.seed)
+    return Score(value=sum(values) / len(values), ci95=ci)
+
+
 def _scores(loaded: inference.Loaded, rows: list[dict], params: Params) -> tuple[Scores, list[str]]:
     import numpy as np
 
@@ -91,9 +112,10 @@ def _scores(loaded: inference.Loaded, rows: list[dict], params: Params) -> tuple
         ([s for s, _ in logprobs], [n for _, n in logprobs]),
         lambda lp, n, axis: np.exp(-lp.sum(axis=axis) / n.sum(axis=axis)), cfg.bootstrap_resamples, cfg.seed)
     answers = inference.greedy_answers(loaded, inference.contexts(rows), cfg.max_new_tokens, cfg.batch_size)
-    hits = sum(inference.exact_matches(answers, rows))
+    exact = score("exact_match", answers, rows, cfg)
     scores = Scores(perplexity=inference.perplexity(logprobs), perplexity_ci95=ppl_ci,
-                    exact_match=hits / len(rows), exact_match_ci95=wilson(hits, len(rows)), examples=len(rows))
+                    exact_match=exact.value, exact_match_ci95=exact.ci95, examples=len(rows),
+                    metrics={name: score(name, answers, rows, cfg) for name in cfg.metrics})
     return scores, answers
 
 
@@ -131,10 +153,13 @@ def run_evaluate(params: Params, root: str | Path = ".") -> EvalResult:
             examples=n, base=base_k / n, base_ci95=wilson(base_k, n), finetuned=tuned_k / n,
             finetuned_ci95=wilson(tuned_k, n), baseline=baseline_k / n, baseline_ci95=wilson(baseline_k, n))
     baseline_hits = sum(h[2] for hits in per_task.values() for h in hits)
+    cfg = params.evaluate
     result = EvalResult(
-        base_model=params.train.finetune.base_model, base=base, finetuned=tuned, by_task=by_task,
+        base_model=params.train.finetune.base_model, headline=cfg.metrics[0], base=base, finetuned=tuned,
+        by_task=by_task,
         baseline=Baseline(exact_match=baseline_hits / len(rows), exact_match_ci95=wilson(baseline_hits, len(rows)),
-                          answers=majority),
+                          answers=majority,
+                          metrics={name: score(name, baseline_answers, rows, cfg) for name in cfg.metrics}),
     )
     out = root / OUT_DIR
     write_jsonl(out / "samples.jsonl", samples)
@@ -144,14 +169,18 @@ def run_evaluate(params: Params, root: str | Path = ".") -> EvalResult:
     return result
 
 
+def _metric_line(scores: Scores | Baseline) -> str:
+    return ", ".join(f"{name} {m.value:.1%} (95% CI {m.ci95.low:.1%}-{m.ci95.high:.1%})"
+                     for name, m in scores.metrics.items())
+
+
 def _cli_body(params: Params) -> str:
     r = run_evaluate(params)
     return (
         f"evaluate: {r.base.examples} eval examples\n"
-        f"  base ({r.base_model}): perplexity {r.base.perplexity:.3f}, exact match {r.base.exact_match:.1%}\n"
-        f"  fine-tuned:            perplexity {r.finetuned.perplexity:.3f}, exact match {r.finetuned.exact_match:.1%} "
-        f"(95% CI {r.finetuned.exact_match_ci95.low:.1%}-{r.finetuned.exact_match_ci95.high:.1%})\n"
-        f"  baseline (each task's most frequent training answer): exact match {r.baseline.exact_match:.1%}\n"
+        f"  base ({r.base_model}): perplexity {r.base.perplexity:.3f}, {_metric_line(r.base)}\n"
+        f"  fine-tuned: perplexity {r.finetuned.perplexity:.3f}, {_metric_line(r.finetuned)}\n"
+        f"  baseline (each task's most frequent training answer): {_metric_line(r.baseline)}\n"
         f"-> {OUT_DIR}/metrics.json"
     )
 
@@ -165,10 +194,13 @@ def summary(r: EvalResult, previous: dict | None) -> str:
     if previous and "finetuned" in previous:
         was = (f"   (previous run: {previous['finetuned']['perplexity']:.3f})",
                f"   (previous run: {previous['finetuned']['exact_match']:.1%})")
-    return (f"Eval split ({r.base.examples} examples), base '{r.base_model}' -> fine-tuned:\n"
-            f"  perplexity  {r.base.perplexity:.3f} -> {r.finetuned.perplexity:.3f}{was[0]}\n"
-            f"  exact match {r.base.exact_match:.1%} -> {r.finetuned.exact_match:.1%}{was[1]}"
-            f"   (baseline: {r.baseline.exact_match:.1%})")
+    lines = [f"Eval split ({r.base.examples} examples), base '{r.base_model}' -> fine-tuned:",
+             f"  perplexity  {r.base.perplexity:.3f} -> {r.finetuned.perplexity:.3f}{was[0]}",
+             f"  exact match {r.base.exact_match:.1%} -> {r.finetuned.exact_match:.1%}{was[1]}"
+             f"   (baseline: {r.baseline.exact_match:.1%})"]
+    lines += [f"  {name} {r.base.metrics[name].value:.1%} -> {m.value:.1%}   (baseline: "
+              f"{r.baseline.metrics[name].value:.1%})" for name, m in r.finetuned.metrics.items() if name != "exact_match"]
+    return "\n".join(lines)
 
 
 def publish(root: Path, run: StageRun) -> EvalResult:

@@ -1,5 +1,10 @@
 """gate: the release gate. It weighs evaluate, audit_bias and quantize against thresholds in params.
 
+The answer checks are on the headline metric (evaluate.metrics[0]) and against the base: a real
+task passes when fine-tuning made it better than the base and did not make another metric worse
+beyond gate.max_regression. The bias checks look at the overall figure and at each bias type's
+interval.
+
 Every check is written, passed or not, to reports/gate/verdict.json (a DVC metric: value,
 threshold, pass/fail) with a manifest beside it. A failing check ends the stage with exit 1
 and the failing checks in its message, so the flow run ends Failed and nothing after the
@@ -58,20 +63,37 @@ def _check(name: str, value: float, rule: str, cfg: GateParams, about: str) -> C
                  about=about)
 
 
+def _score(scores: dict, metric: str) -> float:
+    return scores["metrics"][metric]["value"]
+
+
+def _nearest_to_fifty(ci: dict) -> float:
+    """How far from 50 (the unbiased ideal) the nearest point of a 95% interval of pct_stereotype is."""
+    return 0.0 if ci["low"] <= 50 <= ci["high"] else min(abs(ci["low"] - 50), abs(ci["high"] - 50))
+
+
 def decide(cfg: GateParams, ev: dict, audit: dict, quant: dict) -> Verdict:
     """The verdict on the metrics of evaluate, audit_bias and quantize (their metrics.json as dicts)."""
     tuned, base, baseline = ev["finetuned"], ev["base"], ev["baseline"]
+    head = ev["headline"]
     deviation = abs(audit["finetuned"]["pct_stereotype"] - 50)
     checks = [
-        _check("min_exact_match", tuned["exact_match"], ">=", cfg, "fine-tuned exact match on the eval split"),
-        _check("min_gain_over_base", tuned["exact_match"] - base["exact_match"], ">=", cfg,
-               "fine-tuned minus base exact match"),
-        _check("min_gain_over_baseline", tuned["exact_match"] - baseline["exact_match"], ">=", cfg,
-               "fine-tuned exact match minus the most-frequent-answer baseline"),
+        _check("min_score", _score(tuned, head), ">=", cfg, f"fine-tuned {head} on the eval split"),
+        _check("min_gain_over_base", _score(tuned, head) - _score(base, head), ">=", cfg,
+               f"fine-tuned minus base {head}"),
+        _check("min_gain_over_baseline", _score(tuned, head) - _score(baseline, head), ">=", cfg,
+               f"fine-tuned {head} minus the most-frequent-answer baseline's"),
+        *(_check("max_regression", _score(base, m) - _score(tuned, m), "<=", cfg, f"base minus fine-tuned {m}")
+          for m in tuned["metrics"] if m != head),
         _check("max_perplexity", tuned["perplexity"], "<=", cfg, "fine-tuned perplexity on the eval split"),
         _check("max_stereotype_deviation", deviation, "<=", cfg, "|pct_stereotype - 50| of the fine-tuned model"),
         _check("max_stereotype_increase", deviation - abs(audit["base"]["pct_stereotype"] - 50), "<=", cfg,
                "increase of |pct_stereotype - 50| over the base model, in points"),
+        *(_check("max_stereotype_deviation_per_type", _nearest_to_fifty(a["pct_stereotype_ci95"]), "<=", cfg,
+                 f"{kind}: pct_stereotype {a['pct_stereotype']:.1f} (95% CI {a['pct_stereotype_ci95']['low']:.1f}-"
+                 f"{a['pct_stereotype_ci95']['high']:.1f}, {a['pairs']} pairs): how far from 50 the interval's "
+                 "nearest point is")
+          for kind, a in sorted(audit.get("finetuned_by_type", {}).items())),
     ]
     if cfg.release_candidate != "none":
         q = quant["methods"][cfg.release_candidate]

@@ -37,11 +37,11 @@ from pydantic import BaseModel
 from llmops import base_model, chat, checkpoints, licences, locks, provenance, quantization
 from llmops.adapters import METHODS
 from llmops.config import ConfigError, FinetuneParams, Params, PretrainParams, TrainRunParams
-from llmops.datasets import DataError, read_jsonl, replace_dir, write_text
+from llmops.datasets import DataError, DataRefused, read_jsonl, replace_dir, write_text
 from llmops.fit import Shape, check_fit, describe, devices
 from llmops.launch import check_qlora, rendezvous_endpoint, resolve_kernels, torchrun_args
 from llmops.modeling import (
-    ModelError, check_adapter, corpus_tensors, count_params, encode_row, instruction_tensors, llama_config,
+    check_adapter, corpus_tensors, count_params, encode_row, instruction_tensors, llama_config,
     load_config, load_tokenizer, meta_model, model_card, padding_share, resolve_base, train_tokenizer,
     verify_model_dir,
 )
@@ -77,6 +77,7 @@ class TrainResult(BaseModel):
     truncated_examples: int = 0
     padding: float = 0.0  # share of the training sequences' token slots that were padding
     kernels: str = "none"  # as resolved for the machine it ran on
+    continued_from: str | None = None  # train@pretrain continuing a named base's pretraining: that base
 
 
 class FetchedBase(BaseModel):
@@ -97,6 +98,7 @@ class _Prepared(BaseModel):
     dataset: str
     parent: dict[str, Any] | None
     truncated: int
+    fetched: dict[str, Any] | None = None  # continued pretraining: the named base it started from
 
 
 def _sha256_json(value: Any) -> str:
@@ -149,7 +151,7 @@ def _prepare_finetune(cfg: FinetuneParams, root: Path) -> tuple[_Prepared, Any, 
     limit = cfg.max_seq_len - virtual
     over = [i for i, n in enumerate(lengths, 1) if n > limit]
     if over and cfg.prompt_overflow == "refuse":
-        raise DataError(f"{source}: {len(over)} of {len(rows)} examples are longer than max_seq_len ({limit} tokens"
+        raise DataRefused(f"{source}: {len(over)} of {len(rows)} examples are longer than max_seq_len ({limit} tokens"
                         + (f" after {virtual} virtual tokens" if virtual else "") + f"; the longest has "
                         f"{max(lengths)}), the first at row {over[0]} ({lengths[over[0] - 1]} tokens); raise "
                         "train.finetune.max_seq_len (the base's context allows "
@@ -216,7 +218,7 @@ def _counts(mode: Mode, cfg: TrainRunParams, config: Any):
     architecture, built on an empty (meta) copy, so an architecture the method cannot adapt is refused here.
 
     Raises:
-        ModelError: the method finds nothing to adapt in this architecture (e.g. LoRA target names it lacks).
+        ConfigError: the method finds nothing to adapt in this architecture (e.g. LoRA target names it lacks).
     """
     model = meta_model(config)
     if mode == "finetune":
@@ -229,7 +231,7 @@ def _counts(mode: Mode, cfg: TrainRunParams, config: Any):
             key = f"train.finetune.{cfg.method}" + (".target_modules" if cfg.method == "lora" else "")
             linear = sorted({name.rsplit(".", 1)[-1] for name, m in meta_model(config).named_modules()
                              if type(m).__name__ in ("Linear", "Conv1D")})
-            raise ModelError(f"{key}: {cfg.method} cannot adapt a {config.model_type} model as set "
+            raise ConfigError(f"{key}: {cfg.method} cannot adapt a {config.model_type} model as set "
                              f"({str(exc).splitlines()[0][:200]}); its linear layers are {', '.join(linear)}: use "
                              "all-linear, null (peft's default for the architecture) or some of those") from None
     return count_params(model)
@@ -252,7 +254,8 @@ def run_train(mode: Mode, params: Params, root: str | Path = ".") -> TrainResult
     """
     root = Path(root).resolve()
     licences.before_training(params, root)
-    if mode == "pretrain" and base_model.is_named(params.train.finetune.base_model):
+    if mode == "pretrain" and base_model.is_named(params.train.finetune.base_model) \
+            and not params.train.pretrain.continue_pretraining:
         return _fetch_base(params, root)
     cfg: TrainRunParams = getattr(params.train, mode)
     kernels, endpoint = _launch_plan(mode, cfg)  # refused here, before anything is written or tokenized
@@ -260,36 +263,44 @@ def run_train(mode: Mode, params: Params, root: str | Path = ".") -> TrainResult
     run_dir.mkdir(parents=True, exist_ok=True)
     try:  # two runs of one mode would write into the same checkpoints
         with locks.exclusive(run_dir.parent / f".{mode}.lock", f"train@{mode}"):
-            return _train(mode, cfg, root, run_dir, kernels, endpoint)
+            return _train(mode, params, root, run_dir, kernels, endpoint)
     except locks.Busy as exc:
         raise StageFailed(str(exc)) from None
 
 
-def _fetch_base(params: Params, root: Path) -> FetchedBase:
-    """models/pretrain as the named base: fetched, checked (tokenizer, chat template, licence, what the method
-    adapts), and published whole with its manifest, or not at all. Nothing is trained.
+def _fetch_checked(params: Params, root: Path, dest: Path) -> tuple[dict[str, Any], Any, Any]:
+    """The named base fetched into `dest` (a new directory) and checked: tokenizer, chat template, licence, what the
+    fine-tuning and quantization methods convert. Returns what was fetched, its config and the fine-tune's counts.
 
     Raises:
         BaseModelError: the base cannot be fetched, or lacks weights or a tokenizer.
-        ModelError, TemplateError, ConfigError: it cannot be fine-tuned as params say, or its licence is refused.
+        TemplateError, ConfigError: it cannot be fine-tuned as params say, or its licence is refused.
     """
+    ft = params.train.finetune
+    fetched = base_model.fetch(ft.base_model, ft.revision, dest, root)
+    config = load_config(str(dest))
+    chat.set_template(load_tokenizer(str(dest)), ft.chat_template, f"base model {ft.base_model}")
+    if not params.governance.base_model_licence:
+        entry = {"input": f"train.finetune.base_model ({ft.base_model})",
+                 "licence": fetched["licence"] or licences.UNKNOWN}
+        try:
+            licences.check({"licences": [entry]}, params.deploy.allowed_licences, "this run")
+        except licences.LicenceError as exc:
+            raise ConfigError(f"{exc} (its model card's licence), so its model could never be registered; "
+                              "set governance.base_model_licence if the card is wrong, or allow it") from None
+    counts = _counts("finetune", ft, config)  # refuses now an architecture the method cannot adapt
+    quantization.check_architecture(params.quantize.methods, meta_model(config))  # or would quantize nothing
+    return fetched, config, counts
+
+
+def _fetch_base(params: Params, root: Path) -> FetchedBase:
+    """models/pretrain as the named base: fetched, checked, and published whole with its manifest, or not at all.
+    Nothing is trained."""
     ft = params.train.finetune
     tmp = root / MODELS / ".pretrain.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        fetched = base_model.fetch(ft.base_model, ft.revision, tmp, root)
-        config = load_config(str(tmp))
-        chat.set_template(load_tokenizer(str(tmp)), ft.chat_template, f"base model {ft.base_model}")
-        if not params.governance.base_model_licence:
-            entry = {"input": f"train.finetune.base_model ({ft.base_model})",
-                     "licence": fetched["licence"] or licences.UNKNOWN}
-            try:
-                licences.check({"licences": [entry]}, params.deploy.allowed_licences, "this run")
-            except licences.LicenceError as exc:
-                raise ConfigError(f"{exc} (its model card's licence), so its model could never be registered; "
-                                  "set governance.base_model_licence if the card is wrong, or allow it") from None
-        counts = _counts("finetune", ft, config)  # refuses now an architecture the method cannot adapt
-        quantization.check_architecture(params.quantize.methods, meta_model(config))  # or quantize nothing
+        fetched, _, counts = _fetch_checked(params, root, tmp)
         manifest = provenance.manifest(
             {"base_model": ft.base_model, "revision": ft.revision},
             {f.name: f for f in sorted(tmp.iterdir()) if f.suffix in (".json", ".safetensors")}, fetched=fetched)
@@ -308,6 +319,28 @@ def _fetch_base(params: Params, root: Path) -> FetchedBase:
     return result
 
 
+def _prepare_continued(params: Params, root: Path, run_dir: Path) -> tuple[_Prepared, Any, Any, dict, dict | None]:
+    """Continued pretraining: the named base fetched (and checked) into the run's directory, and the corpus in
+    blocks of its own tokenizer's tokens."""
+    cfg, ft = params.train.pretrain, params.train.finetune
+    corpus = root / PREPARED / "corpus.txt"
+    if not corpus.is_file():
+        raise DataError(f"{PREPARED}/corpus.txt: no such file; run prepare_data first (or `dvc pull`)")
+    base = run_dir / "base"
+    shutil.rmtree(base, ignore_errors=True)
+    fetched, config, _ = _fetch_checked(params, root, base)
+    context = _context(config)
+    if context and cfg.max_seq_len > context:
+        raise ConfigError(f"train.pretrain.max_seq_len: {cfg.max_seq_len} is beyond the base's context ({context} "
+                          f"positions); set at most {context}")
+    tok = chat.set_template(load_tokenizer(str(base)), ft.chat_template, f"base model {ft.base_model}")
+    tensors, held_out = _hold_out_blocks(corpus_tensors(tok, corpus.read_text(encoding="utf-8"), cfg.max_seq_len,
+                                                        f"{PREPARED}/corpus.txt"))
+    parent = {"base_model": ft.base_model, "revision": fetched["revision"], "sha256": fetched["sha256"]}
+    return (_Prepared(model=str(base), dataset=str(corpus), parent=parent, truncated=0, fetched=fetched), tok, config,
+            tensors, held_out)
+
+
 def _launch_plan(mode: Mode, cfg: TrainRunParams) -> tuple[str, str | None]:
     """The kernels this machine runs and the rendezvous endpoint (None on one node), or why not."""
     import torch
@@ -318,12 +351,15 @@ def _launch_plan(mode: Mode, cfg: TrainRunParams) -> tuple[str, str | None]:
     return resolve_kernels(cfg, key, cuda), rendezvous_endpoint(cfg, key)
 
 
-def _train(mode: Mode, cfg: TrainRunParams, root: Path, run_dir: Path, kernels: str,
+def _train(mode: Mode, params: Params, root: Path, run_dir: Path, kernels: str,
            endpoint: str | None) -> TrainResult | None:
-    if mode == "pretrain":
-        prep, tok, config, tensors, held_out = _prepare_pretrain(cfg, root, run_dir)
-    else:
+    cfg: TrainRunParams = getattr(params.train, mode)
+    if mode == "finetune":
         prep, tok, config, tensors, held_out, cfg = _prepare_finetune(cfg, root)
+    elif params.train.pretrain.continue_pretraining:
+        prep, tok, config, tensors, held_out = _prepare_continued(params, root, run_dir)
+    else:
+        prep, tok, config, tensors, held_out = _prepare_pretrain(cfg, root, run_dir)
 
     counts = _counts(mode, cfg, config)
     shape = Shape(config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.vocab_size)
@@ -358,7 +394,8 @@ def _train(mode: Mode, cfg: TrainRunParams, root: Path, run_dir: Path, kernels: 
     job = TrainJob(mode=mode, cfg=cfg.model_dump(mode="json"), data=str(data_file),
                    eval_data=str(eval_file) if held_out is not None else None, model=prep.model,
                    out_dir=str(tmp_out), ckpt_dir=str(ckpt_dir), resume_from=found[1].name if found else None,
-                   log_file=str(log_file), fingerprint=fingerprint, kernels=kernels)
+                   log_file=str(log_file), fingerprint=fingerprint, kernels=kernels,
+                   from_weights=prep.fetched is not None)
     job_file = run_dir / "job.json"
     job_file.write_text(job.model_dump_json(indent=2))
     launch = torchrun_args(cfg, f"train.{mode}", f"llmops-{mode}-{fingerprint[:16]}")
@@ -408,13 +445,13 @@ def _publish(mode: Mode, cfg: TrainRunParams, root: Path, tmp_out: Path, tok: An
         final_loss=float(rows[-1]["loss"]), final_eval_loss=evals[-1] if evals else None,
         tokens_per_s=statistics.median(float(r["tokens_per_s"]) for r in rows),
         resumed_from=resumed_from, world_size=world, params_total=counts.total, params_trainable=counts.trainable,
-        truncated_examples=prep.truncated, **how,
+        truncated_examples=prep.truncated, continued_from=(prep.fetched or {}).get("base_model"), **how,
     )
     weights = {f.name: f for f in sorted(tmp_out.glob("*.safetensors"))}
     manifest = provenance.manifest(
         cfg.model_dump(mode="json"), {"dataset": Path(prep.dataset), **weights},
         mode=mode, dataset=str(Path(prep.dataset).relative_to(root)), parent_model=prep.parent,
-        world_size=world, result=result.model_dump(),
+        world_size=world, result=result.model_dump(), **({"fetched": prep.fetched} if prep.fetched else {}),
     )
     write_text(tmp_out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     write_text(tmp_out / "README.md", model_card(mode, manifest))  # instead of peft's empty template

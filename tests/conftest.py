@@ -93,8 +93,9 @@ TINY_TRAIN = [
 TINY_RUN = ["steps=60", "warmup_steps=5", "max_seq_len=128", "micro_batch=8", "checkpoint_every=0"]
 # The tiny model learns little in 60 steps: its gate lets it through, so the tests can flip one check at a time.
 TINY_GATE = [
-    "min_exact_match=0", "min_gain_over_base=-1", "min_gain_over_baseline=-1", "max_perplexity=1e9",
-    "max_stereotype_deviation=50", "max_stereotype_increase=50", "max_quantized_exact_match_drop=1",
+    "min_score=0", "min_gain_over_base=-1", "min_gain_over_baseline=-1", "max_perplexity=1e9",
+    "max_stereotype_deviation=50", "max_stereotype_increase=50", "max_stereotype_deviation_per_type=50",
+    "max_regression=1", "max_quantized_exact_match_drop=1",
     "max_quantized_perplexity_increase=100",
 ]
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from llmops.metrics import normalise
 from llmops.stats import wilson
 from tasks.evaluate import majority_answers
 
@@ -35,12 +36,14 @@ def test_metrics_carry_intervals_and_a_baseline_that_the_samples_reproduce(pipel
     for model in ("base", "finetuned"):
         s = metrics[model]
         assert s["perplexity_ci95"]["low"] <= s["perplexity"] <= s["perplexity_ci95"]["high"]
-        hits = sum(r[model] == r["reference"].strip() for r in samples)
+        hits = sum(normalise(r[model]) == normalise(r["reference"]) for r in samples)
         assert s["exact_match"] == hits / len(samples)  # full precision, not rounded
         assert s["exact_match_ci95"] == wilson(hits, len(samples)).model_dump()
+        assert s["metrics"]["exact_match"] == {"value": s["exact_match"], "ci95": s["exact_match_ci95"]}
     answers = metrics["baseline"]["answers"]
-    hits = sum(answers.get(r["task"]) == r["reference"].strip() for r in samples)
+    hits = sum(normalise(answers.get(r["task"], "")) == normalise(r["reference"]) for r in samples)
     assert metrics["baseline"]["exact_match"] == hits / len(samples)
+    assert metrics["headline"] == "exact_match"
     assert set(metrics["by_task"]) == {r["task"] for r in samples}
     for task in metrics["by_task"].values():
         for key in ("base", "finetuned", "baseline"):

@@ -47,10 +47,11 @@ def test_failed_flow_run_keeps_outputs_and_puts_params_back(ran_project, case):
         data.write_text("")
         args = ["-S", "data.instructions=mine.jsonl"]
     proc = llmops_run(ran_project, *args)
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 1, proc.stderr  # the run failed (its stage was refused before any training)
     message = next(line for line in proc.stderr.splitlines() if line.startswith("error: "))  # after Prefect's log
     expected = {"empty_file": "prepare_data failed: mine.jsonl: empty dataset",
-                "training_refused": "train@finetune failed: data/prepared/train.jsonl: row 1: it is longer"}[case]
+                "training_refused": "train@finetune failed: data/prepared/train.jsonl: 360 of 360 examples are "
+                                    "longer than max_seq_len (8 tokens"}[case]
     assert message.startswith(f"error: pipeline failed: {expected}"), proc.stderr
     assert message.count("error: ") == 1 and message.count("failed: ") == 2  # each part is said once
     assert "NoneType: None" not in proc.stdout + proc.stderr

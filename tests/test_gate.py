@@ -13,18 +13,30 @@ from llmops.stage import StageFailed
 from tasks.gate import INPUTS, run_gate
 
 # A release that passes the default thresholds, with each figure a step away from its threshold.
+def _scored(**values: float) -> dict:
+    return {"metrics": {name: {"value": v, "ci95": {"low": v, "high": v}} for name, v in values.items()}}
+
+
 GOOD = {
-    "evaluate": {"finetuned": {"exact_match": 0.6, "perplexity": 3.0}, "base": {"exact_match": 0.1},
-                 "baseline": {"exact_match": 0.2}},
-    "audit_bias": {"finetuned": {"pct_stereotype": 55.0}, "base": {"pct_stereotype": 52.0}},
+    "evaluate": {"headline": "numeric", "finetuned": {**_scored(numeric=0.6, chrf=0.5), "perplexity": 3.0},
+                 "base": _scored(numeric=0.1, chrf=0.52), "baseline": _scored(numeric=0.2, chrf=0.1)},
+    "audit_bias": {"finetuned": {"pct_stereotype": 55.0}, "base": {"pct_stereotype": 52.0},
+                   "finetuned_by_type": {
+                       "gender": {"pct_stereotype": 70.0, "pct_stereotype_ci95": {"low": 58.0, "high": 82.0},
+                                  "pairs": 50},
+                       "age": {"pct_stereotype": 40.0, "pct_stereotype_ci95": {"low": 20.0, "high": 60.0},
+                               "pairs": 10}}},
     "quantize": {"methods": {"int8_weight_only": {"exact_match_change": -0.01, "perplexity_change_ratio": 0.02}}},
 }
-# threshold -> a value for it that this release no longer meets
+# threshold -> a value for it that this release no longer meets (the headline is numeric: chrF fell by 0.02, and
+# gender's interval starts 8 points from 50)
 FAILING = {
-    "min_exact_match": 0.7, "min_gain_over_base": 0.6, "min_gain_over_baseline": 0.45, "max_perplexity": 2.5,
-    "max_stereotype_deviation": 4.0, "max_stereotype_increase": 2.0, "max_quantized_exact_match_drop": 0.005,
+    "min_score": 0.7, "min_gain_over_base": 0.6, "min_gain_over_baseline": 0.45, "max_regression": 0.01,
+    "max_perplexity": 2.5, "max_stereotype_deviation": 4.0, "max_stereotype_increase": 2.0,
+    "max_stereotype_deviation_per_type": 7.0, "max_quantized_exact_match_drop": 0.005,
     "max_quantized_perplexity_increase": 0.01,
 }
+CHECKS = len(FAILING) + 1  # one bias check per type
 
 
 def _project(tmp_path: Path, metrics: dict) -> Path:
@@ -39,7 +51,7 @@ def test_the_defaults_pass_a_good_release(tmp_path):
     assert verdict.passed and {c.name for c in verdict.checks} == set(FAILING)
     saved = json.loads((tmp_path / "reports/gate/verdict.json").read_text())
     assert saved["passed"] and all(c["passed"] for c in saved["checks"])
-    assert json.loads((tmp_path / "reports/gate/manifest.json").read_text())["params"]["min_exact_match"] == 0.4
+    assert json.loads((tmp_path / "reports/gate/manifest.json").read_text())["params"]["min_score"] == 0.4
 
 
 @pytest.mark.parametrize("threshold", sorted(FAILING))
@@ -47,7 +59,7 @@ def test_each_threshold_fails_the_gate_alone(tmp_path, threshold):
     params = load_params(REPO / "params.yaml", [f"gate.{threshold}={FAILING[threshold]}"])
     with pytest.raises(StageFailed) as exc:
         run_gate(params, _project(tmp_path, GOOD))
-    assert str(exc.value).startswith(f"1 of {len(FAILING)} release checks failed:\ngate.{threshold}: ")
+    assert str(exc.value).startswith(f"1 of {CHECKS} release checks failed:\ngate.{threshold}: ")
     verdict = json.loads((tmp_path / "reports/gate/verdict.json").read_text())
     assert not verdict["passed"]
     assert [c["name"] for c in verdict["checks"] if not c["passed"]] == [threshold]
@@ -65,7 +77,7 @@ def test_without_a_quantized_candidate_the_quantization_checks_are_not_made(tmp_
     (["gate.release_candidate=fp8"], "-S gate.release_candidate: 'fp8' is not one of quantize.methods"),
     (["quantize.methods=[nf4]", "gate.release_candidate=int8_weight_only"],
      "gate.release_candidate: 'int8_weight_only' is not one of quantize.methods (nf4)"),
-    (["gate.min_exact_match=1.5"], "-S gate.min_exact_match: Input should be less than or equal to 1"),
+    (["gate.min_score=1.5"], "-S gate.min_score: Input should be less than or equal to 1"),
     (["gate.max_stereotype_deviation=-1"], "-S gate.max_stereotype_deviation: Input should be greater than"),
     (["quantize.methods=[gptq]"], "-S quantize.methods.0: Input should be"),
 ])
@@ -87,10 +99,12 @@ def test_missing_metrics_name_the_stage_to_run(tmp_path):
 @pytest.mark.training
 def test_gate_cli_on_the_run_pipeline(ran_project):
     proc = run([str(BIN / "llmops"), "gate"], ran_project)
-    assert "all 8 release checks passed" in proc.stdout
+    types = json.loads((ran_project / "reports/audit_bias/metrics.json").read_text())["finetuned_by_type"]
+    assert f"all {8 + len(types)} release checks passed" in proc.stdout  # one bias check for each type
     set_params(ran_project, "gate.max_perplexity=1.5")
     proc = run([str(BIN / "llmops"), "gate"], ran_project, check=False)
     assert proc.returncode == 1
-    assert proc.stderr.startswith("error: gate: 1 of 8 release checks failed:\ngate.max_perplexity: ")
+    checks = len(json.loads((ran_project / "reports/gate/verdict.json").read_text())["checks"])
+    assert proc.stderr.startswith(f"error: gate: 1 of {checks} release checks failed:\ngate.max_perplexity: ")
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], ran_project).stdout)
     assert "reports/gate/verdict.json" in json.dumps(shown)

@@ -343,7 +343,7 @@ def test_every_release_carries_its_model_card_and_the_registry_shows_it(ran_proj
         view.route(re.compile(r"^(?!file:)"), lambda route: (refused.append(route.request.url), route.abort()))
         view.goto(page.as_uri())
         expect(view.get_by_role("heading", name="Release gate")).to_be_visible()
-        expect(view.get_by_role("cell", name="min_exact_match")).to_be_visible()
+        expect(view.get_by_role("cell", name="min_score")).to_be_visible()
         expect(view.get_by_text("Stages now: production")).to_be_visible()
         browser.close()
     assert not refused

@@ -18,8 +18,8 @@ def llmops(project: Path, *args: str):
     return run([str(BIN / "llmops"), *args], project, check=False)
 
 
-def one_line_error(proc, *phrases: str) -> None:
-    assert proc.returncode == 1, proc.stdout + proc.stderr
+def one_line_error(proc, *phrases: str, code: int = 1) -> None:
+    assert proc.returncode == code, proc.stdout + proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
     for phrase in phrases:
         assert phrase in proc.stderr, proc.stderr
@@ -64,7 +64,7 @@ def test_pickled_weights_are_refused(ran_project):
     set_params(ran_project, f"train.finetune.base_model={pickled}")
     before = snapshot(ran_project, "models")
     one_line_error(llmops(ran_project, "train", "pretrain"), "no .safetensors weights",
-                   "(only pytorch_model.bin: pickle files, which can run code when loaded, are refused)")
+                   "(only pytorch_model.bin: pickle files, which can run code when loaded, are refused)", code=2)
     assert snapshot(ran_project, "models") == before  # the previous base stays
 
 

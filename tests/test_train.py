@@ -89,7 +89,10 @@ def test_finetune_lora_zero3_two_ranks(trained):
     out = trained / "models/finetune"
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 16
-    assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    # all-linear: peft names each layer it adapted, every linear layer of every block (the output layer left out)
+    assert {name.rsplit(".", 1)[-1] for name in cfg["target_modules"]} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert len(cfg["target_modules"]) == 2 * 7  # two blocks
     rows = log_rows(trained / "reports/train/finetune/log.csv")
     assert len(rows) == 60
     first, last = mean(float(r["loss"]) for r in rows[:5]), mean(float(r["loss"]) for r in rows[-5:])

@@ -69,11 +69,12 @@ def test_finetune_before_pretrain_names_the_missing_base(project):
 def test_missing_or_unreachable_base_model(project):
     llmops(project, "prepare_data")
     set_params(project, "train.finetune.base_model=/no/such/model")
-    assert_refused(llmops(project, "train", "pretrain"), "train.finetune.base_model: /no/such/model: no such directory")
+    assert_refused(llmops(project, "train", "pretrain"), "train.finetune.base_model: /no/such/model: no such directory",
+                   code=2)
     assert_refused(llmops(project, "train", "finetune"), "models/pretrain/ holds no model yet", "run train@pretrain")
     set_params(project, "train.finetune.base_model=someorg/some-model")  # a hub id, with the hub unreachable
     assert_refused(llmops(project, "train", "pretrain"), "someorg/some-model@main: the hub cannot be reached "
-                   "(HF_HUB_OFFLINE is set)", "has no complete copy of it", "hf download someorg/some-model")
+                   "(HF_HUB_OFFLINE is set)", "has no complete copy of it", "hf download someorg/some-model", code=2)
     assert not (project / "models").exists()
 
 
@@ -108,7 +109,8 @@ def test_prompts_over_max_seq_len_refused_or_truncated_with_a_count(project, tok
     set_params(project, f"train.finetune.base_model={base}", "train.finetune.max_seq_len=24")
     llmops(project, "train", "pretrain")
     assert_refused(llmops(project, "train", "finetune"), "data/prepared/train.jsonl:", "examples are longer than "
-                   "max_seq_len (24 tokens; the longest has", "the first at row", "prompt_overflow: truncate or drop")
+                   "max_seq_len (24 tokens; the longest has", "the first at row", "prompt_overflow: truncate or drop",
+                   code=2)
     set_params(project, "train.finetune.prompt_overflow=truncate", "train.finetune.steps=2",
                "train.finetune.warmup_steps=1")
     proc = llmops(project, "train", "finetune")

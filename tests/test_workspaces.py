@@ -41,13 +41,13 @@ def test_a_commit_is_built_in_its_own_workspace_and_the_checkout_is_untouched(co
 def test_a_failed_run_keeps_its_workspace_until_cleaned(committed):
     project = committed
     before = snapshot(project, *CHECKOUT)
-    proc = run(["llmops", "run", "--no-push", "--commit", "HEAD", "-S", "gate.min_exact_match=0.99"], project,
+    proc = run(["llmops", "run", "--no-push", "--commit", "HEAD", "-S", "gate.min_score=0.99"], project,
                check=False)
     assert proc.returncode == 1 and "gate failed" in proc.stderr and "workspace kept: " in proc.stderr
     kept = run(["llmops", "workspaces"], project).stdout.strip().splitlines()
     assert len(kept) == 1 and ".llmops/workspaces/" in kept[0]
     path = kept[0].split()[0]
-    assert "min_exact_match: 0.99" in (project / path / "params.yaml").read_text()  # its own params, as it failed
+    assert "min_score: 0.99" in (project / path / "params.yaml").read_text()  # its own params, as it failed
     assert snapshot(project, *CHECKOUT) == before
     assert run(["llmops", "workspaces", "clean"], project).stdout.startswith("removed ")
     assert "no workspaces" in run(["llmops", "workspaces"], project).stdout
