@@ -21,6 +21,8 @@ from llmops.adapters import METHODS, LoraParams, PromptTuningParams
 from llmops.errors import Refused
 
 PARAMS_FILE = "params.yaml"
+# keys a release renamed: a params.yaml that still has one is told the new name
+RENAMED = {"gate.min_exact_match": "gate.min_score: the headline metric of evaluate.metrics, exact match by default"}
 MAX_STEPS = 100_000_000
 MAX_LR = 1.0  # above this Adam only diverges; prompt tuning, the most lr-hungry method, uses <= 0.3
 
@@ -780,7 +782,7 @@ def _format_errors(exc: ValidationError, source: str, overridden: set[str]) -> s
             sub, _, msg = msg[1:].partition(": ")
             key += "." + sub
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = f"unknown key (renamed {RENAMED[key]})" if key in RENAMED else "unknown key"
         elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
             msg += f" (got {err['input']!r})"
         lines.append(f"-S {key}: {msg}" if where == "-S" else f"{where}: {key}: {msg}")

@@ -93,10 +93,15 @@ def before_training(params, root: str | Path = ".") -> None:
     Raises:
         ConfigError: naming the input, its licence, and the keys that decide.
     """
+    refuse_unregistrable(params, of_inputs(params, root, fetched_only=True))
+
+
+def refuse_unregistrable(params, entries: list[dict[str, str]]) -> None:
+    """Raise ConfigError for the first of `entries` whose licence deploy.allowed_licences does not list."""
     from llmops.config import ConfigError
 
     try:
-        check({"licences": of_inputs(params, root, fetched_only=True)}, params.deploy.allowed_licences, "this run")
+        check({"licences": entries}, params.deploy.allowed_licences, "this run")
     except LicenceError as exc:
         raise ConfigError(f"{exc}, so its model could never be registered; state the licence "
                           "(governance.data_licence, governance.base_model_licence) or allow it") from None

@@ -362,7 +362,14 @@ def fit_to_length(example: Example, max_len: int) -> Example | None:
 
 def instruction_tensors(tok: Any, rows: list[dict], max_len: int, overflow: str, source: str,
                         pack: bool = False) -> tuple[dict, int]:
-    """Tensors of instruction rows: labels are -100 outside the assistant's answers.
+    """Tensors of instruction rows (see example_tensors), each rendered through the tokenizer's chat template."""
+    examples = [encode_row(tok, row, f"{source}: row {i}") for i, row in enumerate(rows, 1)]
+    return example_tensors(examples, max_len, overflow, source, tok.pad_token_id, pack)
+
+
+def example_tensors(examples: list[Example], max_len: int, overflow: str, source: str, pad_id: int,
+                    pack: bool = False) -> tuple[dict, int]:
+    """Tensors of encoded examples: labels are -100 outside the assistant's answers.
 
     Unpacked: one example per sequence, right-padded to the longest (input_ids, labels, attention_mask).
     Packed: examples packed into sequences of max_len (`pack_examples`), with position_ids restarting
@@ -379,9 +386,8 @@ def instruction_tensors(tok: Any, rows: list[dict], max_len: int, overflow: str,
         DataError: an example is over max_len and overflow is 'refuse', its final answer alone is over (truncate),
             or no example is left.
     """
-    examples, too_long = [], []
-    for i, row in enumerate(rows, 1):
-        example = encode_row(tok, row, f"{source}: row {i}")
+    kept, too_long = [], []
+    for i, example in enumerate(examples, 1):
         if len(example[0]) > max_len:
             too_long.append(i)
             if overflow == "drop":
@@ -396,13 +402,13 @@ def instruction_tensors(tok: Any, rows: list[dict], max_len: int, overflow: str,
                        else " or set prompt_overflow: truncate or drop")
                 )
             example = fitted
-        examples.append(example)
-    if not examples:
+        kept.append(example)
+    if not kept:
         raise DataError(f"{source}: no examples" + (f" (all {len(too_long)} are over max_seq_len, {max_len} tokens, "
                                                     "and prompt_overflow is drop)" if too_long else ""))
     if pack:
-        return pack_examples(examples, max_len, tok.pad_token_id), len(too_long)
-    return pad_examples(examples, tok.pad_token_id), len(too_long)
+        return pack_examples(kept, max_len, pad_id), len(too_long)
+    return pad_examples(kept, pad_id), len(too_long)
 
 
 def pad_examples(examples: list[Example], pad_id: int) -> dict:

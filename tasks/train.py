@@ -41,7 +41,7 @@ from llmops.datasets import DataError, DataRefused, read_jsonl, replace_dir, wri
 from llmops.fit import Shape, check_fit, describe, devices
 from llmops.launch import check_qlora, rendezvous_endpoint, resolve_kernels, torchrun_args
 from llmops.modeling import (
-    check_adapter, corpus_tensors, count_params, encode_row, instruction_tensors, llama_config,
+    check_adapter, corpus_tensors, count_params, encode_row, example_tensors, instruction_tensors, llama_config,
     load_config, load_tokenizer, meta_model, model_card, padding_share, resolve_base, train_tokenizer,
     verify_model_dir,
 )
@@ -145,7 +145,8 @@ def _prepare_finetune(cfg: FinetuneParams, root: Path) -> tuple[_Prepared, Any, 
     data = root / PREPARED / "train.jsonl"
     rows = read_jsonl(data)
     source = f"{PREPARED}/train.jsonl"
-    lengths = [len(encode_row(tok, row, f"{source}: row {i}")[0]) for i, row in enumerate(rows, 1)]
+    examples = [encode_row(tok, row, f"{source}: row {i}") for i, row in enumerate(rows, 1)]  # once, then counted
+    lengths = [len(ids) for ids, _ in examples]
     cfg = _with_seq_len(cfg, config)
     virtual = cfg.prompt_tuning.num_virtual_tokens if cfg.method == "prompt_tuning" else 0
     limit = cfg.max_seq_len - virtual
@@ -164,7 +165,7 @@ def _prepare_finetune(cfg: FinetuneParams, root: Path) -> tuple[_Prepared, Any, 
     if cfg.packing and not pack:
         print(f"train@finetune: packing off: {cfg.method} prepends its virtual tokens to every sequence, so each "
               "example needs a sequence of its own")
-    tensors, truncated = instruction_tensors(tok, rows, limit, cfg.prompt_overflow, source, pack)
+    tensors, truncated = example_tensors(examples, limit, cfg.prompt_overflow, source, tok.pad_token_id, pack)
     if truncated:
         done = "had the start of their conversation cut" if cfg.prompt_overflow == "truncate" else "were left out"
         print(f"warning: train@finetune: {truncated} of {len(rows)} examples were longer than max_seq_len "
@@ -280,14 +281,9 @@ def _fetch_checked(params: Params, root: Path, dest: Path) -> tuple[dict[str, An
     fetched = base_model.fetch(ft.base_model, ft.revision, dest, root)
     config = load_config(str(dest))
     chat.set_template(load_tokenizer(str(dest)), ft.chat_template, f"base model {ft.base_model}")
-    if not params.governance.base_model_licence:
-        entry = {"input": f"train.finetune.base_model ({ft.base_model})",
-                 "licence": fetched["licence"] or licences.UNKNOWN}
-        try:
-            licences.check({"licences": [entry]}, params.deploy.allowed_licences, "this run")
-        except licences.LicenceError as exc:
-            raise ConfigError(f"{exc} (its model card's licence), so its model could never be registered; "
-                              "set governance.base_model_licence if the card is wrong, or allow it") from None
+    if not params.governance.base_model_licence:  # its card's, now that it is here
+        licences.refuse_unregistrable(params, [{"input": f"train.finetune.base_model ({ft.base_model}, its model "
+                                                         "card's)", "licence": fetched["licence"] or licences.UNKNOWN}])
     counts = _counts("finetune", ft, config)  # refuses now an architecture the method cannot adapt
     quantization.check_architecture(params.quantize.methods, meta_model(config))  # or would quantize nothing
     return fetched, config, counts

@@ -56,6 +56,11 @@ def _params(tmp_path: Path, text: str) -> Path:
         ("", ["data.seed"], "-S data.seed: expected KEY=VALUE"),
         ("data:\n  seed: 3\n", ["data.seed.x=1"], "-S data.seed.x: data.seed is a value, not a section"),
         ("data: [1, 2\n", [], "params.yaml: line 2: malformed YAML"),
+        ("gate:\n  min_exact_match: 0.4\n", [], "params.yaml: gate.min_exact_match: unknown key (renamed gate.min_score"),
+        ("train:\n  pretrain:\n    continue_pretraining: true\n", [],
+         "params.yaml: train.pretrain.continue_pretraining: needs a named train.finetune.base_model"),
+        ("evaluate:\n  metrics: [bleu]\n", [], "params.yaml: evaluate.metrics.0: Input should be"),
+        ("train:\n  finetune:\n    prompt_overflow: skip\n", [], "train.finetune.prompt_overflow: Input should be"),
     ],
 )
 def test_bad_params_name_the_dotted_key(tmp_path, text, overrides, expected):

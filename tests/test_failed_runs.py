@@ -45,7 +45,7 @@ def test_failed_flow_run_keeps_outputs_and_puts_params_back(ran_project, case):
     else:
         data = ran_project / "mine.jsonl"
         data.write_text("")
-        args = ["-S", "data.instructions=mine.jsonl"]
+        args = ["-S", "data.instructions=mine.jsonl", "-S", "governance.data_licence=MIT"]
     proc = llmops_run(ran_project, *args)
     assert proc.returncode == 1, proc.stderr  # the run failed (its stage was refused before any training)
     message = next(line for line in proc.stderr.splitlines() if line.startswith("error: "))  # after Prefect's log
@@ -183,3 +183,15 @@ def test_prefect_server_does_not_outlive_a_killed_run(project, tmp_path):
     finally:
         for pid, _ in _processes(project):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_own_data_without_a_stated_licence_is_refused_before_any_work(ran_project):
+    """Registration refuses a model built on data whose licence nobody stated: the run refuses it before training."""
+    (ran_project / "mine.jsonl").write_text("".join(json.dumps({"prompt": f"{i} + 1?", "response": str(i + 1)}) + "\n"
+                                                    for i in range(20)))
+    before = snapshot(ran_project, *OUTPUTS)
+    proc = llmops_run(ran_project, "-S", "data.instructions=mine.jsonl")
+    assert proc.returncode == 2, proc.stderr
+    assert "data.instructions (mine.jsonl), licensed NOASSERTION, which deploy.allowed_licences" in proc.stderr
+    assert "governance.data_licence" in proc.stderr and "Traceback" not in proc.stderr
+    assert snapshot(ran_project, *OUTPUTS) == before and params_diff(ran_project) == ""

@@ -151,7 +151,7 @@ def _check_the_run(project, proc, api_url, s3_endpoint, bucket):
         assert f"{stage}: unchanged since the last run" in out and f"{stage}: unchanged" in logs
     for stage in ("train@finetune", "evaluate", "audit_bias", "quantize", "gate", "release"):
         assert f"{stage}: unchanged" not in out
-    assert "(previous run: " in proc.stdout and "Release gate: passed all 8 checks" in proc.stdout
+    assert "(previous run: " in proc.stdout and "Release gate: passed all 14 checks" in proc.stdout  # 8, one per bias type
     diff = [line for line in run(["git", "diff", "-U0", "params.yaml"], project).stdout.splitlines()
             if line.startswith(("+ ", "- "))]
     assert [line.split("#")[0].strip() for line in diff] == ["-    steps: 60", "+    steps: 61"]
@@ -185,7 +185,7 @@ def test_a_refused_release_fails_the_flow_with_the_failing_checks_and_pushes_not
     proc = run(["llmops", "run", "-S", "gate.max_perplexity=1.5"], ran_project,
                env=_env(api_url, home, s3_endpoint, bucket), check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "gate failed: 1 of 8 release checks failed:" in proc.stderr and "gate.max_perplexity: " in proc.stderr
+    assert "gate failed: 1 of 14 release checks failed:" in proc.stderr and "gate.max_perplexity: " in proc.stderr
 
     _, flow_run, task_runs, artifacts = _client_query(api_url)
     assert flow_run.state.is_failed() and "gate.max_perplexity" in flow_run.state.message
@@ -220,7 +220,7 @@ def test_failing_validation_fails_the_flow_with_the_reason_and_pushes_nothing(pr
     data = tmp_path / "mine.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     proc = run(
-        ["llmops", "run", "-S", f"data.instructions={data}"], project,
+        ["llmops", "run", "-S", f"data.instructions={data}", "-S", "governance.data_licence=MIT"], project,
         env=_env(api_url, home, s3_endpoint, bucket), check=False,
     )
     assert proc.returncode == 1

@@ -95,7 +95,7 @@ def test_promote_and_rollback_keep_the_whole_history_and_agree_with_dvc(origin, 
     assert json.loads(llmops(other, "show", "production", "--json").stdout)["version"] == "v1.0.0"
     lineage = llmops(other, "lineage", "v1").stdout
     for expected in ("prepare_data     -> data/prepared (md5 ", "train@pretrain   -> models/pretrain (md5 ",
-                     "release          -> models/release (md5 ", "gate passed 8/8", "holds now: production",
+                     "release          -> models/release (md5 ", "gate passed 14/14", "holds now: production",
                      "assignment production", "by "):
         assert expected in lineage, lineage
 
