@@ -103,9 +103,11 @@ def check_files(path: Path, name: str) -> None:
             + (f" (only {', '.join(pickled)}: pickle files, which can run code when loaded, are refused)"
                if pickled else "") + "; convert them to safetensors (e.g. `model.save_pretrained(dir)` in a "
             "trusted environment) and point train.finetune.base_model at that directory")
-    tokenizer = {"tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json"}
-    if not files & tokenizer:
-        raise BaseModelError(f"base model {name}: no tokenizer in {path} (none of {', '.join(sorted(tokenizer))})")
+    # a tokenizer's vocabulary (tokenizer_config.json alone is settings, not a tokenizer)
+    tokenizer = {"tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt"}
+    if not files & tokenizer and not any(f.endswith(".tiktoken") for f in files):
+        raise BaseModelError(f"base model {name}: no tokenizer in {path} (none of {', '.join(sorted(tokenizer))}, "
+                             "*.tiktoken)")
 
 
 def check_space(src: Path, dest: Path, name: str) -> None:

@@ -806,6 +806,11 @@ def load_params(path: str | os.PathLike = PARAMS_FILE, overrides: Iterable[str] 
     tree = _plain(_read_yaml(path)) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return _with_overrides(tree, overrides, str(path))
+
+
+def _with_overrides(tree: dict, overrides: Iterable[str], source: str) -> Params:
+    """The params of `tree` with the dotted overrides set, validated; errors name `source` or -S."""
     keys = set()
     for text in overrides:
         key, value = parse_override(text)
@@ -814,7 +819,7 @@ def load_params(path: str | os.PathLike = PARAMS_FILE, overrides: Iterable[str] 
     try:
         return Params.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, str(path), keys)) from None
+        raise ConfigError(_format_errors(exc, source, keys)) from None
 
 
 def overlay(path: str | os.PathLike, config: str | os.PathLike, overrides: Iterable[str] = ()) -> Params:
@@ -837,16 +842,7 @@ def overlay(path: str | os.PathLike, config: str | os.PathLike, overrides: Itera
         Params.model_validate(merged(Params().model_dump(mode="json", by_alias=True), layer))
     except ValidationError as exc:  # the config's own mistakes, named as its own
         raise ConfigError(_format_errors(exc, str(config), set())) from None
-    tree = merged(tree, layer)
-    keys = set()
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_dotted(tree, key, value)
-        keys.add(key)
-    try:
-        return Params.model_validate(tree)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, f"{path} with {config}", keys)) from None
+    return _with_overrides(merged(tree, layer), overrides, f"{path} with {config}")
 
 
 def storage_for(storage: StorageParams, root: str | os.PathLike) -> StorageParams:

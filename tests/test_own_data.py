@@ -106,3 +106,17 @@ def test_long_rows_are_dropped_or_truncated_and_counted(qwen_tok, overflow, kept
     assert over == 1 and data["input_ids"].shape[0] == kept
     with pytest.raises(DataError, match=r"t\.jsonl: row 2: it is longer than max_seq_len \(\d+ > 32 tokens\)"):
         instruction_tensors(qwen_tok, rows, 32, "refuse", "t.jsonl")
+
+
+def test_a_base_directory_that_cannot_be_fine_tuned_is_refused_naming_what_it_lacks(tmp_path):
+    from llmops.base_model import BaseModelError, check_files
+
+    base = standin.build("qwen2", tmp_path / "base")
+    check_files(base, "mine")  # whole: passes
+    for missing, message in (("tokenizer.json", "no tokenizer in"), ("model.safetensors", "no .safetensors weights"),
+                             ("config.json", "no config.json in")):
+        moved = base / missing
+        moved.rename(tmp_path / missing)
+        with pytest.raises(BaseModelError, match=f"base model mine: {message}"):
+            check_files(base, "mine")
+        (tmp_path / missing).rename(moved)

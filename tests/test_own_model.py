@@ -118,6 +118,18 @@ def test_gsm8k_as_chat_on_a_qwen2_base_end_to_end(hf_home, tmp_path):
     verdict = json.loads((project / "reports/gate/verdict.json").read_text())
     assert [c["about"] for c in verdict["checks"] if c["name"] == "min_score"] == ["fine-tuned numeric on the eval split"]
 
+    # the base is an input DVC versions: pushed with the rest, a fresh clone gets it back with no hub and no cache
+    run(["dvc", "remote", "add", "-d", "mine", str(tmp_path / "dvc-remote")], project)
+    run(["dvc", "push"], project, env=env)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "a run on my base"], project)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    no_hub = base_env(HF_HOME=str(tmp_path / "empty-hf-home"))  # HF_HUB_OFFLINE=1 too, as every test
+    run(["dvc", "pull"], clone, env=no_hub)
+    assert json.loads((clone / "models/pretrain/manifest.json").read_text())["fetched"]["revision"] == fetched["revision"]
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], clone, env=no_hub).stdout
+
     release_tok = load_tokenizer(str(project / "models/release"))
     assert release_tok.chat_template == standin.CHATML  # the base's own template, not one of ours
     answer, expected = _serve_and_chat(project, env, [{"role": "system", "content": SYSTEM},
