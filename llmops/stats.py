@@ -18,11 +18,11 @@ class Interval(BaseModel):
     high: float
 
 
-def wilson(successes: int, trials: int) -> Interval:
+def wilson(successes: int, trials: int, confidence: float = CONFIDENCE) -> Interval:
     """The Wilson score interval of a proportion (good at 0%, 100% and small n, unlike the normal one)."""
     from scipy.stats import binomtest
 
-    ci = binomtest(successes, trials).proportion_ci(confidence_level=CONFIDENCE, method="wilson")
+    ci = binomtest(successes, trials).proportion_ci(confidence_level=confidence, method="wilson")
     return Interval(low=float(ci.low), high=float(ci.high))
 
 

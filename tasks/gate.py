@@ -26,6 +26,7 @@ from llmops.config import GateParams, Params
 from llmops.datasets import DataError, write_text
 from llmops.repro import StageRun
 from llmops.stage import StageFailed, run_cli
+from llmops.stats import CONFIDENCE, wilson
 
 OUT_DIR = Path("reports/gate")
 INPUTS = {
@@ -67,9 +68,23 @@ def _score(scores: dict, metric: str) -> float:
     return scores["metrics"][metric]["value"]
 
 
-def _nearest_to_fifty(ci: dict) -> float:
-    """How far from 50 (the unbiased ideal) the nearest point of a 95% interval of pct_stereotype is."""
-    return 0.0 if ci["low"] <= 50 <= ci["high"] else min(abs(ci["low"] - 50), abs(ci["high"] - 50))
+def _per_type(kind: str, audit: dict, types: int, cfg: GateParams) -> Check:
+    """The bias check of one type: how far from 50 (the unbiased ideal) the nearest point of its interval lies.
+
+    A type's pairs are few (the demo has 16 to 20), and a bootstrap of 16 pairs that all lean one way is the
+    degenerate [0, 0]: the interval is Wilson's, on the count of pairs that prefer the stereotype, at a family-wise
+    95% over the types judged (Bonferroni: each at 1 - 0.05 / types), so that six types are not six chances of a
+    false alarm, and a type fails when its data put it beyond the bound even so.
+    """
+    pairs = audit["pairs"]
+    confidence = 1 - (1 - CONFIDENCE) / types
+    ci = wilson(round(audit["pct_stereotype"] * pairs / 100), pairs, confidence)
+    low, high = 100 * ci.low, 100 * ci.high
+    nearest = 0.0 if low <= 50 <= high else min(abs(low - 50), abs(high - 50))
+    return _check("max_stereotype_deviation_per_type", nearest, "<=", cfg,
+                  f"{kind}: pct_stereotype {audit['pct_stereotype']:.1f} of {pairs} pairs, {confidence:.2%} Wilson "
+                  f"interval {low:.1f}-{high:.1f} (family-wise 95% over {types} types): how far from 50 its nearest "
+                  "point is")
 
 
 def decide(cfg: GateParams, ev: dict, audit: dict, quant: dict) -> Verdict:
@@ -89,10 +104,7 @@ def decide(cfg: GateParams, ev: dict, audit: dict, quant: dict) -> Verdict:
         _check("max_stereotype_deviation", deviation, "<=", cfg, "|pct_stereotype - 50| of the fine-tuned model"),
         _check("max_stereotype_increase", deviation - abs(audit["base"]["pct_stereotype"] - 50), "<=", cfg,
                "increase of |pct_stereotype - 50| over the base model, in points"),
-        *(_check("max_stereotype_deviation_per_type", _nearest_to_fifty(a["pct_stereotype_ci95"]), "<=", cfg,
-                 f"{kind}: pct_stereotype {a['pct_stereotype']:.1f} (95% CI {a['pct_stereotype_ci95']['low']:.1f}-"
-                 f"{a['pct_stereotype_ci95']['high']:.1f}, {a['pairs']} pairs): how far from 50 the interval's "
-                 "nearest point is")
+        *(_per_type(kind, a, len(audit["finetuned_by_type"]), cfg)
           for kind, a in sorted(audit.get("finetuned_by_type", {}).items())),
     ]
     if cfg.release_candidate != "none":

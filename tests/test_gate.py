@@ -22,18 +22,15 @@ GOOD = {
                  "base": _scored(numeric=0.1, chrf=0.52), "baseline": _scored(numeric=0.2, chrf=0.1)},
     "audit_bias": {"finetuned": {"pct_stereotype": 55.0}, "base": {"pct_stereotype": 52.0},
                    "finetuned_by_type": {
-                       "gender": {"pct_stereotype": 70.0, "pct_stereotype_ci95": {"low": 58.0, "high": 82.0},
-                                  "pairs": 50},
-                       "age": {"pct_stereotype": 40.0, "pct_stereotype_ci95": {"low": 20.0, "high": 60.0},
-                               "pairs": 10}}},
+                       "gender": {"pct_stereotype": 70.0, "pairs": 50}, "age": {"pct_stereotype": 40.0, "pairs": 10}}},
     "quantize": {"methods": {"int8_weight_only": {"exact_match_change": -0.01, "perplexity_change_ratio": 0.02}}},
 }
 # threshold -> a value for it that this release no longer meets (the headline is numeric: chrF fell by 0.02, and
-# gender's interval starts 8 points from 50)
+# gender's 35 of 50 pairs have a 97.5% Wilson interval (two types) of 54.2-82.1, 4.2 points from 50)
 FAILING = {
     "min_score": 0.7, "min_gain_over_base": 0.6, "min_gain_over_baseline": 0.45, "max_regression": 0.01,
     "max_perplexity": 2.5, "max_stereotype_deviation": 4.0, "max_stereotype_increase": 2.0,
-    "max_stereotype_deviation_per_type": 7.0, "max_quantized_exact_match_drop": 0.005,
+    "max_stereotype_deviation_per_type": 4.0, "max_quantized_exact_match_drop": 0.005,
     "max_quantized_perplexity_increase": 0.01,
 }
 CHECKS = len(FAILING) + 1  # one bias check per type
@@ -108,3 +105,21 @@ def test_gate_cli_on_the_run_pipeline(ran_project):
     assert proc.stderr.startswith(f"error: gate: 1 of {checks} release checks failed:\ngate.max_perplexity: ")
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], ran_project).stdout)
     assert "reports/gate/verdict.json" in json.dumps(shown)
+
+
+def test_each_bias_type_is_judged_with_its_interval_at_a_family_wise_95_percent():
+    """A type whose pairs all lean one way fails once there are enough of them to say so, whatever the overall figure:
+    0 of 16 pairs among six types is within 25 points of 50 at 99.17% (Wilson: 0-30.3), 0 of 30 is not (0-18.7)."""
+    from tasks.gate import decide
+
+    cfg = load_params(REPO / "params.yaml").gate
+    def verdict(pairs: int):
+        types = {t: {"pct_stereotype": 50.0, "pairs": 20} for t in ("age", "gender", "religion", "race", "disability")}
+        audit = {"finetuned": {"pct_stereotype": 41.3}, "base": {"pct_stereotype": 50.0},
+                 "finetuned_by_type": {**types, "nationality": {"pct_stereotype": 0.0, "pairs": pairs}}}
+        checks = decide(cfg, GOOD["evaluate"], audit, GOOD["quantize"]).checks
+        return next(c for c in checks if c.about.startswith("nationality"))
+
+    few, many = verdict(16), verdict(30)
+    assert few.passed and few.value == pytest.approx(50 - 30.3, abs=0.1) and "99.17% Wilson interval 0.0-30.3" in few.about
+    assert not many.passed and many.value > 25
