@@ -13,6 +13,7 @@ Hub ids go through huggingface_hub's `snapshot_download`, which keeps the Huggin
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -75,7 +76,11 @@ def locate(base_model: str, revision: str | None, root: str | os.PathLike = ".")
     except HFValidationError as exc:
         raise BaseModelError(f"train.finetune.base_model: {base_model!r} is neither a local directory nor a hub id "
                              f"({str(exc).splitlines()[0]})") from None
-    except (LocalEntryNotFoundError, OSError) as exc:  # offline, hub down, an incomplete cached snapshot
+    except OSError as exc:  # offline, the hub down or refusing (HTTP errors are OSErrors), an incomplete cached copy
+        if not isinstance(exc, LocalEntryNotFoundError) and getattr(exc, "errno", None) == errno.ENOSPC:
+            raise BaseModelError(f"train.finetune.base_model: {at}: no space left on the device while downloading it "
+                                 f"into the Hugging Face cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}); "
+                                 "free some, or point HF_HOME at a larger disk") from None
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         raise BaseModelError(
             f"train.finetune.base_model: {at}: the hub cannot be reached"

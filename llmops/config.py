@@ -31,6 +31,12 @@ class ConfigError(Refused):
     """Bad parameters. The message names the source and the dotted key, one line per problem."""
 
 
+def _listed_once(value: list, what: str) -> list:
+    if len(set(value)) != len(value):
+        raise ValueError(f"lists a {what} twice: {value}")
+    return value
+
+
 class Section(BaseModel):
     # strict: a quoted "128" is a string, not a number, and is refused like any other wrong type
     # allow_inf_nan=False: `lr: .inf` or `nan` can only be a mistake
@@ -330,9 +336,7 @@ class EvaluateParams(Section):
     @field_validator("metrics")
     @classmethod
     def _unique(cls, value):
-        if len(set(value)) != len(value):
-            raise ValueError(f"lists a metric twice: {value}")
-        return value
+        return _listed_once(value, "metric")
 
 
 class AuditBiasParams(Section):
@@ -363,9 +367,7 @@ class QuantizeParams(Section):
     @field_validator("methods")
     @classmethod
     def _unique(cls, value):
-        if len(set(value)) != len(value):
-            raise ValueError(f"lists a method twice: {value}")
-        return value
+        return _listed_once(value, "method")
 
 
 class GateParams(Section):

@@ -58,7 +58,7 @@ def normalize(rows: list[tuple[int, dict[str, Any]]], name: str, declared: str =
     for line, row in rows:
         found = detect(row)
         if found != fmt:
-            what = f"is {found}" if found else f"has none of the keys of {fmt} ({', '.join(FORMATS[fmt])})"
+            what = f"is {found}" if found else f"lacks the keys of {fmt} ({', '.join(FORMATS[fmt])})"
             raise FormatError(f"{name}: line {line}: the row {what}, but the file is {fmt}"
                               + (" (data.format)" if declared != "auto" else " (its first row)")
                               + "; a file holds one format: convert the row or split the file")
