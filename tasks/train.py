@@ -41,7 +41,7 @@ from llmops.datasets import DataError, DataRefused, read_jsonl, replace_dir, wri
 from llmops.fit import Shape, check_fit, describe, devices
 from llmops.launch import check_qlora, rendezvous_endpoint, resolve_kernels, torchrun_args
 from llmops.modeling import (
-    check_adapter, corpus_tensors, count_params, encode_row, example_tensors, instruction_tensors, llama_config,
+    check_adapter, corpus_tensors, count_params, encode_row, example_tensors, fit_to_length, llama_config,
     load_config, load_tokenizer, meta_model, model_card, padding_share, resolve_base, train_tokenizer,
     verify_model_dir,
 )
@@ -173,7 +173,11 @@ def _prepare_finetune(cfg: FinetuneParams, root: Path) -> tuple[_Prepared, Any, 
     eval_file = root / PREPARED / "eval.jsonl"
     held_out = None
     if eval_file.is_file():  # the eval loss during training; evaluate scores the whole split afterwards
-        held_out, _ = instruction_tensors(tok, read_jsonl(eval_file)[:256], limit, "truncate", str(eval_file))
+        # cut to fit where the answer fits, and left out where even it does not: a diagnostic, not the data trained on
+        fitted = [fit_to_length(encode_row(tok, row, f"{eval_file}: row {i}"), limit)
+                  for i, row in enumerate(read_jsonl(eval_file)[:256], 1)]
+        if any(fitted):
+            held_out, _ = example_tensors([e for e in fitted if e], limit, "refuse", str(eval_file), tok.pad_token_id)
     fetched = base_model.recorded(root)
     parent = {"base_model": cfg.base_model, "path": _portable(base, root),
               "sha256": _model_files_hash(Path(base)), "revision": (fetched or {}).get("revision")}
