@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from llmops import base_model as bases
 from llmops import chat, formats
 from llmops.config import ModelParams
 from llmops.datasets import DataError
@@ -106,8 +107,6 @@ def resolve_base(base_model: str, root: str | os.PathLike = ".", revision: str |
     Raises:
         ModelError: models/pretrain holds no model yet, or another base than the one named.
     """
-    from llmops import base_model as bases
-
     path = Path(root) / PRETRAINED
     if not (path / "config.json").is_file():
         raise ModelError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from llmops import base_model
 from llmops.config import ConfigError, Params
 
 
@@ -28,7 +29,7 @@ def check_inputs(params: Params, root: str | os.PathLike = ".") -> None:
     }
     dirs = {"train.finetune.adapter": params.train.finetune.adapter}
     base = params.train.finetune.base_model
-    if base != "pretrain" and base.startswith((".", "/", "~")):
+    if base_model.is_named(base) and base_model.is_local(base, root):
         dirs["train.finetune.base_model"] = base
     problems = []
     for key, value in files.items():

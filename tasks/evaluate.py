@@ -112,10 +112,11 @@ def _scores(loaded: inference.Loaded, rows: list[dict], params: Params) -> tuple
         ([s for s, _ in logprobs], [n for _, n in logprobs]),
         lambda lp, n, axis: np.exp(-lp.sum(axis=axis) / n.sum(axis=axis)), cfg.bootstrap_resamples, cfg.seed)
     answers = inference.greedy_answers(loaded, inference.contexts(rows), cfg.max_new_tokens, cfg.batch_size)
-    exact = score("exact_match", answers, rows, cfg)
+    scored = {name: score(name, answers, rows, cfg) for name in dict.fromkeys(["exact_match", *cfg.metrics])}
+    exact = scored["exact_match"]  # always reported, whatever evaluate.metrics lists
     scores = Scores(perplexity=inference.perplexity(logprobs), perplexity_ci95=ppl_ci,
                     exact_match=exact.value, exact_match_ci95=exact.ci95, examples=len(rows),
-                    metrics={name: score(name, answers, rows, cfg) for name in cfg.metrics})
+                    metrics={name: scored[name] for name in cfg.metrics})
     return scores, answers
 
 

@@ -188,8 +188,8 @@ def _prepare_finetune(cfg: FinetuneParams, root: Path) -> tuple[_Prepared, Any, 
 
 
 def _context(config: Any) -> int | None:
-    """The positions a base model takes (GPT-2 calls them n_positions)."""
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    """The positions a base model takes (GPT-2's n_positions answers to this name too)."""
+    return getattr(config, "max_position_embeddings", None)
 
 
 def _with_seq_len(cfg: FinetuneParams, config: Any) -> FinetuneParams:
@@ -273,9 +273,10 @@ def run_train(mode: Mode, params: Params, root: str | Path = ".") -> TrainResult
         raise StageFailed(str(exc)) from None
 
 
-def _fetch_checked(params: Params, root: Path, dest: Path) -> tuple[dict[str, Any], Any, Any]:
+def _fetch_checked(params: Params, root: Path, dest: Path) -> tuple[dict[str, Any], Any, Any, Any]:
     """The named base fetched into `dest` (a new directory) and checked: tokenizer, chat template, licence, what the
-    fine-tuning and quantization methods convert. Returns what was fetched, its config and the fine-tune's counts.
+    fine-tuning and quantization methods convert. Returns what was fetched, its config, its tokenizer (with the chat
+    template params give) and the fine-tune's counts.
 
     Raises:
         BaseModelError: the base cannot be fetched, or lacks weights or a tokenizer.
@@ -284,13 +285,13 @@ def _fetch_checked(params: Params, root: Path, dest: Path) -> tuple[dict[str, An
     ft = params.train.finetune
     fetched = base_model.fetch(ft.base_model, ft.revision, dest, root)
     config = load_config(str(dest))
-    chat.set_template(load_tokenizer(str(dest)), ft.chat_template, f"base model {ft.base_model}")
+    tok = chat.set_template(load_tokenizer(str(dest)), ft.chat_template, f"base model {ft.base_model}")
     if not params.governance.base_model_licence:  # its card's, now that it is here
         licences.refuse_unregistrable(params, [{"input": f"train.finetune.base_model ({ft.base_model}, its model "
                                                          "card's)", "licence": fetched["licence"] or licences.UNKNOWN}])
     counts = _counts("finetune", ft, config)  # refuses now an architecture the method cannot adapt
     quantization.check_architecture(params.quantize.methods, meta_model(config))  # or would quantize nothing
-    return fetched, config, counts
+    return fetched, config, tok, counts
 
 
 def _fetch_base(params: Params, root: Path) -> FetchedBase:
@@ -300,7 +301,7 @@ def _fetch_base(params: Params, root: Path) -> FetchedBase:
     tmp = root / MODELS / ".pretrain.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        fetched, _, counts = _fetch_checked(params, root, tmp)
+        fetched, _, _, counts = _fetch_checked(params, root, tmp)
         manifest = provenance.manifest(
             {"base_model": ft.base_model, "revision": ft.revision},
             {f.name: f for f in sorted(tmp.iterdir()) if f.suffix in (".json", ".safetensors")}, fetched=fetched)
@@ -328,12 +329,11 @@ def _prepare_continued(params: Params, root: Path, run_dir: Path) -> tuple[_Prep
         raise DataError(f"{PREPARED}/corpus.txt: no such file; run prepare_data first (or `dvc pull`)")
     base = run_dir / "base"
     shutil.rmtree(base, ignore_errors=True)
-    fetched, config, _ = _fetch_checked(params, root, base)
+    fetched, config, tok, _ = _fetch_checked(params, root, base)
     context = _context(config)
     if context and cfg.max_seq_len > context:
         raise ConfigError(f"train.pretrain.max_seq_len: {cfg.max_seq_len} is beyond the base's context ({context} "
                           f"positions); set at most {context}")
-    tok = chat.set_template(load_tokenizer(str(base)), ft.chat_template, f"base model {ft.base_model}")
     tensors, held_out = _hold_out_blocks(corpus_tensors(tok, corpus.read_text(encoding="utf-8"), cfg.max_seq_len,
                                                         f"{PREPARED}/corpus.txt"))
     parent = {"base_model": ft.base_model, "revision": fetched["revision"], "sha256": fetched["sha256"]}
