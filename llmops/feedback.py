@@ -82,10 +82,16 @@ class Store:
             if url.startswith("sqlite"):
                 # servers and the monitor write from several processes: WAL lets readers work beside one writer
                 event.listen(self.engine, "connect", lambda conn, _: conn.execute("PRAGMA journal_mode=WAL"))
-            try:
-                metadata.create_all(self.engine)
-            except OperationalError:  # another process (a replica starting beside this one) made them after our
-                metadata.create_all(self.engine)  # look and before our CREATE: look again; a real fault raises again
+            # another process (a replica starting beside this one) may make a table after our look and before our
+            # CREATE: look again. Each retry finds at least one more table made, so one per table is enough; a real
+            # fault raises on the last
+            for attempt in range(len(metadata.tables) + 1):
+                try:
+                    metadata.create_all(self.engine)
+                    break
+                except OperationalError:
+                    if attempt == len(metadata.tables):
+                        raise
         except SQLAlchemyError as exc:
             raise FeedbackError(f"the feedback database {self._safe_url()} cannot be used: {exc.orig or exc}") from None
 
