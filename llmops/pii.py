@@ -34,8 +34,13 @@ import re
 # could only fail again, up to 63 times per label.
 PATTERNS: dict[str, str] = {
     "email": r"[A-Za-z0-9._%+-]{1,64}+@[A-Za-z0-9-]{1,63}+(?:\.[A-Za-z0-9-]{1,63}+){0,8}\.[A-Za-z]{2,63}",
-    # candidates only (2 to 5 digit groups, an optional +country code and (area code)); phonenumbers decides
-    "phone": r"(?<![\w.+])(?<!\d[ -])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,5}(?:[ .-]?\d{2,5}){1,4}(?![\w.]|[ -]\d)",
+    # candidates only (2 to 5 digit groups, an optional +country code and (area code)); phonenumbers decides.
+    # Digits after a currency sign, before an arithmetic one or right after a sum's "=" are money or arithmetic, not a
+    # number to dial: GSM8K's "<<20700-20100=600>>" reads as a valid London number (020 7002 0100), "$2920000000" and
+    # "8000000=2920000000" as US ones ("phone=4155550100" is still a phone). A full stop ends a number ("call 020
+    # 7946 0958."); one before a digit makes it a decimal or a version.
+    "phone": r"(?<![\w.+$])(?<!\d[ -])(?<![\d)]=)(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,5}(?:[ .-]?\d{2,5}){1,4}"
+             r"(?!\w|\.\d|[ -]\d| ?[=+*/])",
     "ip": r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.])",
     # 13 to 19 digits, optionally grouped by single spaces or dashes; Luhn decides.
     "card": r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])",

@@ -16,6 +16,8 @@ from llmops import pii
         ("call +1 415 555 0100", "phone"),
         ("call (415) 555-0100", "phone"),
         ("call 020 7946 0958", "phone"),
+        ("call 020 7946 0958.", "phone"),  # at a sentence's end
+        ("GET /callback?phone=4155550100", "phone"),
         ("card 4111 1111 1111 1111", "card"),
         ("card 5500-0000-0000-0004", "card"),
         ("card 378282246310005", "card"),
@@ -32,6 +34,11 @@ def test_detects_each_kind_and_only_it(text, kind):
     [
         "What is 123 - 456?",
         "What is 98765 * 12?",
+        "The total is 134 * 150 = <<134*150=20100>>20100, so 20700 - 20100 = <<20700-20100=600>>600.",  # GSM8K
+        "His profit is 14400-10800=$<<14400-10800=3600>>3600.",
+        "The garden has 20000-12000 = <<20000-12000=8000>>8000 left.",
+        "A profit of $2920000000 - $360,000.",
+        "365 days * $8,000,000 = $<<365*8000000=2920000000>>2,920,000,000",
         "Convert 3 kilometers to meters.",
         "order 4111 1111 1111 1112",  # fails Luhn: not a card
         "version 1.2.3.4.5",
