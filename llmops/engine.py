@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmops.errors import LlmopsError
+from llmops.inference import compute_dtype
 from llmops.multilora import AdapterError, MixedLora
 from llmops.modeling import load_causal_lm, load_tokenizer, verify_model_dir
 
@@ -74,8 +75,8 @@ class Engine:
         self.model_dir = Path(model_dir)
         self.tokenizer_dir = Path(tokenizer_dir or model_dir)
         self.tokenizer = load_tokenizer(str(self.tokenizer_dir))
-        # hardware-aware: a GPU when there is one, in bf16 (its tensor cores' type); float32 on CPU, where bf16 is slow
-        self.model = load_causal_lm(str(model_dir), dtype=torch.bfloat16 if cuda else torch.float32)
+        # hardware-aware: a GPU when there is one, in its compute dtype
+        self.model = load_causal_lm(str(model_dir), dtype=compute_dtype("cuda" if cuda else "cpu"))
         self.model = self.model.to("cuda" if cuda else "cpu").eval()
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         if max_context is not None:

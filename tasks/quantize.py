@@ -117,10 +117,8 @@ def run_quantize(params: Params, root: str | Path = ".") -> QuantizeResult:
 def _quantize_all(params: Params, loaded: inference.Loaded, rows: list[dict], tmp: Path, parent: dict,
                   dev: str) -> tuple[Measured, dict[str, Quantized]]:
     """The merged model measured, then each method: quantized, saved into tmp/<method>/, reloaded, measured."""
-    import torch
-
     cfg = params.quantize
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32  # GPU kernels (int4, fp8) compute in bf16
+    dtype = inference.compute_dtype(dev)  # GPU kernels (int4, fp8) compute in bf16
     merged_dir = tmp / ".merged"
     merged = loaded.model.merge_and_unload()
     merged.save_pretrained(merged_dir)

@@ -108,7 +108,7 @@ def _build(params: Params, root: Path, candidate: str, tmp: Path) -> dict[str, d
         tok = load_tokenizer(str(root / src))
         sources = {**manifest.get("parent", {}), "quantized": provenance.model_hashes(src, root)}
     else:
-        loaded = inference.load_finetuned(params, root)
+        loaded = inference.load_finetuned(params, root, dtype="auto")  # merged in the base's own precision
         if loaded.virtual_tokens:
             raise ConfigError("gate.release_candidate: none needs a LoRA adapter to merge into its base; a "
                               "prompt_tuning adapter cannot be merged, so there is no single model to release")

@@ -53,8 +53,9 @@ def _text() -> list[str]:
         "You are a helpful assistant. Answer the question. user assistant system"]
 
 
-def tokenizer(arch: str, vocab_size: int = 600):
-    """A byte-level BPE tokenizer of the architecture's special tokens and chat template, trained on `_text`."""
+def tokenizer(arch: str, vocab_size: int = 600, texts: list[str] | None = None):
+    """A byte-level BPE tokenizer of the architecture's special tokens and chat template, trained on `texts`
+    (default `_text()`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -62,7 +63,7 @@ def tokenizer(arch: str, vocab_size: int = 600):
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    core.train_from_iterator(_text(), trainers.BpeTrainer(
+    core.train_from_iterator(texts or _text(), trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
     pad = next((t for t in specials if "pad" in t), eos)
@@ -73,19 +74,26 @@ def tokenizer(arch: str, vocab_size: int = 600):
     return tok
 
 
-def build(arch: str, dest: Path, licence: str | None = LICENCE, seed: int = 0) -> Path:
-    """A randomly initialised `arch` model with its tokenizer and a model card (licence in its front matter)."""
+def build(arch: str, dest: Path, licence: str | None = LICENCE, seed: int = 0, sizes: dict | None = None,
+          texts: list[str] | None = None, vocab_size: int = 600, dtype: str = "float32") -> Path:
+    """A randomly initialised `arch` model with its tokenizer and a model card (licence in its front matter).
+
+    `sizes` replaces the tiny config's (benchmarks/own_model_stages.py builds real models' shapes); a `vocab_size`
+    there larger than the tokenizer's is kept, as real bases pad their embedding (Qwen2.5: 151,936 rows for 151,665
+    tokens). `texts`, `vocab_size`: what the tokenizer is trained on, and its size."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
 
-    config_class, sizes, _, _, _, _ = ARCHS[arch]
-    tok = tokenizer(arch)
+    config_class, tiny, _, _, _, _ = ARCHS[arch]
+    tok = tokenizer(arch, vocab_size, texts)
+    shape = {"tie_word_embeddings": True, **(sizes or tiny)}
+    shape["vocab_size"] = max(len(tok), shape.get("vocab_size", 0))
+    tok.model_max_length = shape.get("max_position_embeddings", tok.model_max_length)
     config = getattr(transformers, config_class)(
-        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=True, **sizes)
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **shape)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(dest)
     tok.save_pretrained(dest)

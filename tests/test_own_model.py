@@ -31,8 +31,9 @@ QUICK = ["train.finetune.steps=4", "train.finetune.warmup_steps=1", "train.finet
 
 
 def _bases(tmp: Path) -> None:
-    for arch in standin.ARCHS:
-        standin.into_hub_cache(standin.build(arch, tmp / arch), tmp / "hf", f"acme/tiny-{arch}")
+    for arch in standin.ARCHS:  # Llama in bf16, as Meta ships it: a release merged from it stays bf16
+        standin.into_hub_cache(standin.build(arch, tmp / arch, dtype="bfloat16" if arch == "llama" else "float32"),
+                               tmp / "hf", f"acme/tiny-{arch}")
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +71,7 @@ def _serve_and_chat(project: Path, env: dict, messages: list[dict]) -> tuple[dic
         proc.wait(60)
     tok = load_tokenizer(str(release))
     ids = chat.prompt_ids(tok, messages)
-    model = AutoModelForCausalLM.from_pretrained(release)
+    model = AutoModelForCausalLM.from_pretrained(release, dtype=torch.float32)  # as the server computes on a CPU
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id)
@@ -224,7 +225,8 @@ def test_every_stage_runs_on_the_architecture(hf_home, tmp_path, arch, config):
     if config:
         rows = sample_data.instructions(0, 80)
         project = _from_config(tmp_path, config, arch, f"data.instructions={_chats(tmp_path / 'c.jsonl', rows[:64])}",
-                               f"data.eval_instructions={_chats(tmp_path / 'e.jsonl', rows[64:])}")
+                               f"data.eval_instructions={_chats(tmp_path / 'e.jsonl', rows[64:])}",
+                               "gate.release_candidate=none")  # the merged model, as a GPU user serves it
     else:  # no chat template of its own; torchao's int8 converts nn.Linear only, and GPT-2 has Conv1D
         project = _project(tmp_path, arch)
         run(["llmops", "prepare_data"], project, env=env)
@@ -244,6 +246,10 @@ def test_every_stage_runs_on_the_architecture(hf_home, tmp_path, arch, config):
     assert {name.rsplit(".", 1)[-1] for name in adapter["target_modules"]} == linear
     quantized = json.loads((project / "reports/quantize/metrics.json").read_text())["methods"]
     assert quantized and all(q["quantized_layers"] == q["linear_layers"] > 0 for q in quantized.values())
+    if config:  # merged in the base's own precision, though every stage computed in float32 on this CPU
+        base = json.loads((project / "models/pretrain/config.json").read_text())
+        release = json.loads((project / "models/release/config.json").read_text())
+        assert base["dtype"] == release["dtype"] == "bfloat16"
     answer, expected = _serve_and_chat(project, env, [{"role": "user", "content": "What number comes after 250?"}])
     assert answer["choices"][0]["message"]["content"] == expected
 
