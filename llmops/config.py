@@ -332,11 +332,19 @@ class EvaluateParams(Section):
     batch_size: int = Field(32, ge=1)
     bootstrap_resamples: int = Field(1000, ge=100, le=100_000, description="for the perplexity interval")
     seed: int = 0
+    harness_tasks: list[str] = Field(
+        default_factory=list, description="lm-evaluation-harness tasks scored on base and fine-tuned: a task YAML file "
+        "(lm-eval's format, its data a local file) or a task of lm-eval's registry (its data from the dataset hub)")
 
     @field_validator("metrics")
     @classmethod
     def _unique(cls, value):
         return _listed_once(value, "metric")
+
+    @field_validator("harness_tasks")
+    @classmethod
+    def _unique_tasks(cls, value):
+        return _listed_once(value, "task")
 
 
 class AuditBiasParams(Section):
@@ -379,7 +387,8 @@ class GateParams(Section):
     min_gain_over_baseline: float = Field(0.05, ge=-1, le=1,
                                           description="fine-tuned minus most-frequent-answer baseline, headline metric")
     max_regression: float = Field(0.05, ge=0, le=1, description="how much lower than the base's each other metric "
-                                  "of evaluate.metrics may be")
+                                  "of evaluate.metrics may be, and each share-valued (0-1) metric of "
+                                  "evaluate.harness_tasks")
     max_perplexity: float = Field(1000.0, ge=1, description="fine-tuned perplexity on the eval split")
     max_stereotype_deviation: float = Field(25.0, ge=0, le=50, description="|pct_stereotype - 50|, fine-tuned")
     max_stereotype_deviation_per_type: float = Field(

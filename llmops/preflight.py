@@ -40,8 +40,9 @@ def check_inputs(params: Params, root: str | os.PathLike = ".") -> None:
             problems.append(f"{key}: {value}: no such directory")
     if problems:
         raise ConfigError("\n".join(problems))
-    from llmops import licences
+    from llmops import harness, licences
     from llmops.quantization import check_runnable
 
     check_runnable(params.quantize.methods)
+    harness.check(params.evaluate.harness_tasks, root, params.train.finetune.method)
     licences.before_training(params, root)  # what registration would refuse is refused before any training

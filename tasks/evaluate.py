@@ -13,6 +13,8 @@ Measures, on the same examples, each with a 95% interval:
   is always reported, overall and per task family; interval: Wilson (binary metrics) or bootstrap.
 - baseline: each metric of answering each task family's most frequent training answer.
   A model that does not beat it has learned nothing the answer distribution did not give away.
+- the lm-evaluation-harness tasks of `evaluate.harness_tasks` (llmops/harness.py), each metric for
+  both models with lm-eval's standard error as a 95% interval.
 
 Outputs: reports/evaluate/metrics.json (full precision; `dvc metrics show`, `dvc metrics diff`),
 reports/evaluate/samples.jsonl (every prompt with both models' answers) and manifest.json.
@@ -27,9 +29,10 @@ from pathlib import Path
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
-from llmops import inference, metrics, provenance
+from llmops import harness, inference, metrics, provenance
 from llmops.config import EvaluateParams, Params
 from llmops.datasets import DataError, read_jsonl, write_jsonl, write_text
+from llmops.harness import HarnessScore
 from llmops.repro import StageRun
 from llmops.stage import run_cli
 from llmops.stats import Interval, bootstrap, wilson
@@ -51,6 +54,7 @@ class Scores(BaseModel):
     exact_match_ci95: Interval
     examples: int
     metrics: dict[str, Score] = {}  # each of evaluate.metrics
+    harness: dict[str, dict[str, HarnessScore]] = {}  # evaluate.harness_tasks: task -> metric
 
 
 class TaskScores(BaseModel):
@@ -103,7 +107,7 @@ def score(name: str, answers: list[str], rows: list[dict], cfg: EvaluateParams) 
     return Score(value=sum(values) / len(values), ci95=ci)
 
 
-def _scores(loaded: inference.Loaded, rows: list[dict], params: Params) -> tuple[Scores, list[str]]:
+def _scores(loaded: inference.Loaded, rows: list[dict], params: Params, root: Path) -> tuple[Scores, list[str]]:
     import numpy as np
 
     cfg = params.evaluate
@@ -116,7 +120,9 @@ def _scores(loaded: inference.Loaded, rows: list[dict], params: Params) -> tuple
     exact = scored["exact_match"]  # always reported, whatever evaluate.metrics lists
     scores = Scores(perplexity=inference.perplexity(logprobs), perplexity_ci95=ppl_ci,
                     exact_match=exact.value, exact_match_ci95=exact.ci95, examples=len(rows),
-                    metrics={name: scored[name] for name in cfg.metrics})
+                    metrics={name: scored[name] for name in cfg.metrics},
+                    harness=harness.score(loaded.model, loaded.tokenizer, cfg.harness_tasks, root, cfg.max_examples,
+                                          cfg.batch_size, cfg.bootstrap_resamples, cfg.seed) if cfg.harness_tasks else {})
     return scores, answers
 
 
@@ -133,10 +139,11 @@ def run_evaluate(params: Params, root: str | Path = ".") -> EvalResult:
             raise DataError(f"{split}: no such file; run `llmops run` (or `dvc pull` in a fresh clone)")
     rows = read_jsonl(root / EVAL_DATA)[: params.evaluate.max_examples]
     majority = majority_answers(read_jsonl(root / TRAIN_DATA))
+    harness.check(params.evaluate.harness_tasks, root, params.train.finetune.method)  # before any model loads
     loaded = inference.load_finetuned(params, root)
     with loaded.model.disable_adapter():
-        base, base_answers = _scores(loaded, rows, params)
-    tuned, tuned_answers = _scores(loaded, rows, params)
+        base, base_answers = _scores(loaded, rows, params, root)
+    tuned, tuned_answers = _scores(loaded, rows, params, root)
 
     baseline_answers = [majority.get(_task(row), "") for row in rows]
     matches = zip(*(inference.exact_matches(answers, rows)
@@ -175,6 +182,15 @@ def _metric_line(scores: Scores | Baseline) -> str:
                      for name, m in scores.metrics.items())
 
 
+def _harness_lines(r: EvalResult) -> str:
+    def shown(s: HarnessScore) -> str:
+        return f"{s.value:.4g}" + (f" (95% CI {s.ci95.low:.4g}-{s.ci95.high:.4g})" if s.ci95 else "")
+
+    return "".join(f"  {task} {metric} (lm-evaluation-harness): base {shown(r.base.harness[task][metric])} -> "
+                   f"fine-tuned {shown(tuned)}\n"
+                   for task, metrics in r.finetuned.harness.items() for metric, tuned in metrics.items())
+
+
 def _cli_body(params: Params) -> str:
     r = run_evaluate(params)
     return (
@@ -182,6 +198,7 @@ def _cli_body(params: Params) -> str:
         f"  base ({r.base_model}): perplexity {r.base.perplexity:.3f}, {_metric_line(r.base)}\n"
         f"  fine-tuned: perplexity {r.finetuned.perplexity:.3f}, {_metric_line(r.finetuned)}\n"
         f"  baseline (each task's most frequent training answer): {_metric_line(r.baseline)}\n"
+        f"{_harness_lines(r)}"
         f"-> {OUT_DIR}/metrics.json"
     )
 

@@ -68,6 +68,13 @@ def _score(scores: dict, metric: str) -> float:
     return scores["metrics"][metric]["value"]
 
 
+def _proportion(tuned: dict, base: dict, task: str, metric: str) -> bool:
+    """Whether a harness metric is one max_regression's bound is in units of: a share (0-1, as accuracy), higher
+    better. Others (perplexities, BLEU's 0-100) are reported by evaluate, not gated."""
+    values = (tuned["value"], base["harness"][task][metric]["value"])
+    return tuned["higher_is_better"] and all(0 <= v <= 1 for v in values)
+
+
 def _per_type(kind: str, audit: dict, types: int, cfg: GateParams) -> Check:
     """The bias check of one type: how far from 50 (the unbiased ideal) the nearest point of its interval lies.
 
@@ -100,6 +107,9 @@ def decide(cfg: GateParams, ev: dict, audit: dict, quant: dict) -> Verdict:
                f"fine-tuned {head} minus the most-frequent-answer baseline's"),
         *(_check("max_regression", _score(base, m) - _score(tuned, m), "<=", cfg, f"base minus fine-tuned {m}")
           for m in tuned["metrics"] if m != head),
+        *(_check("max_regression", base["harness"][task][m]["value"] - s["value"], "<=", cfg,
+                 f"base minus fine-tuned {task} {m} (lm-evaluation-harness)")
+          for task, ms in tuned.get("harness", {}).items() for m, s in ms.items() if _proportion(s, base, task, m)),
         _check("max_perplexity", tuned["perplexity"], "<=", cfg, "fine-tuned perplexity on the eval split"),
         _check("max_stereotype_deviation", deviation, "<=", cfg, "|pct_stereotype - 50| of the fine-tuned model"),
         _check("max_stereotype_increase", deviation - abs(audit["base"]["pct_stereotype"] - 50), "<=", cfg,

@@ -26,12 +26,16 @@ def params_diff(project: Path) -> str:
     return run(["git", "diff", "params.yaml"], project).stdout
 
 
-def test_missing_input_is_refused_before_prefect_or_dvc_start(ran_project):
+@pytest.mark.parametrize("override, says", [
+    ("data.instructions=/nope.jsonl", "data.instructions: /nope.jsonl: no such file"),
+    ("evaluate.harness_tasks=[evals/nope.yaml]",
+     "evaluate.harness_tasks: evals/nope.yaml: no such file (a task YAML in lm-eval's format)")])
+def test_missing_input_is_refused_before_prefect_or_dvc_start(ran_project, override, says):
     before = snapshot(ran_project, *OUTPUTS)
     started = time.monotonic()
-    proc = llmops_run(ran_project, "-S", "data.instructions=/nope.jsonl")
+    proc = llmops_run(ran_project, "-S", override)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: data.instructions: /nope.jsonl: no such file"
+    assert proc.stderr.strip() == f"error: {says}"
     assert time.monotonic() - started < 20
     assert not (ran_project / ".llmops/prefect").exists()  # no Prefect server was started
     assert snapshot(ran_project, *OUTPUTS) == before and params_diff(ran_project) == ""
