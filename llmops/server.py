@@ -25,13 +25,13 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmops import access, apikeys, audit
@@ -50,12 +50,24 @@ CACHE_HEADER = "X-LLMOps-Cache"  # hit: answered from the response cache; miss: 
 logger = logging.getLogger("llmops.server")
 
 
+def _encodable(text: str) -> str:
+    """JSON may carry a lone UTF-16 surrogate ("\\ud800"), which no tokenizer can encode: refused as a bad field."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode text: a lone surrogate at character {exc.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]  # every text field a request carries
+
+
 class ExplainRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    prompt: str = Field(min_length=1, description="the user's prompt (rendered through the chat template, as chat is)")
-    answer: str | None = Field(None, min_length=1, description="the answer to explain; default: the model's greedy one")
+    prompt: Text = Field(min_length=1, description="the user's prompt (rendered through the chat template, as chat is)")
+    answer: Text | None = Field(None, min_length=1, description="the answer to explain; default: the greedy one")
     max_tokens: int = Field(16, ge=1, le=256, description="the greedy answer's length bound")
 
 
@@ -68,19 +80,19 @@ class _Request(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     stream: bool = False
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     ignore_eos: bool = False  # vLLM's extension: always generate max_tokens
     user: str | None = Field(None, max_length=256, description="the caller's end-user id; the monitor's own probes "
                              "say llmops-monitor")
 
 
 class CompletionRequest(_Request):
-    prompt: str
+    prompt: Text
 
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ChatRequest(_Request):
@@ -93,8 +105,8 @@ class FeedbackRequest(BaseModel):
 
     request_id: str = Field(min_length=1, max_length=64, description="the `id` of the response rated")
     rating: int = Field(ge=MIN_RATING, le=MAX_RATING, description="1 (bad) to 5 (good)")
-    correction: str | None = Field(None, max_length=65_536, description="the answer it should have given")
-    comment: str | None = Field(None, max_length=65_536)
+    correction: Text | None = Field(None, max_length=65_536, description="the answer it should have given")
+    comment: Text | None = Field(None, max_length=65_536)
 
 
 class _Metrics:
@@ -566,6 +578,9 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
         except TemplateError as exc:  # no chat template, or one that refuses these messages (e.g. roles out of order)
             return _error(400, f"{exc}; a model without a chat template takes /v1/completions", param=what,
                           code="chat_template_error")
+        if not ids:  # nothing to continue from (the engine cannot take an empty sequence)
+            return _error(400, f"the {what} is empty: give the model at least one token to continue from", param=what,
+                          code="empty_prompt")
         max_tokens = body.max_tokens or max(1, min(256, engine.context - len(ids)))
         if len(ids) + max_tokens > engine.context:
             return _error(400, f"This model's maximum context length is {engine.context} tokens; the {what} has "

@@ -103,10 +103,11 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_the_server_lives_on(server)
         (dict(model="release", messages=[{"role": "robot", "content": "hi"}]), 400, "messages.0.role"),
         (dict(model="nope", messages=[{"role": "user", "content": "hi"}]), 404, "model"),
         (dict(model="release", messages=[{"role": "user", "content": "word " * 200}], max_tokens=8), 400, "messages"),
+        (dict(model="release", prompt="", max_tokens=4), 400, "prompt"),  # it once killed the engine for good
     ]
     for kwargs, status, param in cases:
         with pytest.raises(oa.APIStatusError) as err:
-            good.chat.completions.create(**kwargs)
+            (good.completions if "prompt" in kwargs else good.chat.completions).create(**kwargs)
         assert err.value.status_code == status and err.value.body["param"] == param, err.value.body
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)  # a body too large is refused before it is read
@@ -117,12 +118,15 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_the_server_lives_on(server)
     conn.endheaders()
     assert conn.getresponse().status == 413
     conn.close()
-    for body, status in ((b"{not json", 400), (b"[]", 400)):
-        req = urllib.request.Request(f"{url}/v1/completions", data=body, method="POST", headers={
+    lone = b'{"model": "release", "messages": [{"role": "user", "content": "a\\ud800b"}]}'  # JSON may say it
+    for route, body, param in (("completions", b"{not json", None), ("completions", b"[]", None),
+                               ("chat/completions", lone, "messages.0.content")):
+        req = urllib.request.Request(f"{url}/v1/{route}", data=body, method="POST", headers={
             "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(req, timeout=30)
-        assert err.value.code == status and "message" in json.loads(err.value.read())["error"]
+        error = json.loads(err.value.read())["error"]
+        assert err.value.code == 400 and "message" in error and (param is None or error["param"] == param), error
     for path in ("/metrics", "/ready", "/v1/models"):  # every route but /health wants the key
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(f"{url}{path}", timeout=30)
