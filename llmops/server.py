@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import statistics
+import threading
 import time
 import uuid
 from collections import deque
@@ -521,6 +522,9 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
         return None
 
     explainers: dict[tuple, tuple] = {}  # the served model's directory -> a copy of it for explanations (see below)
+    # one load at a time: concurrent first calls each loading the copy broke transformers' loading ("Cannot copy out of
+    # meta tensor"), every one a 500
+    explainers_lock = threading.Lock()
 
     @app.post("/v1/explain")
     async def explain_route(body: ExplainRequest, request: Request):
@@ -539,11 +543,12 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
             # gradients need a model of their own: the serving engine's is set up for paged, batched decoding
             engine = target.engine
             key = (str(engine.model_dir), target.adapter)
-            if key not in explainers:
-                explainers.clear()  # after a reload, the old model's copy goes
-                adapter = engine.lora.dirs[target.adapter] if target.adapter else None
-                explainers[key] = explain.load(key[0], adapter=adapter, tokenizer_dir=engine.tokenizer_dir)
-            model, tokenizer = explainers[key]
+            with explainers_lock:
+                if key not in explainers:
+                    explainers.clear()  # after a reload, the old model's copy goes
+                    adapter = engine.lora.dirs[target.adapter] if target.adapter else None
+                    explainers[key] = explain.load(key[0], adapter=adapter, tokenizer_dir=engine.tokenizer_dir)
+                model, tokenizer = explainers[key]
             return explain.explain(model, tokenizer, privacy.prompt(body.prompt), answer=body.answer,
                                    max_new_tokens=body.max_tokens)
 

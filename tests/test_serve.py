@@ -283,3 +283,24 @@ def test_sigterm_finishes_the_requests_in_flight(pipeline, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_first_explanations_asked_at_once_all_succeed(pipeline, tmp_path):
+    """8 concurrent first /v1/explain calls on a fresh server: each would load the explaining copy of the (int8)
+    release; loading it 8 times at once failed every one with a 500 ("Cannot copy out of meta tensor")."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    key, port = "sk-test-explain-race", free_port()
+    proc = subprocess.Popen([str(BIN / "llmops"), "serve", "--model", str(pipeline / "models/release"), "--port",
+                             str(port)], cwd=tmp_path, env=base_env(LLMOPS_API_KEY_HASHES=hash_key(key)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", proc, 120)
+        api = client(f"http://127.0.0.1:{port}", key)
+        body = {"model": "release", "prompt": "What number comes after 250?", "max_tokens": 2}
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: api.post("/explain", cast_to=object, body=body), range(8)))
+        assert all(a["object"] == "explanation" and a == answers[0] for a in answers)
+    finally:
+        proc.terminate()
+        proc.wait(60)
