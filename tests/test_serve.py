@@ -144,9 +144,13 @@ def test_metrics_and_the_request_log(server):
         model="release", prompt="a", max_tokens=40, extra_body={"ignore_eos": True})) for _ in range(4)]
     [t.start() for t in together]
     [t.join(60) for t in together]
+    for i in range(50):  # probes of paths that do not exist, without a key: each a 401, none a label of its own
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"{url}/x{i}-someone@example.org", timeout=30)
     req = urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Bearer {key}"})
     page = urllib.request.urlopen(req, timeout=30).read().decode()
     value = {line.split(" ")[0]: float(line.split(" ")[1]) for line in page.splitlines() if line and line[0] != "#"}
+    assert "example.org" not in page and value['llmops_requests_total{route="other",status="401",version=""}'] >= 50
     assert value["llmops_batch_size_sum"] > value["llmops_batch_size_count"] > 0  # forward passes were shared
     assert 'llmops_requests_total{route="/v1/chat/completions",status="200",version=""}' in page  # a directory
     assert value['llmops_pii_total{kind="email",where="prompt"}'] == value['llmops_pii_total{kind="phone",where="prompt"}'] == 1
