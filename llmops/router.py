@@ -40,6 +40,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from llmops.body_limit import MAX_BODY_BYTES, BodyLimit
 from llmops.config import Replica, RouteParams
 
 PRIORITY_HEADER = "X-LLMOps-Priority"  # latency: a latency-sensitive request (route.policy.latency)
@@ -246,6 +247,8 @@ def create_app(router: Router, identify: Callable[[str], str | None],
             return _error(401, "Incorrect API key provided: send `Authorization: Bearer <key>`",
                           code="invalid_api_key", kind="invalid_request_error")
         return await call_next(request)
+
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)  # as each replica's: a body is read whole to route it
 
     @app.get("/health")
     async def health():

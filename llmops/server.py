@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmops import access, apikeys, audit
 from llmops.chat import TemplateError
+from llmops.body_limit import MAX_BODY_BYTES, BodyLimit
 from llmops.chat import prompt_ids as chat_ids
 from llmops.engine import Engine, EngineError, Sampling
 from llmops.feedback import MAX_RATING, MIN_RATING, FeedbackError, Store, UnknownRequest
@@ -44,7 +45,6 @@ from llmops.privacy import AnswerStream, Privacy
 from llmops.requestlog import Writer
 from llmops.response_cache import Answer, ResponseCache
 
-MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits a context
 OPEN_PATHS = ("/health",)
 GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")
 CACHE_HEADER = "X-LLMOps-Cache"  # hit: answered from the response cache; miss: generated and kept; bypass: sampled
@@ -431,8 +431,6 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
         if route not in OPEN_PATHS and request.state.caller is None:
             response = _error(401, "Incorrect API key provided: send `Authorization: Bearer <key>`",
                               code="invalid_api_key")
-        elif int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-            response = _error(413, f"request body over {MAX_BODY_BYTES} bytes")
         else:
             response = await call_next(request)
         elapsed = time.perf_counter() - started
@@ -446,6 +444,8 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
         if route in GENERATION_ROUTES and response.status_code >= 400:  # answered ones are logged with their text
             log.failed(route, response.status_code, elapsed)
         return response
+
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)  # outermost: before authentication reads anything
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):

@@ -3,6 +3,7 @@ by class, context and load; refused declarations and policies; a replica killed 
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -176,6 +177,16 @@ def test_requests_go_by_class_context_and_load_and_bad_declarations_are_refused(
             f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"})).read().decode()
         assert 'llmops_router_requests_total{replica="small",status="200"}' in metrics
         assert "llmops_router_overhead_seconds_count" in metrics
+
+        host, port = url.removeprefix("http://").split(":")  # a body over 1 MiB is refused here, as by a replica
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.putrequest("POST", "/v1/completions")
+        for name, value in (("Authorization", f"Bearer {KEY}"), ("Content-Length", str(2 << 20))):
+            conn.putheader(name, value)
+        conn.endheaders()
+        answer = conn.getresponse()
+        assert answer.status == 413 and json.loads(answer.read())["error"]["code"] == "request_too_large"
+        conn.close()
     finally:
         fleet.close()
 

@@ -118,6 +118,21 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_the_server_lives_on(server)
     conn.endheaders()
     assert conn.getresponse().status == 413
     conn.close()
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)  # and so is one sent in chunks, with no length
+    conn.putrequest("POST", "/v1/completions")
+    for name, value in (("Authorization", f"Bearer {key}"), ("Content-Type", "application/json"),
+                        ("Transfer-Encoding", "chunked")):
+        conn.putheader(name, value)
+    conn.endheaders()
+    try:
+        for _ in range(40):  # 40 chunks of 64 KiB: 2.5 MiB
+            conn.send(b"10000\r\n" + b" " * 65536 + b"\r\n")
+        conn.send(b"0\r\n\r\n")
+    except OSError:
+        pass  # the server may answer, and close, before the last chunk
+    answer = conn.getresponse()
+    assert answer.status == 413 and json.loads(answer.read())["error"]["code"] == "request_too_large"
+    conn.close()
     lone = b'{"model": "release", "messages": [{"role": "user", "content": "a\\ud800b"}]}'  # JSON may say it
     for route, body, param in (("completions", b"{not json", None), ("completions", b"[]", None),
                                ("chat/completions", lone, "messages.0.content")):
