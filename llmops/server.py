@@ -588,7 +588,7 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
         request.state.version = target.version
         engine = target.engine
         try:
-            ids = encode(engine.tokenizer)
+            ids = await asyncio.to_thread(encode, engine.tokenizer)  # a 1 MiB prompt takes a while: off the event loop
         except TemplateError as exc:  # no chat template, or one that refuses these messages (e.g. roles out of order)
             return _error(400, f"{exc}; a model without a chat template takes /v1/completions", param=what,
                           code="chat_template_error")

@@ -118,11 +118,11 @@ def _scores(loaded: inference.Loaded, rows: list[dict], params: Params, root: Pa
     answers = inference.greedy_answers(loaded, inference.contexts(rows), cfg.max_new_tokens, cfg.batch_size)
     scored = {name: score(name, answers, rows, cfg) for name in dict.fromkeys(["exact_match", *cfg.metrics])}
     exact = scored["exact_match"]  # always reported, whatever evaluate.metrics lists
+    tasks = harness.score(loaded.model, loaded.tokenizer, cfg.harness_tasks, root, cfg.max_examples, cfg.batch_size,
+                          cfg.bootstrap_resamples, cfg.seed) if cfg.harness_tasks else {}
     scores = Scores(perplexity=inference.perplexity(logprobs), perplexity_ci95=ppl_ci,
                     exact_match=exact.value, exact_match_ci95=exact.ci95, examples=len(rows),
-                    metrics={name: scored[name] for name in cfg.metrics},
-                    harness=harness.score(loaded.model, loaded.tokenizer, cfg.harness_tasks, root, cfg.max_examples,
-                                          cfg.batch_size, cfg.bootstrap_resamples, cfg.seed) if cfg.harness_tasks else {})
+                    metrics={name: scored[name] for name in cfg.metrics}, harness=tasks)
     return scores, answers
 
 
