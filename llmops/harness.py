@@ -28,11 +28,12 @@ def _is_file(entry: str) -> bool:
 
 def _task_name(path: Path) -> str | None:
     """The `task:` a task file defines, read as lm-eval reads it (its !function tags and includes)."""
+    import yaml
     from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval's own reader of its format
 
     try:
         task = load_yaml(path, resolve_func=False).get("task")
-    except (OSError, ValueError, ImportError) as exc:
+    except (OSError, ValueError, ImportError, yaml.YAMLError) as exc:
         raise ConfigError(f"evaluate.harness_tasks: {path}: not a task YAML lm-eval can read: {exc}") from None
     return task if isinstance(task, str) else None
 
@@ -47,7 +48,6 @@ def check(entries: list[str], root: Path, method: str) -> None:
     if entries and method == "prompt_tuning":
         raise ConfigError("evaluate.harness_tasks: lm-evaluation-harness cannot score a prompt_tuning adapter (its "
                           "virtual tokens come before the text, where lm-eval reads the logits); use method lora")
-
     for entry in filter(_is_file, entries):
         path = root / entry
         if not path.is_file():

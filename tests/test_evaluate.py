@@ -128,7 +128,9 @@ def test_harness_tasks_that_cannot_run_are_refused_before_any_model_loads(tmp_pa
     from llmops.config import ConfigError
 
     (tmp_path / "empty.yaml").write_text("dataset_path: json\n")
+    (tmp_path / "broken.yaml").write_text("task: [unclosed\n")
     for entries, method, says in [
+            (["broken.yaml"], "lora", "broken.yaml: not a task YAML lm-eval can read"),
             (["missing.yaml"], "lora", "missing.yaml: no such file"),
             (["empty.yaml"], "lora", "empty.yaml: no `task:` name in it"),
             (["no_such_task_anywhere"], "lora", "no_such_task_anywhere: not a task of lm-evaluation-harness"),
