@@ -37,16 +37,15 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
             return await self._refusal()(scope, receive, send)
-        seen, state = 0, {"started": False, "refused": False}
+        state = {"seen": 0, "started": False, "refused": False}
 
         async def counted() -> dict[str, Any]:
-            nonlocal seen
             if state["refused"]:
                 return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes and not state["started"]:
+                state["seen"] += len(message.get("body", b""))
+                if state["seen"] > self.max_bytes and not state["started"]:
                     state["refused"] = True
                     await self._refusal()(scope, receive, send)
                     return {"type": "http.disconnect"}

@@ -36,8 +36,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmops import access, apikeys, audit
-from llmops.chat import TemplateError
 from llmops.body_limit import MAX_BODY_BYTES, BodyLimit
+from llmops.chat import TemplateError
 from llmops.chat import prompt_ids as chat_ids
 from llmops.engine import Engine, EngineError, Sampling
 from llmops.feedback import MAX_RATING, MIN_RATING, FeedbackError, Store, UnknownRequest
