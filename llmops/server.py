@@ -73,7 +73,9 @@ class ExplainRequest(BaseModel):
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields this server does not use (user, seed, ...)
+    # fields this server does not declare are kept (model_extra): those of UNSUPPORTED are refused, the rest (metadata,
+    # store, ...) change nothing of the answer
+    model_config = ConfigDict(extra="allow")
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -85,6 +87,18 @@ class _Request(BaseModel):
     ignore_eos: bool = False  # vLLM's extension: always generate max_tokens
     user: str | None = Field(None, max_length=256, description="the caller's end-user id; the monitor's own probes "
                              "say llmops-monitor")
+
+
+# OpenAI request fields whose semantics this server does not implement, with their values that ask for nothing: any
+# other value is a 400 naming the field, never a 200 that silently went without it (a caller asking for logprobs, a
+# seed or a penalty must not believe it got one)
+UNSUPPORTED: dict[str, tuple] = {
+    "logprobs": (None, False), "top_logprobs": (None, 0), "seed": (None,), "logit_bias": (None, {}),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "response_format": (None, {"type": "text"}),
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
+    "stream_options": (None, {"include_usage": False}),
+}
 
 
 class CompletionRequest(_Request):
@@ -581,6 +595,10 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
                        prompt: str, kind: str, what: str):
         """Generate for `body` on the model it picks; `encode(tokenizer)` gives the prompt's token ids (by that
         model's tokenizer: a canary on another base has its own)."""
+        for name, value in (body.model_extra or {}).items():
+            if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
+                return _error(400, f"{name}: not supported by this server (leave it unset, or "
+                              f"{UNSUPPORTED[name][-1]!r})", param=name, code="unsupported_parameter")
         try:
             target = now.pick(body.model, body.user or f"key:{request.state.caller}")
         except UnknownModel as exc:
