@@ -25,6 +25,7 @@ from llmops.multilora import AdapterError, MixedLora
 from llmops.modeling import load_causal_lm, load_tokenizer, verify_model_dir
 
 PAGE_SIZE = 16  # tokens per KV-cache page
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy decoding
 _FREE_MARGIN = 0.85  # the scheduler keeps ~15% of the cache free for decoding
 
 
@@ -217,7 +218,10 @@ class Engine:
                 self._forget(rid)  # a cancelled request gets no final output, so its handler would stay
 
     def _sampling(self, s: Sampling) -> dict[str, Any]:
-        if s.temperature == 0:  # greedy: the most likely token, exactly (temperature 0 itself would divide by 0)
+        # greedy: the most likely token, exactly. Temperature 0 itself would divide by 0, and one just above it
+        # (5e-324) overflows the logits to inf: the sampler's NaN killed the generation loop for every request.
+        # Below 1e-5 sampling is greedy, as vLLM's _SAMPLING_EPS makes it.
+        if s.temperature < GREEDY_BELOW:
             return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
         return {"temperature": float(s.temperature), "top_k": self.vocab, "top_p": float(s.top_p)}
 
