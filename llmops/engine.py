@@ -30,7 +30,12 @@ _FREE_MARGIN = 0.85  # the scheduler keeps ~15% of the cache free for decoding
 
 
 class EngineError(LlmopsError):
-    """Generation cannot be done: the engine stopped, or the request failed inside it."""
+    """Generation cannot be done: the request failed inside the engine (which may have died with it)."""
+
+
+class EngineUnavailable(EngineError):
+    """The request was not taken: the engine is not running (stopped, or restarting after a failure), or its adapter
+    is no longer loaded. Nothing of it ran, so sending it again, later or elsewhere, is safe."""
 
 
 @dataclass(frozen=True)
@@ -132,13 +137,29 @@ class Engine:
                 self.on_step(batch.num_request_in_batch)
 
         self.manager._generation_step = counted_step
+        self._stopped = False
 
     def start(self) -> None:
         self.manager.start()
 
     def stop(self, timeout: float = 30) -> None:
         """Finish what is in flight (up to `timeout` s), then stop the batching thread."""
+        self._stopped = True
         self.manager.stop(block=True, timeout=timeout)
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the generation loop died once its thread is gone (it fails every request it held), else None: it
+        runs, it is still exiting, or it was stopped on purpose."""
+        if self._stopped or self.manager.is_running():
+            return None
+        status = self.manager.background_thread_status
+        return status.fatal_error or EngineError("the generation thread exited")
+
+    def restart(self) -> None:
+        """Start a new generation loop after `failure` (the model and its adapters stay loaded; the KV cache is
+        made anew): transformers' manager can be started again once its thread has exited."""
+        self.manager.start()
 
     async def drain(self, timeout: float = 600) -> None:
         """Wait until the requests in flight are done (or `timeout` s)."""
@@ -183,10 +204,11 @@ class Engine:
         Leaving the iteration early (a client that went away) cancels the request.
 
         Raises:
-            EngineError: the engine is not running, the adapter is not loaded, or the request failed inside it.
+            EngineUnavailable: the engine is not running, or the adapter is not loaded: nothing was generated.
+            EngineError: the request failed inside the engine.
         """
         if adapter is not None and (self.lora is None or adapter not in self.lora.names):
-            raise EngineError(f"adapter {adapter!r} is not loaded")
+            raise EngineUnavailable(f"adapter {adapter!r} is not loaded")
         queue: asyncio.Queue = asyncio.Queue()
         rid = uuid.uuid4().hex
         self._adapter_of[rid] = adapter  # before add_request: the next forward pass may take it
@@ -196,7 +218,7 @@ class Engine:
                                            streaming=True, eos_token_id=eos, **self._sampling(sampling))
         if request is None:
             self._forget(rid)
-            raise EngineError("the generation engine is not running")
+            raise EngineUnavailable("the generation engine is not running")
         seen, finished = 0, False
         self.active += 1
         self.using[adapter] += 1

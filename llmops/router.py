@@ -12,8 +12,10 @@ Latency-sensitive requests (streamed, or `X-LLMOps-Priority: latency`) use `poli
 Failures: /health is read every `health_interval_s`; a replica that does not answer, or whose
 connection fails under a request, is out at once, until /health answers again. A request that
 never reached its replica is sent to another; so is a generation whose replica failed before
-answering (it has no side effect: the same request again is safe), up to `retries` times. A
-request no replica could take gets a 503 naming each replica and why: nothing is dropped silently.
+answering, or answered 503 (its engine did not take it: the same request again is safe), up to
+`retries` times. A 500 is not sent again: the request failed inside the engine and may be what
+killed it (one poisoned request must not take every replica down). A request no replica could
+take gets a 503 naming each replica and why: nothing is dropped silently.
 
 The API keys are the servers' (the router checks them too, and passes the header on). SIGHUP reads
 params.yaml and the keys again; a bad `route` section is refused and the old one keeps routing.

@@ -39,7 +39,7 @@ from llmops import access, apikeys, audit
 from llmops.body_limit import MAX_BODY_BYTES, BodyLimit
 from llmops.chat import TemplateError
 from llmops.chat import prompt_ids as chat_ids
-from llmops.engine import Engine, EngineError, Sampling
+from llmops.engine import Engine, EngineError, EngineUnavailable, Sampling
 from llmops.feedback import MAX_RATING, MIN_RATING, FeedbackError, Store, UnknownRequest
 from llmops.privacy import AnswerStream, Privacy
 from llmops.requestlog import Writer
@@ -47,6 +47,8 @@ from llmops.response_cache import Answer, ResponseCache
 
 OPEN_PATHS = ("/health",)
 GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")
+RESTART_DELAY_S = 1.0  # a dead engine is restarted this long after it is seen dead (a request that kills it each time
+# cannot make it spin), and /health answers 503 meanwhile
 CACHE_HEADER = "X-LLMOps-Cache"  # hit: answered from the response cache; miss: generated and kept; bypass: sampled
 logger = logging.getLogger("llmops.server")
 
@@ -143,11 +145,23 @@ class _Metrics:
                            ["where", "kind"], registry=self.registry)
         self.cache = Counter("llmops_response_cache", "generation requests by response cache result: hit, miss "
                              "(generated, then kept), bypass (sampled: never cached)", ["result"], registry=self.registry)
+        self.restarts = Counter("llmops_engine_restarts", "generation loops restarted after they died",
+                                registry=self.registry)
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None,
-           kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+           kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status,
+                        headers=headers)
+
+
+def _engine_error(exc: EngineError) -> JSONResponse:
+    """The answer to a request the engine did not answer. Not taken (the engine restarts, the adapter went with a
+    reload): a 503 with Retry-After, safe to send again, and `llmops route` sends it to another replica. Failed inside
+    the engine: a 500, never retried anywhere, since the request itself may be what killed it."""
+    if isinstance(exc, EngineUnavailable):
+        return _error(503, str(exc), code="engine_unavailable", kind="server_error", headers={"Retry-After": "1"})
+    return _error(500, str(exc), code="generation_failed", kind="server_error")
 
 
 class UnknownModel(LookupError):
@@ -409,6 +423,21 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
                 seen = now
             await asyncio.sleep(seconds)
 
+    async def _supervise() -> None:
+        """Restart a serving engine whose generation loop died (a request that made the sampler fail killed it for
+        every later one): the requests it held failed with a 500, /health answers 503 until it runs again."""
+        while True:
+            await asyncio.sleep(0.2)
+            for engine in current[0].engines:
+                if closing or (failure := engine.failure) is None:
+                    continue
+                logger.error("the generation engine of %s died (%s: %s); restarting it in %g s", engine.model_dir,
+                             type(failure).__name__, failure, RESTART_DELAY_S)
+                await asyncio.sleep(RESTART_DELAY_S)
+                if not closing and engine in current[0].engines:  # not swapped out meanwhile
+                    engine.restart()
+                    metrics.restarts.inc()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         for engine in current[0].engines:
@@ -418,6 +447,7 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(swap()))
         notify(current[0], None)
         watcher = asyncio.ensure_future(_watch()) if watch is not None and reload is not None else None
+        supervisor = asyncio.ensure_future(_supervise())
         try:
             yield
         finally:
@@ -426,6 +456,7 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
                 watcher.cancel()
             for engine in (*current[0].engines, *retiring):
                 engine.stop()  # after uvicorn finished the requests in flight
+            supervisor.cancel()
 
     app = FastAPI(title="llmops", lifespan=lifespan)
     paths: set[str] = set()  # the app's routes (below, and FastAPI's own), once they are all declared
@@ -477,10 +508,12 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
 
     @app.get("/health")
     async def health():
-        # open, for load balancers and `llmops route`: what this replica runs on, and how busy it is
+        # open, for load balancers and `llmops route`: what this replica runs on, and how busy it is; a 503 while an
+        # engine is down (a liveness probe acts on it; the server restarts the engine by itself first)
         now = current[0]
-        return {"status": "ok", "ready": now.engine.healthy, "model": now.name, "version": now.version,
-                **now.engine.describe()}
+        up = all(engine.healthy for engine in now.engines)
+        return JSONResponse({"status": "ok" if up else "engine down", "ready": up, "model": now.name,
+                             "version": now.version, **now.engine.describe()}, status_code=200 if up else 503)
 
     @app.get("/ready")
     async def ready():
@@ -636,7 +669,7 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
         try:
             raw = "".join([piece async for piece in run])
         except EngineError as exc:
-            return _error(503, str(exc), kind="server_error")
+            return _engine_error(exc)
         for found in privacy.found(raw):
             metrics.pii.labels("answer", found).inc()
         text = privacy.answer(raw)
@@ -720,8 +753,9 @@ async def _sse(run: _Generation, rid: str, kind: str, model: str, log: _RequestL
             if released := screen.push(piece):
                 yield event(released, None)
     except EngineError as exc:
-        yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
-        log.failed(_route(kind), 503, run.latency_s)
+        failed = _engine_error(exc)
+        yield f"data: {failed.body.decode()}\n\n"
+        log.failed(_route(kind), failed.status_code, run.latency_s)
         return
     if rest := screen.finish():
         yield event(rest, None)

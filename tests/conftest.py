@@ -56,8 +56,12 @@ def base_env(**extra: str) -> dict[str, str]:
 TOY_WORDS = [f"w{i}" for i in range(40)]
 
 
-def toy_model(path: Path) -> Path:
-    """A 2-layer Llama of random weights with a word-level tokenizer over TOY_WORDS: loads and answers in seconds."""
+def toy_model(path: Path, poison: str | None = None) -> Path:
+    """A 2-layer Llama of random weights with a word-level tokenizer over TOY_WORDS: loads and answers in seconds.
+
+    `poison`: a word whose embedding row is NaN, as a fine-tune that diverged on a rare token leaves it: a sampled
+    answer to a prompt holding it fails inside the engine (torch.multinomial refuses the NaN probabilities), and with
+    it the generation loop."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -70,6 +74,9 @@ def toy_model(path: Path) -> Path:
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
                                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
                                          pad_token_id=0, eos_token_id=1, bos_token_id=None))
+    if poison is not None:
+        with torch.no_grad():
+            model.model.embed_tokens.weight[vocab[poison]] = float("nan")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -86,6 +87,11 @@ def _load_test():
 def _get(url: str, path: str) -> dict:
     request = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {KEY}"})
     return json.load(urllib.request.urlopen(request, timeout=10))
+
+
+def _metrics(url: str) -> str:
+    return urllib.request.urlopen(urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}),
+                                  timeout=10).read().decode()
 
 
 def _states(url: str) -> dict[str, dict]:
@@ -244,5 +250,61 @@ def test_a_replica_killed_under_load_loses_no_request(toy, tmp_path):
                 _complete(url, 3)
                 time.sleep(0.2)
         assert err.value.status_code == 503
+    finally:
+        fleet.close()
+
+
+def test_a_request_that_kills_an_engine_fails_alone_and_the_engine_comes_back(tmp_path):
+    """A prompt that makes the sampler fail kills the replica's generation loop: that request gets a 500, never sent
+    to another replica (it would kill that one too); /health answers 503 until the replica restarted its engine by
+    itself; then it answers again, and the router uses it again."""
+    from openai import APIStatusError, OpenAI
+
+    model = toy_model(tmp_path / "toy", poison="w7")
+    fleet = Fleet(tmp_path / "fleet", model)
+    replicas = {name: fleet.replica(name) for name in ("a", "b")}
+    try:
+        url = fleet.route({"classes": {"cpu": {"hardware": "cpu"}},
+                           "replicas": [{"url": u, "class": "cpu", "name": n} for n, u in replicas.items()],
+                           "policy": {"latency": ["cpu"], "default": ["cpu"]}, "tokenizer": str(model),
+                           "health_interval_s": 0.5, "health_timeout_s": 1})
+        _up(url, "a", "b")
+        health: list[int] = []
+        polling = threading.Event()
+
+        def poll():  # every replica's /health, every 50 ms, while the poisoned request goes
+            while not polling.is_set():
+                for replica in replicas.values():
+                    try:
+                        health.append(urllib.request.urlopen(replica + "/health", timeout=5).status)
+                    except urllib.error.HTTPError as exc:
+                        health.append(exc.code)
+                    except OSError:
+                        health.append(0)  # no answer at all: counted against the replica below
+                time.sleep(0.05)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        api = OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+        with pytest.raises(APIStatusError) as killed:
+            api.completions.create(model="toy", prompt="w1 w7 w2", max_tokens=4, temperature=1.0)
+        assert killed.value.status_code == 500 and killed.value.code == "generation_failed", killed.value
+        assert "probability tensor" in killed.value.message
+        hit = killed.value.response.headers["x-llmops-replica"]
+        deadline = time.monotonic() + 30
+        while "llmops_engine_restarts_total 1.0" not in _metrics(replicas[hit]):  # it restarts by itself
+            assert time.monotonic() < deadline, "the dead engine was not restarted"
+            time.sleep(0.2)
+        states = _up(url, "a", "b")
+        polling.set()
+        poller.join()
+        assert 503 in health and 0 not in health and health[-1] == 200, health
+        assert "llmops_router_retries_total{" not in _metrics(url)  # the poisoned request went to one replica only
+        assert all(s["in_flight"] == 0 for s in states.values())
+        for _ in range(4):  # both replicas answer, the restarted engine too, streamed or not
+            assert _complete(url, 3)[1].choices[0].finish_reason == "length"
+            streamed = api.completions.create(model="toy", prompt="w1 w2", max_tokens=4, temperature=0, stream=True,
+                                              extra_body={"ignore_eos": True})
+            assert [c.choices[0].finish_reason for c in streamed][-1] == "length"
     finally:
         fleet.close()
