@@ -492,6 +492,9 @@ class DeployParams(Section):
     cache_entries: int = Field(1024, ge=0, description="greedy answers the server's response cache keeps (the same "
                                "model, prompt, max_tokens and stop strings are answered from it); 0: no cache")
     cache_ttl_s: float = Field(600, gt=0, description="how long a cached answer is served")
+    read_timeout_s: float = Field(30, gt=0, description="a request's head and body must arrive within this long of "
+                                  "its connection opening (or of its first byte, on a kept-alive connection); slower "
+                                  "clients are disconnected")
     canary_min_requests: int = Field(20, ge=1, description="recent requests each of the canary and production "
                                      "need before the server judges the canary")
     canary_max_error_rate_increase: float = Field(0.05, ge=0, le=1, description="the canary is dropped when its "
@@ -553,6 +556,9 @@ class RouteParams(Section):
     retries: int = Field(2, ge=0, description="other replicas a failed request is sent to (one that never reached a "
                          "replica, or a generation whose replica failed before answering)")
     timeout_s: float = Field(600, gt=0, description="for a replica's whole answer")
+    read_timeout_s: float = Field(30, gt=0, description="a request's head and body must arrive within this long of "
+                                  "its connection opening (or of its first byte, on a kept-alive connection); slower "
+                                  "clients are disconnected")
 
     @model_validator(mode="after")
     def _known_classes(self):

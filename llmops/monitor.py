@@ -24,6 +24,7 @@ from llmops.config import AlertParams, MonitorParams, Params, RetrainParams, sto
 from llmops.deploy import DEPLOY_USER
 from llmops.errors import LlmopsError
 from llmops.feedback import Store, database_url
+from llmops.http_server import CLIENT_CLOSED
 from llmops.monitor_report import Figures
 from llmops.probes import PROBE_USER
 from llmops.requestlog import LOG_DIR, Window, read_window
@@ -122,7 +123,8 @@ def judge(root: str | Path, params: Params, end: datetime) -> Judged:
     for line in window.skipped[:5]:
         print(f"skipped a corrupt log line: {line}")
     answered = _answered(window.records)
-    errors = sum(1 for r in window.records if (r.get("status") or 0) >= 400 and r.get("user") not in OWN_USERS)
+    errors = sum(1 for r in window.records if (r.get("status") or 0) >= 400 and r.get("status") != CLIENT_CLOSED
+                 and r.get("user") not in OWN_USERS)  # a client that left is no failure of the model
     judged = Judged(start=start.isoformat(), end=end.isoformat(), requests=len(answered) + errors)
     if len(answered) < mp.min_requests:
         judged.note = (f"{len(answered)} answered requests from {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC "

@@ -41,8 +41,7 @@ def _section(root: Path):
 
 
 def _route(root: Path, args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from llmops import http_server
     from llmops.router import Router, create_app, token_counter
     from llmops.server import Callers
 
@@ -63,7 +62,7 @@ def _route(root: Path, args: argparse.Namespace) -> int:
     host, port = args.host or params.host, args.port or params.port
     names = ", ".join(f"{r.label} ({r.spec.class_})" for r in router.replicas)
     print(f"routing at http://{host}:{port}/v1 to {names} (their states: /router/replicas)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    http_server.run(app, host, port, params.read_timeout_s)
     return 0
 
 

@@ -41,9 +41,11 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.requests import ClientDisconnect
 
 from llmops.body_limit import MAX_BODY_BYTES, BodyLimit
 from llmops.config import Replica, RouteParams
+from llmops.http_server import CLIENT_CLOSED
 
 PRIORITY_HEADER = "X-LLMOps-Priority"  # latency: a latency-sensitive request (route.policy.latency)
 REPLICA_HEADER = "X-LLMOps-Replica"  # on every routed answer: the replica that gave it
@@ -269,7 +271,10 @@ def create_app(router: Router, identify: Callable[[str], str | None],
     @app.api_route("/v1/{path:path}", methods=["GET", "POST"])
     async def proxy(path: str, request: Request):
         started = time.perf_counter()
-        body = await request.body()
+        try:
+            body = await request.body()
+        except ClientDisconnect:  # it left, or was cut off for sending too slowly (llmops/http_server.py)
+            return Response(status_code=CLIENT_CLOSED)
         try:
             parsed = json.loads(body) if body else {}
         except ValueError:

@@ -48,6 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="hold the followed version's base once and serve, as LoRA adapters on it, every registered "
                         "version built on it (asked for as model@vN; deploy.max_adapters of them), loading new ones "
                         "as they are registered (deploy.watch_s)")
+    parser.add_argument("--read-timeout", type=float, help="seconds a request's head and body have to arrive "
+                        "(default deploy.read_timeout_s)")
     parser.add_argument("--privacy", choices=["mask", "refuse", "log"],
                         help="personal data in prompts and answers (default: the project's deploy.privacy, else mask)")
 
@@ -122,8 +124,7 @@ def _each(action: str, port: int | None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from llmops import http_server
     from llmops.engine import Engine
     from llmops.feedback import Store, database_url
     from llmops.config import DeployParams
@@ -151,6 +152,8 @@ def _serve(args: argparse.Namespace) -> int:
     deploy = params.deploy if params is not None else DeployParams()
     if args.context is not None and args.context < 2:
         raise LlmopsError(f"--context {args.context}: a request needs at least 2 tokens (a prompt and an answer)")
+    if args.read_timeout is not None and not args.read_timeout > 0:
+        raise LlmopsError(f"--read-timeout {args.read_timeout}: give a number of seconds above 0")
     options = {"max_concurrency": args.max_concurrency, "device": args.device, "max_context": args.context}
 
     def load(now: Served | None = None) -> Served:
@@ -204,7 +207,7 @@ def _serve(args: argparse.Namespace) -> int:
                                                       else args.cache_entries, deploy.cache_ttl_s), canary=canary)
     print(f"serving {served.label} at {url} (OpenAI-compatible; Authorization: Bearer <key>)", flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+        http_server.run(app, args.host, port, args.read_timeout or deploy.read_timeout_s)
     finally:
         servers.forget(root, port, os.getpid())
     return 0

@@ -11,6 +11,7 @@ with an OpenAI-style error body naming the field; nothing a client sends reaches
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -30,7 +31,7 @@ from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -41,6 +42,7 @@ from llmops.chat import TemplateError
 from llmops.chat import prompt_ids as chat_ids
 from llmops.engine import Engine, EngineError, EngineUnavailable, Sampling
 from llmops.feedback import MAX_RATING, MIN_RATING, FeedbackError, Store, UnknownRequest
+from llmops.http_server import CLIENT_CLOSED
 from llmops.privacy import AnswerStream, Privacy
 from llmops.requestlog import Writer
 from llmops.response_cache import Answer, ResponseCache
@@ -145,6 +147,9 @@ class _Metrics:
                            ["where", "kind"], registry=self.registry)
         self.cache = Counter("llmops_response_cache", "generation requests by response cache result: hit, miss "
                              "(generated, then kept), bypass (sampled: never cached)", ["result"], registry=self.registry)
+        self.cancelled = Counter("llmops_requests_cancelled", "generation requests whose client left before the "
+                                 "answer was whole (its generation stops; a stream was counted 200 when it started)",
+                                 ["route"], registry=self.registry)
         self.restarts = Counter("llmops_engine_restarts", "generation loops restarted after they died",
                                 registry=self.registry)
 
@@ -666,8 +671,20 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
             return StreamingResponse(_sse(run, rid, kind, target.label, log, prompt, target.version, body.user,
                                           privacy.stream(), metrics), media_type="text/event-stream",
                                      headers=headers)
+        collect = asyncio.ensure_future(_whole(run))
+        gone = asyncio.ensure_future(_client_gone(request))
         try:
-            raw = "".join([piece async for piece in run])
+            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not collect.done():  # the client left: its generation stops (the engine drops the request)
+            collect.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await collect
+            metrics.cancelled.labels(_route(kind)).inc()
+            return Response(status_code=CLIENT_CLOSED)  # logged as such by `guard`; nobody reads it
+        try:
+            raw = collect.result()
         except EngineError as exc:
             return _engine_error(exc)
         for found in privacy.found(raw):
@@ -683,6 +700,16 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
                              "choices": [choice], "usage": usage}, headers=headers)
 
     return app
+
+
+async def _whole(run: _Generation) -> str:
+    return "".join([piece async for piece in run])
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has disconnected (its body was read already: the next message says it left)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class _Generation:
@@ -748,19 +775,25 @@ async def _sse(run: _Generation, rid: str, kind: str, model: str, log: _RequestL
             choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
         return f"data: {json.dumps({'id': rid, 'object': chunk_kind, 'created': created, 'model': model, 'choices': [choice]})}\n\n"
 
+    pieces = aiter(run)
     try:
-        async for piece in run:
+        async for piece in pieces:
             if released := screen.push(piece):
                 yield event(released, None)
+        if rest := screen.finish():
+            yield event(rest, None)
+        yield event(None, run.finish_reason)
+        yield "data: [DONE]\n\n"
     except EngineError as exc:
         failed = _engine_error(exc)
         yield f"data: {failed.body.decode()}\n\n"
         log.failed(_route(kind), failed.status_code, run.latency_s)
         return
-    if rest := screen.finish():
-        yield event(rest, None)
-    yield event(None, run.finish_reason)
-    yield "data: [DONE]\n\n"
+    except (asyncio.CancelledError, GeneratorExit):  # the client left: the stream was cancelled, or closed
+        await pieces.aclose()  # its generation stops now, not when the garbage collector finds it
+        metrics.cancelled.labels(_route(kind)).inc()
+        log.failed(_route(kind), CLIENT_CLOSED, run.latency_s)
+        raise
     for found in screen.privacy.found(screen.raw):
         metrics.pii.labels("answer", found).inc()
     await log.answered(rid, kind, version, run, prompt, screen.raw, user)

@@ -308,3 +308,33 @@ def test_a_request_that_kills_an_engine_fails_alone_and_the_engine_comes_back(tm
             assert [c.choices[0].finish_reason for c in streamed][-1] == "length"
     finally:
         fleet.close()
+
+
+def test_clients_that_send_too_slowly_are_cut_off(toy, tmp_path):
+    """A connection that sends nothing, half a request head, or a head and part of its body is closed once its
+    read timeout passes (here 1 s), at a replica and at the router; a slow one no longer holds a connection for
+    ever (slowloris), and the server answers the others meanwhile."""
+    import socket
+
+    fleet = Fleet(tmp_path, toy)
+    replica = fleet.replica("a", "--read-timeout", "1")
+    try:
+        router = fleet.route({"classes": {"cpu": {"hardware": "cpu"}},
+                              "replicas": [{"url": replica, "class": "cpu", "name": "a"}], "policy": {"latency": ["cpu"], "default": ["cpu"]}, "tokenizer": str(toy),
+                              "read_timeout_s": 1})
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        sends = {"nothing": b"", "half a head": head.encode(),
+                 "part of a body": (head + "Content-Type: application/json\r\nContent-Length: 200\r\n\r\n"
+                                    '{"model": "toy", "prompt": "w1').encode()}
+        for url in (replica, router):
+            host, port = url.removeprefix("http://").split(":")
+            for what, data in sends.items():
+                with socket.create_connection((host, int(port)), timeout=10) as conn:
+                    conn.sendall(data)
+                    started = time.monotonic()
+                    assert urllib.request.urlopen(url + "/health", timeout=5).status == 200  # others are answered
+                    assert conn.recv(1024) == b"", (url, what)  # closed, with nothing sent back
+                    assert 0.5 < time.monotonic() - started < 5, (url, what)
+        assert _complete(router, 3)[0] == "a"  # a request sent at once is answered
+    finally:
+        fleet.close()

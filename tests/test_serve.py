@@ -198,6 +198,48 @@ def test_metrics_and_the_request_log(server):
     assert not logged.skipped and len(list((tmp / ".llmops/serve/requests").glob("date=*/*.jsonl"))) == 1
 
 
+def test_a_client_that_leaves_stops_its_generation(server):
+    """A client that gives up (a timeout, a closed stream) cancels its generation then, not at its end: it leaves
+    with far fewer tokens generated than asked for, and its request is logged, and counted, as cancelled (499)."""
+    import time
+
+    import openai as oa
+
+    url, key, _, tmp = server
+    body = dict(model="release", prompt="a", max_tokens=120, temperature=1.0, extra_body={"ignore_eos": True})
+    started = time.monotonic()
+    client(url, key).completions.create(**body)
+    whole = time.monotonic() - started
+
+    def metric(name: str) -> float:
+        page = urllib.request.urlopen(urllib.request.Request(f"{url}/metrics", headers={
+            "Authorization": f"Bearer {key}"}), timeout=30).read().decode()
+        return next((float(line.split(" ")[1]) for line in page.splitlines() if line.startswith(name + " ")), 0.0)
+
+    cancelled = 'llmops_requests_cancelled_total{route="/v1/completions"}'
+    tokens = 'llmops_generated_tokens_total{version=""}'
+    before = metric(cancelled)
+    for stream in (False, True):
+        generated = metric(tokens)
+        if stream:  # it reads the first chunk and goes
+            chunks = client(url, key).completions.create(**body, stream=True)
+            next(iter(chunks))
+            chunks.close()
+        else:  # it waits a quarter of what the answer takes
+            impatient = oa.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=whole / 4)
+            with pytest.raises(oa.APITimeoutError):
+                impatient.completions.create(**body)
+        deadline = time.monotonic() + 30
+        while metric("llmops_requests_running") > 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert metric(tokens) - generated < 100, f"it went on generating for a client that left ({stream=})"
+    assert metric(cancelled) == before + 2
+    logged = read_window(tmp / ".llmops/serve/requests", datetime.now(timezone.utc) - timedelta(hours=1),
+                         datetime.now(timezone.utc) + timedelta(minutes=1))
+    assert sum(r["status"] == 499 for r in logged.records) == 2
+
+
 def test_identical_greedy_requests_are_answered_from_the_cache(server):
     """The second identical greedy request is a hit (header, metric, same text, streamed too); another max_tokens or a
     sampled request generates."""
