@@ -37,6 +37,41 @@ def _listed_once(value: list, what: str) -> list:
     return value
 
 
+def read_by(stage: str) -> dict[str, str]:
+    """A field's marker (json_schema_extra): its value names a file (or files) that `stage` reads. The inputs stage
+    fingerprints every marked file, and the stage depends on its fingerprints (tasks/inputs.py): a file edited in
+    place runs it again. A new file parameter costs this marker alone."""
+    return {"read_by": stage}
+
+
+def readers(model: type[BaseModel] | None = None) -> list[str]:
+    """The stages that read files named by params (those of the fields marked read_by), in declaration order."""
+    found: list[str] = []
+    for info in (model or Params).model_fields.values():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        inner = [extra["read_by"]] if "read_by" in extra else (
+            readers(info.annotation) if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
+            else [])
+        found += [stage for stage in inner if stage not in found]
+    return found
+
+
+def stage_inputs(params: BaseModel, prefix: str = "") -> dict[str, list[tuple[str, str]]]:
+    """stage -> (params key, value) of every file that params name and the stage reads (the fields marked read_by)."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    for name, info in type(params).model_fields.items():
+        value, key = getattr(params, name), f"{prefix}{name}"
+        stage = (info.json_schema_extra or {}).get("read_by") if isinstance(info.json_schema_extra, dict) else None
+        if stage is not None:
+            for one in value if isinstance(value, list) else [value]:
+                if one is not None:
+                    found.setdefault(stage, []).append((key, one))
+        elif isinstance(value, BaseModel):
+            for inner, pairs in stage_inputs(value, f"{key}.").items():
+                found.setdefault(inner, []).extend(pairs)
+    return found
+
+
 class Section(BaseModel):
     # strict: a quoted "128" is a string, not a number, and is refused like any other wrong type
     # allow_inf_nan=False: `lr: .inf` or `nan` can only be a mistake
@@ -56,17 +91,19 @@ class DataParams(Section):
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of examples held out for eval")
     corpus_lines: int = Field(4000, ge=1, le=100_000_000, description="lines of generated pretraining text")
     instructions: str | None = Field(None, description="your instruction data: JSONL or CSV, local path or s3:// URI, "
-                                     "in one of the formats of `format`")
+                                     "in one of the formats of `format`", json_schema_extra=read_by("prepare_data"))
     format: Literal["auto", "messages", "alpaca", "prompt_response"] = Field(
         "auto", description="of instructions and eval_instructions: messages (OpenAI chat: system, user and assistant "
         "turns), alpaca (instruction, input, output), prompt_response (prompt, response); auto: as the first row's "
         "keys say")
     eval_instructions: str | None = Field(
-        None, description="your eval split (same format); when null, eval is split off `instructions`"
-    )
-    corpus: str | None = Field(None, description="your pretraining text: local path or s3:// URI")
+        None, description="your eval split (same format); when null, eval is split off `instructions`",
+        json_schema_extra=read_by("prepare_data"))
+    corpus: str | None = Field(None, description="your pretraining text: local path or s3:// URI",
+                               json_schema_extra=read_by("prepare_data"))
     corrections: str | None = Field(None, description="reviewed corrections from production (JSONL, `llmops "
-                                    "feedback` writes it): their rows join the train split")
+                                    "feedback` writes it): their rows join the train split",
+                                    json_schema_extra=read_by("prepare_data"))
 
     @field_validator("eval_instructions")
     @classmethod
@@ -260,17 +297,20 @@ class FinetuneParams(TrainRunParams):
     base_model: str = Field(
         "pretrain", description="what is fine-tuned: a hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct), a local Hugging Face "
         "model directory, or 'pretrain' (the demo: a small model pretrained here from scratch on the corpus). A named "
-        "base is fetched once by train@pretrain into models/pretrain, where DVC versions it; nothing is pretrained")
+        "base is fetched once by train@pretrain into models/pretrain, where DVC versions it; nothing is pretrained",
+        json_schema_extra=read_by("train"))
     revision: str | None = Field(
         None, min_length=1, description="the hub revision of base_model: a commit sha pins it; a branch or tag (null: "
         "the default branch) is resolved to its commit when fetched, and the commit is recorded in the lineage")
     chat_template: str | None = Field(
         None, min_length=1, description="a chat template (Jinja text, or a path to a .jinja file) for a base whose "
-        "tokenizer has none, or to replace its own; null: the base's. Training, evaluation and serving render with it")
+        "tokenizer has none, or to replace its own; null: the base's. Training, evaluation and serving render with it",
+        json_schema_extra=read_by("train"))
     method: str = Field("lora", description=f"one of: {', '.join(METHODS)}")
     lora: LoraParams = Field(default_factory=LoraParams)
     prompt_tuning: PromptTuningParams = Field(default_factory=PromptTuningParams)
-    adapter: str | None = Field(None, description="start from this saved adapter directory instead of a new one")
+    adapter: str | None = Field(None, description="start from this saved adapter directory instead of a new one",
+                                json_schema_extra=read_by("train"))
     merge: bool = Field(False, description="also write the base model with the adapter merged in (LoRA)")
     prompt_overflow: Literal["truncate", "drop", "refuse"] = Field(
         "refuse", description="examples longer than max_seq_len (counted in the base's tokens before training): "
@@ -334,7 +374,8 @@ class EvaluateParams(Section):
     seed: int = 0
     harness_tasks: list[str] = Field(
         default_factory=list, description="lm-evaluation-harness tasks scored on base and fine-tuned: a task YAML file "
-        "(lm-eval's format, its data a local file) or a task of lm-eval's registry (its data from the dataset hub)")
+        "(lm-eval's format, its data a local file) or a task of lm-eval's registry (its data from the dataset hub)",
+        json_schema_extra=read_by("evaluate"))
 
     @field_validator("metrics")
     @classmethod
@@ -351,7 +392,7 @@ class AuditBiasParams(Section):
     """audit_bias: paired log-likelihood audit (CrowS-Pairs format) of the base and the fine-tuned model."""
 
     data: str | None = Field(None, description="CrowS-Pairs-format CSV/JSONL, local path or s3:// URI; "
-                             "null: generated counterfactual pairs")
+                             "null: generated counterfactual pairs", json_schema_extra=read_by("audit_bias"))
     pairs_per_type: int = Field(50, ge=1, le=10_000, description="generated pairs per bias type (data: null)")
     max_pairs: int | None = Field(None, ge=1, description="first N pairs of the file; null: all")
     bootstrap_resamples: int = Field(1000, ge=100, le=100_000)

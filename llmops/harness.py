@@ -38,6 +38,26 @@ def _task_name(path: Path) -> str | None:
     return task if isinstance(task, str) else None
 
 
+def files(entry: str, root: Path) -> list[Path]:
+    """The local files a task reads: its YAML, the YAMLs it includes, and its data files (dataset_kwargs.data_files,
+    relative to the project, as lm-eval opens them from there); none for a registry name."""
+    if not _is_file(entry) or not (root / entry).is_file():
+        return []
+    import yaml
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    try:
+        task = load_yaml(root / entry, resolve_func=False, recursive=True)
+    except (OSError, ValueError, yaml.YAMLError):
+        return [root / entry]  # evaluate refuses it, naming why
+    data = (task.get("dataset_kwargs") or {}).get("data_files") if isinstance(task, dict) else None
+    named = data.values() if isinstance(data, dict) else [data]
+    paths = [p for one in named for p in (one if isinstance(one, list) else [one]) if isinstance(p, str)]
+    includes = task.get("include") if isinstance(task, dict) else None
+    included = [(root / entry).parent / i for i in ([includes] if isinstance(includes, str) else includes or [])]
+    return [root / entry, *(p for p in included if p.is_file()), *(root / p for p in paths if (root / p).is_file())]
+
+
 def check(entries: list[str], root: Path, method: str) -> None:
     """Refuse, before any model is loaded, a task file that is missing or names no task, a registry name lm-eval
     does not know, and a prompt-tuning adapter (`method`), whose virtual tokens shift the logits lm-eval reads.

@@ -26,16 +26,17 @@ def test_repro_runs_every_stage_then_only_what_changed(pipeline, ran_project):
     assert _ran((pipeline.parent / "repro.log").read_text()) == STAGES  # the session's first `dvc repro`
     project = ran_project
     second = run(["dvc", "repro"], project).stdout
-    assert _ran(second) == [] and all(f"Stage '{s}' didn't change, skipping" in second for s in STAGES)
+    # the inputs stage always runs (it fingerprints the files params name); nothing else changed
+    assert _ran(second) == ["inputs"] and all(f"Stage '{s}' didn't change, skipping" in second for s in STAGES[1:])
 
     # a param only validate_data reads re-runs only validate_data (its verdict, which train reads, is unchanged)
     params = project / "params.yaml"
     params.write_text(params.read_text().replace("max_duplicate_rate: 0.01", "max_duplicate_rate: 0.02"))
-    assert _ran(run(["dvc", "repro"], project).stdout) == ["validate_data"]
+    assert _ran(run(["dvc", "repro"], project).stdout) == ["inputs", "validate_data"]
     # an evaluate param re-runs evaluate and what reads its metrics (gate, release), not the audit or quantize beside it
     # (a fine-tuning param re-running fine-tuning and all after it: test_flow.py)
     set_params(project, "evaluate.bootstrap_resamples=500")
-    assert _ran(run(["dvc", "repro"], project).stdout) == ["evaluate", "gate", "release"]
+    assert _ran(run(["dvc", "repro"], project).stdout) == ["inputs", "evaluate", "gate", "release"]
 
     # the step log renders as a loss curve; the metrics are read by dvc metrics
     plots = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)
@@ -47,6 +48,35 @@ def test_repro_runs_every_stage_then_only_what_changed(pipeline, ran_project):
     evaluated = metrics[""]["data"]["reports/evaluate/metrics.json"]["data"]
     assert {"base", "finetuned", "by_task"} <= set(evaluated)
     assert evaluated["finetuned"]["perplexity"] < evaluated["base"]["perplexity"]
+
+
+@pytest.mark.training
+def test_a_file_params_name_edited_in_place_runs_its_stage_again(ran_project):
+    """Your instruction file, or your bias pairs file, edited in place (params unchanged): the stage that reads it
+    runs again on the new contents; it once said "didn't change, skipping" and kept the stale outputs."""
+    from llmops import bias_pairs
+
+    project = ran_project
+    pairs = project / "pairs.jsonl"
+    generated = bias_pairs.generate(0, 4)
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in generated))
+    set_params(project, "audit_bias.data=pairs.jsonl")
+    assert _ran(run(["dvc", "repro", "audit_bias"], project).stdout) == ["inputs", "audit_bias"]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in generated[: len(generated) // 2]))
+    assert _ran(run(["dvc", "repro", "audit_bias"], project).stdout) == ["inputs", "audit_bias"]
+    audited = json.loads((project / "reports/audit_bias/metrics.json").read_text())
+    assert audited["pairs"] + audited["skipped"] == len(generated) // 2
+
+    rows = [{"prompt": f"What is {i} + {i}?", "response": str(2 * i)} for i in range(40)]
+    mine = project / "mine.jsonl"
+    mine.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    set_params(project, "data.instructions=mine.jsonl")
+    assert _ran(run(["dvc", "repro", "prepare_data"], project).stdout) == ["inputs", "prepare_data"]
+    assert _ran(run(["dvc", "repro", "prepare_data"], project).stdout) == ["inputs"]
+    mine.write_text("".join(json.dumps(r) + "\n" for r in rows[:30]))
+    assert _ran(run(["dvc", "repro", "prepare_data"], project).stdout) == ["inputs", "prepare_data"]
+    prepared = [(project / f"data/prepared/{split}.jsonl").read_text().splitlines() for split in ("train", "eval")]
+    assert sum(map(len, prepared)) == 30
 
 
 def _use_s3(project, endpoint, bucket, prefix="ds"):

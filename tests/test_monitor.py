@@ -162,7 +162,7 @@ def test_each_dataset_version_is_one_commit_and_a_failed_one_leaves_the_checkout
     # the pointer is a stage of DVC's graph too; the pipeline's plan is still dvc.yaml's stages, in order
     from llmops.stage import plan
 
-    assert [s.dvc_name for s in plan(project)][:3] == ["prepare_data", "validate_data", "train@pretrain"]
+    assert [s.dvc_name for s in plan(project)][:4] == ["inputs", "prepare_data", "validate_data", "train@pretrain"]
 
 
 @pytest.mark.services
