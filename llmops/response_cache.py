@@ -30,11 +30,17 @@ class ResponseCache:
     def __init__(self, max_entries: int, ttl_s: float):
         self._entries: TTLCache | None = TTLCache(maxsize=max_entries, ttl=ttl_s) if max_entries > 0 else None
 
-    def key(self, model: str, ids: list[int], sampling: Sampling, stops: list[str]) -> tuple | None:
-        """The request's key, or None when it is not cacheable (sampled, or no cache)."""
+    def key(self, caller: str, model: str, ids: list[int], sampling: Sampling, stops: list[str]) -> tuple | None:
+        """The request's key, or None when it is not cacheable (sampled, or no cache). Per caller (the API key's
+        name): one caller's hit must not tell another what was asked before, nor answer it from another's prompt."""
         if self._entries is None or sampling.temperature != 0:
             return None
-        return model, tuple(ids), sampling.max_tokens, sampling.ignore_eos, tuple(stops)
+        return caller, model, tuple(ids), sampling.max_tokens, sampling.ignore_eos, tuple(stops)
+
+    def clear(self) -> None:
+        """Forget every answer (a reload does: an erasure sends one, so no cached answer keeps an erased subject)."""
+        if self._entries is not None:
+            self._entries.clear()
 
     def get(self, key: tuple | None) -> Answer | None:
         return None if key is None else self._entries.get(key)

@@ -364,6 +364,7 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
 
     async def swap() -> None:
         async with reloading:  # signals that come while a reload runs wait for it
+            cache.clear()  # whatever the reload gives: `llmops erase` reloads every server to drop cached answers
             try:
                 await asyncio.to_thread(callers.refresh)  # revoked keys and a changed policy take effect now
                 new = await asyncio.to_thread(reload, current[0])
@@ -661,7 +662,7 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
         sampling = Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                             ignore_eos=body.ignore_eos)
         rid = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}"
-        key = cache.key(target.label, ids, sampling, stops)
+        key = cache.key(request.state.caller, target.label, ids, sampling, stops)
         hit = cache.get(key)
         cached = "bypass" if key is None else "hit" if hit is not None else "miss"
         metrics.cache.labels(cached).inc()
