@@ -9,6 +9,7 @@ its holder dies, so a killed run never leaves a stale lock behind.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import os
 import sys
 import time
@@ -48,7 +49,10 @@ def exclusive(path: str | os.PathLike, what: str) -> Iterator[None]:
                        "wait for it to end, or stop it, then try again") from None
         fh.seek(0)
         fh.truncate()
-        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+        # the command and its verbs, not its values: a lock file is read by whoever waits, and `erase --subject X`
+        # must not leave X in it (nor a secret given on a command line)
+        command = " ".join([Path(sys.argv[0]).name, *itertools.takewhile(lambda a: not a.startswith("-"),
+                                                                           sys.argv[1:])])
         fh.write(f"pid {os.getpid()}, since {time.strftime('%H:%M:%S')}: {command}")
         fh.flush()
         _HELD.add(path)
