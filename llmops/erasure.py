@@ -3,17 +3,24 @@
 `llmops erase --subject VALUE` (an admin's action, audited without the value itself):
 
 1. finds every dataset file, in every version DVC tracks under data/ (each commit of the
-   repository, the registry's included, and the workspace), that mentions the subject
-   (case-insensitive), reading each distinct file once from the DVC cache or the remote;
+   repository, the registry's included, and the workspace), that mentions the subject,
+   reading each distinct file once from the DVC cache or the remote. Text is compared as
+   read: JSON escapes decoded (`\u00d8lmann` is `Ølmann`), Unicode NFKC-normalised, case folded;
 2. writes new versions of the current inputs without those rows (a `dvc add`-ed file, such as
    the monitor's corrections, or a local data.instructions/corpus file), rebuilds data/prepared
    through prepare_data and validate_data, pushes it, and commits it;
 3. removes every file object that mentioned the subject from the DVC cache and the remote, so no
    old version can bring it back;
-4. removes the lines of the request log, the rows of the feedback database (SQLite is vacuumed:
-   deleted rows leave no trace in free pages) and the monitor's outputs that mention it;
+4. removes the lines of the request log, the rows of the feedback database (matched here, in
+   Python, as everything else is; SQLite is vacuumed: deleted rows leave no trace in free pages),
+   the monitor's and the explanations' outputs, and the Prefect flow runs (with their logs and
+   artifacts) whose parameters, logs or artifacts mention it; reloads the project's running servers,
+   which empties their response caches;
 5. lists the registered model versions trained on affected data (`--retrain` starts the pipeline
-   deployment on the new dataset version, as a git push would).
+   deployment on the new dataset version, as a git push would);
+6. verifies: every file of the checkout (the DVC cache and the local databases included; model
+   weights and files over 256 MiB excepted), every object of the remote, and every stored dataset
+   version are read again, and any that still mentions the subject fails the erasure, named.
 
 What it cannot do is rewrite git history that others have cloned: a git-tracked file that mentions
 the subject is named, with the command that rewrites history, and the erasure fails.
@@ -22,10 +29,12 @@ the subject is named, with the command that rewrites history, and the erasure fa
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import sqlite3
 import subprocess
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,10 +43,13 @@ from llmops.errors import LlmopsError
 MIN_SUBJECT = 3  # characters: anything shorter would match half the data
 TEXT = (".jsonl", ".json", ".csv", ".txt", ".text", ".md")
 TRACKED = ("data", "reports")
+SCAN_MAX_BYTES = 256 << 20  # the final scan reads files up to this size: datasets and logs, not model weights
+WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".png")  # never text: not scanned
 
 
 class ErasureError(LlmopsError):
-    """An erasure that cannot be done, or that matched nothing; the message says which. Nothing was changed."""
+    """An erasure that cannot be done, that matched nothing, or that left a copy behind; the message says which, and
+    what was done."""
 
 
 @dataclass
@@ -47,15 +59,31 @@ class Erasure:
     rows: int = 0  # rows removed from the current inputs
     log_lines: int = 0
     feedback_rows: int = 0
-    monitor_files: int = 0
+    monitor_files: int = 0  # the monitor's and the explanations' outputs
+    flow_runs: int = 0  # Prefect flow runs deleted
+    servers: int = 0  # running servers reloaded (their response caches emptied)
     versions: list[str] = field(default_factory=list)  # registered versions trained on affected data
     commit: str | None = None  # the new dataset version
     started: list[str] = field(default_factory=list)
 
 
+_ESCAPE = re.compile(r"(?:\\u[0-9a-fA-F]{4})+")
+
+
+def _as_read(text: str) -> str:
+    """Text as a person reads it: JSON's \\uXXXX escapes decoded (surrogate pairs too), NFKC-normalised, case-folded.
+    Files written with ensure_ascii (json.dumps' default) hold `\\u00d8lmann` for `Ølmann`."""
+    def decode(run: re.Match) -> str:
+        units = bytes.fromhex("".join(run.group(0)[i + 2:i + 6] for i in range(0, len(run.group(0)), 6)))
+        return units.decode("utf-16-be", errors="replace")
+
+    return unicodedata.normalize("NFKC", _ESCAPE.sub(decode, text)).casefold()
+
+
 def _mentions(subject: str):
-    pattern = re.compile(re.escape(subject), re.IGNORECASE)
-    return lambda text: bool(pattern.search(text))
+    """text -> whether it mentions the subject, both read as a person reads them (`_as_read`)."""
+    wanted = _as_read(subject)
+    return lambda text: wanted in _as_read(text)
 
 
 def _git(root: Path, *args: str, check: bool = True) -> str:
@@ -81,11 +109,10 @@ def _tracked_files(root: Path, rev: str | None) -> dict[str, str]:
             if (info.get("dvc_info") or {}).get("md5") and path.endswith(TEXT)}
 
 
-def scan(root: Path, subject: str) -> tuple[dict[str, str], dict[str, set[str]]]:
+def scan(root: Path, mentions) -> tuple[dict[str, str], dict[str, set[str]]]:
     """Every stored dataset file object that mentions the subject (md5 -> a path), and each revision's md5s."""
     from dvc.api import DVCFileSystem
 
-    mentions = _mentions(subject)
     revs = [None, *_git(root, "rev-list", "--all").split()]
     by_rev: dict[str | None, set[str]] = {}
     affected: dict[str, str] = {}
@@ -156,13 +183,15 @@ def _log_files(root: Path, params) -> list[Path]:
     return sorted(path for top in tops if top.is_dir() for path in top.rglob("*.jsonl"))
 
 
-def _monitor_outputs(root: Path, mentions, remove: bool) -> int:
-    """The monitor's reports and queue that mention the subject: lines out of JSON lines, other files removed (the
-    next monitor run writes them again)."""
-    from llmops.monitor import OUT_DIR
+def _local_outputs(root: Path, mentions, remove: bool) -> int:
+    """The monitor's reports and queue, and the explanations (`llmops explain`), that mention the subject: lines out
+    of JSON lines, other files removed (the next monitor run writes them again)."""
+    from llmops.explain_cli import OUT_DIR as EXPLAINED
+    from llmops.monitor import OUT_DIR as MONITORED
 
     touched = 0
-    for path in sorted((root / OUT_DIR).rglob("*")) if (root / OUT_DIR).is_dir() else []:
+    files = [p for top in (MONITORED, EXPLAINED) if (root / top).is_dir() for p in sorted((root / top).rglob("*"))]
+    for path in files:
         if not path.is_file() or not mentions(path.read_bytes().decode("utf-8", errors="replace")):
             continue
         if remove and path.suffix == ".jsonl":
@@ -173,22 +202,20 @@ def _monitor_outputs(root: Path, mentions, remove: bool) -> int:
     return touched
 
 
-def _feedback(root: Path, subject: str, remove: bool) -> int:
+def _feedback(root: Path, mentions, remove: bool) -> int:
     """Rows of the feedback database (requests, feedback, reviews) about requests that mention the subject: counted,
-    and with `remove`, deleted."""
-    from sqlalchemy import delete, func, or_, select
+    and with `remove`, deleted. Rows are matched here, as every other text is: SQL's LIKE folds only ASCII case
+    (SQLite's lower() leaves Ø alone), knows no Unicode normalisation, and reads % and _ in a subject as wildcards."""
+    from sqlalchemy import delete, func, select
 
     from llmops.feedback import Store, database_url, feedback, requests, reviews
 
     store = Store(database_url(root))
-    like = f"%{subject.lower()}%"
+    texts = ((requests, ("prompt", "answer")), (feedback, ("correction", "comment")), (reviews, ("correction",)))
     with store.engine.begin() as conn:
-        ids = set(conn.execute(select(requests.c.request_id).where(or_(
-            func.lower(requests.c.prompt).like(like), func.lower(requests.c.answer).like(like)))).scalars())
-        ids |= set(conn.execute(select(feedback.c.request_id).where(or_(
-            func.lower(feedback.c.correction).like(like), func.lower(feedback.c.comment).like(like)))).scalars())
-        ids |= set(conn.execute(select(reviews.c.request_id).where(
-            func.lower(reviews.c.correction).like(like))).scalars())
+        ids = {row[0] for table, columns in texts
+               for row in conn.execute(select(table.c.request_id, *(table.c[c] for c in columns)))
+               if any(text and mentions(text) for text in row[1:])}
         chunks = [sorted(ids)[i:i + 500] for i in range(0, len(ids), 500)]
         if not remove:
             return sum(conn.execute(select(func.count()).select_from(table).where(table.c.request_id.in_(chunk)))
@@ -204,6 +231,135 @@ def _feedback(root: Path, subject: str, remove: bool) -> int:
         finally:
             db.close()
     return removed
+
+
+async def _pages(read, **filters) -> list:
+    """Every item a Prefect client read method returns, 200 at a time."""
+    items: list = []
+    while page := await read(**filters, limit=200, offset=len(items)):
+        items += page
+    return items
+
+
+def _flow_runs(root: Path, mentions, remove: bool) -> int:
+    """Prefect flow runs whose parameters, logs or artifacts mention the subject (a subject's file named as a
+    parameter, a stage that printed a row): counted, and with `remove`, deleted with their artifacts and logs.
+
+    Prefect's API deletes a flow run (its task runs and states with it) and an artifact, never a log: the project's
+    own Prefect database (.llmops/prefect) then loses those logs here, and is vacuumed. A Prefect server of
+    PREFECT_API_URL keeps its logs; `verify` names them.
+    """
+    import asyncio
+
+    from llmops.prefect_api import STATE_DIR, prefect_api
+
+    db = root / STATE_DIR / "prefect.db"
+    external = bool(os.environ.get("PREFECT_API_URL"))
+    if not external and not (db.is_file() and _file_mentions(db, mentions)):
+        return 0  # (free pages included: a vacuum below clears them)
+
+    async def find() -> tuple[set, set, set]:
+        from prefect.client.orchestration import get_client
+
+        async with get_client() as client:
+            runs = {r.id for r in await _pages(client.read_flow_runs)
+                    if mentions(json.dumps(r.parameters, ensure_ascii=False, default=str))}
+            logs = [log for log in await _pages(client.read_logs) if mentions(log.message)]
+            artifacts = [a for a in await _pages(client.read_artifacts)
+                         if mentions(json.dumps([a.data, a.description], ensure_ascii=False, default=str))]
+            runs |= {x.flow_run_id for x in [*logs, *artifacts] if x.flow_run_id}
+            if remove:
+                for artifact in artifacts:
+                    await client.delete_artifact(artifact.id)
+                for run in runs:
+                    await client.delete_flow_run(run)
+            return runs, {str(log.id) for log in logs}, sum(not x.flow_run_id for x in [*logs, *artifacts])
+
+    with prefect_api(root):
+        runs, logs, stray = asyncio.run(find())
+    if remove and not external and db.is_file():
+        database = sqlite3.connect(db)
+        try:
+            with database:  # the logs of the deleted runs, and any other that mentions the subject
+                gone = [str(r) for r in runs]
+                for i in range(0, len(gone), 500):
+                    chunk = gone[i:i + 500]
+                    database.execute(f"DELETE FROM log WHERE flow_run_id IN ({','.join('?' * len(chunk))})", chunk)
+                for one in logs:
+                    database.execute("DELETE FROM log WHERE id = ?", (one,))
+            database.execute("VACUUM")
+            database.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            database.close()
+    return len(runs) + stray
+
+
+def _reload_servers(root: Path) -> int:
+    """Reload the project's running servers: a reload empties a server's response cache, where an answer to the
+    subject may be kept."""
+    from llmops import servers
+
+    running = servers.running(root)
+    for server in running:
+        try:
+            servers.reload(root, server, timeout_s=600)
+        except servers.ServerError as exc:
+            raise ErasureError(f"could not reload the server at {server.url} to empty its response cache: {exc}; "
+                               "stop it (`llmops serve stop`) and erase again") from None
+    return len(running)
+
+
+def _file_mentions(path: Path, mentions) -> bool:
+    return mentions(path.read_bytes().decode("utf-8", errors="replace"))
+
+
+def verify(root: Path, params, mentions) -> list[str]:
+    """Where the subject still is: every file of the checkout (the DVC cache, the request log and the local databases
+    among them; model weights and files over SCAN_MAX_BYTES excepted), every object of the DVC remote, the feedback
+    database, Prefect's flow runs, and every stored version of a dataset file (read from the cache or the remote)."""
+    from llmops.config import storage_for
+
+    found = []
+    for path in sorted(root.rglob("*")):
+        parts = path.relative_to(root).parts
+        if parts[0] == ".git" or not path.is_file() or path.suffix in WEIGHTS \
+                or path.stat().st_size > SCAN_MAX_BYTES or any((root.joinpath(*parts[:i]) / "pyvenv.cfg").is_file()
+                                                                 for i in range(1, len(parts))):
+            continue
+        if _file_mentions(path, mentions):
+            found.append(str(path.relative_to(root)))
+    storage = storage_for(params.storage, root)
+    for name, data in _remote_objects(root, storage):
+        if mentions(data.decode("utf-8", errors="replace")):
+            found.append(name)
+    if _feedback(root, mentions, remove=False):
+        found.append("the feedback database")
+    if os.environ.get("PREFECT_API_URL") and _flow_runs(root, mentions, remove=False):
+        found.append(f"the Prefect server at {os.environ['PREFECT_API_URL']}")
+    return found
+
+
+def _remote_objects(root: Path, storage):
+    """(name, bytes) of every object of the DVC remote up to SCAN_MAX_BYTES."""
+    if storage.remote == "s3":
+        from llmops.storage import explain, s3_client
+
+        client, prefix = s3_client(storage), storage.prefix.strip("/")
+        try:
+            pages = client.get_paginator("list_objects_v2").paginate(Bucket=storage.bucket,
+                                                                       Prefix=f"{prefix}/" if prefix else "")
+            for page in pages:
+                for item in page.get("Contents", []):
+                    if item["Size"] <= SCAN_MAX_BYTES:
+                        body = client.get_object(Bucket=storage.bucket, Key=item["Key"])["Body"].read()
+                        yield f"s3://{storage.bucket}/{item['Key']}", body
+        except Exception as exc:
+            raise ErasureError(str(explain(exc, "erase: cannot read the remote to verify it", storage))) from None
+        return
+    base = (root / Path(storage.url).expanduser()).resolve()
+    for path in sorted(base.rglob("*")) if base.is_dir() else []:
+        if path.is_file() and path.stat().st_size <= SCAN_MAX_BYTES:
+            yield str(path), path.read_bytes()
 
 
 def _inputs(root: Path, params) -> list[Path]:
@@ -245,13 +401,16 @@ def erase(root: str | os.PathLike, subject: str, retrain: bool = False) -> Erasu
             paths = sorted({line.split(":", 1)[1] for line in in_git})
             raise ErasureError(f"git history holds the subject in {', '.join(paths)}: llmops does not rewrite shared "
                                "history; remove it with `git filter-repo --replace-text` and force-push, then erase")
-        result.objects, by_rev = scan(root, subject)
+        result.objects, by_rev = scan(root, mentions)
         inputs = [p for p in _inputs(root, params) if _cleaned(p, mentions, remove=False)]
         logs = [p for p in _log_files(root, params) if _cleaned(p, mentions, remove=False)]
-        if not (result.objects or inputs or logs or _feedback(root, subject, remove=False)
-                or _monitor_outputs(root, mentions, remove=False)):
-            raise ErasureError("nothing in the datasets (any version), the request log, the feedback or the monitor's "
-                               "outputs mentions the subject; nothing was changed")
+        if not (result.objects or inputs or logs or _feedback(root, mentions, remove=False)
+                or _local_outputs(root, mentions, remove=False) or _flow_runs(root, mentions, remove=False)):
+            elsewhere = verify(root, params, mentions)
+            raise ErasureError("nothing in the datasets (any version), the request log, the feedback, the monitor's "
+                               "or the explanations' outputs or the Prefect runs mentions the subject; nothing was "
+                               "changed" + (f"; but it is still in {len(elsewhere)} places: {', '.join(elsewhere[:10])}"
+                                            " (not written by llmops: remove those by hand)" if elsewhere else ""))
         pointers = [p.with_name(p.name + ".dvc") for p in inputs if p.with_name(p.name + ".dvc").is_file()]
         for path in inputs:
             result.rows += _cleaned(path, mentions)
@@ -272,8 +431,10 @@ def erase(root: str | os.PathLike, subject: str, retrain: bool = False) -> Erasu
                 _cleaned(path, mentions) if path.suffix == ".jsonl" else path.unlink()  # the next run writes it again
         _remove_objects(root, result.objects, storage)
         result.log_lines = sum(_cleaned(path, mentions) for path in logs)
-        result.feedback_rows = _feedback(root, subject, remove=True)
-        result.monitor_files = _monitor_outputs(root, mentions, remove=True)
+        result.feedback_rows = _feedback(root, mentions, remove=True)
+        result.monitor_files = _local_outputs(root, mentions, remove=True)
+        result.flow_runs = _flow_runs(root, mentions, remove=True)
+        result.servers = _reload_servers(root)
         if result.objects or result.rows:
             remote.push(root, storage)  # the new version to the remote, as a run's push does
             changed = ["dvc.lock", PARAMS_FILE, *(str(p.relative_to(root)) for p in pointers)]
@@ -289,11 +450,18 @@ def erase(root: str | os.PathLike, subject: str, retrain: bool = False) -> Erasu
         for version in registry.versions(root):
             if by_rev.get(version.commit, set()) & affected:
                 result.versions.append(version.version)
-        if retrain and result.versions and result.commit:
-            result.started = _retrain(root, params, result.commit)
         note.update(objects=len(result.objects), rows=result.rows, log_lines=result.log_lines,
                     feedback_rows=result.feedback_rows, monitor_files=result.monitor_files,
-                    versions=result.versions, commit=result.commit)
+                    flow_runs=result.flow_runs, servers=result.servers, versions=result.versions,
+                    commit=result.commit)
+        remains = verify(root, params, mentions)
+        remains += [f"{path} (a stored version)" for path in scan(root, mentions)[0].values()]
+        if remains:
+            raise ErasureError(f"erased what it found, but the subject is still in {len(remains)} places: "
+                               f"{', '.join(remains[:10])}{' ...' if len(remains) > 10 else ''}; remove those, "
+                               "then erase again")
+        if retrain and result.versions and result.commit:
+            result.started = _retrain(root, params, result.commit)
     return result
 
 
@@ -316,7 +484,10 @@ def summary(result: Erasure) -> str:
              f"  {result.rows} rows removed from the current inputs"
              + (f"; new dataset version: commit {result.commit[:12]}" if result.commit else ""),
              f"  {result.log_lines} request log lines, {result.feedback_rows} feedback rows, "
-             f"{result.monitor_files} monitor outputs removed"]
+             f"{result.monitor_files} monitor and explanation outputs, {result.flow_runs} Prefect runs removed",
+             f"  {result.servers} running servers reloaded (their response caches emptied)",
+             "  verified: no copy left in the checkout, the DVC cache, the remote, the feedback or the stored "
+             "dataset versions"]
     if result.versions:
         lines.append(f"  model versions trained on affected data: {', '.join(result.versions)}"
                      + ("" if result.started else " (retrain: `llmops erase ... --retrain`, or `llmops run`)"))
