@@ -132,9 +132,9 @@ class ValidateDataParams(Section):
     max_duplicate_rate: float = Field(
         0.01, ge=0, le=1, description="largest share of rows whose (prompt, response) pair appears twice or more"
     )
-    pii: list[Literal["email", "phone", "card", "ip"]] = Field(
-        default_factory=lambda: ["email", "phone", "card", "ip"], description="kinds of PII refused (and, at "
-        "inference, handled by deploy.privacy)"
+    pii: list[Literal["email", "phone", "card", "ip", "iban", "ssn"]] = Field(
+        default_factory=lambda: ["email", "phone", "card", "ip", "iban", "ssn"], description="kinds of PII refused "
+        "(and, at inference, handled by deploy.privacy)"
     )
     phone_regions: list[str] = Field(
         default_factory=lambda: ["US", "GB"], min_length=1,

@@ -22,7 +22,8 @@ class ColumnValuesContainNoCheckedPii(ColumnMapMetricProvider):
 
 class ExpectColumnValuesToContainNoCheckedPii(ColumnMapExpectation):
     """Expect no value to contain PII of a kind a regex alone cannot decide: a payment card number (13-19 digits
-    passing the Luhn check) or a phone number (valid in libphonenumber's numbering plans)."""
+    passing the Luhn check), a phone number (valid in libphonenumber's numbering plans), an IBAN or a US social
+    security number (valid by python-stdnum)."""
 
     kind: str
     regions: list[str] = list(pii.PHONE_REGIONS)

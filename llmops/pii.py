@@ -1,11 +1,14 @@
-"""Detectors for personal data in free text: email, phone, payment card, IP address.
+"""Detectors for personal data in free text: email, phone, payment card, IP address, IBAN, US social security number.
 
 One set of detectors for training data (validate_data, through Great Expectations) and for
 inference (the server's privacy policy, the request log). Email and IP are regexes that feed Great
 Expectations' regex expectations directly. Card numbers and phone numbers are found by a regex and
 then decided by a check: the Luhn checksum for cards, Google's libphonenumber metadata (the
-`phonenumbers` package: real numbering plans, not a hand regex) for phones, so the integers of
-arithmetic data and order numbers are not flagged. validate_data runs both as a custom expectation.
+`phonenumbers` package: real numbering plans, not a hand regex) for phones, python-stdnum for
+IBANs (ISO 13616's mod-97 checksum and each country's length and format) and US social security
+numbers (the SSA's unassigned areas, groups and serials), so the integers of arithmetic data and
+order numbers are not flagged. validate_data runs those as a custom expectation. Email addresses may be
+internationalised (RFC 6531: `jürgen@bücher.de`, a punycode `xn--` domain).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import re
 # follow a shorter local part, nor "." a shorter label, so backtracking into them
 # could only fail again, up to 63 times per label.
 PATTERNS: dict[str, str] = {
-    "email": r"[A-Za-z0-9._%+-]{1,64}+@[A-Za-z0-9-]{1,63}+(?:\.[A-Za-z0-9-]{1,63}+){0,8}\.[A-Za-z]{2,63}",
+    # (\w is Unicode's letters and digits: internationalised addresses; a TLD of letters, or punycode's xn--)
+    "email": r"[\w.%+-]{1,64}+@[\w-]{1,63}+(?:\.[\w-]{1,63}+){0,8}\.(?:xn--[A-Za-z0-9-]{1,59}|[^\W\d_]{2,63})",
     # candidates only (2 to 5 digit groups, an optional +country code and (area code)); phonenumbers decides.
     # Digits after a currency sign, before an arithmetic one or right after a sum's "=" are money or arithmetic, not a
     # number to dial: GSM8K's "<<20700-20100=600>>" reads as a valid London number (020 7002 0100), "$2920000000" and
@@ -44,9 +48,14 @@ PATTERNS: dict[str, str] = {
     "ip": r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.])",
     # 13 to 19 digits, optionally grouped by single spaces or dashes; Luhn decides.
     "card": r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])",
+    # a country code, 2 check digits, then the account: compact, or in groups of 4 as printed; stdnum decides
+    "iban": r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?:[A-Z0-9]{11,30}|(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,4})?)(?![A-Za-z0-9])",
+    # area-group-serial, with dashes or spaces (9 bare digits are too often something else); stdnum decides
+    "ssn": r"(?<![\d-])\d{3}([- ])\d{2}\1\d{4}(?![\d-])",
 }
 _COMPILED = {kind: re.compile(pattern) for kind, pattern in PATTERNS.items()}
-CHECKED = ("card", "phone")  # kinds a regex alone cannot decide: validate_data runs them as a custom expectation
+CHECKED = ("card", "phone", "iban", "ssn")  # kinds a regex alone cannot decide: validate_data runs them as a custom
+# expectation
 # where a phone number written without its +country code is read as national (validate_data.phone_regions);
 # a number with one is recognised whatever the list
 PHONE_REGIONS = ("US", "GB")
@@ -86,7 +95,28 @@ def find(kind: str, text: str, regions: tuple[str, ...] = PHONE_REGIONS) -> list
         return [m.span() for m in matches if luhn_valid(re.sub(r"\D", "", m.group()))]
     if kind == "phone":
         return [m.span() for m in matches if is_phone(m.group(), tuple(regions))]
+    if kind == "iban":
+        return [span for m in matches if (span := _iban(m))]
+    if kind == "ssn":
+        from stdnum.us import ssn
+
+        return [m.span() for m in matches if ssn.is_valid(m.group().replace(" ", "-"))]  # stdnum reads dashes
     return [m.span() for m in matches]
+
+
+def _iban(match: re.Match) -> tuple[int, int] | None:
+    """The span of the valid IBAN that `match` starts with: the match itself, or without its last groups of 4 (a
+    word in capitals after the number, "... 0130 00 NOW", joins the match)."""
+    from stdnum import iban
+
+    text, (start, end) = match.group(), match.span()
+    while len(text) >= 15:
+        if iban.is_valid(text):
+            return start, start + len(text)
+        if " " not in text:
+            return None
+        text = text.rsplit(" ", 1)[0]
+    return None
 
 
 def contains(kind: str, text: object, regions: tuple[str, ...] = PHONE_REGIONS) -> bool:
@@ -102,7 +132,8 @@ def kinds_in(text: str, kinds: tuple[str, ...] | list[str] = tuple(PATTERNS),
 
 def mask(text: str, kinds: tuple[str, ...] | list[str] = tuple(PATTERNS),
          regions: tuple[str, ...] = PHONE_REGIONS) -> str:
-    """`text` with every PII match of `kinds` replaced by [EMAIL], [PHONE], [CARD] or [IP], safe to print."""
+    """`text` with every PII match of `kinds` replaced by [EMAIL], [PHONE], [CARD], [IP], [IBAN] or [SSN], safe to
+    print."""
     spans = sorted((s, -e, kind) for kind in kinds for s, e in find(kind, text, tuple(regions)))
     out, pos = [], 0
     for start, neg_end, kind in spans:  # longest match first at each start

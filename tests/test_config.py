@@ -50,7 +50,7 @@ def _params(tmp_path: Path, text: str) -> Path:
         ("data:\n  eval_instructions: e.jsonl\n", [], "data.eval_instructions: set only together with data.instructions"),
         ("validate_data:\n  min_chars: 50\n  max_prompt_chars: 10\n", [], "validate_data.max_prompt_chars: must be >= validate_data.min_chars"),
         ("data:\n  instructions: rows.parquet\n", [], "data.instructions: 'rows.parquet': expected a file ending in .jsonl or .csv"),
-        ("validate_data:\n  pii: [email, ssn]\n", [], "validate_data.pii.1: Input should be"),
+        ("validate_data:\n  pii: [email, passport]\n", [], "validate_data.pii.1: Input should be"),
         ("", ["data.num_examples=abc"], "-S data.num_examples: Input should be a valid integer"),
         ("", ["data.nope=1"], "-S data.nope: unknown key"),
         ("", ["data.seed"], "-S data.seed: expected KEY=VALUE"),

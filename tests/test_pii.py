@@ -22,6 +22,14 @@ from llmops import pii
         ("card 5500-0000-0000-0004", "card"),
         ("card 378282246310005", "card"),
         ("host 192.168.0.12 is up", "ip"),
+        # internationalised addresses (RFC 6531), and a punycode domain
+        ("mail jürgen.müller@bücher.de today", "email"),
+        ("mail 用户@例子.广告", "email"),
+        ("mail info@xn--bcher-kva.xn--tckwe now", "email"),
+        ("pay to DE89 3704 0044 0532 0130 00 NOW", "iban"),  # a capitalised word after it joins the match: trimmed
+        ("IBAN GB82WEST12345698765432.", "iban"),
+        ("my SSN is 123-45-6789", "ssn"),
+        ("my SSN is 123 45 6789", "ssn"),
     ],
 )
 def test_detects_each_kind_and_only_it(text, kind):
@@ -44,6 +52,10 @@ def test_detects_each_kind_and_only_it(text, kind):
         "version 1.2.3.4.5",
         "999.1.1.1",
         "someone at example dot com",
+        "account DE00 3704 0044 0532 0130 00",  # a wrong IBAN check digit
+        "the part number is AB12CDEF34567890",  # IBAN-shaped, no country's IBAN
+        "ticket 000-12-3456, room 666-12-3456, lot 123-00-4567",  # never assigned as SSNs
+        "batch 123-45-678",
     ],
 )
 def test_leaves_ordinary_text_alone(text):
@@ -93,6 +105,9 @@ ADVERSARIAL = {
     "phone_near_miss": _repeat("+123 (1234) 123 "),
     "ip_prefix": _repeat("255.255.255."),  # three octets, and the fourth never ends
     "cards": _repeat("4111 1111 1111 1111 "),  # every match passes Luhn: many spans to mask
+    "iban_groups": _repeat("DE89 3704 0044 0532 0130 00 "),  # valid IBANs back to back
+    "iban_near_miss": _repeat("DE00 1234 5678 9012 3456 7890 1234 "),  # each candidate trimmed group by group
+    "ssn_like": _repeat("123-45-6789-"),
 }
 
 

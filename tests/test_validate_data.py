@@ -49,7 +49,7 @@ def test_clean_sample_passes_and_writes_reports(tmp_path):
     corpus = json.loads((tmp_path / "out" / "corpus.json").read_text())
     assert corpus["success"] is True and corpus["rows"] == {"corpus": len(CORPUS.splitlines())}
     assert {c["check"] for c in corpus["checks"]} == {"has_rows", "text_no_email", "text_no_phone", "text_no_card",
-                                                      "text_no_ip"}
+                                                      "text_no_ip", "text_no_iban", "text_no_ssn"}
     assert {c["split"] for c in summary["checks"]} == {"train", "eval"}
 
 
@@ -91,6 +91,9 @@ DEFECTS = {
     "phone": (lambda t: _with(t, 8, response="Call +1 415-555-0100"), "train.response_no_phone"),
     "card": (lambda t: _with(t, 9, prompt="Charge 4111 1111 1111 1111 now."), "train.prompt_no_card"),
     "ip": (lambda t: _with(t, 10, response="Served from 10.20.30.40"), "train.response_no_ip"),
+    "iban": (lambda t: _with(t, 11, prompt="Pay GB82 WEST 1234 5698 7654 32 the sum of 2 + 2."), "train.prompt_no_iban"),
+    "ssn": (lambda t: _with(t, 12, response="My SSN is 123-45-6789"), "train.response_no_ssn"),
+    "idn_email": (lambda t: _with(t, 13, prompt="Write to jürgen@bücher.de about 3 + 4."), "train.prompt_no_email"),
 }
 
 
