@@ -88,6 +88,7 @@ class _Request(BaseModel):
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     stream: bool = False
     stop: Text | list[Text] | None = None
+    stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: always generate max_tokens
     user: str | None = Field(None, max_length=256, description="the caller's end-user id; the monitor's own probes "
                              "say llmops-monitor")
@@ -101,8 +102,13 @@ UNSUPPORTED: dict[str, tuple] = {
     "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "response_format": (None, {"type": "text"}),
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
-    "stream_options": (None, {"include_usage": False}),
 }
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(False, description="a last chunk, before [DONE], with the request's token counts")
 
 
 class CompletionRequest(_Request):
@@ -639,6 +645,8 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
             if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
                 return _error(400, f"{name}: not supported by this server (leave it unset, or "
                               f"{UNSUPPORTED[name][-1]!r})", param=name, code="unsupported_parameter")
+        if body.stream_options is not None and not body.stream:  # as OpenAI answers it
+            return _error(400, "stream_options: only allowed when stream is true", param="stream_options")
         try:
             target = now.pick(body.model, body.user or f"key:{request.state.caller}")
         except UnknownModel as exc:
@@ -670,8 +678,9 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
         run = _Generation(ids, sampling, stops, metrics, target, replay=hit,
                           keep=(lambda answer: cache.put(key, answer)) if cached == "miss" else None)
         if body.stream:
+            usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(_sse(run, rid, kind, target.label, log, prompt, target.version, body.user,
-                                          privacy.stream(), metrics), media_type="text/event-stream",
+                                          privacy.stream(), metrics, usage), media_type="text/event-stream",
                                      headers=headers)
         collect = asyncio.ensure_future(_whole(run))
         gone = asyncio.ensure_future(_client_gone(request))
@@ -702,6 +711,12 @@ def create_app(served: Served, callers: Callers, log_dir: str | os.PathLike, sto
                              "choices": [choice], "usage": usage}, headers=headers)
 
     return app
+
+
+def _stop_prefix(text: str, stops: list[str]) -> int:
+    """The length of the longest end of `text` that begins a stop string (0: none): it may be the stop's start."""
+    return max((k for stop in stops for k in range(min(len(stop) - 1, len(text)), 0, -1)
+                if text.endswith(stop[:k])), default=0)
 
 
 async def _whole(run: _Generation) -> str:
@@ -739,7 +754,7 @@ class _Generation:
             return
         tok = self.engine.tokenizer
         tokens: list[int] = []
-        sent = ""
+        sent = text = ""
         try:
             async for new in self.engine.generate(self.ids, self.sampling, self.adapter):
                 if not tokens:
@@ -753,11 +768,18 @@ class _Generation:
                 cut = min((text.find(s) for s in self.stops if s and s in text), default=-1)
                 if cut >= 0:
                     text, self.finish_reason = text[:cut], "stop"
+                # what could still become a stop string waits (vLLM does the same): "20 year" is not sent before
+                # the next token shows whether it is "20 years" with stop="years"
+                ready = len(text) if cut >= 0 else len(text) - _stop_prefix(text, self.stops)
+                if ready > len(sent) and text.startswith(sent):
+                    yield text[len(sent):ready]
+                    sent = text[:ready]
+                if cut >= 0:
+                    break  # leaving the engine's iterator cancels the request
+            else:  # the answer ended without a stop string: what was held back goes out
                 if len(text) > len(sent) and text.startswith(sent):
                     yield text[len(sent):]
                     sent = text
-                if cut >= 0:
-                    break  # leaving the engine's iterator cancels the request
             if self.keep is not None:  # a whole answer (an error or a client that left never gets here)
                 self.keep(Answer(sent, self.finish_reason, self.completion_tokens))
         finally:
@@ -765,9 +787,15 @@ class _Generation:
 
 
 async def _sse(run: _Generation, rid: str, kind: str, model: str, log: _RequestLog, prompt: str,
-               version: str | None, user: str | None, screen: AnswerStream, metrics: _Metrics):
+               version: str | None, user: str | None, screen: AnswerStream, metrics: _Metrics, usage: bool = False):
+    """`usage` (stream_options.include_usage): every chunk says "usage": null, and a last one before [DONE] carries
+    the token counts with no choices, as OpenAI streams them."""
     chunk_kind = "chat.completion.chunk" if kind.startswith("chat") else "text_completion"
     created = int(time.time())
+
+    def chunk(choices: list, counts: dict | None = None) -> str:
+        body = {"id": rid, "object": chunk_kind, "created": created, "model": model, "choices": choices}
+        return f"data: {json.dumps(body | ({'usage': counts} if usage else {}))}\n\n"
 
     def event(delta: str | None, finish: str | None) -> str:
         if chunk_kind == "chat.completion.chunk":
@@ -775,7 +803,7 @@ async def _sse(run: _Generation, rid: str, kind: str, model: str, log: _RequestL
                       "finish_reason": finish}
         else:
             choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-        return f"data: {json.dumps({'id': rid, 'object': chunk_kind, 'created': created, 'model': model, 'choices': [choice]})}\n\n"
+        return chunk([choice])
 
     pieces = aiter(run)
     try:
@@ -785,6 +813,9 @@ async def _sse(run: _Generation, rid: str, kind: str, model: str, log: _RequestL
         if rest := screen.finish():
             yield event(rest, None)
         yield event(None, run.finish_reason)
+        if usage:
+            yield chunk([], {"prompt_tokens": len(run.ids), "completion_tokens": run.completion_tokens,
+                             "total_tokens": len(run.ids) + run.completion_tokens})
         yield "data: [DONE]\n\n"
     except EngineError as exc:
         failed = _engine_error(exc)

@@ -109,8 +109,10 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_the_server_lives_on(server)
         (dict(model="release", prompt="a", max_tokens=2, logprobs=2), 400, "logprobs"),
         (dict(model="release", messages=[{"role": "user", "content": "hi"}], presence_penalty=0.5), 400,
          "presence_penalty"),
+        (dict(model="release", messages=[{"role": "user", "content": "hi"}], stream=False,
+              stream_options={"include_usage": True}), 400, "stream_options"),  # as OpenAI: only with stream
         (dict(model="release", messages=[{"role": "user", "content": "hi"}], stream=True,
-              stream_options={"include_usage": True}), 400, "stream_options"),
+              stream_options={"include_usage": True, "continuous": True}), 400, "stream_options.continuous"),
     ]
     for kwargs, status, param in cases:
         with pytest.raises(oa.APIStatusError) as err:
@@ -196,6 +198,30 @@ def test_metrics_and_the_request_log(server):
             "prompt", "answer", "route"} <= set(mailed)
     assert mailed["prompt"] == "Mail [EMAIL] or call [PHONE]"
     assert not logged.skipped and len(list((tmp / ".llmops/serve/requests").glob("date=*/*.jsonl"))) == 1
+
+
+def test_a_stop_string_of_several_tokens_is_removed_whole_streamed_or_not(server):
+    """stop="years" after a greedy "20 years" once returned "20 year": the stop's start went out before its end was
+    generated. What could still begin a stop string is held back until the next tokens decide."""
+    url, key, _, _ = server
+    api = client(url, key)
+    body = dict(model="release", prompt="What is 12 + 30?", max_tokens=24, temperature=0,
+                extra_body={"ignore_eos": True})
+    whole = api.completions.create(**body).choices[0].text
+    stop = whole[len(whole) // 2:len(whole) // 2 + 4]  # 4 characters: 4 tokens of the character-level tokenizer
+    assert len(stop) == 4 and stop.strip(), whole
+    expected = whole[:whole.find(stop)]
+    answer = api.completions.create(**body, stop=[stop, "never appears"])
+    assert (answer.choices[0].text, answer.choices[0].finish_reason) == (expected, "stop")
+    chunks = list(api.completions.create(**body, stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected and chunks[-1].choices[0].finish_reason == "stop"
+    # stream_options.include_usage: a last chunk with the counts, as the non-streamed answer's
+    counted = list(api.completions.create(**body, stream=True, stream_options={"include_usage": True}))
+    assert counted[-1].choices == [] and counted[-1].usage.model_dump() == answer.usage.model_dump() | {
+        "completion_tokens": 24, "total_tokens": answer.usage.prompt_tokens + 24}
+    assert all(c.usage is None for c in counted[:-1])
+    # a stop string that never completes holds nothing back in the end
+    assert api.completions.create(**body, stop=whole[-2:] + "zzz").choices[0].text == whole
 
 
 def test_a_client_that_leaves_stops_its_generation(server):
