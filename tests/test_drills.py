@@ -79,9 +79,21 @@ def test_no_secret_in_any_output_and_an_erased_subject_leaves_no_trace(ran_proje
         with pytest.raises(AuthenticationError):  # a caller's wrong key is not logged either
             OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=wrong, max_retries=0).models.list()
         run(["llmops", "registry", "list"], project, env=env)
+
+        def cached() -> str:  # a greedy answer about the subject, kept in the server's response cache
+            return api.chat.completions.with_raw_response.create(
+                model="model", max_tokens=4, temperature=0,
+                messages=[{"role": "user", "content": f"Who is {SUBJECT}?"}]).headers["x-llmops-cache"]
+
+        assert (cached(), cached()) == ("miss", "hit")
+        _no_secret_and_an_erasure_that_leaves_no_trace(project, s3_endpoint, bucket, env, key, wrong)
+        assert cached() == "miss"  # the erasure reloaded the server: its cache is empty
     finally:
         stop_servers(project)
 
+
+def _no_secret_and_an_erasure_that_leaves_no_trace(project: Path, s3_endpoint: str, bucket: str, env: dict,
+                                                    key: str, wrong: str) -> None:
     # 1. no secret: every file the run wrote (reports, manifests, metrics, dvc.lock, the DVC cache, the server's and
     # DVC's logs, the request log, the feedback database, the audit trail, the Prefect database the UI reads), git's
     # history and tag messages (the registry's, the audit's), and every object in the bucket
@@ -106,12 +118,14 @@ def test_no_secret_in_any_output_and_an_erased_subject_leaves_no_trace(ran_proje
     erased = run(["llmops", "erase", "--subject", SUBJECT.lower()], project, env=env).stdout
     assert "model versions trained on affected data: v1.0.0" in erased, erased
     assert "new dataset version: commit" in erased and "3 rows removed from the current inputs" in erased
+    assert "verified: no copy left" in erased and "1 running servers reloaded" in erased
+    # (the erasure's own scan read all of it; this reads it again, Prefect's database included)
     after = {**_files(project / "data"), **_files(project / "reports"), **_files(project / ".dvc/cache"),
-             **_bucket(s3_endpoint, bucket),
-             **_files(project / ".llmops/serve"), **_files(project / ".llmops/monitor")}
+             **_bucket(s3_endpoint, bucket), **_files(project / ".llmops")}
     assert _leaks(after, [SUBJECT]) == []
     # every correction was the subject's: the data has none now, and the checkout says so
-    assert not planted.exists() and "corrections: null" in (project / "params.yaml").read_text()
+    assert not (project / "data/corrections/planted.jsonl").exists()
+    assert "corrections: null" in (project / "params.yaml").read_text()
     assert _git(project, "status", "--porcelain", "--", "dvc.lock", "data").strip() == ""  # committed
     record = [r for r in audit.records(project) if r.action == "data.erase"][-1]
     assert record.outcome == "ok" and record.detail["versions"] == ["v1.0.0"]
