@@ -24,6 +24,11 @@ CLI, a Prefect flow, the UI's approval form):
                                    deploy.require_approval, a reviewer approved)
     data                erase      a GDPR erasure (`llmops erase`)
     keys                manage     make and revoke API keys
+    servers             operate    stop or reload the project's running servers (`llmops serve stop|reload`)
+    feedback            review     accept or reject a flagged answer's correction (`llmops feedback accept|reject`):
+                                   an accepted one becomes training data
+    policy              change     change the access policy (governance/policy.csv): `llmops audit verify`
+                                   names every change to the file that no `policy.change` record covers
     model:<name>        call       call a served model (the server, per API key)
 
 A refusal names who, what and the roles that may, exits non-zero (403 at the server), and is
@@ -38,7 +43,8 @@ from pathlib import Path
 
 from llmops.errors import LlmopsError
 
-ACTIONS = {"read", "run", "register", "promote", "rollback", "approve", "deploy", "erase", "manage", "call"}
+ACTIONS = {"read", "run", "register", "promote", "rollback", "approve", "deploy", "erase", "manage", "call", "operate",
+           "review", "change"}
 _MODEL = """
 [request_definition]
 r = sub, obj, act
@@ -103,6 +109,30 @@ def load(root: str | os.PathLike) -> Policy:
         raise PolicyError(str(exc)) from None
     path = (root / params.policy) if not Path(params.policy).is_absolute() else Path(params.policy)
     return _from_file(path, params.default_role, params.default_key_role)
+
+
+def path_of(root: str | os.PathLike) -> Path:
+    """The project's policy file (governance.policy)."""
+    from llmops.config import PARAMS_FILE, load_params
+
+    policy = load_params(Path(root) / PARAMS_FILE).governance.policy
+    return Path(policy) if Path(policy).is_absolute() else Path(root) / policy
+
+
+def as_recorded(root: str | os.PathLike, text: str) -> Policy:
+    """The policy whose file held `text` (as an audit record keeps it), under the project's default roles.
+
+    Raises:
+        PolicyError: the text is no valid policy.
+    """
+    import tempfile
+
+    from llmops.config import PARAMS_FILE, load_params
+
+    params = load_params(Path(root) / PARAMS_FILE).governance
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "policy.csv").write_text(text)
+        return _from_file(Path(tmp) / "policy.csv", params.default_role, params.default_key_role)
 
 
 def _from_file(path: Path, default_role: str, default_key_role: str) -> Policy:

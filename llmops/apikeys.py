@@ -47,6 +47,17 @@ def load(path: str | os.PathLike | None) -> dict[str, str]:
     for entry in filter(None, (e.strip() for e in os.environ.get(KEYS_ENV, "").split(","))):
         digest, _, name = entry.partition(":")
         keys[_checked(digest, KEYS_ENV)] = name or f"key-{digest[:8]}"
+    return keys | from_file(path)
+
+
+def from_file(path: str | os.PathLike | None) -> dict[str, str]:
+    """The keys of the keys file alone, hash -> name (an admin made each; KEYS_ENV's, which anyone can set, are not
+    among them: the CLI's identities come from here, llmops/identity.py).
+
+    Raises:
+        ApiKeyError: a line that is not `<sha256> [name]`, named by file and line number.
+    """
+    keys = {}
     if path is not None and Path(path).is_file():
         for number, line in enumerate(Path(path).read_text().splitlines(), 1):
             fields = line.split("#")[0].split()

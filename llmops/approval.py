@@ -106,7 +106,7 @@ def answer(run: str, approve: bool, reason: str, reviewer: str | None = None) ->
     Raises:
         ApprovalError: no such run, a run not waiting for approval, an answer already given, or bad input.
     """
-    reviewer = reviewer or identity.current()
+    reviewer = identity.check_named(".", reviewer)
     decision = Decision(approve=approve, reason=reason, reviewer=reviewer)  # bad input fails here, not on the server
     try:
         return asyncio.run(_answer(run, decision))

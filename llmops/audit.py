@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from llmops.config import StorageParams
 from llmops.errors import LlmopsError
@@ -192,7 +192,7 @@ def append(root: str | os.PathLike, action: str, object: str, version: str | Non
         object: what it was done to; version: which version of it.
         outcome: ok, failed or denied.
         detail: small facts that explain the record (why, the stage's error); never personal data or secrets.
-        who: the identity acting (default: `identity.current()`).
+        who: the identity acting (default: `identity.current(root)`).
 
     Raises:
         AuditError: the trail's storage cannot be read or written; nothing was appended.
@@ -203,7 +203,7 @@ def append(root: str | os.PathLike, action: str, object: str, version: str | Non
     params = _params(root)
     store = _store(params.storage, root)
     lock_days = params.governance.audit_lock_days if isinstance(store, _S3) else 0
-    who = who or identity.current()
+    who = who or identity.current(root)
     for _ in range(_ATTEMPTS):
         seqs = store.seqs()
         head = _load(store, seqs[-1]) if seqs else None
@@ -228,7 +228,7 @@ def require(root: str | os.PathLike, action: str, object: str, allow: tuple[str,
     """
     from llmops import access, identity
 
-    who = who or identity.current()
+    who = who or identity.current(root)
     try:
         access.load(root).require(who, *allow)
     except access.AccessDenied as exc:
@@ -323,6 +323,44 @@ def _anchors(root: Path, trail: str) -> dict[int, str]:
     return found
 
 
+POLICY_CHANGE = "policy.change"
+
+
+def record_policy(root: str | os.PathLike, why: str) -> Record:
+    """Record the access policy file as it is now: who may do what from here on (`llmops audit policy`).
+
+    The one recording must hold `change policy` under the policy last recorded, not under the file as it is now
+    (whoever edited it could have given themselves that); the first record is judged by the file itself. The record
+    keeps the policy's text and sha256: `verify` names any later change to the file that no record covers.
+
+    Raises:
+        AccessDenied: not allowed (recorded as denied). PolicyError: the file is no valid policy.
+    """
+    from llmops import access, identity
+
+    root = Path(root)
+    text = access.path_of(root).read_text()
+    access.load(root)  # the new policy must be one that works
+    who = identity.current(root)
+    last = _last_policy(records(root))
+    judge = access.as_recorded(root, last.detail["text"]) if last is not None else access.load(root)
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    try:
+        judge.require(who, "change", "policy")
+    except access.AccessDenied as exc:
+        append(root, POLICY_CHANGE, "policy", None, "denied", {"why": why, "sha256": sha, "error": str(exc)}, who=who)
+        raise
+    return append(root, POLICY_CHANGE, "policy", None, "ok", {"why": why, "sha256": sha, "text": text}, who=who)
+
+
+def _last_policy(trail: Iterable[Record]) -> Record | None:
+    last = None
+    for record in trail:
+        if record.action == POLICY_CHANGE and record.outcome == "ok":
+            last = record
+    return last
+
+
 @dataclass
 class Verdict:
     records: int
@@ -347,6 +385,7 @@ def verify(root: str | os.PathLike) -> Verdict:
     problems: list[str] = []
     prev, expected, head = "", 1, None
     by_seq: dict[int, str] = {}
+    read: list[Record] = []
     for seq in seqs:
         gap = seq != expected
         if gap:
@@ -367,6 +406,7 @@ def verify(root: str | os.PathLike) -> Verdict:
             problems.append(f"record {seq} does not follow record {seq - 1} (its `prev` is not that record's hash: "
                             "a record was replaced or reordered)")
         by_seq[seq] = record.hash
+        read.append(record)
         prev, expected, head = record.hash, seq + 1, record.hash
     trail = _trail(store)
     marks = _anchors(root, trail)
@@ -379,4 +419,13 @@ def verify(root: str | os.PathLike) -> Verdict:
         elif by_seq[seq] != anchored:
             problems.append(f"record {seq} differs from its anchor (tag {TAGS}/{trail}/{seq}): the chain was rewritten "
                             "from there")
+    policy = _last_policy(read)
+    if policy is not None:
+        from llmops import access
+
+        path = access.path_of(root)
+        now = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        if now != policy.detail.get("sha256"):
+            problems.append(f"the access policy {path} is not the one record {policy.seq} recorded: it was changed "
+                            "outside llmops (an admin records a change: `llmops audit policy --why ...`)")
     return Verdict(records=len(seqs), head=head, anchored=max(marks) if marks else 0, problems=problems)

@@ -1,4 +1,5 @@
-"""`llmops audit verify|log`: check the audit trail's chain and anchors; read its records."""
+"""`llmops audit verify|log|policy`: check the audit trail's chain, anchors and the access policy; read its records;
+record a change of the access policy."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 from llmops import audit
+from llmops.errors import LlmopsError
 
 EXIT_TAMPERED = 3
 
@@ -22,6 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     log = cmds.add_parser("log", help="the records, oldest first")
     log.add_argument("--action", help="only records whose action starts with this (e.g. registry.)")
     log.add_argument("--json", action="store_true", help="one JSON record per line")
+    policy = cmds.add_parser("policy", help="record governance/policy.csv as it is now (who may do what from here on); "
+                             "needs `change policy` under the policy last recorded")
+    policy.add_argument("--why", required=True, help="why it changed; kept in the record")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -29,8 +34,12 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.audit_command == "verify":
             return _verify(root)
+        if args.audit_command == "policy":
+            record = audit.record_policy(root, args.why)
+            print(f"recorded the access policy as record {record.seq} (sha256 {record.detail['sha256'][:12]}...)")
+            return 0
         return _log(root, args.action, args.json)
-    except audit.AuditError as exc:
+    except LlmopsError as exc:
         print(f"error: audit: {exc}", file=sys.stderr)
         return 1
 
@@ -55,7 +64,7 @@ def _log(root: Path, action: str | None, as_json: bool) -> int:
             print(json.dumps(record.__dict__, sort_keys=True))
         else:
             version = f"@{record.version}" if record.version else ""
-            detail = " ".join(f"{k}={v}" for k, v in record.detail.items())
+            detail = " ".join(f"{k}={v}" for k, v in record.detail.items() if k != "text")  # a policy: its sha256
             print(f"{record.seq:>5}  {record.at[:19]}  {record.who:<16} {record.action:<24} {record.outcome:<7} "
                   f"{record.object}{version}  {detail}".rstrip())
     return 0

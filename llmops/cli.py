@@ -10,7 +10,8 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from llmops import audit, audit_cli, explain_cli, locks, monitor_cli, registry, registry_cli, route_cli, serve_cli
+from llmops import (audit, audit_cli, explain_cli, identity, locks, monitor_cli, registry, registry_cli, route_cli,
+                    serve_cli)
 from llmops.config import PARAMS_FILE, ConfigError, load_params, overlay, storage_for, write_params
 from llmops.errors import LlmopsError
 from llmops.prefect_api import PrefectUnavailable, prefect_api
@@ -56,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
             "the registry's history.")
         review.add_argument("run", help="the flow run's name or id (the run's log prints the command)")
         review.add_argument("--reason", required=True, help="why; kept in the run and the registry's history")
-        review.add_argument("--reviewer", help="who decides (default: your OS user name)")
+        review.add_argument("--reviewer", help="who decides: must be you (your OS account, or LLMOPS_TOKEN's key); "
+                            "checked, never taken on trust")
 
     hook = sub.add_parser(
         "install-hook", help="retrain on git push: a post-receive hook for the shared repository",
@@ -188,10 +190,11 @@ def _answer(args: argparse.Namespace) -> int:
     from llmops.approval import answer
 
     try:
+        who = identity.check_named(Path.cwd(), args.reviewer)  # a viewer once passed as `--reviewer approver`
         if (Path.cwd() / PARAMS_FILE).is_file():  # in the project: its policy refuses at once (the flow asks again)
             audit.require(Path.cwd(), f"registry.{args.command}", registry.ARTIFACT, ("approve", "stage:production"),
-                          who=args.reviewer, run=args.run)
-        print(answer(args.run, args.command == "approve", args.reason, args.reviewer))
+                          who=who, run=args.run)
+        print(answer(args.run, args.command == "approve", args.reason, who))
     except ValidationError as exc:
         print(f"error: {args.command}: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}", file=sys.stderr)
         return EXIT_BAD_PARAMS

@@ -87,8 +87,9 @@ def new_version(root: Path, store: Store, check: Checker) -> DatasetVersion | No
                     (root / stale).unlink(missing_ok=True)  # its rows are all in the new version; git history keeps it
             write_params(root / PARAMS_FILE, with_changes(old, {"data.corrections": str(path)}))
             _git(root, "add", "-A", "--", PARAMS_FILE, str(DIR))
-            author = [] if identity.git_user() else ["-c", f"user.name={identity.current()}",  # a worker may have no
-                                                     "-c", f"user.email={identity.current()}@llmops"]  # git identity
+            who = identity.current(root)
+            author = [] if identity.git_user() else ["-c", f"user.name={who}",  # a worker may have no
+                                                     "-c", f"user.email={who}@llmops"]  # git identity
             _git(root, *author, "commit", "-q", "-m", f"llmops monitor: {len(rows)} accepted corrections "
                  f"({len(pending)} new) as {path}", "--", PARAMS_FILE, str(DIR))
         except BaseException:  # no half-made version: the checkout as it was, the corrections still pending

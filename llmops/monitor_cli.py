@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     fb.add_argument("request_id", nargs="?", help="the response's id (accept, reject)")
     fb.add_argument("--correction", help="the right answer (default: the user's correction, or the checker's answer)")
     fb.add_argument("--reason", help="why (accept, reject)")
-    fb.add_argument("--reviewer", help="who decides (default: your OS user name)")
+    fb.add_argument("--reviewer", help="who decides: must be you (your OS account, or LLMOPS_TOKEN's key); checked")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -86,7 +86,7 @@ def latest_queue(root: Path) -> list[dict]:
 
 
 def _feedback(root: Path, args: argparse.Namespace) -> int:
-    from llmops import identity
+    from llmops import audit, identity
     from llmops.feedback import Store, database_url
 
     store = Store(database_url(root))
@@ -103,14 +103,18 @@ def _feedback(root: Path, args: argparse.Namespace) -> int:
     if not args.request_id or not args.reason:
         print(f"error: feedback {args.action}: needs REQUEST_ID and --reason", file=sys.stderr)
         return 2
-    correction = args.correction
-    if args.action == "accept" and correction is None:  # the user's correction, else the queue's suggestion
-        given = store.feedback_for([args.request_id]).get(args.request_id)
-        correction = given and given["correction"]
-        if not correction:
-            correction = next((q["suggested"] for q in latest_queue(root) if q["request_id"] == args.request_id),
-                              None)
-    store.review(args.request_id, args.action == "accept", args.reviewer or identity.current(), args.reason, correction)
+    reviewer = identity.check_named(root, args.reviewer)
+    # a correction becomes training data: reviewing is the policy's to allow, and the trail's to record
+    with audit.recorded(root, f"feedback.{args.action}", f"request:{args.request_id}", who=reviewer,
+                        allow=("review", "feedback")):
+        correction = args.correction
+        if args.action == "accept" and correction is None:  # the user's correction, else the queue's suggestion
+            given = store.feedback_for([args.request_id]).get(args.request_id)
+            correction = given and given["correction"]
+            if not correction:
+                correction = next((q["suggested"] for q in latest_queue(root) if q["request_id"] == args.request_id),
+                                  None)
+        store.review(args.request_id, args.action == "accept", reviewer, args.reason, correction)
     if args.action == "accept":
         print(f"accepted {args.request_id}: {correction!r} joins the next dataset version "
               f"({len(store.accepted(unused_only=True))} accepted corrections wait)")

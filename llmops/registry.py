@@ -267,7 +267,7 @@ def _snapshot(root: Path, message: str) -> str:
         if tree == _git(root, "rev-parse", "HEAD^{tree}"):
             return head
         if not identity.git_user():
-            name = identity.current()
+            name = identity.current(root)
             env.update(GIT_AUTHOR_NAME=name, GIT_AUTHOR_EMAIL=f"{name}@llmops", GIT_COMMITTER_NAME=name,
                        GIT_COMMITTER_EMAIL=f"{name}@llmops")
         return _git(root, "commit-tree", tree, "-p", head, "-m", message, env=env)
@@ -332,12 +332,12 @@ def _register(root: Path, why: str) -> tuple[Version, bool]:
                 return v, False
         version = f"v{(_semver(known[0].version)[0] if known else 0) + 1}.0.0"
         parent = holder(root, "production", known)
-        record = {"by": identity.current(), "why": why, "lineage": {
+        record = {"by": identity.current(root), "why": why, "lineage": {
             "release_md5": digest, "code_commit": _git(root, "rev-parse", "HEAD"),
             "parent_version": parent.version if parent else None, **release}}
         _tick()
         api.register(str(root), ARTIFACT, ref=commit, version=version, message=json.dumps(record, sort_keys=True))
-        return Version(version=version, commit=commit, created_at="now", author=identity.current(), record=record), True
+        return Version(version=version, commit=commit, created_at="now", author=record["by"], record=record), True
 
     return _change(root, write)
 
@@ -412,7 +412,7 @@ def _move(root: Path, stage: str, current: Version | None, target: Version, why:
     if current is not None:
         _unassign(root, stage, current, f"replaced by {target.version}: {why}")
     _tick()
-    record = {"by": identity.current(), "why": why} | ({"share": share} if share is not None else {})
+    record = {"by": identity.current(root), "why": why} | ({"share": share} if share is not None else {})
     api.assign(str(root), ARTIFACT, stage, version=target.version, force=True, message=json.dumps(record))
 
 
@@ -421,7 +421,7 @@ def _unassign(root: Path, stage: str, current: Version, why: str) -> None:
 
     _tick()
     api.unassign(str(root), ARTIFACT, version=current.version, stage=stage,
-                 message=json.dumps({"by": identity.current(), "why": why}))
+                 message=json.dumps({"by": identity.current(root), "why": why}))
 
 
 def canary(root: str | os.PathLike, known: list[Version] | None = None) -> Canary | None:

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from llmops import apikeys, registry, servers
+from llmops import apikeys, audit, registry, servers
 from llmops.config import PARAMS_FILE
 from llmops.errors import LlmopsError
 
@@ -111,15 +111,18 @@ def _status() -> int:
 
 def _each(action: str, port: int | None) -> int:
     root = Path.cwd()
+    # the policy's to allow and the trail's to record: it changes what production answers
+    who = audit.require(root, f"serve.{action}", "servers", ("operate", "servers"))
     found = [s for s in servers.running(root) if port is None or s.port == port]
     if not found:
         raise LlmopsError(f"no llmops server is running in this project{f' on port {port}' if port else ''}")
     for server in found:
-        if action == "stop":
-            servers.stop(root, server)
-            print(f"stopped {server.url} ({server.version or server.model})")
-        else:
-            print(f"reloaded {describe(servers.reload(root, server, timeout_s=600))}")
+        with audit.recorded(root, f"serve.{action}", f"server:{server.port}", server.version, who=who):
+            if action == "stop":
+                servers.stop(root, server)
+                print(f"stopped {server.url} ({server.version or server.model})")
+            else:
+                print(f"reloaded {describe(servers.reload(root, server, timeout_s=600))}")
     return 0
 
 

@@ -156,11 +156,28 @@ MATRIX = [
 
 
 def _people(project: Path, default: str = "viewer") -> access.Policy:
+    """A person per role, as an OS account (`<role>-person`) and as a key of the project (`key:<role>-person`: how
+    these tests act as them, with LLMOPS_TOKEN; `_as`)."""
     policy = project / "governance" / "policy.csv"
-    policy.write_text(policy.read_text() + "".join(f"g, {role}-person, {role}\n" for role in ROLES)
+    policy.write_text(policy.read_text() + "".join(f"g, {role}-person, {role}\ng, key:{role}-person, {role}\n"
+                                                   for role in ROLES)
                       + "p, partner, model:model, call\ng, key:partner, partner\n")
     set_params(project, f"governance.default_role={default}")
     return access.load(project)
+
+
+def _as(project: Path, name: str) -> dict[str, str]:
+    """The environment of someone acting with their own key (LLMOPS_TOKEN): the key's hash is written to the project's
+    keys file as `llmops serve keygen` writes it (the tests set up, as an insider would)."""
+    from llmops import apikeys
+
+    key = f"sk-llmops-test-{name}"
+    keys = project / apikeys.DEFAULT_FILE
+    keys.parent.mkdir(parents=True, exist_ok=True)
+    if f" {name}\n" not in (keys.read_text() if keys.is_file() else ""):
+        with open(keys, "a") as fh:
+            fh.write(f"{apikeys.hash_key(key)} {name}\n")
+    return base_env(LLMOPS_TOKEN=key)
 
 
 def test_every_action_with_every_role(project):
@@ -179,42 +196,43 @@ def test_every_action_with_every_role(project):
 
 def test_denied_actions_are_refused_clearly_and_audited(project):
     _people(project)
-    env = base_env(LLMOPS_USER="operator-person")
+    env = _as(project, "operator-person")
     llmops = str(BIN / "llmops")
     refused = run([llmops, "registry", "rollback", "--why", "try"], project, env=env, check=False)
     assert refused.returncode == 1
-    assert ("error: registry: operator-person (role operator) may not rollback stage:production: the access policy "
-            f"{project}/governance/policy.csv gives that to admin, approver") in refused.stderr
+    assert ("error: registry: key:operator-person (role operator) may not rollback stage:production: the access "
+            f"policy {project}/governance/policy.csv gives that to admin, approver") in refused.stderr
     keys = run([llmops, "serve", "keygen", "--name", "ci"], project, env=env, check=False)
     assert keys.returncode == 1 and "may not manage keys" in keys.stderr
-    assert not (project / ".llmops/serve/api_keys").exists()
-    viewer = run([llmops, "run", "--no-push"], project, env=base_env(LLMOPS_USER="viewer-person"), check=False)
-    assert viewer.returncode == 1 and "viewer-person (role viewer) may not run pipeline" in viewer.stderr
+    assert "ci" not in (project / ".llmops/serve/api_keys").read_text()
+    viewer = run([llmops, "run", "--no-push"], project, env=_as(project, "viewer-person"), check=False)
+    assert viewer.returncode == 1 and "key:viewer-person (role viewer) may not run pipeline" in viewer.stderr
     denied = [r for r in audit.records(project) if r.outcome == "denied"]
     assert [(r.who, r.action, r.object) for r in denied] == [
-        ("operator-person", "registry.rollback", "model"), ("operator-person", "serve.keygen", "key:ci"),
-        ("viewer-person", "pipeline.run", "pipeline")]
+        ("key:operator-person", "registry.rollback", "model"), ("key:operator-person", "serve.keygen", "key:ci"),
+        ("key:viewer-person", "pipeline.run", "pipeline")]
     assert "may not rollback" in denied[0].detail["error"]
 
 
 def test_keys_made_and_revoked_by_an_admin_are_audited(project):
-    llmops, env = str(BIN / "llmops"), base_env(LLMOPS_USER="admin-person")
+    llmops = str(BIN / "llmops")
     _people(project)
+    env = _as(project, "admin-person")
     key = run([llmops, "serve", "keygen", "--name", "chatbot"], project, env=env).stdout.strip()
     stored = (project / ".llmops/serve/api_keys").read_text()
     assert key.startswith("sk-llmops-") and key not in stored and stored.endswith(" chatbot\n")
-    assert run([llmops, "serve", "keys"], project, env=env).stdout == "chatbot\n"
+    assert run([llmops, "serve", "keys"], project, env=env).stdout == "admin-person\nchatbot\n"
     taken = run([llmops, "serve", "keygen", "--name", "chatbot"], project, env=env, check=False)
     assert taken.returncode == 1 and "a key named 'chatbot' exists" in taken.stderr
     run([llmops, "serve", "revoke", "--name", "chatbot"], project, env=env)
-    assert (project / ".llmops/serve/api_keys").read_text() == ""
+    assert "chatbot" not in (project / ".llmops/serve/api_keys").read_text()
     unknown = run([llmops, "serve", "revoke", "--name", "chatbot"], project, env=env, check=False)
     assert unknown.returncode == 1 and "no key named 'chatbot'" in unknown.stderr
     trail = [(r.who, r.action, r.object, r.outcome) for r in audit.records(project)]
-    assert trail == [("admin-person", "serve.keygen", "key:chatbot", "ok"),
-                     ("admin-person", "serve.keygen", "key:chatbot", "failed"),
-                     ("admin-person", "serve.revoke", "key:chatbot", "ok"),
-                     ("admin-person", "serve.revoke", "key:chatbot", "failed")]
+    assert trail == [("key:admin-person", "serve.keygen", "key:chatbot", "ok"),
+                     ("key:admin-person", "serve.keygen", "key:chatbot", "failed"),
+                     ("key:admin-person", "serve.revoke", "key:chatbot", "ok"),
+                     ("key:admin-person", "serve.revoke", "key:chatbot", "failed")]
     assert not any(key in p.read_text() for p in _trail(project).iterdir())
 
 
@@ -250,8 +268,9 @@ def test_the_server_lets_each_key_call_only_what_the_policy_allows(project, pipe
 
     from conftest import _wait_http, free_port, stop_servers
 
-    llmops, admin = str(BIN / "llmops"), base_env(LLMOPS_USER="admin-person")
+    llmops = str(BIN / "llmops")
     _people(project)  # key:partner may call model:model only
+    admin = _as(project, "admin-person")
     partner = run([llmops, "serve", "keygen", "--name", "partner"], project, env=admin).stdout.strip()
     chatbot = run([llmops, "serve", "keygen", "--name", "chatbot"], project, env=admin).stdout.strip()
     served = project.parent / "other"  # a model directory whose name is not `model`
@@ -347,3 +366,76 @@ def test_every_release_carries_its_model_card_and_the_registry_shows_it(ran_proj
         expect(view.get_by_text("Stages now: production")).to_be_visible()
         browser.close()
     assert not refused
+
+
+def test_identity_is_not_self_asserted(project):
+    """LLMOPS_USER once was the identity: `LLMOPS_USER=admin` granted admin. Now the CLI acts as the OS account, or
+    as a key of the project (LLMOPS_TOKEN); a name given on the command line must be that identity."""
+    import pwd
+
+    _people(project)
+    llmops = str(BIN / "llmops")
+    claimed = run([llmops, "registry", "rollback", "--why", "x"], project, env=base_env(LLMOPS_USER="admin"),
+                  check=False)
+    assert claimed.returncode == 1 and "LLMOPS_USER names no identity any more" in claimed.stderr
+    forged = run([llmops, "registry", "rollback", "--why", "x"], project,
+                 env=base_env(LLMOPS_TOKEN="sk-llmops-made-up"), check=False)
+    assert forged.returncode == 1 and "LLMOPS_TOKEN is not a key of this project" in forged.stderr
+    # a variable the server reads for its keys names no CLI identity either: anyone can set it
+    from llmops.apikeys import hash_key
+    env = base_env(LLMOPS_TOKEN="sk-llmops-mine", LLMOPS_API_KEY_HASHES=f"{hash_key('sk-llmops-mine')}:admin-person")
+    assert "not a key of this project" in run([llmops, "registry", "rollback", "--why", "x"], project, env=env,
+                                               check=False).stderr
+    # without a token: the OS account, whatever $USER or git say
+    env = base_env(USER="admin-person", LOGNAME="admin-person", GIT_AUTHOR_NAME="admin-person")
+    refused = run([llmops, "registry", "rollback", "--why", "x"], project, env=env, check=False)
+    assert f"{pwd.getpwuid(__import__('os').geteuid()).pw_name} (role viewer) may not rollback" in refused.stderr
+    # --reviewer must be the one acting
+    viewer = _as(project, "viewer-person")
+    for command in (["approve", "some-run", "--reason", "fine", "--reviewer", "approver-person"],
+                    ["feedback", "accept", "cmpl-1", "--reason", "fine", "--reviewer", "approver-person"]):
+        named = run([llmops, *command], project, env=viewer, check=False)
+        assert named.returncode == 1 and "--reviewer 'approver-person' is not you ('key:viewer-person')" \
+            in named.stderr, named.stderr
+
+
+def test_every_mutating_command_goes_through_the_policy_and_the_trail(project):
+    """feedback accept/reject and serve stop/reload are refused to those the policy does not allow, and audited."""
+    from datetime import datetime, timezone
+
+    from llmops.feedback import Store, database_url
+
+    _people(project)
+    llmops = str(BIN / "llmops")
+    Store(database_url(project)).record_request("cmpl-1", datetime.now(timezone.utc), None, "2 + 2?", "5")
+    viewer, approver = _as(project, "viewer-person"), _as(project, "approver-person")
+    for command in (["feedback", "accept", "cmpl-1", "--reason", "right", "--correction", "4"],
+                    ["serve", "stop"], ["serve", "reload"]):
+        refused = run([llmops, *command], project, env=viewer, check=False)
+        assert refused.returncode == 1 and "key:viewer-person (role viewer) may not" in refused.stderr, refused.stderr
+    accepted = run([llmops, "feedback", "accept", "cmpl-1", "--reason", "right", "--correction", "4"], project,
+                   env=approver)
+    assert "accepted cmpl-1" in accepted.stdout
+    trail = [(r.who, r.action, r.outcome) for r in audit.records(project)]
+    assert trail == [("key:viewer-person", "feedback.accept", "denied"), ("key:viewer-person", "serve.stop", "denied"),
+                     ("key:viewer-person", "serve.reload", "denied"), ("key:approver-person", "feedback.accept", "ok")]
+
+
+def test_a_hand_edit_of_the_policy_is_named_by_verify_and_cannot_record_itself(project):
+    _people(project)
+    llmops = str(BIN / "llmops")
+    admin, viewer = _as(project, "admin-person"), _as(project, "viewer-person")
+    assert "recorded the access policy as record 1" in run([llmops, "audit", "policy", "--why", "people"], project,
+                                                            env=admin).stdout
+    assert run([llmops, "audit", "verify"], project).returncode == 0
+    policy = project / "governance/policy.csv"
+    policy.write_text(policy.read_text() + "g, key:viewer-person, admin\n")  # a viewer makes themselves admin
+    verify = run([llmops, "audit", "verify"], project, check=False)
+    assert verify.returncode == 3 and "is not the one record 1 recorded: it was changed outside llmops" \
+        in verify.stderr
+    # the edit cannot record itself: the change is judged by the policy last recorded, where they are a viewer
+    selfmade = run([llmops, "audit", "policy", "--why", "me"], project, env=viewer, check=False)
+    assert selfmade.returncode == 1 and "key:viewer-person (role viewer) may not change policy" in selfmade.stderr
+    run([llmops, "audit", "policy", "--why", "promoted the viewer"], project, env=admin)  # an admin's decision
+    assert run([llmops, "audit", "verify"], project).returncode == 0
+    assert [r.outcome for r in audit.records(project) if r.action == "policy.change"] == ["ok", "denied", "ok"]
