@@ -204,11 +204,13 @@ def append(root: str | os.PathLike, action: str, object: str, version: str | Non
     store = _store(params.storage, root)
     lock_days = params.governance.audit_lock_days if isinstance(store, _S3) else 0
     who = who or identity.current(root)
+    # which checkout wrote it: a trail may be shared (clones of one project on one remote), never silently
+    detail = {**(detail or {}), "where": where(root)}
     for _ in range(_ATTEMPTS):
         seqs = store.seqs()
         head = _load(store, seqs[-1]) if seqs else None
         body = Record(seq=(head.seq + 1) if head else 1, at=_now(), who=who, action=action, object=object,
-                      version=version, outcome=outcome, detail=detail or {}, prev=head.hash if head else "").body()
+                      version=version, outcome=outcome, detail=detail, prev=head.hash if head else "").body()
         record = Record(**body, hash=digest(body))
         data = (json.dumps(asdict(record), sort_keys=True, ensure_ascii=False) + "\n").encode()
         if store.create(record.seq, data, lock_days):
@@ -279,6 +281,13 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+def where(root: str | os.PathLike) -> str:
+    """This checkout, as a record names it: host:path."""
+    import socket
+
+    return f"{socket.gethostname()}:{Path(root).resolve()}"
+
+
 def _anchor(root: Path, record: Record, remote: str | None, trail: str) -> None:
     """The record's hash in an annotated tag audit/<trail>/<seq>: a second copy of the head that the trail's writer
     alone cannot rewrite once it is pushed (a tag that exists is refused without --force)."""
@@ -312,15 +321,27 @@ def anchors(root: str | os.PathLike) -> dict[int, str]:
     return _anchors(Path(root), _trail(_store(_params(Path(root)).storage, Path(root))))
 
 
-def _anchors(root: Path, trail: str) -> dict[int, str]:
-    out = subprocess.run(["git", "for-each-ref", "--format=%(refname:strip=4) %(contents:subject)",
-                          f"refs/tags/{TAGS}/{trail}/"], cwd=root, capture_output=True, text=True)
+def _anchors(root: Path, trail: str, refs: str = "refs/tags") -> dict[int, str]:
+    out = subprocess.run(["git", "for-each-ref", "--format=%(refname:strip=-1) %(contents:subject)",
+                          f"{refs}/{TAGS}/{trail}/"], cwd=root, capture_output=True, text=True)
     found = {}
     for line in out.stdout.splitlines():
         name, _, subject = line.partition(" ")
         if name.isdigit() and subject.startswith("sha256:"):
             found[int(name)] = subject.removeprefix("sha256:")
     return found
+
+
+def _remote_anchors(root: Path, remote: str, trail: str) -> dict[int, str]:
+    """The anchors on the registry's git remote, fetched aside (refs/llmops/anchors/...): this clone's tags stay."""
+    aside = "refs/llmops/anchors"
+    fetched = subprocess.run(["git", "fetch", "--quiet", "--no-tags", remote,
+                              f"+refs/tags/{TAGS}/{trail}/*:{aside}/{TAGS}/{trail}/*"], cwd=root, capture_output=True,
+                             text=True, timeout=120)
+    if fetched.returncode != 0:
+        raise AuditError(f"audit trail: cannot read the anchors on {remote} (registry.git_remote): "
+                         f"{(fetched.stderr.strip().splitlines() or ['no answer'])[-1]}")
+    return _anchors(root, trail, aside)
 
 
 POLICY_CHANGE = "policy.change"
@@ -410,6 +431,18 @@ def verify(root: str | os.PathLike) -> Verdict:
         prev, expected, head = record.hash, seq + 1, record.hash
     trail = _trail(store)
     marks = _anchors(root, trail)
+    here = where(root)
+    for record in read:  # every record this checkout wrote, it anchored: a missing tag was deleted
+        if record.seq not in marks and record.detail.get("where") == here:
+            problems.append(f"record {record.seq} has no anchor (tag {TAGS}/{trail}/{record.seq} was deleted)")
+    remote = _params(root).registry.git_remote
+    if remote:  # the shared repository's anchors: a clone's own tags can be moved, not those (without --force)
+        theirs = _remote_anchors(root, remote, trail)
+        for seq, anchored in sorted(theirs.items()):
+            if seq in marks and marks[seq] != anchored:
+                problems.append(f"record {seq}'s anchor here differs from the one on {remote}: this clone's tags "
+                                "were moved")
+        marks = {**marks, **theirs}  # the remote's word wins
     for seq, anchored in sorted(marks.items()):
         if seq not in by_seq:
             if not seqs or seq > seqs[-1]:
@@ -419,6 +452,7 @@ def verify(root: str | os.PathLike) -> Verdict:
         elif by_seq[seq] != anchored:
             problems.append(f"record {seq} differs from its anchor (tag {TAGS}/{trail}/{seq}): the chain was rewritten "
                             "from there")
+            break
     policy = _last_policy(read)
     if policy is not None:
         from llmops import access

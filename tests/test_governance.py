@@ -82,6 +82,51 @@ def test_verify_pinpoints_tampering(project, tamper, expected):
     assert {p.name: p.read_bytes() for p in trail.iterdir()} == before  # verify changes nothing
 
 
+def _tags(project: Path, *args: str) -> list[str]:
+    return run(["git", "tag", "-l", "audit/*", *args], project).stdout.split()
+
+
+@pytest.mark.parametrize("tamper, expected", [
+    # the anchors of this checkout's records deleted with the trail's tail: nothing left here to compare with
+    ("anchors", "record 3 has no anchor (tag audit/{trail}/3 was deleted)"),
+    # with the registry's git remote: the shared repository's anchors stand
+    ("cut", "record 4 is anchored (tag audit/{trail}/4) but the trail ends at 3: records were cut off the end"),
+    ("rewrite", "record 2's anchor here differs from the one on"),
+])
+def test_verify_checks_against_the_shared_anchors(project, tmp_path, tamper, expected):
+    """An insider who holds this clone can delete its tags or move them; not the shared repository's."""
+    bare = tmp_path / "shared.git"
+    run(["git", "init", "-q", "--bare", str(bare)], tmp_path)
+    if tamper != "anchors":
+        set_params(project, f"registry.git_remote={bare}")
+    records = _append(project, 4)
+    trail, name = _trail(project), audit._trail(audit._store(audit._params(project).storage, project))
+    if tamper == "anchors":
+        run(["git", "tag", "-d", f"audit/{name}/3"], project)
+    elif tamper == "cut":  # the last record and its tag here
+        (trail / f"{4:012d}.json").unlink()
+        run(["git", "tag", "-d", f"audit/{name}/4"], project)
+    else:  # rewrite from record 2 with every hash recomputed, and this clone's tags moved to match
+        prev = records[0].hash
+        for n in (2, 3, 4):
+            path = trail / f"{n:012d}.json"
+            record = json.loads(path.read_text())
+            record.update(prev=prev, who="mallory" if n == 2 else record["who"])
+            record["hash"] = audit.digest({k: v for k, v in record.items() if k != "hash"})
+            path.write_text(json.dumps(record))
+            prev = record["hash"]
+            run(["git", "tag", "-f", "-a", f"audit/{name}/{n}", "-m", f"sha256:{record['hash']}"], project)
+    result = _verify(project)
+    assert result.returncode == 3 and expected.format(trail=name) in result.stderr, result.stderr
+
+
+def test_each_record_names_the_checkout_that_wrote_it(project):
+    import socket
+
+    [record] = _append(project, 1)
+    assert record.detail["where"] == f"{socket.gethostname()}:{project.resolve()}"
+
+
 def _race(project: str, writer: int, n: int) -> None:
     for i in range(n):
         audit.append(project, "stage.train", "train", detail={"writer": writer, "i": i})
@@ -150,6 +195,9 @@ MATRIX = [
     ("approve", "stage:production", {"approver", "admin"}),
     ("erase", "data", {"admin"}),
     ("manage", "keys", {"admin"}),
+    ("operate", "servers", {"operator", "approver", "admin"}),
+    ("review", "feedback", {"approver", "admin"}),
+    ("change", "policy", {"admin"}),
     ("call", "model:model", {"admin"}),  # people; keys call as `caller`
     ("read", "registry", {"viewer", "operator", "approver", "admin"}),
 ]
