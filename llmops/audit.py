@@ -453,6 +453,10 @@ def verify(root: str | os.PathLike) -> Verdict:
             problems.append(f"record {seq} differs from its anchor (tag {TAGS}/{trail}/{seq}): the chain was rewritten "
                             "from there")
             break
+    from llmops import registry
+
+    problems += [f"registry tag {tag} was made outside llmops (no audit record names it)"
+                 for tag in registry.unaudited(root)]
     policy = _last_policy(read)
     if policy is not None:
         from llmops import access

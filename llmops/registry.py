@@ -32,6 +32,7 @@ import tempfile
 import time
 from datetime import datetime
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -137,6 +138,30 @@ def _tags(root: Path) -> set[str]:
     return set(_git(root, "tag", "--list", f"{ARTIFACT}[@#]*", f"{REVIEWS}/*").split())
 
 
+_MADE: ContextVar[list[str] | None] = ContextVar("registry_tags_made", default=None)
+
+
+@contextmanager
+def _audited(root: Path, action: str, version: str | None = None, **kwargs: Any) -> Iterator[dict[str, Any]]:
+    """audit.recorded for a registry change, whose record also names the tags the change made: `unaudited` holds
+    every registry tag against those names, so a tag made by hand (a `model#production#99` moving production) is
+    found, and refused where it would be served."""
+    made = _MADE.set([])
+    try:
+        with audit.recorded(root, action, ARTIFACT, version, **kwargs) as note:
+            yield note
+            note["tags"] = list(_MADE.get())
+    finally:
+        _MADE.reset(made)
+
+
+def unaudited(root: str | os.PathLike) -> list[str]:
+    """The registry's tags (versions, stage moves, reviews) that no audit record says llmops made."""
+    named = {tag for r in audit.records(root) if r.action.startswith("registry.") and r.outcome == "ok"
+             for tag in r.detail.get("tags", [])}
+    return sorted(_tags(_repo(root)) - named)
+
+
 def _change(root: Path, write) -> Any:
     """Run `write()` (GTO tag writes) under the lock on fresh tags; push its tags atomically, or undo them.
 
@@ -158,6 +183,8 @@ def _change(root: Path, write) -> Any:
                     raise RegistryError(f"registry change failed: {exc}") from None
                 continue
             created, remote = _new_tags(root, before), _remote(root)
+            if (made := _MADE.get()) is not None:
+                made.extend(created)  # undone below if the push fails: the retry makes its own
             if not created or remote is None:
                 return result
             push = subprocess.run(["git", "push", "--quiet", "--atomic", remote, *(f"refs/tags/{t}" for t in created)],
@@ -165,6 +192,8 @@ def _change(root: Path, write) -> Any:
             if push.returncode == 0:
                 return result
             _undo(root, created)
+            if made is not None:
+                del made[len(made) - len(created):]
             if "rejected" not in push.stderr and "already exists" not in push.stderr:
                 reason = (push.stderr.strip().splitlines() or ["no answer"])[-1]
                 raise RegistryError(f"registry remote {remote!r} cannot be written ({reason}); nothing was changed")
@@ -187,13 +216,17 @@ def _record(message: str) -> dict[str, Any]:
 def versions(root: str | os.PathLike) -> list[Version]:
     """Every registered version, newest first, with the stages each holds now."""
     from gto import api
-    from gto.exceptions import ArtifactNotFound
+    from gto.exceptions import ArtifactNotFound, GTOException
 
     root = _repo(root)
     try:
         shown = api.show(str(root), ARTIFACT)
     except ArtifactNotFound:
         return []
+    except GTOException as exc:  # e.g. two version tags on one commit: a tag made by hand
+        made = ", ".join(unaudited(root)) or "none"
+        raise RegistryError(f"the registry's git tags contradict each other ({exc}); tags no audit record says llmops "
+                            f"made: {made}; delete the one made by hand (`git tag -d TAG`, and on the remote)") from None
     found = []
     for v in shown:
         reg = (v.get("registrations") or [{}])[0]
@@ -294,7 +327,7 @@ def _release_hash(root: Path, commit: str) -> str | None:
 def register(root: str | os.PathLike, why: str) -> tuple[Version, bool]:
     """Register the released model (models/release/) as the next version (see `_register`); audited."""
     root = _repo(root)
-    with audit.recorded(root, "registry.register", ARTIFACT, allow=("register", "registry"), why=why) as note:
+    with _audited(root, "registry.register", allow=("register", "registry"), why=why) as note:
         version, new = _register(root, why)
         note.update(version=version.version, new=new)
     return version, new
@@ -364,8 +397,8 @@ def promote(root: str | os.PathLike, version: str, stage: str, why: str, purpose
     """Give `version` the stage (see `_promote`); allowed by the access policy (`purpose`: promote by hand, or the
     pipeline's deploy) and audited. The canary stage takes the `share` of production's traffic it gets."""
     root = _repo(root)
-    with audit.recorded(root, "registry.promote", ARTIFACT, version, allow=(purpose, f"stage:{stage}"), stage=stage,
-                        why=why, **({"share": share} if share is not None else {})) as note:
+    with _audited(root, "registry.promote", version, allow=(purpose, f"stage:{stage}"), stage=stage, why=why,
+                  **({"share": share} if share is not None else {})) as note:
         before = _promote(root, version, stage, why, share)
         note.update(version=normalize(version), replaced=before.version if before else None)
     return before
@@ -390,6 +423,9 @@ def _promote(root: Path, version: str, stage: str, why: str, share: float | None
 
     def write() -> Version | None:
         wanted = get(root, target)
+        if f"{ARTIFACT}@{wanted.version}" in unaudited(root):  # a forged version tag, its lineage forged with it
+            raise RegistryError(f"{wanted.version} was registered outside llmops (no audit record names its tag "
+                                f"{ARTIFACT}@{wanted.version}); it cannot be promoted")
         if not wanted.lineage.get("gate", {}).get("passed"):
             raise RegistryError(f"{wanted.version} did not pass the release gate; it cannot be promoted")
         if stage in ("production", "canary"):  # what these hold is served
@@ -440,8 +476,7 @@ def drop(root: str | os.PathLike, stage: str, why: str) -> Version:
         RegistryError: nothing holds the stage.
     """
     root = _repo(root)
-    with audit.recorded(root, "registry.drop", ARTIFACT, allow=("rollback", f"stage:{stage}"), stage=stage,
-                        why=why) as note:
+    with _audited(root, "registry.drop", allow=("rollback", f"stage:{stage}"), stage=stage, why=why) as note:
         def write() -> Version:
             current = holder(root, stage)
             if current is None:
@@ -481,9 +516,8 @@ def review(root: str | os.PathLike, version: str, approved: bool, by: str, why: 
     """Record a reviewer's decision (see `_review`); audited as the reviewer's, who must be allowed to approve
     (unless `by_person` is false: the rejection a review that timed out ends in)."""
     root = _repo(root)
-    with audit.recorded(root, "registry.approve" if approved else "registry.reject", ARTIFACT, version, who=by,
-                        allow=("approve", "stage:production") if by_person else None, stage="production",
-                        why=why) as note:
+    with _audited(root, "registry.approve" if approved else "registry.reject", version, who=by,
+                  allow=("approve", "stage:production") if by_person else None, stage="production", why=why) as note:
         _review(root, version, approved, by, why)
         note["version"] = normalize(version)
 
@@ -523,8 +557,7 @@ def rollback(root: str | os.PathLike, stage: str, why: str, purpose: str = "roll
     """Give `stage` back to the version that held it before (see `_rollback`); allowed by the access policy
     (`purpose`: by hand, or the pipeline's deploy undoing its own promotion) and audited."""
     root = _repo(root)
-    with audit.recorded(root, "registry.rollback", ARTIFACT, allow=(purpose, f"stage:{stage}"), stage=stage,
-                        why=why) as note:
+    with _audited(root, "registry.rollback", allow=(purpose, f"stage:{stage}"), stage=stage, why=why) as note:
         current, previous = _rollback(root, stage, why)
         note.update(version=previous.version, replaced=current.version)
     return current, previous

@@ -282,6 +282,10 @@ def _privacy(params, mode: str | None):
 
 
 def _resolve(root: Path, ref: str) -> str:
+    made = registry.unaudited(root)
+    if made:  # a hand-made tag can move production to any commit: nothing is served from such a registry
+        raise LlmopsError(f"the registry holds tags made outside llmops ({', '.join(made)}; no audit record names "
+                          "them): delete them (`git tag -d TAG`) and change the registry with `llmops registry`")
     try:
         return registry.resolve(root, ref).version
     except registry.RegistryError as exc:

@@ -158,3 +158,32 @@ def test_bad_requests_are_one_clear_line_and_change_nothing(origin, tmp_path):
     assert proc.returncode == 1 and "registry remote 'origin'" in proc.stderr and "nothing was changed" in proc.stderr
     # no registry tag left behind (the audit trail records the failed attempt)
     assert "Traceback" not in proc.stderr and run(["git", "tag", "-l", "model*"], repo).stdout == tags
+
+
+def test_registry_tags_made_by_hand_are_named_and_refused(origin, tmp_path):
+    """A hand-made `model#production#99` once moved production with no audit record, a forged version tag was listed
+    and promoted, and a second version tag on one commit crashed `registry list`."""
+    repo = clone(origin, tmp_path / "clone")
+    llmops(repo, "promote", "v1", "--to", "production", "--why", "first")
+    assert run([str(BIN / "llmops"), "audit", "verify"], repo).returncode == 0
+    v1, v2 = (json.loads(llmops(repo, "show", v, "--json").stdout)["commit"] for v in ("v1", "v2"))
+    run(["git", "tag", "-a", "model#production#99", v2, "-m", json.dumps({"by": "mallory", "why": "x"})], repo)
+    verify = run([str(BIN / "llmops"), "audit", "verify"], repo, check=False)
+    assert verify.returncode == 3 and "registry tag model#production#99 was made outside llmops" in verify.stderr
+    from llmops.apikeys import hash_key
+    served = run([str(BIN / "llmops"), "serve", "--port", "1"], repo, check=False,
+                 env=base_env(LLMOPS_API_KEY_HASHES=hash_key("sk-x")))
+    assert served.returncode == 1 and "the registry holds tags made outside llmops (model#production#99" \
+        in served.stderr, served.stderr
+    run(["git", "tag", "-d", "model#production#99"], repo)
+
+    run(["git", "tag", "-a", "model@v3.0.0", v2 + "^", "-m", json.dumps({"lineage": {"gate": {"passed": True}}})],
+        repo)
+    forged = llmops(repo, "promote", "v3", "--to", "staging", "--why", "x", check=False)
+    assert forged.returncode == 1 and "v3.0.0 was registered outside llmops" in forged.stderr, forged.stderr
+    run(["git", "tag", "-d", "model@v3.0.0"], repo)
+
+    run(["git", "tag", "-a", "model@v9.0.0", v1, "-m", "{}"], repo)  # a second version tag on v1's commit
+    listed = llmops(repo, "list", check=False)
+    assert listed.returncode == 1 and "Traceback" not in listed.stderr and "model@v9.0.0" in listed.stderr, \
+        listed.stderr
