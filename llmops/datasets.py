@@ -61,9 +61,16 @@ def parse_rows(raw: bytes, name: str, require: tuple[str, ...] = REQUIRED_COLUMN
     return rows
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSON Lines text: split on "\\n" alone, as the format says. str.splitlines() also splits on
+    U+2028, U+0085 and other breaks, which JSON may carry unescaped inside a string (json.dumps(ensure_ascii=False)
+    writes them so): one row became two halves, each invalid JSON."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def _parse_jsonl(text: str, name: str) -> list[tuple[int, dict[str, Any]]]:
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(jsonl_lines(text), start=1):
         if not line.strip():
             continue
         try:

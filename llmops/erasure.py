@@ -141,10 +141,11 @@ def _cleaned(path: Path, mentions, remove: bool = True) -> int:
     """A text file's lines that mention the subject: counted, and with `remove`, written out (atomically)."""
     from llmops.datasets import write_text
 
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    # lines end at "\n" alone: a JSON string may hold a raw U+2028, where splitlines() would cut a row in two
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
     kept = [line for line in lines if not mentions(line)]
     if remove and len(kept) != len(lines):
-        write_text(path, "".join(kept))
+        write_text(path, "\n".join(kept))
     return len(lines) - len(kept)
 
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from llmops import monitor_report as report
 from llmops import registry, servers
 from llmops.checks import Checker, checker, detectors
+from llmops.datasets import jsonl_lines
 from llmops.config import AlertParams, MonitorParams, Params, RetrainParams, storage_for
 from llmops.deploy import DEPLOY_USER
 from llmops.errors import LlmopsError
@@ -103,7 +104,7 @@ def _reference(root: Path, params: Params, version: str | None, start: datetime,
             raise MonitorError(f"the reference data of {version} (data/prepared/{split}.jsonl at commit "
                                f"{found.commit[:12]}) cannot be read from the DVC cache or remote: "
                                f"{str(exc).splitlines()[0]}") from None
-        data += [json.loads(line) for line in text.splitlines() if line.strip()]
+        data += [json.loads(line) for line in jsonl_lines(text) if line.strip()]
     records = [{"prompt": r.get("prompt", ""), "answer": r.get("response", ""), "model_version": version}
                for r in data]
     return report.rows(records, check, mp.refusals), {

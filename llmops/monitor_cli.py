@@ -82,7 +82,9 @@ def latest_queue(root: Path) -> list[dict]:
     reports = sorted((root / OUT_DIR / "reports").glob("*/queue.jsonl"))
     if not reports:
         raise LlmopsError("no monitor report yet: run `llmops monitor`")
-    return [json.loads(line) for line in reports[-1].read_text().splitlines() if line.strip()]
+    from llmops.datasets import jsonl_lines
+
+    return [json.loads(line) for line in jsonl_lines(reports[-1].read_text()) if line.strip()]
 
 
 def _feedback(root: Path, args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops.config import StorageParams
+from llmops.datasets import jsonl_lines
 from llmops.errors import LlmopsError
 
 LOG_DIR = Path(".llmops/serve/requests")
@@ -88,7 +89,7 @@ def read_window(location: str | os.PathLike, start: datetime, end: datetime,
     window = Window(start=start, end=end)
     for name, text in _files(str(location), days(start, end), storage):
         window.files += 1
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(jsonl_lines(text), start=1):
             if not line.strip():
                 continue
             try:

@@ -9,7 +9,7 @@ import pytest
 
 from llmops import sample_data
 from llmops.config import DataParams, StorageParams
-from llmops.datasets import DataError
+from llmops.datasets import DataError, read_jsonl
 from llmops.storage import StorageError
 from tasks.prepare_data import run_prepare_data
 
@@ -76,6 +76,18 @@ def test_own_jsonl_and_csv_with_separate_eval(tmp_path):
     eval_rows = [json.loads(line) for line in (tmp_path / "out" / "eval.jsonl").read_text().splitlines()]
     assert eval_rows[0] == {"prompt": 'Say "yo"', "response": "yo"}
     assert (tmp_path / "out" / "corpus.txt").read_text() == "Some text.\nMore text.\n"
+
+
+def test_a_line_break_inside_a_json_string_is_not_a_new_row(tmp_path):
+    """JSON may carry U+2028 (and U+0085, U+2029) unescaped inside a string, as json.dumps(ensure_ascii=False) writes
+    it: str.splitlines() cut such a row in two, each half invalid JSON. JSON Lines rows end at "\\n" alone."""
+    rows = [{"prompt": "First\u2028line\u0085two\u2029three", "response": "ok"}, {"prompt": "b", "response": "c"}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    (tmp_path / "eval.jsonl").write_text(json.dumps(rows[1]) + "\r\n")  # written on Windows
+    cfg = DataParams(instructions=str(tmp_path / "train.jsonl"), eval_instructions=str(tmp_path / "eval.jsonl"))
+    result = run_prepare_data(cfg, StorageParams(), tmp_path / "out")
+    assert (result.train_rows, result.eval_rows) == (2, 1)
+    assert read_jsonl(tmp_path / "out" / "train.jsonl")[0]["prompt"] == rows[0]["prompt"]
 
 
 def test_own_data_is_split_when_no_eval_file(tmp_path):
