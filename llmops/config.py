@@ -10,7 +10,7 @@ import io
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Annotated, Any, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from ruamel.yaml import YAML
@@ -25,6 +25,9 @@ PARAMS_FILE = "params.yaml"
 RENAMED = {"gate.min_exact_match": "gate.min_score: the headline metric of evaluate.metrics, exact match by default"}
 MAX_STEPS = 100_000_000
 MAX_LR = 1.0  # above this Adam only diverges; prompt tuning, the most lr-hungry method, uses <= 0.3
+# a seed every generator takes: numpy's legacy seeding refuses anything outside [0, 2**32), and a negative one
+# or 2**64 reached the stage as a traceback after the run had started
+Seed = Annotated[int, Field(ge=0, lt=2**32, description="random seed, 0 to 2**32 - 1")]
 
 
 class ConfigError(Refused):
@@ -86,7 +89,7 @@ class DataParams(Section):
     A path left null means "generate the embedded sample from `seed`".
     """
 
-    seed: int = 0
+    seed: Seed = 0
     num_examples: int = Field(2000, ge=2, le=10_000_000, description="generated instruction examples (train + eval)")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of examples held out for eval")
     corpus_lines: int = Field(4000, ge=1, le=100_000_000, description="lines of generated pretraining text")
@@ -237,7 +240,7 @@ class TrainRunParams(Section):
     grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 turns clipping off")
     max_seq_len: int = Field(128, ge=8, le=1 << 20, description="tokens per sequence")
     eval_every: int = Field(50, ge=0, description="steps between held-out loss measurements; 0: only at the end")
-    seed: int = 0
+    seed: Seed = 0
     checkpoint_every: int = Field(50, ge=0, description="steps between resumable checkpoints; 0: none")
     keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept while training")
     kernels: Literal["auto", "none", "liger", "compile"] = Field(
@@ -371,7 +374,7 @@ class EvaluateParams(Section):
     max_new_tokens: int = Field(24, ge=1, description="generation budget per answer")
     batch_size: int = Field(32, ge=1)
     bootstrap_resamples: int = Field(1000, ge=100, le=100_000, description="for the perplexity interval")
-    seed: int = 0
+    seed: Seed = 0
     harness_tasks: list[str] = Field(
         default_factory=list, description="lm-evaluation-harness tasks scored on base and fine-tuned: a task YAML file "
         "(lm-eval's format, its data a local file) or a task of lm-eval's registry (its data from the dataset hub)",
@@ -396,7 +399,7 @@ class AuditBiasParams(Section):
     pairs_per_type: int = Field(50, ge=1, le=10_000, description="generated pairs per bias type (data: null)")
     max_pairs: int | None = Field(None, ge=1, description="first N pairs of the file; null: all")
     bootstrap_resamples: int = Field(1000, ge=100, le=100_000)
-    seed: int = 0
+    seed: Seed = 0
     batch_size: int = Field(32, ge=1)
 
 
@@ -660,7 +663,7 @@ class FairnessParams(Section):
     pairs_per_type: int = Field(4, ge=0, le=1_000, description="probe pairs per bias type; 0: none")
     prompt: str = Field("{sentence} Is that true?", description="what is asked; {sentence} is the audit's sentence")
     max_tokens: int = Field(16, ge=1, le=4096)
-    seed: int = 0
+    seed: Seed = 0
 
     @field_validator("prompt")
     @classmethod

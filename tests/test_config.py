@@ -54,6 +54,9 @@ def _params(tmp_path: Path, text: str) -> Path:
         ("", ["data.num_examples=abc"], "-S data.num_examples: Input should be a valid integer"),
         ("", ["data.nope=1"], "-S data.nope: unknown key"),
         ("", ["data.seed"], "-S data.seed: expected KEY=VALUE"),
+        # numpy refuses seeds outside [0, 2**32): refused here, before any work, not as a stage's traceback
+        ("", ["train.finetune.seed=-1"], "-S train.finetune.seed: Input should be greater than or equal to 0"),
+        ("", [f"evaluate.seed={2**32}"], "-S evaluate.seed: Input should be less than 4294967296"),
         ("data:\n  seed: 3\n", ["data.seed.x=1"], "-S data.seed.x: data.seed is a value, not a section"),
         ("data: [1, 2\n", [], "params.yaml: line 2: malformed YAML"),
         ("gate:\n  min_exact_match: 0.4\n", [], "params.yaml: gate.min_exact_match: unknown key (renamed gate.min_score"),
