@@ -20,11 +20,11 @@ from prefect.states import Cancelled, Failed
 from pydantic import BaseModel
 
 from flows.states import completed, quiet_failed_states
-from llmops import locks, registry, remote, workspaces
+from llmops import audit, locks, registry, remote, workspaces
 from llmops.approval import NOBODY, Decision, Rejected, wait_for_decision
 from llmops.config import (PARAMS_FILE, DeployParams, Params, StorageParams, changes, load_params, storage_for,
                            with_changes, write_params)
-from llmops.deploy import Deployed, deploy, summary
+from llmops.deploy import Deployed, check_target, deploy, summary
 from llmops.datasets import write_text
 from llmops.errors import LlmopsError
 from llmops.orchestration import Busy, one_run_at_a_time
@@ -197,6 +197,9 @@ def _stages(work: Path, root: Path, push: bool) -> PipelineResult:
     storage = storage_for(params.storage, work)
     if push:
         check_remote(storage)  # fail before any work rather than after it
+    # and so for what a stage needs once it has worked (its audit record) and what the run ends with (a port)
+    audit.check_writable(work)
+    check_target(root, params.deploy)
     results, outputs = {}, []
     # a deployment's run needs the limit `llmops setup` made; a `llmops run` holds it only if the server has it
     with one_run_at_a_time(params.orchestration, strict=deployment.id is not None):

@@ -281,6 +281,27 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+def check_writable(root: str | os.PathLike) -> None:
+    """Refuse, before any work, a run whose stages could not record themselves: a stage whose record cannot be
+    written fails after its outputs were made. A local trail's directory must be writable; an S3 trail listable
+    (whether the bucket takes a write is known only by writing).
+
+    Raises:
+        AuditError: naming where, and why.
+    """
+    root = Path(root)
+    store = _store(_params(root).storage, root)
+    if isinstance(store, _Local):
+        path = store.path
+        while not path.exists():
+            path = path.parent
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise AuditError(f"audit trail: {store.where} cannot be written ({path} is not writable): each stage "
+                             "records itself there; fix its permissions, or set storage.local_dir")
+    else:
+        store.seqs()  # AuditError: cannot list
+
+
 def where(root: str | os.PathLike) -> str:
     """This checkout, as a record names it: host:path."""
     import socket

@@ -88,14 +88,28 @@ def deploy(root: Path, version: str, params: DeployParams, source: str) -> Deplo
     return deployed
 
 
-def _deploy(root: Path, version: str, params: DeployParams, source: str) -> Deployed:
-    key = project_key(root)
+def check_target(root: Path, params: DeployParams) -> servers.Server | None:
+    """Refuse a deployment whose port is taken (by another program, or by a server of this project that does not
+    follow production); returns the production server already on it, if any. A run checks it before its first stage:
+    found after training, a busy port cost the whole run.
+
+    Raises:
+        DeployError: naming the port and what to do.
+    """
+    if params.target != "local":
+        return None
     live = servers.on_port(root, params.port)
     if live is None and servers.port_in_use(params.host, params.port):
         raise DeployError(f"{params.host}:{params.port} is in use by another program; stop it or set deploy.port")
     if live is not None and live.ref != "production":
         raise DeployError(f"the server at {live.url} serves {live.ref}, not production; stop it "
                           f"(`llmops serve stop --port {params.port}`) or set deploy.port")
+    return live
+
+
+def _deploy(root: Path, version: str, params: DeployParams, source: str) -> Deployed:
+    key = project_key(root)
+    live = check_target(root, params)
     before = registry.holder(root, "production")
     changed = before is not None and before.version != version
     if before is None or changed:
