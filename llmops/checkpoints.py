@@ -12,7 +12,9 @@ processes consume). A checkpoint of other params or data is never resumed.
 complete.json also holds the sha256 of every file of the checkpoint, taken when it
 was completed. DeepSpeed loads its checkpoints with pickle, which can run code, so
 only a checkpoint whose files still match (verified()) is ever loaded: a file
-changed or planted since then makes it skipped, with a warning, for the previous one.
+changed or planted since then makes it skipped, with a warning, for the previous one. The
+training processes then check again, on the very bytes they unpickle (loader()): a file swapped
+between the launcher's check and the load would otherwise run its code.
 """
 
 from __future__ import annotations
@@ -82,6 +84,37 @@ def verified(root: str | os.PathLike, fingerprint: str, warn: Callable[[str], ob
         warn(f"warning: checkpoint {path.name} skipped: its files differ from those hashed when it was completed "
              f"({', '.join(changed[:3]) or 'no file hashes recorded'}); falling back to an earlier one")
     return None
+
+
+class Tampered(RuntimeError):
+    """A checkpoint file's bytes are not those hashed when it was completed; nothing of it was unpickled."""
+
+
+def loader(root: str | os.PathLike, tag: str) -> Callable[..., object]:
+    """DeepSpeed's checkpoint load (`checkpoint_engine.load(path, map_location)`), on bytes read once, hashed, and
+    unpickled only if they are the ones complete.json recorded for that file.
+
+    Raises (when called):
+        Tampered: the file differs, or complete.json names no such file.
+    """
+    import hashlib
+    import io
+
+    import torch
+
+    checkpoint = Path(root) / tag
+    expected = json.loads((checkpoint / MARKER).read_text()).get("files") or {}
+
+    def load(path: str, map_location=None) -> object:
+        relative = os.path.relpath(path, checkpoint)
+        data = Path(path).read_bytes()
+        if hashlib.sha256(data).hexdigest() != expected.get(relative):
+            raise Tampered(f"checkpoint {tag}: {relative} is not the file hashed when the checkpoint was completed "
+                           "(changed since it was checked); nothing of it was loaded: delete the checkpoint and run "
+                           "again")
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+
+    return load
 
 
 def clean(root: str | os.PathLike, fingerprint: str) -> list[str]:

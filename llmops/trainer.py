@@ -357,8 +357,16 @@ def _resume(engine: Any, job: TrainJob, finetune: bool) -> int:
                       "it, then run again")
     if not job.resume_from:
         return 0
-    # fine-tuning checkpoints hold only the trainable (adapter) weights; the frozen base comes from the base model
-    loaded, _ = engine.load_checkpoint(job.ckpt_dir, tag=job.resume_from, load_module_strict=not finetune)
+    # fine-tuning checkpoints hold only the trainable (adapter) weights; the frozen base comes from the base model.
+    # Every file DeepSpeed unpickles goes through its checkpoint engine's load: there, its bytes are checked first
+    deepspeeds, engine.checkpoint_engine.load = engine.checkpoint_engine.load, checkpoints.loader(
+        job.ckpt_dir, job.resume_from)
+    try:
+        loaded, _ = engine.load_checkpoint(job.ckpt_dir, tag=job.resume_from, load_module_strict=not finetune)
+    except checkpoints.Tampered as exc:
+        raise Stopped(str(exc)) from None
+    finally:
+        engine.checkpoint_engine.load = deepspeeds
     if loaded is None:
         raise RuntimeError(f"checkpoint {job.resume_from} could not be loaded")
     return checkpoints.step_of(job.resume_from)
