@@ -256,28 +256,21 @@ def _flow_runs(root: Path, mentions, remove: bool) -> int:
 
     db = root / STATE_DIR / "prefect.db"
     external = bool(os.environ.get("PREFECT_API_URL"))
-    if not external and not (db.is_file() and _file_mentions(db, mentions)):
-        return 0  # (free pages included: a vacuum below clears them)
+    if not external and not any(_file_mentions(f, mentions) for f in db.parent.glob(f"{db.name}*")):
+        return 0  # (its write-ahead log and free pages included: a vacuum below clears them)
 
-    async def find() -> tuple[set, set, set]:
+    async def find(url: str) -> tuple[set, set[str], int]:
         from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        async with get_client() as client:
-            runs = {r.id for r in await _pages(client.read_flow_runs)
-                    if mentions(json.dumps(r.parameters, ensure_ascii=False, default=str))}
-            logs = [log for log in await _pages(client.read_logs) if mentions(log.message)]
-            artifacts = [a for a in await _pages(client.read_artifacts)
-                         if mentions(json.dumps([a.data, a.description], ensure_ascii=False, default=str))]
-            runs |= {x.flow_run_id for x in [*logs, *artifacts] if x.flow_run_id}
-            if remove:
-                for artifact in artifacts:
-                    await client.delete_artifact(artifact.id)
-                for run in runs:
-                    await client.delete_flow_run(run)
-            return runs, {str(log.id) for log in logs}, sum(not x.flow_run_id for x in [*logs, *artifacts])
+        # this server's URL, explicitly: Prefect keeps the settings it read first, and an erasure starts the
+        # project's server more than once
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            async with get_client() as client:
+                return await _found(client, mentions, remove)
 
-    with prefect_api(root):
-        runs, logs, stray = asyncio.run(find())
+    with prefect_api(root) as url:
+        runs, logs, stray = asyncio.run(find(url))
     if remove and not external and db.is_file():
         database = sqlite3.connect(db)
         try:
@@ -293,6 +286,22 @@ def _flow_runs(root: Path, mentions, remove: bool) -> int:
         finally:
             database.close()
     return len(runs) + stray
+
+
+async def _found(client, mentions, remove: bool) -> tuple[set, set[str], int]:
+    """(flow run ids, log ids, matches outside any run) of what mentions the subject; deleted with `remove`."""
+    runs = {r.id for r in await _pages(client.read_flow_runs)
+            if mentions(json.dumps(r.parameters, ensure_ascii=False, default=str))}
+    logs = [log for log in await _pages(client.read_logs) if mentions(log.message)]
+    artifacts = [a for a in await _pages(client.read_artifacts)
+                 if mentions(json.dumps([a.data, a.description], ensure_ascii=False, default=str))]
+    runs |= {x.flow_run_id for x in [*logs, *artifacts] if x.flow_run_id}
+    if remove:
+        for artifact in artifacts:
+            await client.delete_artifact(artifact.id)
+        for run in runs:
+            await client.delete_flow_run(run)
+    return runs, {str(log.id) for log in logs}, sum(not x.flow_run_id for x in [*logs, *artifacts])
 
 
 def _reload_servers(root: Path) -> int:

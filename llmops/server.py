@@ -76,6 +76,12 @@ class ExplainRequest(BaseModel):
     max_tokens: int = Field(16, ge=1, le=256, description="the greedy answer's length bound")
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(False, description="a last chunk, before [DONE], with the request's token counts")
+
+
 class _Request(BaseModel):
     # fields this server does not declare are kept (model_extra): those of UNSUPPORTED are refused, the rest (metadata,
     # store, ...) change nothing of the answer
@@ -103,12 +109,6 @@ UNSUPPORTED: dict[str, tuple] = {
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
 }
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    include_usage: bool = Field(False, description="a last chunk, before [DONE], with the request's token counts")
 
 
 class CompletionRequest(_Request):

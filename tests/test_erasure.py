@@ -10,7 +10,9 @@ import unicodedata
 from datetime import datetime, timezone
 from pathlib import Path
 
-from conftest import BIN, run, set_params
+import pytest
+
+from conftest import BIN, base_env, run, set_params
 
 SUBJECT = "Øl" + "männ_50%"  # built here, so the project's copy of this file never names it
 UPPER = "JAN " + SUBJECT.upper()  # another case
@@ -74,3 +76,28 @@ def test_erasure_finds_every_form_and_proves_no_copy_remains(project):
     assert again.returncode == 1 and "erased what it found, but the subject is still in 1 places: notes/export.txt" \
         in again.stderr, again.stderr
     assert log.read_text() == ""
+
+
+@pytest.mark.services
+def test_erasure_removes_the_prefect_runs_that_name_the_subject(project):
+    """A run whose parameters or log name the subject (a stage that printed a row): the run goes, with its logs, and
+    the project's Prefect database keeps no copy in its free pages."""
+    import subprocess
+    import sys
+
+    script = (
+        "from llmops.prefect_api import prefect_api\n"
+        "with prefect_api('.'):\n"
+        "    from prefect import flow, get_run_logger\n"
+        "    @flow(name='note')\n"
+        "    def note(text: str):\n"
+        "        get_run_logger().info('a row about %s', text)\n"
+        f"    note(text={SUBJECT!r})\n"
+        "    note(text='nobody')\n")
+    subprocess.run([sys.executable, "-c", script], cwd=project, env=base_env(), check=True, capture_output=True)
+    db = project / ".llmops/prefect/prefect.db"
+    assert SUBJECT.encode() in b"".join(p.read_bytes() for p in db.parent.glob("prefect.db*"))
+    out = run([str(BIN / "llmops"), "erase", "--subject", SUBJECT], project).stdout
+    assert "1 Prefect runs removed" in out and "verified: no copy left" in out, out
+    left = b"".join(p.read_bytes() for p in db.parent.glob("prefect.db*"))
+    assert SUBJECT.encode() not in left and b"nobody" in left  # the other run stays
