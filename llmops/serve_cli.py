@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -111,13 +112,16 @@ def _status() -> int:
 
 def _each(action: str, port: int | None) -> int:
     root = Path.cwd()
-    # the policy's to allow and the trail's to record: it changes what production answers
-    who = audit.require(root, f"serve.{action}", "servers", ("operate", "servers"))
+    # in a project, the policy's to allow and the trail's to record: it changes what production answers (outside one,
+    # a server of `--model DIR` has neither)
+    project = (root / PARAMS_FILE).is_file()
+    who = audit.require(root, f"serve.{action}", "servers", ("operate", "servers")) if project else None
     found = [s for s in servers.running(root) if port is None or s.port == port]
     if not found:
         raise LlmopsError(f"no llmops server is running in this project{f' on port {port}' if port else ''}")
     for server in found:
-        with audit.recorded(root, f"serve.{action}", f"server:{server.port}", server.version, who=who):
+        with (audit.recorded(root, f"serve.{action}", f"server:{server.port}", server.version, who=who) if project
+              else contextlib.nullcontext()):
             if action == "stop":
                 servers.stop(root, server)
                 print(f"stopped {server.url} ({server.version or server.model})")
