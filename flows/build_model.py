@@ -29,7 +29,7 @@ from llmops.datasets import write_text
 from llmops.errors import LlmopsError
 from llmops.orchestration import Busy, one_run_at_a_time
 from llmops.preflight import check_inputs
-from llmops.repro import StageError, repro
+from llmops.repro import StageError, dvc, repro
 from llmops.stage import declared, plan, summaries
 from llmops.storage import check_remote
 
@@ -199,7 +199,10 @@ def _stages(work: Path, root: Path, push: bool) -> PipelineResult:
         check_remote(storage)  # fail before any work rather than after it
     # and so for what a stage needs once it has worked (its audit record) and what the run ends with (a port)
     audit.check_writable(work)
-    check_target(root, params.deploy)
+    try:
+        check_target(root, params.deploy)
+    except LlmopsError as exc:
+        raise LlmopsError(f"deploy: {exc}") from None
     results, outputs = {}, []
     # a deployment's run needs the limit `llmops setup` made; a `llmops run` holds it only if the server has it
     with one_run_at_a_time(params.orchestration, strict=deployment.id is not None):
@@ -256,7 +259,17 @@ def _params_applied(path: Path, params: Params | None, restore: bool = True) -> 
         if changed and restore and not isinstance(exc, Rejected):  # a rejected run built (dvc.lock has its params)
             write_text(path, before.decode())
             print("params.yaml: put back as it was before this run (the run did not complete)")
+            _refingerprint(path.parent)
         raise
+
+
+def _refingerprint(root: Path) -> None:
+    """Run the inputs stage again once params.yaml is put back: its fingerprints (and their dvc.lock entry) then
+    describe the files params.yaml names, not those of the failed run's -S values."""
+    try:
+        dvc(root, "repro", "--quiet", "--single-item", "inputs", what="the inputs stage")
+    except LlmopsError as exc:  # the run's own error is the one to show
+        print(f"warning: reports/inputs/ still shows the failed run's files: {exc}")
 
 
 def _dotted(params: Params, key: str):

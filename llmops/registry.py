@@ -156,10 +156,19 @@ def _audited(root: Path, action: str, version: str | None = None, **kwargs: Any)
 
 
 def unaudited(root: str | os.PathLike) -> list[str]:
-    """The registry's tags (versions, stage moves, reviews) that no audit record says llmops made."""
-    named = {tag for r in audit.records(root) if r.action.startswith("registry.") and r.outcome == "ok"
+    """The registry's tags (versions, stage moves, reviews) made since the audit trail began that no record of it
+    says llmops made. Tags from before the trail's first record (a trail moved with a new storage remote, or a
+    registry older than this check) are not judged: nothing could account for them."""
+    trail = list(audit.records(root))
+    if not trail:
+        return []
+    named = {tag for r in trail if r.action.startswith("registry.") and r.outcome == "ok"
              for tag in r.detail.get("tags", [])}
-    return sorted(_tags(_repo(root)) - named)
+    began = int(datetime.fromisoformat(trail[0].at.replace("Z", "+00:00")).timestamp())
+    listed = _git(_repo(root), "for-each-ref", "--format=%(refname:short) %(creatordate:unix)",
+                  f"refs/tags/{ARTIFACT}@*", f"refs/tags/{ARTIFACT}#*", f"refs/tags/{REVIEWS}/")
+    made = {tag: int(when) for tag, _, when in (line.partition(" ") for line in listed.splitlines()) if when}
+    return sorted(tag for tag, when in made.items() if when >= began and tag not in named)
 
 
 def _change(root: Path, write) -> Any:

@@ -289,7 +289,8 @@ def _resolve(root: Path, ref: str) -> str:
     made = registry.unaudited(root)
     if made:  # a hand-made tag can move production to any commit: nothing is served from such a registry
         raise LlmopsError(f"the registry holds tags made outside llmops ({', '.join(made)}; no audit record names "
-                          "them): delete them (`git tag -d TAG`) and change the registry with `llmops registry`")
+                          "them): delete them (`git tag -d TAG`) and change the registry with `llmops registry`; if "
+                          "the storage remote moved, its audit/ records must move with it")
     try:
         return registry.resolve(root, ref).version
     except registry.RegistryError as exc:

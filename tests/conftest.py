@@ -248,8 +248,15 @@ def versioned_project(two_versions: Path, tmp_path: Path) -> Path:
 
 
 def copy_ran_project(pipeline: Path, into: Path) -> Path:
+    """A copy of a run project (outputs, dvc.lock, DVC cache, git history and tags) with a remote of its own, where its
+    audit trail goes with it: the registry's tags are accounted for by the trail's records (llmops/registry.py)."""
+    from llmops.config import load_params
+
     dest = into / "project"
     shutil.copytree(pipeline, dest, symlinks=True)
+    trail = Path(load_params(pipeline / "params.yaml").storage.local_dir or "") / "audit"
+    if trail.is_dir() and trail.is_absolute():
+        shutil.copytree(trail, into / "remote" / "audit")
     set_params(dest, f"storage.local_dir={into / 'remote'}")
     run(["git", "commit", "-qam", "a remote of its own"], dest)
     return dest

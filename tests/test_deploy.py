@@ -84,6 +84,7 @@ def test_a_port_taken_by_another_program_is_refused_before_anything_moves(ran_pr
                    check=False)
     assert proc.returncode == 1
     assert f"deploy: 127.0.0.1:{port} is in use by another program; stop it or set deploy.port" in proc.stderr
-    listing = run(["llmops", "registry", "list"], project).stdout
-    assert listing.startswith("v1.0.0    -")  # registered, but no stage moved
+    # refused before the first stage: once found only after every stage, the push and the registration
+    assert "Running stage" not in proc.stdout + proc.stderr
+    assert run(["llmops", "registry", "list"], project).stdout.startswith("no versions registered yet")
     assert servers.running(project) == []

@@ -41,22 +41,6 @@ def test_missing_input_is_refused_before_prefect_or_dvc_start(ran_project, overr
     assert snapshot(ran_project, *OUTPUTS) == before and params_diff(ran_project) == ""
 
 
-def test_a_busy_deploy_port_is_refused_before_the_first_stage(ran_project):
-    """A deploy port in use was found after every stage, the push and the registration: now before any of them."""
-    import socket
-
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        before = snapshot(ran_project, *OUTPUTS)
-        proc = llmops_run(ran_project, "-S", "deploy.target=local", "-S", f"deploy.port={port}", "-S",
-                          "train.finetune.steps=61")  # a change: without the check, training would run
-    assert proc.returncode == 1 and f"127.0.0.1:{port} is in use by another program" in proc.stderr, proc.stderr
-    assert "Running stage" not in proc.stdout + proc.stderr
-    assert snapshot(ran_project, *OUTPUTS) == before and params_diff(ran_project) == ""
-
-
 @pytest.mark.parametrize("case", ["empty_file", "training_refused"])  # a malformed file: through dvc repro below
 def test_failed_flow_run_keeps_outputs_and_puts_params_back(ran_project, case):
     before = snapshot(ran_project, *OUTPUTS)
@@ -135,7 +119,8 @@ def test_second_run_is_refused_and_ctrl_c_stops_the_first_cleanly(ran_project, t
         assert second.returncode == 1
         assert second.stderr.strip().startswith(
             f"error: `llmops run` is already running in this checkout (pid {first.pid}, since ")
-        assert "llmops run --no-push -S train.pretrain.seed=1" in second.stderr
+        # the holder by its command, not its values (a lock file must not keep an `erase --subject` or a secret)
+        assert ": llmops run); wait for it to end" in second.stderr and "seed" not in second.stderr
 
         os.killpg(first.pid, signal.SIGINT)
         started = time.monotonic()

@@ -231,7 +231,7 @@ def test_failing_validation_fails_the_flow_with_the_reason_and_pushes_nothing(pr
     assert "validate_data failed" in flow_run.state.message and "response_no_email" in flow_run.state.message
     assert "jenny@example.com" not in flow_run.state.message  # PII masked in the reason
     states = {t.name.rsplit("-", 1)[0]: t.state.type.value for t in task_runs}
-    assert states == {"prepare_data": "COMPLETED", "validate_data": "FAILED"}  # push never ran
+    assert states == {"inputs": "COMPLETED", "prepare_data": "COMPLETED", "validate_data": "FAILED"}  # no push
     assert "FAIL" in {a.key: a for a in artifacts}["validate-data"].data
     assert _pushed(s3_endpoint, bucket) == []
 

@@ -225,10 +225,11 @@ def test_a_stop_string_of_several_tokens_is_removed_whole_streamed_or_not(server
 
 
 def test_a_client_that_leaves_stops_its_generation(server):
-    """A client that gives up (a timeout, a closed stream) cancels its generation then, not at its end: it leaves
+    """A client that gives up (a timeout, streamed or not) cancels its generation then, not at its end: it leaves
     with far fewer tokens generated than asked for, and its request is logged, and counted, as cancelled (499)."""
     import time
 
+    import httpx
     import openai as oa
 
     url, key, _, tmp = server
@@ -247,14 +248,13 @@ def test_a_client_that_leaves_stops_its_generation(server):
     before = metric(cancelled)
     for stream in (False, True):
         generated = metric(tokens)
-        if stream:  # it reads the first chunk and goes
-            chunks = client(url, key).completions.create(**body, stream=True)
-            next(iter(chunks))
-            chunks.close()
-        else:  # it waits a quarter of what the answer takes
-            impatient = oa.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=whole / 4)
-            with pytest.raises(oa.APITimeoutError):
-                impatient.completions.create(**body)
+        # it waits a quarter of what the answer takes (a stream's first chunk too: privacy masking holds the start
+        # of an answer back), then goes
+        impatient = oa.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=whole / 4)
+        with pytest.raises((oa.APITimeoutError, httpx.ReadTimeout)):
+            for _ in impatient.completions.create(**body, stream=True) if stream else [
+                    impatient.completions.create(**body)]:
+                pass
         deadline = time.monotonic() + 30
         while metric("llmops_requests_running") > 0:
             assert time.monotonic() < deadline

@@ -290,9 +290,16 @@ def test_a_release_waits_for_a_reviewer(worker):
                     "approve": False, "reason": "too slow on long prompts", "reviewer": "alice"})
 
         assert _against(api_url, reject).status.value == "ACCEPT"
-        out = run(["llmops", "approve", approved[1], "--reason", "scores hold", "--reviewer", "bob"], project,
-                  env=base_env(PREFECT_API_URL=api_url)).stdout
-        assert f"flow run '{approved[1]}': approved by bob (scores hold)" in out
+        # bob approves with his own key (an admin made it; the policy makes him an approver): --reviewer is checked
+        from llmops.apikeys import hash_key
+        (project / ".llmops/serve").mkdir(parents=True, exist_ok=True)
+        with open(project / ".llmops/serve/api_keys", "a") as keys:
+            keys.write(f"{hash_key('sk-llmops-bob')} bob\n")
+        with open(project / "governance/policy.csv", "a") as policy:
+            policy.write("g, key:bob, approver\n")
+        out = run(["llmops", "approve", approved[1], "--reason", "scores hold", "--reviewer", "key:bob"], project,
+                  env=base_env(PREFECT_API_URL=api_url, LLMOPS_TOKEN="sk-llmops-bob")).stdout
+        assert f"flow run '{approved[1]}': approved by key:bob (scores hold)" in out
 
         done = {run_id: _until(api_url, run_id, lambda r: r.state.is_final(), project=project)
                 for run_id, _ in (timeout, rejected, approved)}
@@ -307,7 +314,8 @@ def test_a_release_waits_for_a_reviewer(worker):
         assert again.returncode == 1 and "is not waiting for approval (it is Completed)" in again.stderr
         history = run(["llmops", "registry", "history"], project).stdout
         assert "rejected      v1.0.0    production  alice: too slow on long prompts" in history
-        assert "nobody: no decision within 10 s" in history and "approved      v1.0.0    production  bob" in history
+        assert "nobody: no decision within 10 s" in history and "approved      v1.0.0    production  key:bob" \
+            in history
         assert history.count("assignment    v1.0.0    production") == 1
         assert "production" in run(["llmops", "registry", "show", "v1.0.0"], project).stdout
     finally:
