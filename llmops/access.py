@@ -100,23 +100,27 @@ def load(root: str | os.PathLike) -> Policy:
     Raises:
         PolicyError: the file is missing or names an unknown role or action (the line is named).
     """
-    from llmops.config import PARAMS_FILE, ConfigError, load_params
-
-    root = Path(root)
-    try:
-        params = load_params(root / PARAMS_FILE).governance
-    except ConfigError as exc:
-        raise PolicyError(str(exc)) from None
-    path = (root / params.policy) if not Path(params.policy).is_absolute() else Path(params.policy)
-    return _from_file(path, params.default_role, params.default_key_role)
+    params = _governance(root)
+    return _from_file(path_of(root), params.default_role, params.default_key_role)
 
 
 def path_of(root: str | os.PathLike) -> Path:
-    """The project's policy file (governance.policy)."""
-    from llmops.config import PARAMS_FILE, load_params
+    """The project's policy file (governance.policy).
 
-    policy = load_params(Path(root) / PARAMS_FILE).governance.policy
+    Raises:
+        PolicyError: params.yaml cannot be read.
+    """
+    policy = _governance(root).policy
     return Path(policy) if Path(policy).is_absolute() else Path(root) / policy
+
+
+def _governance(root: str | os.PathLike):
+    from llmops.config import PARAMS_FILE, ConfigError, load_params
+
+    try:
+        return load_params(Path(root) / PARAMS_FILE).governance
+    except ConfigError as exc:
+        raise PolicyError(str(exc)) from None
 
 
 def as_recorded(root: str | os.PathLike, text: str) -> Policy:
@@ -127,9 +131,7 @@ def as_recorded(root: str | os.PathLike, text: str) -> Policy:
     """
     import tempfile
 
-    from llmops.config import PARAMS_FILE, load_params
-
-    params = load_params(Path(root) / PARAMS_FILE).governance
+    params = _governance(root)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "policy.csv").write_text(text)
         return _from_file(Path(tmp) / "policy.csv", params.default_role, params.default_key_role)

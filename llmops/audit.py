@@ -477,7 +477,7 @@ def verify(root: str | os.PathLike) -> Verdict:
     from llmops import registry
 
     problems += [f"registry tag {tag} was made outside llmops (no audit record names it)"
-                 for tag in registry.unaudited(root)]
+                 for tag in registry.unaudited(root, read)]
     policy = _last_policy(read)
     if policy is not None:
         from llmops import access

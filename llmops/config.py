@@ -47,12 +47,17 @@ def read_by(stage: str) -> dict[str, str]:
     return {"read_by": stage}
 
 
+def _reader(info) -> str | None:
+    """The stage a field's read_by marker names, or None."""
+    return info.json_schema_extra.get("read_by") if isinstance(info.json_schema_extra, dict) else None
+
+
 def readers(model: type[BaseModel] | None = None) -> list[str]:
     """The stages that read files named by params (those of the fields marked read_by), in declaration order."""
     found: list[str] = []
     for info in (model or Params).model_fields.values():
-        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-        inner = [extra["read_by"]] if "read_by" in extra else (
+        stage = _reader(info)
+        inner = [stage] if stage is not None else (
             readers(info.annotation) if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
             else [])
         found += [stage for stage in inner if stage not in found]
@@ -63,8 +68,7 @@ def stage_inputs(params: BaseModel, prefix: str = "") -> dict[str, list[tuple[st
     """stage -> (params key, value) of every file that params name and the stage reads (the fields marked read_by)."""
     found: dict[str, list[tuple[str, str]]] = {}
     for name, info in type(params).model_fields.items():
-        value, key = getattr(params, name), f"{prefix}{name}"
-        stage = (info.json_schema_extra or {}).get("read_by") if isinstance(info.json_schema_extra, dict) else None
+        value, key, stage = getattr(params, name), f"{prefix}{name}", _reader(info)
         if stage is not None:
             for one in value if isinstance(value, list) else [value]:
                 if one is not None:

@@ -373,12 +373,14 @@ def _remote_objects(root: Path, storage):
 
 
 def _inputs(root: Path, params) -> list[Path]:
-    """The current input files the pipeline reads from this checkout: dvc-added files under data/, and local
-    data.instructions, eval_instructions, corpus, corrections."""
+    """The current input files the pipeline reads from this checkout: dvc-added files under data/, and the local
+    files params name for prepare_data (data.instructions, eval_instructions, corpus, corrections: the fields
+    config.py marks read_by("prepare_data"))."""
+    from llmops.config import stage_inputs
+
     found = {p.with_suffix("") for p in (root / "data").rglob("*.dvc")}
-    for value in (params.data.instructions, params.data.eval_instructions, params.data.corpus,
-                  params.data.corrections):
-        if value and "://" not in value:
+    for _, value in stage_inputs(params).get("prepare_data", []):
+        if "://" not in value:
             found.add((root / value).resolve())
     return sorted(p for p in found if p.is_file())
 

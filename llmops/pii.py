@@ -109,7 +109,7 @@ def _iban(match: re.Match) -> tuple[int, int] | None:
     word in capitals after the number, "... 0130 00 NOW", joins the match)."""
     from stdnum import iban
 
-    text, (start, end) = match.group(), match.span()
+    text, start = match.group(), match.start()
     while len(text) >= 15:
         if iban.is_valid(text):
             return start, start + len(text)

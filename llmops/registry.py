@@ -135,7 +135,14 @@ def _new_tags(root: Path, before: set[str]) -> list[str]:
 
 
 def _tags(root: Path) -> set[str]:
-    return set(_git(root, "tag", "--list", f"{ARTIFACT}[@#]*", f"{REVIEWS}/*").split())
+    return set(_made_at(root))
+
+
+def _made_at(root: Path) -> dict[str, int]:
+    """The registry's tags (versions, stage moves, reviews) -> when each was made (unix seconds)."""
+    listed = _git(root, "for-each-ref", "--format=%(refname:short) %(creatordate:unix)",
+                  f"refs/tags/{ARTIFACT}@*", f"refs/tags/{ARTIFACT}#*", f"refs/tags/{REVIEWS}/")
+    return {tag: int(when) for tag, _, when in (line.partition(" ") for line in listed.splitlines()) if when}
 
 
 _MADE: ContextVar[list[str] | None] = ContextVar("registry_tags_made", default=None)
@@ -155,20 +162,18 @@ def _audited(root: Path, action: str, version: str | None = None, **kwargs: Any)
         _MADE.reset(made)
 
 
-def unaudited(root: str | os.PathLike) -> list[str]:
+def unaudited(root: str | os.PathLike, trail: list[audit.Record] | None = None) -> list[str]:
     """The registry's tags (versions, stage moves, reviews) made since the audit trail began that no record of it
-    says llmops made. Tags from before the trail's first record (a trail moved with a new storage remote, or a
-    registry older than this check) are not judged: nothing could account for them."""
-    trail = list(audit.records(root))
+    says llmops made (`trail`: its records, where the caller has read them already). Tags from before the trail's
+    first record (a trail moved with a new storage remote, or a registry older than this check) are not judged:
+    nothing could account for them."""
+    trail = list(audit.records(root)) if trail is None else trail
     if not trail:
         return []
     named = {tag for r in trail if r.action.startswith("registry.") and r.outcome == "ok"
              for tag in r.detail.get("tags", [])}
     began = int(datetime.fromisoformat(trail[0].at.replace("Z", "+00:00")).timestamp())
-    listed = _git(_repo(root), "for-each-ref", "--format=%(refname:short) %(creatordate:unix)",
-                  f"refs/tags/{ARTIFACT}@*", f"refs/tags/{ARTIFACT}#*", f"refs/tags/{REVIEWS}/")
-    made = {tag: int(when) for tag, _, when in (line.partition(" ") for line in listed.splitlines()) if when}
-    return sorted(tag for tag, when in made.items() if when >= began and tag not in named)
+    return sorted(tag for tag, when in _made_at(_repo(root)).items() if when >= began and tag not in named)
 
 
 def _change(root: Path, write) -> Any:
