@@ -75,6 +75,14 @@ class Fleet:
             proc.wait(60)
 
 
+def _cpu_pair(replicas: dict[str, str], tokenizer: Path) -> dict:
+    """The route section of replicas of one cpu class, read every 0.5 s."""
+    return {"classes": {"cpu": {"hardware": "cpu"}},
+            "replicas": [{"url": u, "class": "cpu", "name": n} for n, u in replicas.items()],
+            "policy": {"latency": ["cpu"], "default": ["cpu"]}, "tokenizer": str(tokenizer),
+            "health_interval_s": 0.5, "health_timeout_s": 1}
+
+
 def _load_test():
     import importlib.util
 
@@ -205,10 +213,7 @@ def test_a_replica_killed_under_load_loses_no_request(toy, tmp_path):
     fleet = Fleet(tmp_path, toy)
     replicas = {name: fleet.replica(name, "--max-concurrency", "4") for name in ("a", "b")}
     try:
-        url = fleet.route({"classes": {"cpu": {"hardware": "cpu"}},
-                           "replicas": [{"url": u, "class": "cpu", "name": n} for n, u in replicas.items()],
-                           "policy": {"latency": ["cpu"], "default": ["cpu"]}, "tokenizer": str(toy),
-                           "health_interval_s": 0.5, "health_timeout_s": 1})
+        url = fleet.route(_cpu_pair(replicas, toy))
         _up(url, "a", "b")
         results: list[object] = []
         lock = threading.Lock()
@@ -264,10 +269,7 @@ def test_a_request_that_kills_an_engine_fails_alone_and_the_engine_comes_back(tm
     fleet = Fleet(tmp_path / "fleet", model)
     replicas = {name: fleet.replica(name) for name in ("a", "b")}
     try:
-        url = fleet.route({"classes": {"cpu": {"hardware": "cpu"}},
-                           "replicas": [{"url": u, "class": "cpu", "name": n} for n, u in replicas.items()],
-                           "policy": {"latency": ["cpu"], "default": ["cpu"]}, "tokenizer": str(model),
-                           "health_interval_s": 0.5, "health_timeout_s": 1})
+        url = fleet.route(_cpu_pair(replicas, model))
         _up(url, "a", "b")
         health: list[int] = []
         polling = threading.Event()
