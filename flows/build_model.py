@@ -1,18 +1,20 @@
 """The pipeline flow: every stage of dvc.yaml in its DAG order, then push, register the release and deploy it.
 
 Prefect decides when and whether; DVC (dvc.yaml) says what each stage does and
-skips stages whose inputs did not change. A stage that fails stops the run
-with its reason; nothing after it runs and nothing is pushed. The build holds
-a global concurrency limit (one run trains at a time), and with
-deploy.require_approval the run pauses for a reviewer before production.
+skips stages whose inputs did not change. Every run builds in a workspace of its
+own (llmops/workspaces.py); a run of the checkout lands its outputs, dvc.lock and
+params.yaml there once its model is registered, so a run that fails changes
+nothing in the checkout. A stage that fails stops the run with its reason;
+nothing after it runs and nothing is pushed. The build holds a global
+concurrency limit (one run trains at a time), and with deploy.require_approval
+the run pauses for a reviewer before production.
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from prefect import State, flow, task
 from prefect.artifacts import create_markdown_artifact
@@ -22,14 +24,13 @@ from pydantic import BaseModel
 from flows.states import completed, quiet_failed_states
 from llmops import audit, locks, registry, remote, workspaces
 from llmops.approval import NOBODY, Decision, Rejected, wait_for_decision
-from llmops.config import (PARAMS_FILE, DeployParams, Params, StorageParams, changes, load_params, storage_for,
-                           with_changes, write_params)
+from llmops.config import (PARAMS_FILE, DeployParams, Params, StorageParams, changes, load_params, stage_inputs,
+                           storage_for, with_changes, write_params)
 from llmops.deploy import Deployed, check_target, deploy, summary
-from llmops.datasets import write_text
 from llmops.errors import LlmopsError
 from llmops.orchestration import Busy, one_run_at_a_time
 from llmops.preflight import check_inputs
-from llmops.repro import StageError, dvc, repro
+from llmops.repro import StageError, repro
 from llmops.stage import declared, plan, summaries
 from llmops.storage import check_remote
 
@@ -41,7 +42,7 @@ class PipelineResult(BaseModel):
     remote: str | None
     version: str  # the registered model version of this run's release
     deployed: Deployed | None  # where it is served (None: deploy.target is none)
-    commit: str  # the commit it built (the checkout's HEAD; in the project checkout, its working tree may differ)
+    commit: str  # the commit it built (a run of the checkout: its HEAD, under the working tree's changes)
 
 
 @task
@@ -108,22 +109,22 @@ def build_model(params: Params | None = None, push: bool = True, project_dir: st
 
     Args:
         params: the run's parameters; the values that differ from params.yaml are written
-            into it (like `dvc exp run -S`) so dvc.lock records them, and put back if the run
-            fails. None uses params.yaml as it is. In a deployment's run (the UI's form) only
+            into the workspace's (like `dvc exp run -S`) so dvc.lock records them, and reach
+            the checkout's only with the run's outputs. None uses params.yaml as it is. In a deployment's run (the UI's form) only
             the values that differ from the deployment's defaults are applied, over the built
             commit's params.yaml.
         push: push the outputs to the remote (storage in params; LLMOPS_S3_* env overrides).
         project_dir: the project root (holds dvc.yaml); defaults to the working directory.
-        commit: a commit, branch or tag to build in a workspace of its own (a git worktree
+        commit: a commit, branch or tag to build (in a workspace of its own: a git worktree
             sharing the project's DVC cache; removed after success, kept after a failure).
-            None builds the project checkout as it is.
+            None builds the project checkout as it is, and lands the result there.
     """
     root = Path(project_dir or os.getcwd()).resolve()
     quiet_failed_states()
     try:
         if commit is None:
             with locks.exclusive(root / locks.RUN_LOCK, "a pipeline run"):
-                return _build(root, root, params, push)
+                return _build_in_workspace(root, None, params, push)
         return _build_in_workspace(root, commit, params, push)
     except Busy as exc:  # another run holds the device pool: not a failure of this one
         return Cancelled(name="Skipped", message=str(exc))
@@ -134,34 +135,42 @@ def build_model(params: Params | None = None, push: bool = True, project_dir: st
         return Failed(message=str(exc))
 
 
-def _build_in_workspace(root: Path, commit: str, params: Params | None, push: bool) -> PipelineResult:
+def _build_in_workspace(root: Path, commit: str | None, params: Params | None, push: bool) -> PipelineResult:
+    """Build `commit` (None: the checkout as it is) in a workspace of its own; a run of the checkout lands there once
+    its model is registered (llmops/workspaces.py)."""
     from prefect.runtime import flow_run
 
-    ws = workspaces.create(root, commit, flow_run.name or "run")
-    print(f"building commit {ws.commit[:12]} ({commit}) in its own workspace: {ws.path}")
+    name = flow_run.name or "run"
+    ws = workspaces.of_checkout(root, name) if commit is None else workspaces.create(root, commit, name)
+    built = "the checkout" if commit is None else f"commit {ws.commit[:12]} ({commit})"
+    print(f"building {built} in a workspace of its own: {ws.path}")
     try:
         with locks.exclusive(ws.path / locks.RUN_LOCK, "a pipeline run"):  # `llmops workspaces clean` leaves it be
-            result = _build(ws.path, root, params, push)
-    except (Busy, Rejected):  # nothing was built, or it was built and a person said no: nothing to inspect
+            result = _build(ws, root, params, push)
+    except (Busy, Rejected):  # nothing was built, or it was built (and landed) and a person said no
         workspaces.remove(root, ws.path)
         raise
     except BaseException as exc:
         print(f"the workspace is kept for inspection: {ws.path} (`llmops workspaces` lists them)")
         if isinstance(exc, LlmopsError):
-            raise LlmopsError(f"{exc} (commit {ws.commit[:12]}; workspace kept: {ws.path})") from None
+            where = (f"commit {ws.commit[:12]}" if commit is not None else
+                     "the checkout holds its outputs" if ws.landed else "the checkout is as it was")
+            raise LlmopsError(f"{exc} ({where}; workspace kept: {ws.path})") from None
         raise
     workspaces.remove(root, ws.path)
     return result
 
 
-def _build(work: Path, root: Path, params: Params | None, push: bool) -> PipelineResult:
-    """The stages in `work` (a checkout); the servers it deploys to are the project's (`root`)."""
+def _build(ws: workspaces.Workspace, root: Path, params: Params | None, push: bool) -> PipelineResult:
+    """The stages in the workspace; the servers it deploys to are the project's (`root`)."""
+    work = ws.path
     params = _form_changes(work, params)
+    named = stage_inputs(params or load_params(work / PARAMS_FILE))
+    workspaces.link_inputs(ws, root, [value for pairs in named.values() for _, value in pairs])
     if params is not None:
         check_inputs(params, work)  # before any output is touched
-    # a workspace kept after a failure shows the params the run failed with; the checkout gets its own back
-    with _params_applied(work / PARAMS_FILE, params, restore=work == root):
-        return _stages(work, root, push)
+    _apply(work / PARAMS_FILE, params)  # a workspace kept after a failure shows the params the run failed with
+    return _stages(ws, root, push)
 
 
 def _form_changes(work: Path, params: Params | None) -> Params | None:
@@ -190,9 +199,10 @@ def _form_changes(work: Path, params: Params | None) -> Params | None:
     return with_changes(load_params(work / PARAMS_FILE), changed)
 
 
-def _stages(work: Path, root: Path, push: bool) -> PipelineResult:
+def _stages(ws: workspaces.Workspace, root: Path, push: bool) -> PipelineResult:
     from prefect.runtime import deployment
 
+    work = ws.path
     params = load_params(work / PARAMS_FILE)
     storage = storage_for(params.storage, work)
     if push:
@@ -211,12 +221,17 @@ def _stages(work: Path, root: Path, push: bool) -> PipelineResult:
             results[stage.dvc_name] = completed(task_run(str(work), stage.dvc_name, return_state=True))
             outputs += stage.outs
         pushed_to = completed(push_outputs(str(work), storage, return_state=True)) if push else None
+        if ws.checkout is not None:  # before registering: a refusal leaves no version behind
+            workspaces.check_landing(ws, root)
         version = completed(register_model(str(work), return_state=True))
+    if ws.checkout is not None:
+        workspaces.land(ws, root)
+        print("the checkout now holds this run's outputs, dvc.lock and params.yaml")
     if params.deploy.require_approval and params.deploy.target != "none":
         _approved(root, version, params.deploy.approval_timeout_s, summaries(work, results))  # outside the limit
     deployed = completed(deploy_model(str(root), version, params.deploy, return_state=True))
-    return PipelineResult(project=str(work), outputs=outputs, results=results, remote=pushed_to, version=version,
-                          deployed=deployed, commit=workspaces.resolve(work, "HEAD"))
+    return PipelineResult(project=str(root if ws.checkout is not None else work), outputs=outputs, results=results,
+                          remote=pushed_to, version=version, deployed=deployed, commit=ws.commit)
 
 
 def _approved(root: Path, version: str, timeout_s: float, scores: list[str]) -> None:
@@ -241,35 +256,13 @@ def _approved(root: Path, version: str, timeout_s: float, scores: list[str]) -> 
         raise Rejected(f"{version} was rejected by {decision.reviewer}: {decision.reason}; {stays}")
 
 
-@contextmanager
-def _params_applied(path: Path, params: Params | None, restore: bool = True) -> Iterator[None]:
-    """Write the run's params into params.yaml for the block; put the file back as it was if the block fails (and
-    `restore`)."""
+def _apply(path: Path, params: Params | None) -> None:
+    """Write the run's params into the workspace's params.yaml (like `dvc exp run -S`), saying what changed."""
     if params is None:
-        yield
         return
-    before = path.read_bytes()
     old = load_params(path)
-    changed = write_params(path, params)
-    for key in changed:
+    for key in write_params(path, params):
         print(f"params.yaml: {key}: {_dotted(old, key)!r} -> {_dotted(params, key)!r} for this run")
-    try:
-        yield
-    except BaseException as exc:
-        if changed and restore and not isinstance(exc, Rejected):  # a rejected run built (dvc.lock has its params)
-            write_text(path, before.decode())
-            print("params.yaml: put back as it was before this run (the run did not complete)")
-            _refingerprint(path.parent)
-        raise
-
-
-def _refingerprint(root: Path) -> None:
-    """Run the inputs stage again once params.yaml is put back: its fingerprints (and their dvc.lock entry) then
-    describe the files params.yaml names, not those of the failed run's -S values."""
-    try:
-        dvc(root, "repro", "--quiet", "--single-item", "inputs", what="the inputs stage")
-    except LlmopsError as exc:  # the run's own error is the one to show
-        print(f"warning: reports/inputs/ still shows the failed run's files: {exc}")
 
 
 def _dotted(params: Params, key: str):

@@ -257,7 +257,8 @@ def recorded(root: str | os.PathLike, action: str, object: str, version: str | N
     try:
         yield note
     except LlmopsError as exc:
-        failed = {**note, "error": str(exc)}
+        # the error's first line: the lines after it may quote the data (a failing row), and no record holds data
+        failed = {**note, "error": (str(exc).splitlines() or [""])[0][:300]}
         try:
             append(root, action, object, failed.pop("version"), "failed", failed, who=who)
         except AuditError as lost:  # the action's own error is the one to show; say that its record is missing

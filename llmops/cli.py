@@ -267,19 +267,15 @@ def _workspaces(root: Path, action: str | None) -> int:
         found = workspaces.kept(root)
         for ws in found:
             if action == "clean":
-                try:
-                    with locks.exclusive(ws.path / locks.RUN_LOCK, "a pipeline run"):
-                        workspaces.remove(root, ws.path)
-                    print(f"removed {ws.path}")
-                except locks.Busy:
-                    print(f"in use by a running pipeline, kept: {ws.path}")
+                print(f"removed {ws.path}" if workspaces.discard(root, ws) else
+                      f"in use by a running pipeline, kept: {ws.path}")
             else:
                 print(f"{ws.path}  commit {ws.commit[:12]}")
     except workspaces.WorkspaceError as exc:
         print(f"error: workspaces: {exc}", file=sys.stderr)
         return 1
     if not found:
-        print("no workspaces: every run that built a commit succeeded, and its workspace was removed")
+        print("no workspaces: every run succeeded, and its workspace was removed")
     return 0
 
 
@@ -301,8 +297,9 @@ def _run(root: Path, params, push: bool, commit: str | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: the run stopped; outputs of completed stages and complete training checkpoints "
-              "are kept, and `llmops run` continues from them", file=sys.stderr)
+        print("interrupted: the run stopped, and the checkout is as it was unless the run had registered its model; "
+              "the next `llmops run` resumes training from its complete checkpoints and restores the stages it "
+              "completed from DVC's run-cache", file=sys.stderr)
         return 130
     if not state.is_completed():
         print(f"error: pipeline {state.name.lower()}: {state.message}", file=sys.stderr)

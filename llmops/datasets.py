@@ -124,11 +124,16 @@ def read_jsonl(path: str | os.PathLike, require: tuple[str, ...] = REQUIRED_COLU
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write a file atomically: a crash leaves the old file or the new one, never half of one."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a file atomically (see write_text)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-        fh.write(text)
+    with open(tmp, "wb") as fh:
+        fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     tmp.replace(path)

@@ -9,11 +9,12 @@
 2. writes new versions of the current inputs without those rows (a `dvc add`-ed file, such as
    the monitor's corrections, or a local data.instructions/corpus file), rebuilds data/prepared
    through prepare_data and validate_data, pushes it, and commits it;
-3. removes every file object that mentioned the subject from the DVC cache and the remote, so no
-   old version can bring it back;
+3. removes every file object that mentioned the subject from the DVC cache and the remote (with
+   the cache's objects no version pins: the stages a failed run completed), so no old version can
+   bring it back, and DVC's run-cache;
 4. removes the lines of the request log, the rows of the feedback database (matched here, in
    Python, as everything else is; SQLite is vacuumed: deleted rows leave no trace in free pages),
-   the monitor's and the explanations' outputs, and the Prefect flow runs (with their logs and
+   the monitor's and the explanations' outputs, failed runs' workspaces, and the Prefect flow runs (with their logs and
    artifacts) whose parameters, logs or artifacts mention it; reloads the project's running servers,
    which empties their response caches;
 5. lists the registered model versions trained on affected data (`--retrain` starts the pipeline
@@ -32,6 +33,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import unicodedata
@@ -60,6 +62,7 @@ class Erasure:
     log_lines: int = 0
     feedback_rows: int = 0
     monitor_files: int = 0  # the monitor's and the explanations' outputs
+    workspaces: int = 0  # failed runs' workspaces removed
     flow_runs: int = 0  # Prefect flow runs deleted
     servers: int = 0  # running servers reloaded (their response caches emptied)
     versions: list[str] = field(default_factory=list)  # registered versions trained on affected data
@@ -134,7 +137,22 @@ def scan(root: Path, mentions) -> tuple[dict[str, str], dict[str, set[str]]]:
                 raise ErasureError(f"{path} at {rev or 'the workspace'} cannot be read: {exc}") from None
             if mentions(text):
                 affected[md5] = path
+    affected.update(_unpinned_objects(root, mentions, seen))
     return affected, by_rev
+
+
+def _unpinned_objects(root: Path, mentions, pinned: set[str]) -> dict[str, str]:
+    """Objects of the DVC cache that no version pins and that mention the subject: the outputs of stages that a failed
+    run completed (DVC's run-cache keeps them for the next run)."""
+    found = {}
+    top = root / ".dvc/cache/files/md5"
+    for path in sorted(top.glob("??/*")) if top.is_dir() else []:
+        md5 = path.parent.name + path.name
+        if md5 in pinned or path.suffix == ".dir" or path.stat().st_size > SCAN_MAX_BYTES:
+            continue
+        if _file_mentions(path, mentions):
+            found[md5] = f"{path.relative_to(root)} (no version pins it: a failed run's output)"
+    return found
 
 
 def _cleaned(path: Path, mentions, remove: bool = True) -> int:
@@ -201,6 +219,17 @@ def _local_outputs(root: Path, mentions, remove: bool) -> int:
             path.unlink()
         touched += 1
     return touched
+
+
+def _workspaces(root: Path, mentions, remove: bool) -> int:
+    """Failed runs' workspaces (kept for inspection) with a file that mentions the subject: counted, and with `remove`,
+    removed whole (one a run is building in is left, and the final scan names it)."""
+    from llmops import workspaces
+
+    found = [ws for ws in workspaces.kept(root)
+             if any(_file_mentions(path, mentions) for path in ws.path.rglob("*") if path.is_file()
+                    and path.suffix not in WEIGHTS and path.stat().st_size <= SCAN_MAX_BYTES)]
+    return sum(workspaces.discard(root, ws) for ws in found) if remove else len(found)
 
 
 def _feedback(root: Path, mentions, remove: bool) -> int:
@@ -281,6 +310,12 @@ def _flow_runs(root: Path, mentions, remove: bool) -> int:
                     database.execute(f"DELETE FROM log WHERE flow_run_id IN ({','.join('?' * len(chunk))})", chunk)
                 for one in logs:
                     database.execute("DELETE FROM log WHERE id = ?", (one,))
+                # Prefect's events (a task run's state change carries its message): no API deletes them
+                events = [row[0] for row in database.execute("SELECT id, event, resource, related, payload FROM events")
+                          if mentions(" ".join(str(value) for value in row[1:]))]
+                for one in events:
+                    database.execute("DELETE FROM event_resources WHERE event_id = ?", (one,))
+                    database.execute("DELETE FROM events WHERE id = ?", (one,))
             database.execute("VACUUM")
             database.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
@@ -417,7 +452,8 @@ def erase(root: str | os.PathLike, subject: str, retrain: bool = False) -> Erasu
         inputs = [p for p in _inputs(root, params) if _cleaned(p, mentions, remove=False)]
         logs = [p for p in _log_files(root, params) if _cleaned(p, mentions, remove=False)]
         if not (result.objects or inputs or logs or _feedback(root, mentions, remove=False)
-                or _local_outputs(root, mentions, remove=False) or _flow_runs(root, mentions, remove=False)):
+                or _local_outputs(root, mentions, remove=False) or _workspaces(root, mentions, remove=False)
+                or _flow_runs(root, mentions, remove=False)):
             elsewhere = verify(root, params, mentions)
             raise ErasureError("nothing in the datasets (any version), the request log, the feedback, the monitor's "
                                "or the explanations' outputs or the Prefect runs mentions the subject; nothing was "
@@ -435,19 +471,23 @@ def erase(root: str | os.PathLike, subject: str, retrain: bool = False) -> Erasu
         for pointer in pointers:
             if pointer.with_suffix("").is_file():
                 dvc(root, "add", "--quiet", str(pointer.with_suffix("").relative_to(root)), what="dvc add")
-        if result.objects:
-            dvc(root, "repro", "--quiet", "prepare_data", "validate_data", what="dvc repro")  # the new version
+        rebuilt = bool(set(result.objects) & set().union(*by_rev.values()))  # a version pins one: a new version
+        if rebuilt:
+            dvc(root, "repro", "--quiet", "prepare_data", "validate_data", what="dvc repro")
         storage = storage_for(params.storage, root)
         for path in {root / p for p in result.objects.values()}:  # reports in the workspace that still quote it
             if path.is_file() and path.is_relative_to(root / "reports") and _cleaned(path, mentions, remove=False):
                 _cleaned(path, mentions) if path.suffix == ".jsonl" else path.unlink()  # the next run writes it again
         _remove_objects(root, result.objects, storage)
+        if result.objects:  # DVC's run-cache: entries naming removed objects (and their params' values) go too
+            shutil.rmtree(root / ".dvc/cache/runs", ignore_errors=True)
         result.log_lines = sum(_cleaned(path, mentions) for path in logs)
         result.feedback_rows = _feedback(root, mentions, remove=True)
         result.monitor_files = _local_outputs(root, mentions, remove=True)
+        result.workspaces = _workspaces(root, mentions, remove=True)
         result.flow_runs = _flow_runs(root, mentions, remove=True)
         result.servers = _reload_servers(root)
-        if result.objects or result.rows:
+        if rebuilt or result.rows:
             remote.push(root, storage)  # the new version to the remote, as a run's push does
             changed = ["dvc.lock", PARAMS_FILE, *(str(p.relative_to(root)) for p in pointers)]
             changed += [str(p.relative_to(root)) for p in inputs if p.with_name(p.name + ".dvc") not in pointers
@@ -463,7 +503,7 @@ def erase(root: str | os.PathLike, subject: str, retrain: bool = False) -> Erasu
             if by_rev.get(version.commit, set()) & affected:
                 result.versions.append(version.version)
         note.update(objects=len(result.objects), rows=result.rows, log_lines=result.log_lines,
-                    feedback_rows=result.feedback_rows, monitor_files=result.monitor_files,
+                    feedback_rows=result.feedback_rows, monitor_files=result.monitor_files, workspaces=result.workspaces,
                     flow_runs=result.flow_runs, servers=result.servers, versions=result.versions,
                     commit=result.commit)
         remains = verify(root, params, mentions)
@@ -496,7 +536,8 @@ def summary(result: Erasure) -> str:
              f"  {result.rows} rows removed from the current inputs"
              + (f"; new dataset version: commit {result.commit[:12]}" if result.commit else ""),
              f"  {result.log_lines} request log lines, {result.feedback_rows} feedback rows, "
-             f"{result.monitor_files} monitor and explanation outputs, {result.flow_runs} Prefect runs removed",
+             f"{result.monitor_files} monitor and explanation outputs, {result.workspaces} failed runs' workspaces, "
+             f"{result.flow_runs} Prefect runs removed",
              f"  {result.servers} running servers reloaded (their response caches emptied)",
              "  verified: no copy left in the checkout, the DVC cache, the remote, the feedback or the stored "
              "dataset versions"]

@@ -50,8 +50,13 @@ def fingerprint(key: str, value: str, root: Path, storage: StorageParams) -> lis
             raise explain(exc, f"{key}: {value}", storage) from None
         return [{"key": key, "uri": value, "etag": head.get("ETag"), "version": head.get("VersionId"),
                  "size": head.get("ContentLength")}]
-    return [{"key": key, "path": os.path.relpath(path, root), "sha256": sha256_file(path)}
-            for path in files(key, value, root)]
+    return [{"key": key, "path": _named(path, root), "sha256": sha256_file(path)} for path in files(key, value, root)]
+
+
+def _named(path: Path, root: Path) -> str:
+    """A file's path relative to the project, or absolute outside it: the same in every workspace a run builds in."""
+    relative = os.path.relpath(path, root)
+    return str(path) if relative.startswith("..") else relative
 
 
 def write(root: str | os.PathLike, params: Params, storage: StorageParams) -> dict[str, int]:

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from llmops import base_model
-from llmops.config import ConfigError, Params
+from llmops.config import ConfigError, Params, stage_inputs
 
 
 def check_inputs(params: Params, root: str | os.PathLike = ".") -> None:
@@ -31,7 +31,11 @@ def check_inputs(params: Params, root: str | os.PathLike = ".") -> None:
     base = params.train.finetune.base_model
     if base_model.is_named(base) and base_model.is_local(base, root):
         dirs["train.finetune.base_model"] = base
-    problems = []
+    problems = [f"{key}: {value}: a relative path out of the project; name it by its absolute path (a run builds in "
+                "a workspace under .llmops/workspaces/, where it would name another file)"
+                for pairs in stage_inputs(params).values() for key, value in pairs
+                if "://" not in value and not os.path.isabs(os.path.expanduser(value))
+                and os.path.normpath(value).startswith("..")]
     for key, value in files.items():
         if value and not value.startswith("s3://") and not (root / Path(value).expanduser()).is_file():
             problems.append(f"{key}: {value}: no such file")

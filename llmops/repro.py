@@ -23,7 +23,7 @@ class StageError(LlmopsError):
 
 class StageRun(BaseModel):
     stage: str
-    skipped: bool  # DVC found nothing changed and reused the cached outputs
+    skipped: bool  # DVC found nothing changed, or restored the outputs of an identical earlier run (its run-cache)
     log: str
 
 
@@ -109,7 +109,8 @@ def reason(log: str) -> str:
 # DVC's hints after each stage ("To track the changes with git, run: ..."): noise in a pipeline's log
 _DVC_HINTS = re.compile(r"^(\s*|To track the changes with git, run:|To enable auto staging, run:|\t(git add|dvc config) .*"
                         r"|Use `dvc push` to send your updates to remote storage\.|Updating lock file .*|Generating lock file .*"
-                        r"|Stage '.*' didn't change, skipping|Data and pipelines are up to date\.)$")
+                        r"|Stage '.*' didn't change, skipping|Stage '.*' is cached - skipping run, checking out outputs"
+                        r"|Data and pipelines are up to date\.)$")
 
 
 def _print(line: str) -> None:
@@ -124,7 +125,11 @@ def repro(root: str | os.PathLike, stage: str, echo: Callable[[str], object] = _
     """
     log = dvc(root, "repro", "--single-item", stage, what=stage,
               echo=lambda line: None if _DVC_HINTS.match(line) else echo(line))
-    skipped = f"'{stage}' didn't change, skipping" in log
-    if skipped:
+    unchanged = f"'{stage}' didn't change, skipping" in log
+    restored = f"Stage '{stage}' is cached - skipping run" in log
+    if unchanged:
         echo(f"{stage}: unchanged since the last run (same code, data and params), skipped")
-    return StageRun(stage=stage, skipped=skipped, log=log)
+    elif restored:
+        echo(f"{stage}: computed before with the same code, data and params (a run that failed later, or an earlier "
+             "version); its outputs restored from DVC's run-cache, skipped")
+    return StageRun(stage=stage, skipped=unchanged or restored, log=log)

@@ -462,7 +462,6 @@ def _publish(mode: Mode, cfg: TrainRunParams, root: Path, tmp_out: Path, tok: An
     write_text(reports / "log.csv", log_file.read_text())
     write_text(reports / "summary.json", json.dumps(result.model_dump(), indent=2) + "\n")
     write_text(reports / "manifest.json", (root / MODELS / mode / "manifest.json").read_text())
-    shutil.rmtree(root / RUNS / mode)  # done: the resume checkpoints have served their purpose
     return result
 
 
@@ -494,7 +493,10 @@ def _cli_body(mode: Mode):
 
 
 def main(mode: Mode) -> int:
-    return run_cli(f"train@{mode}", _cli_body(mode))
+    code = run_cli(f"train@{mode}", _cli_body(mode))
+    if code == 0:  # done and recorded in the audit trail: the resume checkpoints have served their purpose
+        shutil.rmtree(RUNS / mode, ignore_errors=True)
+    return code
 
 
 def publish(root: Path, run: StageRun) -> TrainResult | FetchedBase:

@@ -101,3 +101,24 @@ def test_erasure_removes_the_prefect_runs_that_name_the_subject(project):
     assert "1 Prefect runs removed" in out and "verified: no copy left" in out, out
     left = b"".join(p.read_bytes() for p in db.parent.glob("prefect.db*"))
     assert SUBJECT.encode() not in left and b"nobody" in left  # the other run stays
+
+
+@pytest.mark.services
+def test_erasure_reaches_what_a_failed_run_left_outside_the_checkout(project):
+    """A run that fails keeps its workspace, and the stages it completed are in the DVC cache (for DVC's run-cache)
+    though no version pins them: erasure removes both, and the run-cache."""
+    subject = "Quix" + "by Zelenka"
+    rows = _rows(40)
+    rows[5] = {"prompt": "Who asked?", "response": f"{subject}, write to q@example.org"}  # an email: validation fails
+    (project / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run([str(BIN / "llmops"), "run", "--no-push", "-S", "data.instructions=mine.jsonl",
+                "-S", "governance.data_licence=MIT"], project, check=False)
+    assert proc.returncode == 1 and "validate_data failed" in proc.stderr, proc.stderr
+    assert not (project / "data/prepared").exists()  # nothing landed in the checkout
+    assert (project / ".dvc/cache/runs").is_dir()  # prepare_data's outputs, kept for the next run
+    (project / "mine.jsonl").unlink()  # the subject's data is gone from the checkout, not from what the run left
+
+    out = run([str(BIN / "llmops"), "erase", "--subject", subject.lower()], project).stdout
+    assert "1 failed runs' workspaces" in out and "verified: no copy left" in out, out
+    assert "no workspaces" in run([str(BIN / "llmops"), "workspaces"], project).stdout
+    assert not (project / ".dvc/cache/runs").exists()

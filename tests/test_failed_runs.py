@@ -1,9 +1,11 @@
-"""A failed, refused or interrupted run leaves the last good outputs, checkpoints and params.yaml as they were."""
+"""A failed, refused or interrupted run leaves the checkout (outputs, dvc.lock, params.yaml) as it was: every run
+builds in a workspace of its own and lands there only once its model is registered."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -63,36 +65,62 @@ def test_failed_flow_run_keeps_outputs_and_puts_params_back(ran_project, case):
     assert params_diff(ran_project) == ""  # the run's -S values did not stay behind
 
 
-def test_dvc_repro_failure_keeps_the_stage_outputs(ran_project):
+def test_a_run_lands_all_or_nothing_and_the_next_reuses_what_a_failed_one_computed(ran_project):
+    project = ran_project
+    before = snapshot(project, *OUTPUTS)
+    # evaluate and quantize run (their param changed) and succeed, then the gate refuses the release
+    proc = llmops_run(project, "-S", "evaluate.max_new_tokens=4", "-S", "gate.min_score=0.99")
+    assert proc.returncode == 1 and "gate failed" in proc.stderr and "the checkout is as it was" in proc.stderr
+    assert snapshot(project, *OUTPUTS) == before and params_diff(project) == ""  # not one of the three changed
+
+    proc = llmops_run(project, "-S", "evaluate.max_new_tokens=4")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    for stage in ("evaluate", "quantize"):  # what the failed run computed, from DVC's run-cache
+        assert f"{stage}: computed before with the same code, data and params" in out
+    assert "the checkout now holds this run's outputs, dvc.lock and params.yaml" in out
+    assert re.search(r"^\+ +max_new_tokens: 4\b", params_diff(project), re.M), params_diff(project)
+    assert before["reports/evaluate/metrics.json"] != (project / "reports/evaluate/metrics.json").read_bytes()
+    status = run(["dvc", "status"], project).stdout  # outputs, dvc.lock and params.yaml agree
+    assert status.split() == ["inputs:", "always", "changed"], status
+    kept = run([str(BIN / "llmops"), "workspaces"], project).stdout.splitlines()
+    assert len(kept) == 1 and "min_score: 0.99" in (Path(kept[0].split()[0]) / "params.yaml").read_text()  # the failed
+
+
+def test_a_checkout_edited_while_a_run_builds_is_not_overwritten(ran_project, tmp_path):
+    project = ran_project
+    lock = (project / "dvc.lock").read_text()
+    out = open(tmp_path / "run.log", "w+")
+    first = subprocess.Popen([str(BIN / "llmops"), "run", "--no-push", "-S", "evaluate.max_new_tokens=4"], cwd=project,
+                             env=base_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # the run holds its workspace's lock once the checkout is copied there
+        _wait_for(lambda: any((project / ".llmops/workspaces").glob("*/.llmops/run.lock")), 120, first)
+        params = project / "params.yaml"
+        edited = params.read_text() + "# a person's note, written while the run evaluates\n"
+        params.write_text(edited)
+        first.wait(600)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    out.seek(0)
+    log = out.read()
+    assert first.returncode == 1, log
+    assert "params.yaml changed in the checkout while the run built; nothing of the run was put there" in log
+    assert params.read_text() == edited and (project / "dvc.lock").read_text() == lock
+    assert "registry.register" not in run([str(BIN / "llmops"), "audit", "log"], project).stdout  # nothing registered
+
+
+def test_a_plain_dvc_repro_that_fails_leaves_dvc_checkout_to_restore(ran_project):
+    """A plain `dvc repro` in the checkout is DVC's own: a stage's outputs are removed before it runs, and after a
+    failure `dvc checkout` puts the last good ones back from the cache, byte for byte."""
     before = snapshot(ran_project, "data/prepared", "models")
     (ran_project / "mine.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": \n')
     set_params(ran_project, "data.instructions=mine.jsonl")
     proc = run(["dvc", "repro"], ran_project, check=False)
     assert proc.returncode != 0 and "mine.jsonl: line 2: invalid JSON" in proc.stdout + proc.stderr
+    run(["dvc", "checkout", "--force"], ran_project)
     assert snapshot(ran_project, "data/prepared", "models") == before
-
-    # a params typo: the stage refuses to start, its outputs stay
-    params = ran_project / "params.yaml"
-    params.write_text(params.read_text().replace("  max_new_tokens:", "  max_new_tokenz:"))
-    before = snapshot(ran_project, "reports/evaluate")
-    assert run(["dvc", "repro", "evaluate"], ran_project, check=False).returncode != 0
-    assert snapshot(ran_project, "reports/evaluate") == before
-
-
-def test_dvc_lock_message_names_the_blocking_process(ran_project):
-    blocker = subprocess.Popen(["sleep", "120"])
-    try:
-        lock = ran_project / ".dvc/tmp/rwlock"
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        info = {"pid": blocker.pid, "cmd": "dvc repro train@pretrain"}
-        lock.write_text(json.dumps({"read": {}, "write": {str(ran_project / "data/prepared"): info}}))
-        set_params(ran_project, "data.seed=5")  # prepare_data must run, and wants data/prepared
-        proc = llmops_run(ran_project)
-    finally:
-        blocker.kill()
-        blocker.wait()
-    assert proc.returncode == 1
-    assert "is being blocked by:" in proc.stderr and f"(PID {blocker.pid}): dvc repro train@pretrain" in proc.stderr
 
 
 def _wait_for(predicate, seconds: float, proc: subprocess.Popen) -> None:
@@ -107,6 +135,7 @@ def test_second_run_is_refused_and_ctrl_c_stops_the_first_cleanly(ran_project, t
     # long enough that the interrupt always lands in pretraining, however fast the machine
     set_params(ran_project, "train.pretrain.steps=20000", "train.pretrain.checkpoint_every=20")
     run(["git", "commit", "-qam", "a long pretraining"], ran_project)
+    before = snapshot(ran_project, *OUTPUTS)
     out = open(tmp_path / "first.log", "w+")
     # a session of its own: SIGINT to its process group is what Ctrl-C in a terminal sends
     first = subprocess.Popen([str(BIN / "llmops"), "run", "--no-push", "-S", "train.pretrain.seed=1"], cwd=ran_project,
@@ -135,9 +164,14 @@ def test_second_run_is_refused_and_ctrl_c_stops_the_first_cleanly(ran_project, t
     tail = log.strip().splitlines()[-1]
     assert tail.startswith("interrupted: the run stopped"), log
     assert "httpx.ConnectError" not in log and "Error logging to API" not in log
-    assert [p.name for p in ckpt.iterdir() if p.name.startswith("step-")]  # complete checkpoints kept
+    assert [p.name for p in ckpt.iterdir() if p.name.startswith("step-")]  # complete checkpoints kept, the checkout's
     assert not _live(ran_project)  # no training process, DVC or Prefect server left behind
-    assert params_diff(ran_project) == ""
+    assert params_diff(ran_project) == "" and snapshot(ran_project, *OUTPUTS) == before
+
+
+def _building(project: Path) -> bool:
+    """A run's workspace holds its first output: the flow is running its stages."""
+    return any((project / ".llmops/workspaces").glob("*/data/prepared"))
 
 
 def _live(project: Path) -> list[str]:
@@ -163,7 +197,7 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(project):
     proc = subprocess.Popen([str(BIN / "llmops"), "run", "--no-push"], cwd=project, env=base_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        _wait_for(lambda: (project / "data/prepared").exists(), 300, proc)  # the flow is running its stages
+        _wait_for(lambda: _building(project), 300, proc)  # the flow is running its stages
         proc.terminate()  # to the run alone, as a supervisor does
         out, _ = proc.communicate(timeout=90)
     finally:
@@ -171,6 +205,7 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(project):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130 and out.strip().splitlines()[-1].startswith("interrupted: the run stopped"), out
     assert not _live(project)  # DVC, the stage and the Prefect server ended with it
+    assert not (project / "data/prepared").exists() and not (project / "dvc.lock").exists()  # nothing landed
 
 
 def test_prefect_server_does_not_outlive_a_killed_run(project, tmp_path):
@@ -178,7 +213,7 @@ def test_prefect_server_does_not_outlive_a_killed_run(project, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     servers = lambda: [a for a in _live(project) if "prefect_api" in a or "uvicorn" in a]  # noqa: E731
     try:
-        _wait_for(lambda: servers() and (project / "data/prepared").exists(), 300, proc)
+        _wait_for(lambda: servers() and _building(project), 300, proc)
         proc.kill()  # SIGKILL: no handler of ours runs
         proc.wait()
         deadline = time.monotonic() + 20
