@@ -110,9 +110,9 @@ def build_model(params: Params | None = None, push: bool = True, project_dir: st
     Args:
         params: the run's parameters; the values that differ from params.yaml are written
             into the workspace's (like `dvc exp run -S`) so dvc.lock records them, and reach
-            the checkout's only with the run's outputs. None uses params.yaml as it is. In a deployment's run (the UI's form) only
-            the values that differ from the deployment's defaults are applied, over the built
-            commit's params.yaml.
+            the checkout's only with the run's outputs. None uses params.yaml as it is. In a
+            deployment's run (the UI's form) only the values that differ from the deployment's
+            defaults are applied, over the built commit's params.yaml.
         push: push the outputs to the remote (storage in params; LLMOPS_S3_* env overrides).
         project_dir: the project root (holds dvc.yaml); defaults to the working directory.
         commit: a commit, branch or tag to build (in a workspace of its own: a git worktree
