@@ -14,13 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmops import registry
 from llmops.errors import LlmopsError
+from llmops.fs import fetch_into
 from llmops.servers import SERVE_DIR
 
 BASES_DIR = SERVE_DIR / "bases"
@@ -108,18 +107,9 @@ def _fetch(root: str | os.PathLike, version: registry.Version, path: str, target
     """`path` as it is at the version's commit, from the DVC cache or remote, into `target` (complete or absent)."""
     from dvc.api import DVCFileSystem
 
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
-        DVCFileSystem(str(root), rev=version.commit).get(path, str(tmp / "files"), recursive=True)
-        os.replace(tmp / "files", target)
+        return fetch_into(target, lambda tmp: DVCFileSystem(str(root), rev=version.commit).get(
+            path, str(tmp), recursive=True))
     except Exception as exc:  # DVC's own errors: an unreachable remote, files never pushed
-        if isinstance(exc, OSError) and target.is_dir():  # another server fetched it first
-            return target
         raise CatalogError(f"{version.version}: {path} cannot be fetched from the DVC cache or remote: "
                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target

@@ -12,10 +12,10 @@ import hashlib
 import os
 import re
 import secrets
-import tempfile
 from pathlib import Path
 
 from llmops.errors import LlmopsError
+from llmops.fs import write_text
 
 KEYS_ENV = "LLMOPS_API_KEY_HASHES"  # comma-separated sha256 hex digests of accepted keys (`hash` or `hash:name`)
 DEFAULT_FILE = Path(".llmops/serve/api_keys")  # in the project: its policy and audit trail speak of these keys
@@ -118,8 +118,4 @@ def _lines(path: Path) -> list[str]:
 
 def _rewrite(path: Path, lines: list[str]) -> None:
     """Atomically, readable by its owner only: a crash leaves the old file, never half of a new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".api_keys.")  # mode 0600
-    with os.fdopen(fd, "w") as fh:
-        fh.write("".join(f"{line}\n" for line in lines))
-    os.replace(tmp, path)
+    write_text(path, "".join(f"{line}\n" for line in lines), private=True)

@@ -19,6 +19,7 @@ from ruamel.yaml.error import YAMLError
 
 from llmops.adapters import METHODS, LoraParams, PromptTuningParams
 from llmops.errors import Refused
+from llmops.fs import write_text
 
 PARAMS_FILE = "params.yaml"
 # keys a release renamed: a params.yaml that still has one is told the new name
@@ -980,9 +981,7 @@ def write_params(path: str | os.PathLike, params: Params) -> list[str]:
     if changed:
         buf = io.StringIO()
         _yaml().dump(doc, buf)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(buf.getvalue())
-        tmp.replace(path)
+        write_text(path, buf.getvalue())
     return sorted(changed)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from llmops import identity, locks, triggers
 from llmops.checks import Checker, checker
 from llmops.config import PARAMS_FILE, Params, load_params, with_changes, write_params
-from llmops.datasets import write_text
+from llmops.fs import write_text
 from llmops.errors import LlmopsError
 from llmops.feedback import Store, database_url
 from llmops.monitor_report import Figures

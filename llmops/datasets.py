@@ -11,11 +11,11 @@ import csv
 import io
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
 from llmops.errors import LlmopsError, Refused
+from llmops.fs import write_text
 
 REQUIRED_COLUMNS = ("prompt", "response")
 
@@ -120,31 +120,3 @@ def read_jsonl(path: str | os.PathLike, require: tuple[str, ...] = REQUIRED_COLU
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     return parse_instructions(raw, str(path), require)
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file atomically: a crash leaves the old file or the new one, never half of one."""
-    write_bytes(path, text.encode("utf-8"))
-
-
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file atomically (see write_text)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-
-
-def replace_dir(tmp: str | os.PathLike, dest: str | os.PathLike) -> None:
-    """Swap a fully written directory `tmp` in at `dest`; until the last rename the old `dest` stays whole."""
-    tmp, dest = Path(tmp), Path(dest)
-    old = dest.with_name(f".{dest.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)

@@ -8,8 +8,6 @@ The smoke request goes through the official `openai` client, as a user's would.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -17,6 +15,7 @@ from pydantic import BaseModel
 from llmops import audit, registry, servers
 from llmops.config import DeployParams
 from llmops.errors import LlmopsError
+from llmops.fs import write_text
 from llmops.apikeys import hash_key, new_key
 
 DEPLOY_USER = "llmops-deploy"
@@ -43,11 +42,7 @@ def project_key(root: Path) -> str:
     """This project's deploy key (made once, readable by its owner only); the local server accepts it."""
     path = root / KEY_FILE
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent)  # mode 0600
-        with os.fdopen(fd, "w") as fh:
-            fh.write(new_key() + "\n")
-        os.replace(tmp, path)
+        write_text(path, new_key() + "\n", private=True)
     return path.read_text().strip()
 
 

@@ -157,7 +157,7 @@ def _unpinned_objects(root: Path, mentions, pinned: set[str]) -> dict[str, str]:
 
 def _cleaned(path: Path, mentions, remove: bool = True) -> int:
     """A text file's lines that mention the subject: counted, and with `remove`, written out (atomically)."""
-    from llmops.datasets import write_text
+    from llmops.fs import write_text
 
     # lines end at "\n" alone: a JSON string may hold a raw U+2028, where splitlines() would cut a row in two
     lines = path.read_text(encoding="utf-8", errors="replace").split("\n")

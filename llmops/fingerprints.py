@@ -63,7 +63,7 @@ def write(root: str | os.PathLike, params: Params, storage: StorageParams) -> di
     """Write reports/inputs/<stage>.json for every stage that reads named files; stage -> files fingerprinted."""
     import json
 
-    from llmops.datasets import write_text
+    from llmops.fs import write_text
 
     root = Path(root)
     named = stage_inputs(params)

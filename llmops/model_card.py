@@ -140,7 +140,7 @@ def to_html(card: str, title: str) -> str:
 
 def write(out_dir: Path, params, root: str | Path, release: dict[str, Any]) -> None:
     """Write README.md and model_card.html into the release being built."""
-    from llmops.datasets import write_text
+    from llmops.fs import write_text
 
     card = markdown(params, root, release)
     write_text(out_dir / CARD, card)

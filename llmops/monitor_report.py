@@ -241,17 +241,13 @@ def figures(values: dict[str, Any], current: list[dict], window, reference: dict
 
 def write(out: Path, snapshot, fig: Figures, queue: list[dict]) -> None:
     """report.html, metrics.json and queue.jsonl into `out`, written whole (a temporary directory, then a rename)."""
-    import os
-    import shutil
+    from llmops.fs import writing
 
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    snapshot.save_html(str(tmp / "report.html"))
-    (tmp / "metrics.json").write_text(fig.model_dump_json(indent=2) + "\n")
-    (tmp / "queue.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queue))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with writing(out) as tmp:
+        tmp.mkdir()
+        snapshot.save_html(str(tmp / "report.html"))
+        (tmp / "metrics.json").write_text(fig.model_dump_json(indent=2) + "\n")
+        (tmp / "queue.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queue))
 
 
 def summary(fig: Figures, breaches: list) -> str:

@@ -80,7 +80,7 @@ def write_report_manifest(out_dir: str | os.PathLike, params: Any, root: str | o
 
     `models` maps a name to a model's path (hashed by model_hashes) or to model_hashes' result.
     """
-    from llmops.datasets import write_text
+    from llmops.fs import write_text
 
     root = Path(root)
     body = {

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -25,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from llmops.errors import LlmopsError
+from llmops.fs import fetch_into, write_text
 
 SERVE_DIR = Path(".llmops/serve")
 STATE_DIR = SERVE_DIR / "servers"
@@ -74,10 +73,7 @@ def _alive(pid: int) -> bool:
 def record(root: Path, server: Server) -> None:
     """Write a server's state file (atomically: a reader never sees half of it)."""
     path = root / STATE_DIR / f"{server.port}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as fh:
-        json.dump(asdict(server), fh, indent=2)
-    os.replace(fh.name, path)
+    write_text(path, json.dumps(asdict(server), indent=2))
 
 
 def forget(root: Path, port: int, pid: int) -> None:
@@ -127,17 +123,7 @@ def model_dir(root: str | os.PathLike, version: str) -> Path:
     """A local copy of a registered version's files (pulled once, from the DVC cache or remote; complete or absent)."""
     from llmops import registry
 
-    target = Path(root) / MODELS_DIR / version
-    if not (target / "release.json").is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{version}-"))
-        try:
-            registry.pull(root, version, tmp / version)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp / version, target)  # a pull cut short leaves only a hidden temporary directory
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return fetch_into(Path(root) / MODELS_DIR / version, lambda tmp: registry.pull(root, version, tmp))
 
 
 def start(root: Path, ref: str, host: str, port: int, max_concurrency: int, timeout_s: float,

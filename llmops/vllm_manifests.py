@@ -24,6 +24,7 @@ from its own image (its FastAPI pin conflicts with Prefect's, so it cannot share
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from pathlib import Path
 from llmops import adapter_catalog, registry
 from llmops.config import Params
 from llmops.errors import LlmopsError
+from llmops.fs import write_text
 
 PORT = 8000
 MODELS = "/models"
@@ -221,13 +223,11 @@ def write(root: str | os.PathLike, params: Params, out: str | os.PathLike | None
 
     objects = objects if objects is not None else render(root, params)
     target = Path(root) / (out or params.deploy.vllm.out) / f"{params.deploy.vllm.format}.yaml"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".yaml.tmp")
     yaml = YAML()
     yaml.width = 4096
-    with open(tmp, "w") as fh:
-        fh.write("# written by llmops (llmops/vllm_manifests.py) for the registry's production version; "
-                 "kubectl apply -f this file\n")
-        yaml.dump_all(objects, fh)
-    os.replace(tmp, target)
+    text = io.StringIO()
+    text.write("# written by llmops (llmops/vllm_manifests.py) for the registry's production version; "
+               "kubectl apply -f this file\n")
+    yaml.dump_all(objects, text)
+    write_text(target, text.getvalue())
     return target

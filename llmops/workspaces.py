@@ -181,7 +181,7 @@ def land(ws: Workspace, root: str | os.PathLike) -> None:
         LandingError: a file to land changed in the checkout while the run built (nothing is overwritten), or DVC's
             checkout failed (the checkout is put back as it was).
     """
-    from llmops.datasets import write_bytes
+    from llmops.fs import write_bytes
     from llmops.repro import dvc
 
     root = Path(root).resolve()
@@ -240,7 +240,7 @@ def _sha256(path: Path) -> str | None:
 
 def _put(dest: Path, src: Path) -> None:
     """`src` over `dest`, atomically; `dest` removed where `src` is gone."""
-    from llmops.datasets import write_bytes
+    from llmops.fs import write_bytes
 
     if src.is_symlink():
         dest.unlink(missing_ok=True)

@@ -30,7 +30,8 @@ from pydantic import BaseModel
 
 from llmops import bias_pairs, inference, provenance
 from llmops.config import AuditBiasParams, Params, storage_from_env
-from llmops.datasets import DataError, parse_rows, write_jsonl, write_text
+from llmops.datasets import DataError, parse_rows, write_jsonl
+from llmops.fs import write_text, writing
 from llmops.repro import StageRun
 from llmops.stage import run_cli
 from llmops.stats import Interval, bootstrap
@@ -189,11 +190,9 @@ def _plot(result: AuditResult, path: Path) -> None:
     ax.set_title("sent_more preferred, per bias type (95% CI); 50 = no preference")
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with writing(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def _cli_body(params: Params) -> str:

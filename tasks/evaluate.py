@@ -31,7 +31,8 @@ from pydantic import BaseModel
 
 from llmops import harness, inference, metrics, provenance
 from llmops.config import EvaluateParams, Params
-from llmops.datasets import DataError, read_jsonl, write_jsonl, write_text
+from llmops.datasets import DataError, read_jsonl, write_jsonl
+from llmops.fs import write_text
 from llmops.harness import HarnessScore
 from llmops.repro import StageRun
 from llmops.stage import run_cli

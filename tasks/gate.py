@@ -23,7 +23,8 @@ from pydantic import BaseModel
 
 from llmops import provenance
 from llmops.config import GateParams, Params
-from llmops.datasets import DataError, write_text
+from llmops.datasets import DataError
+from llmops.fs import write_text
 from llmops.repro import StageRun
 from llmops.stage import StageFailed, run_cli
 from llmops.stats import CONFIDENCE, wilson

@@ -16,7 +16,8 @@ from pydantic import BaseModel
 
 from llmops import formats, provenance, sample_data
 from llmops.config import DataParams, Params, StorageParams, storage_from_env
-from llmops.datasets import DataError, parse_rows, replace_dir, write_jsonl, write_text
+from llmops.datasets import DataError, parse_rows, write_jsonl
+from llmops.fs import replace_dir, write_text
 from llmops.repro import StageRun
 from llmops.stage import run_cli
 from llmops.storage import read_bytes

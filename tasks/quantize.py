@@ -21,7 +21,8 @@ from pydantic import BaseModel
 
 from llmops import inference, provenance, quantization
 from llmops.config import ConfigError, Params
-from llmops.datasets import DataError, read_jsonl, replace_dir, write_text
+from llmops.datasets import DataError, read_jsonl
+from llmops.fs import replace_dir, write_text
 from llmops.modeling import load_causal_lm
 from llmops.repro import StageRun
 from llmops.stage import run_cli

@@ -21,7 +21,8 @@ from pydantic import BaseModel
 
 from llmops import inference, licences, model_card, provenance
 from llmops.config import ConfigError, Params
-from llmops.datasets import DataError, replace_dir, write_text
+from llmops.datasets import DataError
+from llmops.fs import replace_dir, write_text
 from llmops.modeling import load_tokenizer
 from llmops.repro import StageRun
 from llmops.stage import StageFailed, run_cli

@@ -37,7 +37,8 @@ from pydantic import BaseModel
 from llmops import base_model, chat, checkpoints, licences, locks, provenance, quantization
 from llmops.adapters import METHODS
 from llmops.config import ConfigError, FinetuneParams, Params, PretrainParams, TrainRunParams
-from llmops.datasets import DataError, DataRefused, read_jsonl, replace_dir, write_text
+from llmops.datasets import DataError, DataRefused, read_jsonl
+from llmops.fs import replace_dir, write_text
 from llmops.fit import Shape, check_fit, describe, devices
 from llmops.launch import check_qlora, rendezvous_endpoint, resolve_kernels, torchrun_args
 from llmops.modeling import (

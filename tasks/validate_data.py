@@ -26,7 +26,8 @@ from pydantic import BaseModel
 
 from llmops import pii, provenance
 from llmops.config import Params, ValidateDataParams
-from llmops.datasets import DataError, read_jsonl, write_text
+from llmops.datasets import DataError, read_jsonl
+from llmops.fs import write_text
 from llmops.repro import StageRun
 from llmops.stage import StageFailed, run_cli
 

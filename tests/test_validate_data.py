@@ -8,7 +8,8 @@ import pytest
 
 from llmops import sample_data
 from llmops.config import ValidateDataParams
-from llmops.datasets import DataError, write_jsonl, write_text
+from llmops.datasets import DataError, write_jsonl
+from llmops.fs import write_text
 from llmops.stage import StageFailed
 from tasks.validate_data import run_validate_data
 
