@@ -304,10 +304,18 @@ def check_writable(root: str | os.PathLike) -> None:
 
 
 def where(root: str | os.PathLike) -> str:
-    """This checkout, as a record names it: host:path."""
+    """This checkout, as a record names it: host:path. A run's workspace (a git worktree of the checkout, under
+    .llmops/workspaces/) acts for the checkout it belongs to, whose repository holds its anchors."""
     import socket
 
-    return f"{socket.gethostname()}:{Path(root).resolve()}"
+    from llmops.workspaces import WORKSPACES
+
+    path = Path(root).resolve()
+    for one in [path, *path.parents]:
+        if one.parent.parts[-len(WORKSPACES.parts):] == WORKSPACES.parts:  # `one` is a workspace
+            path = one.parents[len(WORKSPACES.parts)]
+            break
+    return f"{socket.gethostname()}:{path}"
 
 
 def _anchor(root: Path, record: Record, remote: str | None, trail: str) -> None:

@@ -85,6 +85,11 @@ def test_a_run_lands_all_or_nothing_and_the_next_reuses_what_a_failed_one_comput
     assert status.split() == ["inputs:", "always", "changed"], status
     kept = run([str(BIN / "llmops"), "workspaces"], project).stdout.splitlines()
     assert len(kept) == 1 and "min_score: 0.99" in (Path(kept[0].split()[0]) / "params.yaml").read_text()  # the failed
+    # a workspace's records speak for its checkout, whose repository holds their anchors
+    records = [json.loads(line) for line in run([str(BIN / "llmops"), "audit", "log", "--json"], project).stdout
+               .splitlines()]
+    assert [r for r in records if r["action"] == "stage.evaluate"][-1]["detail"]["where"].endswith(f":{project}")
+    assert "intact" in run([str(BIN / "llmops"), "audit", "verify"], project).stdout
 
 
 def test_a_checkout_edited_while_a_run_builds_is_not_overwritten(ran_project, tmp_path):
