@@ -123,6 +123,15 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `llmops audit log | head`: the reader has what it wanted, no traceback
+        # (Python's recipe: point stdout at /dev/null, or its flush at exit fails again)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a shell reports for a command that SIGPIPE ended
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     stages = declared()
     if args.command in stages:

@@ -101,6 +101,17 @@ def test_every_subcommand_has_help(project):
         assert run(["llmops", command, "--help"], project).stdout.startswith("usage: llmops " + command)
 
 
+def test_output_into_a_closed_pipe_ends_quietly(project):
+    """`llmops params | head`: the reader left first; no traceback, and the exit status a shell gives SIGPIPE."""
+    import subprocess
+
+    from conftest import BIN
+
+    proc = subprocess.run(["bash", "-c", f"'{BIN / 'llmops'}' params | true; echo ${{PIPESTATUS[0]}}"], cwd=project,
+                          env=base_env(), capture_output=True, text=True)
+    assert proc.stderr == "" and proc.stdout.strip() == "141", proc.stderr
+
+
 def test_write_params_changes_only_the_overridden_lines(tmp_path):
     original = (REPO / "params.yaml").read_text()
     path = _params(tmp_path, original)
