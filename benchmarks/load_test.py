@@ -52,11 +52,9 @@ def _wait(url: str, proc: subprocess.Popen, seconds: float = 300) -> dict:
 
 
 def _port() -> int:
-    import socket
+    from llmops.servers import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def locust(url: str, key: str, models: list[str], users: int, seconds: float, work: Path, name: str,

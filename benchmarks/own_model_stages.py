@@ -253,14 +253,12 @@ def _measured(stage: list[str], project: Path, env: dict) -> dict:
 def _serve(project: Path, env: dict, work: Path, args) -> dict:
     """`llmops serve --model models/release`, then `--requests` chat requests, `--concurrency` at a time, each a
     different eval question (no response-cache hits), `--max-tokens` each, greedy."""
-    import socket
-
     from openai import OpenAI
 
+    from llmops.servers import free_port
+
     key = _cli(["serve", "keygen", "--name", "bench"], project, env).stdout.split()[0]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     questions = _questions(project, args.requests)
     start = time.perf_counter()
     log = open(project / "serve.log", "w")

@@ -36,7 +36,6 @@ import gc
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -323,16 +322,12 @@ def _version(dist: str) -> str | None:
 # parent: launch the runs, print the table
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(run: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any] | None:
+    from llmops.servers import free_port
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
     # single-process "distributed" job for DeepSpeed, on a fresh port so runs never share a store
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, __file__, "--child", json.dumps(run), "--spec", json.dumps(spec), "--result", str(out)]

@@ -113,7 +113,8 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on now (the kernel's pick); the project's one way to find one."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
