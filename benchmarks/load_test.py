@@ -40,15 +40,21 @@ HERE = Path(__file__).resolve().parent
 
 
 def _wait(url: str, proc: subprocess.Popen, seconds: float = 300) -> dict:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{proc.args} exited with {proc.returncode} (see its log)")
+    from llmops.procs import Exited, wait_until
+
+    def answer() -> dict | None:
         try:
             return json.load(urllib.request.urlopen(url, timeout=2))
         except OSError:
-            time.sleep(0.5)
-    raise SystemExit(f"no answer from {url} in {seconds:g} s")
+            return None
+
+    try:
+        found = wait_until(answer, seconds, interval_s=0.5, proc=proc)
+    except Exited as exc:
+        raise SystemExit(f"{proc.args} exited with {exc.returncode} (see its log)") from None
+    if found is None:
+        raise SystemExit(f"no answer from {url} in {seconds:g} s")
+    return found
 
 
 def _port() -> int:

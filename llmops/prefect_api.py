@@ -15,14 +15,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from llmops.errors import LlmopsError
-from llmops.procs import die_with_parent
+from llmops.procs import Exited, die_with_parent, wait_until
 from llmops.servers import free_port
 
 START_TIMEOUT_S = 300
@@ -83,17 +82,15 @@ def prefect_api(root: str | os.PathLike) -> Iterator[str]:
         server = subprocess.Popen([sys.executable, "-m", "llmops.prefect_api", str(port)], env=env, stdout=out,
                                   stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _healthy(url, timeout=2):
-            if server.poll() is not None:
-                raise PrefectUnavailable(
-                    f"the local Prefect server exited with code {server.returncode} while starting; "
-                    f"its log is {log}")
-            if time.monotonic() > deadline:
-                raise PrefectUnavailable(
-                    f"the local Prefect server did not answer within {START_TIMEOUT_S} s (log: {log}); "
-                    "the machine may be overloaded: try again, or point PREFECT_API_URL at a running server")
-            time.sleep(0.5)
+        try:
+            healthy = wait_until(lambda: _healthy(url, timeout=2), START_TIMEOUT_S, interval_s=0.5, proc=server)
+        except Exited as exc:
+            raise PrefectUnavailable(f"the local Prefect server exited with code {exc.returncode} while starting; "
+                                     f"its log is {log}") from None
+        if not healthy:
+            raise PrefectUnavailable(
+                f"the local Prefect server did not answer within {START_TIMEOUT_S} s (log: {log}); "
+                "the machine may be overloaded: try again, or point PREFECT_API_URL at a running server")
         os.environ["PREFECT_API_URL"] = url
         os.environ[OWN] = url
         yield url

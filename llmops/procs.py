@@ -4,7 +4,39 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class Exited(Exception):
+    """The process being waited for has exited: it will never be ready."""
+
+    def __init__(self, returncode: int) -> None:
+        super().__init__(f"exited with {returncode}")
+        self.returncode = returncode
+
+
+def wait_until(ready: Callable[[], T], timeout_s: float, interval_s: float = 0.3,
+               proc: subprocess.Popen | None = None) -> T | None:
+    """`ready()`'s first truthy value, asked every `interval_s` for up to `timeout_s`; None if it never came. The
+    project's one polling loop (tenacity's). An exception from `ready` ends the wait and propagates.
+
+    Raises:
+        Exited: `proc` exited meanwhile (a server that died while starting), at once rather than at the timeout.
+    """
+    from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
+
+    def once() -> T:
+        if proc is not None and proc.poll() is not None:
+            raise Exited(proc.returncode)
+        return ready()
+
+    return Retrying(stop=stop_after_delay(timeout_s), wait=wait_fixed(interval_s),
+                    retry=retry_if_result(lambda value: not value), retry_error_callback=lambda state: None)(once)
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:

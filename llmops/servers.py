@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from llmops.errors import LlmopsError
 from llmops.fs import fetch_into, write_text
+from llmops.procs import Exited, wait_until
 
 SERVE_DIR = Path(".llmops/serve")
 STATE_DIR = SERVE_DIR / "servers"
@@ -148,14 +148,16 @@ def start(root: Path, ref: str, host: str, port: int, max_concurrency: int, time
             [str(Path(sys.executable).parent / "llmops"), "serve", "--version", ref, "--host", host, "--port", str(port),
              "--max-concurrency", str(max_concurrency), *(["--adapters"] if adapters else [])],
             cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ServerError(f"the server on {ref} exited with {proc.returncode}: {_tail(log_path)}")
+    def answering() -> Server | None:
         server = on_port(root, port)
-        if server is not None and server.pid == proc.pid and _answers(server):
-            return server
-        time.sleep(0.3)
+        return server if server is not None and server.pid == proc.pid and _answers(server) else None
+
+    try:
+        server = wait_until(answering, timeout_s, proc=proc)
+    except Exited as exc:
+        raise ServerError(f"the server on {ref} exited with {exc.returncode}: {_tail(log_path)}") from None
+    if server is not None:
+        return server
     _stop_pid(proc.pid, 30)
     raise ServerError(f"the server on {ref} did not answer within {timeout_s:.0f}s: {_tail(log_path)}")
 
@@ -183,18 +185,22 @@ def reload(root: Path, server: Server, timeout_s: float) -> Server:
         ServerError: the reload failed (the server still serves what it served before) or timed out.
     """
     os.kill(server.pid, signal.SIGHUP)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+
+    def reloaded() -> Server | None:
         now = on_port(root, server.port)
         if now is None or now.pid != server.pid:
             raise ServerError(f"the server at {server.url} exited while reloading: {_tail(root / LOG)}")
-        if now.reloads > server.reloads:
-            if now.reload_error:
-                raise ServerError(f"the server at {server.url} could not reload (it still serves "
-                                  f"{now.version or now.model}): {now.reload_error}")
-            return now
-        time.sleep(0.2)
-    raise ServerError(f"the server at {server.url} did not reload within {timeout_s:.0f}s")
+        if now.reloads <= server.reloads:
+            return None
+        if now.reload_error:
+            raise ServerError(f"the server at {server.url} could not reload (it still serves "
+                              f"{now.version or now.model}): {now.reload_error}")
+        return now
+
+    now = wait_until(reloaded, timeout_s, interval_s=0.2)
+    if now is None:
+        raise ServerError(f"the server at {server.url} did not reload within {timeout_s:.0f}s")
+    return now
 
 
 def stop(root: Path, server: Server, timeout_s: float = 60) -> None:
@@ -227,18 +233,15 @@ def _gone(pid: int, timeout_s: float) -> bool:
     """
     import psutil
 
-    deadline = time.monotonic() + timeout_s
-    while True:
+    def ended() -> bool:
         try:
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
                 return True
         except ChildProcessError:  # not our child: only its state tells
             pass
         try:
-            if psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
-                return True
+            return psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
         except psutil.NoSuchProcess:
             return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.1)
+
+    return bool(wait_until(ended, timeout_s, interval_s=0.1))

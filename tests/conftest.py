@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -287,16 +286,20 @@ def snapshot(project: Path, *paths: str) -> dict[str, bytes]:
 
 
 def _wait_http(url: str, proc: subprocess.Popen, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before answering {url}")
+    from llmops.procs import Exited, wait_until
+
+    def answers() -> bool:
         try:
             urllib.request.urlopen(url, timeout=2)
-            return
+            return True
         except Exception:
-            time.sleep(0.5)
-    raise RuntimeError(f"no answer from {url} within {seconds}s")
+            return False
+
+    try:
+        if not wait_until(answers, seconds, interval_s=0.5, proc=proc):
+            raise RuntimeError(f"no answer from {url} within {seconds}s")
+    except Exited as exc:
+        raise RuntimeError(f"server exited with {exc.returncode} before answering {url}") from None
 
 
 @contextmanager

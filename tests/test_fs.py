@@ -1,4 +1,5 @@
-"""The one writer of files and directories (llmops/fs.py): whole or not at all, private where asked, fetched once."""
+"""The one writer of files and directories (llmops/fs.py): whole or not at all, private where asked, fetched once;
+and the one polling loop (llmops/procs.py)."""
 
 from __future__ import annotations
 
@@ -68,3 +69,18 @@ def test_a_fetch_is_complete_or_absent_and_the_first_one_wins(tmp_path):
     assert fetch_into(target, racing) == target
     assert (target / "weights").read_text() == "theirs" and _left(target.parent) == ["v1"]
     assert fetch_into(target, broken) == target  # there already: not fetched again
+
+
+def test_one_polling_loop_stops_on_the_first_answer_a_dead_process_or_the_clock():
+    import subprocess
+    import time
+
+    from llmops.procs import Exited, wait_until
+
+    answers = iter([None, 0, "ready"])
+    assert wait_until(lambda: next(answers), 5, interval_s=0.01) == "ready"
+    started = time.monotonic()
+    assert wait_until(lambda: None, 0.3, interval_s=0.05) is None and time.monotonic() - started < 2
+    proc = subprocess.Popen(["sleep", "0.2"])
+    with pytest.raises(Exited):  # at once, not after the 60 s
+        wait_until(lambda: False, 60, interval_s=0.05, proc=proc)
