@@ -233,9 +233,12 @@ def _seen(path: Path) -> dict[str, str]:
 
 
 def _sha256(path: Path) -> str | None:
+    """A file's sha256 (a symlink's: of its target's name); None where there is none."""
+    from llmops.provenance import sha256_file
+
     if path.is_symlink():
         return hashlib.sha256(os.readlink(path).encode()).hexdigest()
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return sha256_file(path) if path.is_file() else None
 
 
 def _put(dest: Path, src: Path) -> None:
