@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def _wait(url: str, proc: subprocess.Popen, seconds: float = 300) -> dict:
-    from llmops.procs import Exited, wait_until
+    from llmops.core.procs import Exited, wait_until
 
     def answer() -> dict | None:
         try:
@@ -58,7 +58,7 @@ def _wait(url: str, proc: subprocess.Popen, seconds: float = 300) -> dict:
 
 
 def _port() -> int:
-    from llmops.servers import free_port
+    from llmops.serving.instances import free_port
 
     return free_port()
 
@@ -140,7 +140,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="the figures as JSON")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE.parents[0]))
-    from llmops.apikeys import hash_key, new_key
+    from llmops.governance.apikeys import hash_key, new_key
 
     project = args.project.resolve()
     key = new_key()
@@ -201,7 +201,7 @@ def main() -> int:
 
 def _end_canary(project: Path, canary: str, env: dict) -> str:
     """Drop the run's canary, or say why the servers dropped it themselves (automatic rollback) during the run."""
-    from llmops import registry
+    from llmops.registry import versions as registry
 
     if registry.canary(project) is not None:
         subprocess.run([str(BIN / "llmops"), "registry", "canary", "drop", "--why", "load test over"], cwd=project,

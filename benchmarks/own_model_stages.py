@@ -255,7 +255,7 @@ def _serve(project: Path, env: dict, work: Path, args) -> dict:
     different eval question (no response-cache hits), `--max-tokens` each, greedy."""
     from openai import OpenAI
 
-    from llmops.servers import free_port
+    from llmops.serving.instances import free_port
 
     key = _cli(["serve", "keygen", "--name", "bench"], project, env).stdout.split()[0]
     port = free_port()

@@ -3,9 +3,9 @@
     python benchmarks/quantize_latency.py                      # GPU: int4_weight_only, int8_weight_only, nf4
     python benchmarks/quantize_latency.py --tiny --device cpu  # CPU smoke test with a toy model
 
-Each method goes the way the quantize stage takes it (llmops.quantization.quantize from a saved
-float directory, save_pretrained to safetensors, reload with llmops.modeling.load_causal_lm) and
-is timed with the stage's own llmops.inference.ms_per_token: greedy decoding of exactly N tokens
+Each method goes the way the quantize stage takes it (llmops.training.quantization.quantize from a saved
+float directory, save_pretrained to safetensors, reload with llmops.training.modeling.load_causal_lm) and
+is timed with the stage's own llmops.evaluation.inference.ms_per_token: greedy decoding of exactly N tokens
 after a warm-up, median of the repeats, at batch 1 and batch 8. Repeats of all models are
 interleaved so drift on the lent machine hits every model alike.
 
@@ -26,8 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmops import inference, quantization  # noqa: E402
-from llmops.modeling import load_causal_lm, train_tokenizer  # noqa: E402
+from llmops.evaluation import inference  # noqa: E402
+from llmops.training import quantization
+from llmops.training.modeling import load_causal_lm, train_tokenizer  # noqa: E402
 
 GPU_MODEL = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=2816,
                  vocab_size=32000)

@@ -3,10 +3,10 @@
     python benchmarks/serve_adapters.py                # GPU: the ~374M Llama of serve_throughput.py, bf16
     python benchmarks/serve_adapters.py --device cpu   # CPU: its ~40M Llama, float32
 
-1. Generated tokens/s of the serving engine (llmops.engine, continuous batching, in this process)
+1. Generated tokens/s of the serving engine (llmops.serving.engine, continuous batching, in this process)
    with --requests concurrent greedy requests of exactly --new-tokens tokens each:
    the model alone (no adapters: CUDA graphs on a GPU), one LoRA adapter for every request, and
-   --adapters adapters mixed in the same batches (llmops/multilora.py). The ratios printed are
+   --adapters adapters mixed in the same batches (llmops/serving/multilora.py). The ratios printed are
    mixed / one adapter (the cost of mixing) and one adapter / model alone (the cost of LoRA).
 2. The response cache through the real server (`llmops serve --model DIR`, the openai client):
    the latency of a greedy request that generates (miss) against the same request again (hit).
@@ -56,7 +56,7 @@ def engine_throughput(model_dir: Path, texts: list[str], new_tokens: int, adapte
                       spread: int, adapter_mode: bool = True) -> float:
     """tokens/s of one Engine answering every text at once; `spread`: how many of the adapters the requests use
     (0: the model alone); `adapter_mode`: the engine is set up for adapters (no CUDA graphs, no prefix caching)."""
-    from llmops.engine import Engine, Sampling
+    from llmops.serving.engine import Engine, Sampling
 
     engine = Engine(model_dir, max_concurrency=len(texts), adapters=adapter_mode)
     ids = [engine.tokenizer(t)["input_ids"] for t in texts]

@@ -29,8 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmops.modeling import train_tokenizer  # noqa: E402
-from llmops.apikeys import hash_key  # noqa: E402
+from llmops.training.modeling import train_tokenizer  # noqa: E402
+from llmops.governance.apikeys import hash_key  # noqa: E402
 
 MODELS = {
     "cuda": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=2816,
@@ -108,7 +108,7 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
         # `llmops serve`, through its entry point (the console script may not be installed where this runs)
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from llmops.cli import main; sys.exit(main())", "serve", "--model",
+            [sys.executable, "-c", "import sys; from llmops.cli.main import main; sys.exit(main())", "serve", "--model",
              str(model_dir), "--port", str(port), "--max-concurrency", str(concurrency),
              "--cache-entries", str(cache_entries)],  # 0 here: the prompts repeat across the runs
             cwd=model_dir.parent,

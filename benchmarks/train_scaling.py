@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-CLI = "import sys; from llmops.cli import main; sys.exit(main(sys.argv[1:]))"
+CLI = "import sys; from llmops.cli.main import main; sys.exit(main(sys.argv[1:]))"
 # ~374M parameters with a 32000-token vocabulary: the model of train_throughput.py (the tokenizer trained on the
 # sample corpus may stop short of 32000 tokens; the table prints the parameter count the stage reports)
 MODEL = ["model.vocab_size=32000", "model.hidden_size=1024", "model.num_layers=24", "model.num_heads=16",
@@ -49,7 +49,7 @@ class Failed(Exception):
 
 
 def project(workdir: Path, name: str, overrides: list[str]) -> Path:
-    from llmops.config import load_params, write_params
+    from llmops.core.config import load_params, write_params
 
     dest = workdir / name
     shutil.copytree(ROOT, dest, ignore=IGNORE)
@@ -75,7 +75,7 @@ def train(dest: Path, timeout: float = 900) -> dict:
 
 def killed_and_resumed(dest: Path, every: int) -> tuple[int, dict]:
     """Start the job, SIGKILL its process group once the first checkpoint is complete, run it again."""
-    from llmops import checkpoints
+    from llmops.training import checkpoints
 
     ckpt = dest / "checkpoints/train/pretrain/checkpoints"
     proc = subprocess.Popen([sys.executable, "-c", CLI, "train", "pretrain"], cwd=dest, stdout=subprocess.DEVNULL,

@@ -7,18 +7,18 @@
 A run is named  IMPL[-ADAPTER][-KERNELS][-ckpt][@MICROBATCH][+DATA]:
 
     IMPL      plain: a hand-written PyTorch loop (fp32 weights, torch.autocast(bf16), fused AdamW,
-                     grad clipping); ours: our train stage (llmops.trainer.start_engine: DeepSpeed
+                     grad clipping); ours: our train stage (llmops.training.trainer.start_engine: DeepSpeed
                      ZeRO-2 bf16 + train_steps), with the model built as the trainer builds it
     ADAPTER   lora: peft LoRA r16 on every linear layer (FinetuneParams' method), or on the layers
               --lora-targets names; qlora: the same on a 4-bit NF4 base, loaded by
-              llmops.trainer.build_model exactly as `qlora: true` does
-    KERNELS   liger: llmops.trainer.with_kernels (Liger's RoPE, RMSNorm, SwiGLU, fused linear
+              llmops.training.trainer.build_model exactly as `qlora: true` does
+    KERNELS   liger: llmops.training.trainer.with_kernels (Liger's RoPE, RMSNorm, SwiGLU, fused linear
               cross-entropy); compile: torch.compile (plain) or DeepSpeed's engine.compile() (ours)
-    -ckpt     activation checkpointing (llmops.trainer.with_checkpointing)
+    -ckpt     activation checkpointing (llmops.training.trainer.with_checkpointing)
     DATA      random tokens (default), or a length mix of instruction examples: +padded (one per
-              row, padded to the longest, as fine-tuning did) or +packed (llmops.modeling.pack_examples)
+              row, padded to the longest, as fine-tuning did) or +packed (llmops.training.modeling.pack_examples)
 
-Every run starts in its own process, gets its batches through llmops.trainer.Batches, warms
+Every run starts in its own process, gets its batches through llmops.training.trainer.Batches, warms
 up, then times whole optimizer steps (each ends in loss.item() plus a device synchronize).
 tokens/s counts real tokens (no padding). MFU = tokens/s * (6N + 12 L H T) / peak, N = every
 parameter (GPU.md's definition); peak is the dense bf16 datasheet rate (989 TFLOP/s for
@@ -105,7 +105,7 @@ def _model(spec: dict[str, Any], run: dict[str, Any], cfg: Any, device: Any) -> 
     import torch
     from transformers import LlamaForCausalLM
 
-    from llmops.trainer import TrainJob, build_model, with_checkpointing, with_kernels
+    from llmops.training.trainer import TrainJob, build_model, with_checkpointing, with_kernels
 
     torch.manual_seed(0)
     if run["adapter"] == "qlora":
@@ -125,7 +125,7 @@ def _model(spec: dict[str, Any], run: dict[str, Any], cfg: Any, device: Any) -> 
     if run["adapter"] == "lora":
         from peft import get_peft_model
 
-        from llmops.adapters import METHODS
+        from llmops.core.peft_methods import METHODS
 
         model = get_peft_model(model, METHODS["lora"].peft_config(cfg.method_params))
     return model
@@ -133,8 +133,8 @@ def _model(spec: dict[str, Any], run: dict[str, Any], cfg: Any, device: Any) -> 
 
 def _train_cfg(run: dict[str, Any], spec: dict[str, Any]) -> Any:
     """The project's own params models, as params.yaml would give them."""
-    from llmops.adapters import LoraParams
-    from llmops.config import DeepSpeedParams, FinetuneParams, PretrainParams
+    from llmops.core.peft_methods import LoraParams
+    from llmops.core.config import DeepSpeedParams, FinetuneParams, PretrainParams
 
     common = dict(steps=spec["warmup"] + spec["steps"], lr=LR, lr_schedule="constant", warmup_steps=1,
                   micro_batch=run["mb"], grad_accum=1, max_seq_len=spec["seq"], checkpoint_every=0,
@@ -149,7 +149,7 @@ def _train_cfg(run: dict[str, Any], spec: dict[str, Any]) -> Any:
 
 def length_mix(spec: dict[str, Any], n: int) -> list[tuple[list[int], list[bool]]]:
     """Instruction examples of mixed length (log-normal, median seq/8, capped at seq), 40% of each the prompt: each
-    its token ids and which are trained (the response), as llmops.modeling.encode_row gives them."""
+    its token ids and which are trained (the response), as llmops.training.modeling.encode_row gives them."""
     import random
 
     rng = random.Random(1)
@@ -165,7 +165,7 @@ def length_mix(spec: dict[str, Any], n: int) -> list[tuple[list[int], list[bool]
 def _tensors(spec: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from llmops.modeling import pack_examples, pad_examples
+    from llmops.training.modeling import pack_examples, pad_examples
 
     if run["data"] == "random":
         gen = torch.Generator().manual_seed(1)
@@ -206,12 +206,12 @@ class Timer:
 
 def child(run: dict[str, Any], spec: dict[str, Any], out: Path) -> None:
     raw_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    from llmops.trainer import sanitized_env
+    from llmops.training.trainer import sanitized_env
 
     os.environ.update(sanitized_env())  # before DeepSpeed is imported: its op builder reads this at JIT time
     import torch
 
-    from llmops.trainer import Batches, model_inputs
+    from llmops.training.trainer import Batches, model_inputs
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
@@ -248,7 +248,7 @@ def child(run: dict[str, Any], spec: dict[str, Any], out: Path) -> None:
 
         import torch.distributed as dist
 
-        from llmops.trainer import start_engine, train_steps
+        from llmops.training.trainer import start_engine, train_steps
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         engine = start_engine(model, cfg, run["kernels"])
@@ -323,7 +323,7 @@ def _version(dist: str) -> str | None:
 
 
 def launch(run: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any] | None:
-    from llmops.servers import free_port
+    from llmops.serving.instances import free_port
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
     # single-process "distributed" job for DeepSpeed, on a fresh port so runs never share a store

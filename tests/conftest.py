@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llmops.servers import free_port  # (the tests' ports, found as the project finds its own)
+from llmops.serving.instances import free_port  # (the tests' ports, found as the project finds its own)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -103,7 +103,7 @@ TINY_GATE = [
 
 def set_params(project: Path, *overrides: str) -> None:
     """Write dotted overrides into the project's params.yaml (checked by the schema, as `-S` is)."""
-    from llmops.config import load_params, write_params
+    from llmops.core.config import load_params, write_params
 
     write_params(project / "params.yaml", load_params(project / "params.yaml", overrides))
 
@@ -243,8 +243,8 @@ def versioned_project(two_versions: Path, tmp_path: Path) -> Path:
 
 def copy_ran_project(pipeline: Path, into: Path) -> Path:
     """A copy of a run project (outputs, dvc.lock, DVC cache, git history and tags) with a remote of its own, where its
-    audit trail goes with it: the registry's tags are accounted for by the trail's records (llmops/registry.py)."""
-    from llmops.config import load_params
+    audit trail goes with it: the registry's tags are accounted for by the trail's records (llmops/registry/versions.py)."""
+    from llmops.core.config import load_params
 
     dest = into / "project"
     shutil.copytree(pipeline, dest, symlinks=True)
@@ -258,7 +258,7 @@ def copy_ran_project(pipeline: Path, into: Path) -> Path:
 
 def stop_servers(project: Path) -> None:
     """Stop the servers a test's deploy left running (they outlive the run by design), and check they are gone."""
-    from llmops import servers
+    from llmops.serving import instances as servers
 
     left = servers.running(project)
     run(["llmops", "serve", "stop"], project, check=bool(left))
@@ -286,7 +286,7 @@ def snapshot(project: Path, *paths: str) -> dict[str, bytes]:
 
 
 def _wait_http(url: str, proc: subprocess.Popen, seconds: float) -> None:
-    from llmops.procs import Exited, wait_until
+    from llmops.core.procs import Exited, wait_until
 
     def answers() -> bool:
         try:

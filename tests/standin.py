@@ -45,7 +45,7 @@ LICENCE = "apache-2.0"
 
 def _text() -> list[str]:
     """What the tokenizers learn their merges from: the demo's corpus and arithmetic words."""
-    from llmops import sample_data
+    from llmops.data import sample_data
 
     return sample_data.corpus(0, 1500).splitlines() + [
         "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, REPO, run, set_params, snapshot
-from llmops.config import load_params
-from llmops.datasets import DataError
-from llmops.stats import bootstrap
-from llmops.storage import StorageError
-from tasks.audit_bias import load_pairs
+from llmops.core.config import load_params
+from llmops.data.datasets import DataError
+from llmops.core.stats import bootstrap
+from llmops.core.storage import StorageError
+from llmops.pipeline.stages.audit_bias import load_pairs
 
 CROWS = REPO.parent / "shared/data/crows_pairs/crows_pairs_anonymized.csv"
 HEADER = "sent_more,sent_less,stereo_antistereo,bias_type\n"

@@ -9,7 +9,7 @@ import pickle
 import pytest
 import torch
 
-from llmops import checkpoints
+from llmops.training import checkpoints
 
 
 class _Planted:

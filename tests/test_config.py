@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, base_env, run, set_params
-from llmops.config import ConfigError, Params, StorageParams, load_params, storage_from_env, write_params
+from llmops.core.config import ConfigError, Params, StorageParams, load_params, storage_from_env, write_params
 
 # YAML files that are not params, each checked by its own tool elsewhere in the suite.
 OTHER_YAML = {
@@ -185,7 +185,7 @@ def test_stage_cli_reports_a_bad_data_file_with_file_and_line(project):
 
 
 def test_each_project_gets_a_local_remote_of_its_own(tmp_path):
-    from llmops.config import storage_for
+    from llmops.core.config import storage_for
 
     def repo(path: Path, message: str) -> Path:
         path.mkdir()

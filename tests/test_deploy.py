@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from conftest import free_port, run, set_params, stop_servers
-from llmops import servers
+from llmops.serving import instances as servers
 
 pytestmark = [pytest.mark.services, pytest.mark.training]
 
@@ -24,8 +24,8 @@ def test_a_broken_smoke_test_leaves_production_serving_the_version_before(versio
     step is called directly, on v1 in production and v2 registered.)"""
     from openai import OpenAI
 
-    from llmops import deploy
-    from llmops.config import load_params
+    from llmops.serving import deploy
+    from llmops.core.config import load_params
 
     project = versioned_project
     port = free_port()

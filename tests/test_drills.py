@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import base_env, free_port, run, set_params, stop_servers
-from llmops import audit
+from llmops.governance import audit
 
 pytestmark = [pytest.mark.services, pytest.mark.training]
 

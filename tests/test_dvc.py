@@ -9,7 +9,7 @@ import boto3
 import pytest
 
 from conftest import REPO, base_env, run, set_params
-from llmops.stage import plan
+from llmops.pipeline.stage import plan
 
 pytestmark = pytest.mark.services
 
@@ -54,7 +54,7 @@ def test_repro_runs_every_stage_then_only_what_changed(pipeline, ran_project):
 def test_a_file_params_name_edited_in_place_runs_its_stage_again(ran_project):
     """Your instruction file, or your bias pairs file, edited in place (params unchanged): the stage that reads it
     runs again on the new contents; it once said "didn't change, skipping" and kept the stale outputs."""
-    from llmops import bias_pairs
+    from llmops.evaluation import bias_pairs
 
     project = ran_project
     pairs = project / "pairs.jsonl"

@@ -22,7 +22,7 @@ def _rows(n: int) -> list[dict]:
 
 
 def test_erasure_finds_every_form_and_proves_no_copy_remains(project):
-    from llmops.feedback import Store, database_url
+    from llmops.serving.feedback import Store, database_url
 
     rows = _rows(40)
     rows[3] = {"prompt": f"Who wrote to Jan {SUBJECT}?", "response": "a friend"}  # stored escaped: \\u00d8l
@@ -61,7 +61,7 @@ def test_erasure_finds_every_form_and_proves_no_copy_remains(project):
     with store.engine.connect() as conn:
         from sqlalchemy import select
 
-        from llmops.feedback import requests
+        from llmops.serving.feedback import requests
         assert [r[0] for r in conn.execute(select(requests.c.request_id))] == ["cmpl-2"]
 
     # a copy the erasure does not know of (a file someone saved by hand): it fails, naming it
@@ -85,7 +85,7 @@ def test_erasure_removes_the_prefect_runs_that_name_the_subject(project):
     import sys
 
     script = (
-        "from llmops.prefect_api import prefect_api\n"
+        "from llmops.pipeline.prefect_api import prefect_api\n"
         "with prefect_api('.'):\n"
         "    from prefect import flow, get_run_logger\n"
         "    @flow(name='note')\n"

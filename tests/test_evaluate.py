@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from llmops.metrics import normalise
-from llmops.stats import wilson
-from tasks.evaluate import majority_answers
+from llmops.evaluation.metrics import normalise
+from llmops.core.stats import wilson
+from llmops.pipeline.stages.evaluate import majority_answers
 
 
 def test_wilson_interval_is_the_textbook_formula():
@@ -82,8 +82,8 @@ def test_harness_tasks_on_local_data_are_scored_on_both_models_as_we_score_them(
     adapter switched off, then on) through the chat template, and its perplexity is what our own log-likelihoods of
     the same text give; the gate judges the share-valued metric against the base."""
     from conftest import BIN, run, set_params
-    from llmops import inference
-    from llmops.config import load_params
+    from llmops.evaluation import inference
+    from llmops.core.config import load_params
 
     (ran_project / "evals").mkdir()
     (ran_project / "evals/answers.yaml").write_text(HARNESS_TASK)
@@ -124,8 +124,8 @@ def test_harness_tasks_on_local_data_are_scored_on_both_models_as_we_score_them(
 
 
 def test_harness_tasks_that_cannot_run_are_refused_before_any_model_loads(tmp_path):
-    from llmops import harness
-    from llmops.config import ConfigError
+    from llmops.evaluation import harness
+    from llmops.core.config import ConfigError
 
     (tmp_path / "empty.yaml").write_text("dataset_path: json\n")
     (tmp_path / "broken.yaml").write_text("task: [unclosed\n")

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from conftest import BIN, _wait_http, base_env, free_port, run
-from llmops import explain
+from llmops.evaluation import explain
 
 FILLERS = [f"w{i}" for i in range(12)]
 KEYS = ["red", "green", "blue"]  # the one token in each prompt that decides its answer
@@ -95,7 +95,7 @@ def test_a_prompt_over_the_context_is_refused(toy, tmp_path):
 def test_the_server_explains_under_the_same_keys(toy, tmp_path):
     from openai import AuthenticationError, BadRequestError, OpenAI
 
-    from llmops.apikeys import hash_key
+    from llmops.governance.apikeys import hash_key
 
     key, port = "sk-test-explain", free_port()
     proc = subprocess.Popen([str(BIN / "llmops"), "serve", "--model", str(toy), "--port", str(port)], cwd=tmp_path,

@@ -10,8 +10,8 @@ import boto3
 import pytest
 
 from conftest import REPO, base_env, free_port, run, set_params, stop_servers
-from llmops.config import load_params
-from llmops.stage import plan
+from llmops.core.config import load_params
+from llmops.pipeline.stage import plan
 
 STAGES = [s.dvc_name for s in plan(REPO)]
 

@@ -1,5 +1,5 @@
-"""The one writer of files and directories (llmops/fs.py): whole or not at all, private where asked, fetched once;
-and the one polling loop (llmops/procs.py)."""
+"""The one writer of files and directories (llmops/core/fs.py): whole or not at all, private where asked, fetched once;
+and the one polling loop (llmops/core/procs.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from llmops.fs import fetch_into, write_text, writing
+from llmops.core.fs import fetch_into, write_text, writing
 
 
 def _left(directory) -> list[str]:
@@ -75,7 +75,7 @@ def test_one_polling_loop_stops_on_the_first_answer_a_dead_process_or_the_clock(
     import subprocess
     import time
 
-    from llmops.procs import Exited, wait_until
+    from llmops.core.procs import Exited, wait_until
 
     answers = iter([None, 0, "ready"])
     assert wait_until(lambda: next(answers), 5, interval_s=0.01) == "ready"

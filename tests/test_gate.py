@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, REPO, run, set_params
-from llmops.config import ConfigError, load_params
-from llmops.stage import StageFailed
-from tasks.gate import INPUTS, run_gate
+from llmops.core.config import ConfigError, load_params
+from llmops.pipeline.stage import StageFailed
+from llmops.pipeline.stages.gate import INPUTS, run_gate
 
 # A release that passes the default thresholds, with each figure a step away from its threshold.
 def _scored(**values: float) -> dict:
@@ -85,7 +85,7 @@ def test_contradicting_or_impossible_thresholds_are_refused(overrides, message):
 
 
 def test_missing_metrics_name_the_stage_to_run(tmp_path):
-    from llmops.datasets import DataError
+    from llmops.data.datasets import DataError
 
     (tmp_path / "reports").mkdir()
     with pytest.raises(DataError, match=r"reports/evaluate/metrics.json: no such file; run the evaluate stage"):
@@ -110,7 +110,7 @@ def test_gate_cli_on_the_run_pipeline(ran_project):
 def test_each_bias_type_is_judged_with_its_interval_at_a_family_wise_95_percent():
     """A type whose pairs all lean one way fails once there are enough of them to say so, whatever the overall figure:
     0 of 16 pairs among six types is within 25 points of 50 at 99.17% (Wilson: 0-30.3), 0 of 30 is not (0-18.7)."""
-    from tasks.gate import decide
+    from llmops.pipeline.stages.gate import decide
 
     cfg = load_params(REPO / "params.yaml").gate
     def verdict(pairs: int):

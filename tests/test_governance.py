@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, base_env, run, set_params
-from llmops import access, audit, identity, registry
+from llmops.governance import access
+from llmops.governance import audit
+from llmops.governance import identity
+from llmops.registry import versions as registry
 
 ROLES = ("viewer", "operator", "approver", "admin")
 
@@ -217,7 +220,7 @@ def _people(project: Path, default: str = "viewer") -> access.Policy:
 def _as(project: Path, name: str) -> dict[str, str]:
     """The environment of someone acting with their own key (LLMOPS_TOKEN): the key's hash is written to the project's
     keys file as `llmops serve keygen` writes it (the tests set up, as an insider would)."""
-    from llmops import apikeys
+    from llmops.governance import apikeys
 
     key = f"sk-llmops-test-{name}"
     keys = project / apikeys.DEFAULT_FILE
@@ -430,7 +433,7 @@ def test_identity_is_not_self_asserted(project):
                  env=base_env(LLMOPS_TOKEN="sk-llmops-made-up"), check=False)
     assert forged.returncode == 1 and "LLMOPS_TOKEN is not a key of this project" in forged.stderr
     # a variable the server reads for its keys names no CLI identity either: anyone can set it
-    from llmops.apikeys import hash_key
+    from llmops.governance.apikeys import hash_key
     env = base_env(LLMOPS_TOKEN="sk-llmops-mine", LLMOPS_API_KEY_HASHES=f"{hash_key('sk-llmops-mine')}:admin-person")
     assert "not a key of this project" in run([llmops, "registry", "rollback", "--why", "x"], project, env=env,
                                                check=False).stderr
@@ -451,7 +454,7 @@ def test_every_mutating_command_goes_through_the_policy_and_the_trail(project):
     """feedback accept/reject and serve stop/reload are refused to those the policy does not allow, and audited."""
     from datetime import datetime, timezone
 
-    from llmops.feedback import Store, database_url
+    from llmops.serving.feedback import Store, database_url
 
     _people(project)
     llmops = str(BIN / "llmops")

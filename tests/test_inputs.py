@@ -1,5 +1,5 @@
 """Every file a stage reads is a dependency of it: the inputs stage fingerprints each file params name
-(llmops/fingerprints.py), and an edit in place changes the fingerprint of the stage that reads it, and of no other."""
+(llmops/pipeline/fingerprints.py), and an edit in place changes the fingerprint of the stage that reads it, and of no other."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import toy_model
-from llmops import fingerprints
-from llmops.config import Params, StorageParams, readers
+from llmops.pipeline import fingerprints
+from llmops.core.config import Params, StorageParams, readers
 
 
 def _prints(root: Path, params: Params) -> dict[str, str]:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from llmops.config import ConfigError, FinetuneParams, PretrainParams, load_params
-from llmops.launch import LaunchError, check_qlora, rendezvous_endpoint, resolve_kernels, torchrun_args
+from llmops.core.config import ConfigError, FinetuneParams, PretrainParams, load_params
+from llmops.training.launch import LaunchError, check_qlora, rendezvous_endpoint, resolve_kernels, torchrun_args
 from conftest import BIN, free_port, set_params
 
 KEY = "train.pretrain"
@@ -35,13 +35,13 @@ def test_liger_without_a_gpu_is_refused():
 
 
 def test_on_a_gpu_without_liger_kernel_auto_says_so_and_liger_is_refused(monkeypatch):
-    monkeypatch.setattr("llmops.launch.liger_installed", lambda: False)
+    monkeypatch.setattr("llmops.training.launch.liger_installed", lambda: False)
     said, note = _notes()
     assert resolve_kernels(PretrainParams(), KEY, cuda=True, note=note) == "none"
     assert "liger-kernel is not installed" in said[0]
     with pytest.raises(LaunchError, match=r"liger needs liger-kernel and triton: pip install -e '.\[gpu\]'"):
         resolve_kernels(PretrainParams(kernels="liger"), KEY, cuda=True)
-    monkeypatch.setattr("llmops.launch.liger_installed", lambda: True)
+    monkeypatch.setattr("llmops.training.launch.liger_installed", lambda: True)
     assert resolve_kernels(PretrainParams(), KEY, cuda=True) == "liger"
 
 

@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from llmops import metrics
+from llmops.evaluation import metrics
 
 
 def test_exact_match_normalises_case_spaces_punctuation_and_articles():

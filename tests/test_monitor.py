@@ -14,8 +14,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from conftest import base_env, free_port, postgres, prefect_server, run, set_params, stop_servers
-from llmops.feedback import FeedbackError, Store, UnknownRequest
-from llmops.requestlog import Writer, read_window
+from llmops.serving.feedback import FeedbackError, Store, UnknownRequest
+from llmops.serving.requestlog import Writer, read_window
 
 @pytest.fixture(scope="module")
 def monitor_api(tmp_path_factory):
@@ -81,7 +81,7 @@ def test_a_server_configured_with_postgresql_keeps_its_feedback_there(tmp_path):
     from openai import OpenAI
 
     from conftest import BIN, _wait_http, toy_model
-    from llmops.apikeys import hash_key
+    from llmops.governance.apikeys import hash_key
 
     model, port, key = toy_model(tmp_path / "toy"), free_port(), "sk-llmops-feedback-test"
     with postgres() as url:
@@ -105,9 +105,9 @@ def test_a_server_configured_with_postgresql_keeps_its_feedback_there(tmp_path):
 
 
 def test_a_user_registers_a_checker_for_their_own_tasks(tmp_path, monkeypatch):
-    from llmops.checks import checker
-    from llmops.config import ConfigError
-    from llmops.monitor_report import rows
+    from llmops.monitoring.checks import checker
+    from llmops.core.config import ConfigError
+    from llmops.monitoring.report import rows
 
     (tmp_path / "my_checks.py").write_text(
         "import re\n"
@@ -126,9 +126,9 @@ def test_a_user_registers_a_checker_for_their_own_tasks(tmp_path, monkeypatch):
 
 
 def test_each_dataset_version_is_one_commit_and_a_failed_one_leaves_the_checkout_as_it_was(project):
-    from llmops import corrections
-    from llmops.checks import checker
-    from llmops.config import load_params
+    from llmops.pipeline import corrections
+    from llmops.monitoring.checks import checker
+    from llmops.core.config import load_params
 
     store = Store(f"sqlite:///{project / '.llmops/serve/feedback.db'}")
     for i, (prompt, right) in enumerate([("What number comes after 4?", "5"), ("Tell me a joke", "No.")]):
@@ -160,7 +160,7 @@ def test_each_dataset_version_is_one_commit_and_a_failed_one_leaves_the_checkout
     assert not (project / first.path).exists() and not run(["git", "status", "--porcelain"], project).stdout
     assert corrections.new_version(project, store, checker(["sample_tasks"])) is None  # nothing new
     # the pointer is a stage of DVC's graph too; the pipeline's plan is still dvc.yaml's stages, in order
-    from llmops.stage import plan
+    from llmops.pipeline.stage import plan
 
     assert [s.dvc_name for s in plan(project)][:4] == ["inputs", "prepare_data", "validate_data", "train@pretrain"]
 
@@ -169,8 +169,8 @@ def test_each_dataset_version_is_one_commit_and_a_failed_one_leaves_the_checkout
 def test_the_window_is_read_from_s3_partitions(tmp_path, s3_endpoint, bucket):
     import boto3
 
-    from llmops.config import StorageParams
-    from llmops.requestlog import LogError
+    from llmops.core.config import StorageParams
+    from llmops.serving.requestlog import LogError
 
     writer = Writer(tmp_path / "log")
     for i in range(3):
@@ -189,8 +189,8 @@ def test_the_window_is_read_from_s3_partitions(tmp_path, s3_endpoint, bucket):
 
 
 def test_the_wordlist_detector_flags_profanity_and_not_numbers():
-    from llmops.checks import detectors
-    from llmops.config import HarmfulParams
+    from llmops.monitoring.checks import detectors
+    from llmops.core.config import HarmfulParams
 
     detect = detectors(HarmfulParams(detectors=["wordlist"]))["wordlist"]
     assert detect(["you are a fucking idiot", "f u c k this", "sh1t", "85", "What number comes after 41?", ""]) == \
@@ -202,8 +202,8 @@ def test_a_local_classifier_is_a_harmful_content_detector(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
-    from llmops.checks import detectors
-    from llmops.config import ConfigError, HarmfulParams
+    from llmops.monitoring.checks import detectors
+    from llmops.core.config import ConfigError, HarmfulParams
 
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

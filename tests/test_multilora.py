@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from llmops.engine import Engine, EngineError, Sampling
+from llmops.serving.engine import Engine, EngineError, Sampling
 from conftest import toy_model
-from llmops.multilora import AdapterError
+from llmops.serving.multilora import AdapterError
 
 PROMPTS = ["w1 w2 w3", "w4 w4 w4 w4 w4 w9 w10", "w7", "w11 w12 w13 w14 w15 w16 w17 w18 w19 w20 w21", "w30 w31"]
 
@@ -212,7 +212,7 @@ def test_a_server_of_one_model_serves_the_canary_from_a_second_engine(versioned_
 
     from conftest import BIN, _wait_http, base_env, free_port, set_params, stop_servers
 
-    from llmops.deploy import project_key
+    from llmops.serving.deploy import project_key
 
     project = versioned_project
     llmops = [str(BIN / "llmops")]
@@ -248,8 +248,8 @@ def _canary(project, api, port, key):
     import urllib.request
 
     from conftest import BIN, run
-    from llmops import registry
-    from llmops.server import _bucket
+    from llmops.registry import versions as registry
+    from llmops.serving.app import _bucket
 
     llmops = [str(BIN / "llmops")]
     bad = run(llmops + ["registry", "canary", "v2", "--share", "150", "--why", "x"], project, check=False)

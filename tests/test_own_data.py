@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 import standin
-from llmops import chat, formats
-from llmops.datasets import DataError
-from llmops.modeling import IGNORE, instruction_tensors
+from llmops.training import chat
+from llmops.data import formats
+from llmops.data.datasets import DataError
+from llmops.training.modeling import IGNORE, instruction_tensors
 
 CONVERSATION = [
     {"role": "system", "content": "You answer in one word."},
@@ -109,7 +110,7 @@ def test_long_rows_are_dropped_or_truncated_and_counted(qwen_tok, overflow, kept
 
 
 def test_a_base_directory_that_cannot_be_fine_tuned_is_refused_naming_what_it_lacks(tmp_path):
-    from llmops.base_model import BaseModelError, check_files
+    from llmops.training.base_model import BaseModelError, check_files
 
     base = standin.build("qwen2", tmp_path / "base")
     check_files(base, "mine")  # whole: passes

@@ -16,9 +16,11 @@ import pytest
 
 import standin
 from conftest import BIN, REPO, _wait_http, base_env, built_once, free_port, make_project, run, set_params, snapshot
-from llmops import chat, formats, licences
-from llmops.config import load_params
-from llmops.modeling import encode_row, load_tokenizer
+from llmops.training import chat
+from llmops.data import formats
+from llmops.training import licences
+from llmops.core.config import load_params
+from llmops.training.modeling import encode_row, load_tokenizer
 
 pytestmark = [pytest.mark.services, pytest.mark.training]
 
@@ -111,7 +113,7 @@ def test_gsm8k_as_chat_on_a_qwen2_base_end_to_end(hf_home, tmp_path):
     ev = json.loads((project / "reports/evaluate/metrics.json").read_text())
     assert ev["headline"] == "numeric" and set(ev["finetuned"]["metrics"]) == {"numeric", "chrf", "exact_match"}
     samples = [json.loads(line) for line in (project / "reports/evaluate/samples.jsonl").read_text().splitlines()]
-    from llmops.metrics import scores
+    from llmops.evaluation.metrics import scores
 
     for model in ("base", "finetuned"):  # the numeric extractor, as metrics.json reports it
         expected = scores("numeric", [s[model] for s in samples], [s["reference"] for s in samples])
@@ -181,7 +183,7 @@ def test_shipped_configs_load_validate_and_run(hf_home, tmp_path, s3_endpoint, b
     (moto), through every stage to a served release."""
     import boto3
 
-    from llmops import sample_data
+    from llmops.data import sample_data
 
     for config in sorted((REPO / "configs").glob("*.yaml")):
         load_params(config)  # every key known, every value valid
@@ -220,7 +222,7 @@ def test_every_stage_runs_on_the_architecture(hf_home, tmp_path, arch, config):
     """Every stage on a stand-in base: LoRA finds its layers (GPT-2's Conv1D too), a quantization that would change
     nothing is refused before training, and what is released serves with the base's template. Llama runs the
     chat-LoRA example config as shipped; GPT-2, which has no chat template, the demo's params with one named."""
-    from llmops import sample_data
+    from llmops.data import sample_data
 
     env = base_env(HF_HOME=str(hf_home))
     if config:
@@ -260,7 +262,7 @@ def test_continued_pretraining_config_pretrains_the_named_base_on_the_corpus(hf_
     a corpus in its own tokens (from its weights, not at random), then fine-tuned on it."""
     from safetensors.torch import load_file
 
-    from llmops import sample_data
+    from llmops.data import sample_data
 
     corpus = tmp_path / "domain.txt"
     corpus.write_text(sample_data.corpus(1, 300))

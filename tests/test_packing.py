@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llmops.modeling import IGNORE, pack_bins, pack_examples, pad_examples, padding_share
-from llmops.trainer import model_inputs
+from llmops.training.modeling import IGNORE, pack_bins, pack_examples, pad_examples, padding_share
+from llmops.training.trainer import model_inputs
 
 PAD = 0
 

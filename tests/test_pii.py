@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from llmops import pii
+from llmops.governance import pii
 
 
 @pytest.mark.parametrize(

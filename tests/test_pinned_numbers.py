@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from llmops.provenance import sha256_file
+from llmops.core.provenance import sha256_file
 
 pytestmark = [pytest.mark.services, pytest.mark.training]  # the session's run pipeline
 

@@ -7,11 +7,11 @@ import random
 
 import pytest
 
-from llmops import sample_data
-from llmops.config import DataParams, StorageParams
-from llmops.datasets import DataError, read_jsonl
-from llmops.storage import StorageError
-from tasks.prepare_data import run_prepare_data
+from llmops.data import sample_data
+from llmops.core.config import DataParams, StorageParams
+from llmops.data.datasets import DataError, read_jsonl
+from llmops.core.storage import StorageError
+from llmops.pipeline.stages.prepare_data import run_prepare_data
 
 FILES = ("train.jsonl", "eval.jsonl", "corpus.txt")
 SMALL = dict(num_examples=300, corpus_lines=200)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from llmops import pii
-from llmops.privacy import HOLD_CHARS, Privacy
+from llmops.governance import pii
+from llmops.governance.privacy import HOLD_CHARS, Privacy
 
 PHONE = "+44 20 7946 0958"
 EMAIL = "jane.doe@example.com"

@@ -18,9 +18,9 @@ DVC_TMP = re.compile(r"\.[A-Za-z0-9_-]{22}\.tmp")  # dvc-objects' partial-upload
 
 PUSH = """
 import sys
-from llmops.config import StorageParams
-from llmops.remote import push
-from llmops.repro import StageError
+from llmops.core.config import StorageParams
+from llmops.pipeline.remote import push
+from llmops.pipeline.repro import StageError
 try:
     push(".", StorageParams(remote="local", local_dir=sys.argv[1]))
 except StageError as exc:

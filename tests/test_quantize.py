@@ -7,8 +7,8 @@ import json
 import pytest
 
 from conftest import BIN, run, set_params, snapshot
-from llmops.modeling import safe_4bit_on_cpu
-from llmops.provenance import sha256_file
+from llmops.training.modeling import safe_4bit_on_cpu
+from llmops.core.provenance import sha256_file
 
 pytestmark = [pytest.mark.services, pytest.mark.training]  # the session's run pipeline
 

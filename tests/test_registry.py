@@ -170,7 +170,7 @@ def test_registry_tags_made_by_hand_are_named_and_refused(origin, tmp_path):
     run(["git", "tag", "-a", "model#production#99", v2, "-m", json.dumps({"by": "mallory", "why": "x"})], repo)
     verify = run([str(BIN / "llmops"), "audit", "verify"], repo, check=False)
     assert verify.returncode == 3 and "registry tag model#production#99 was made outside llmops" in verify.stderr
-    from llmops.apikeys import hash_key
+    from llmops.governance.apikeys import hash_key
     served = run([str(BIN / "llmops"), "serve", "--port", "1"], repo, check=False,
                  env=base_env(LLMOPS_API_KEY_HASHES=hash_key("sk-x")))
     assert served.returncode == 1 and "the registry holds tags made outside llmops (model#production#99" \

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import BIN, run, set_params, snapshot
-from llmops import provenance
-from llmops.datasets import read_jsonl
-from llmops.modeling import answer_start, encode_row, load_tokenizer
+from llmops.core import provenance
+from llmops.data.datasets import read_jsonl
+from llmops.training.modeling import answer_start, encode_row, load_tokenizer
 
 pytestmark = [pytest.mark.services, pytest.mark.training]
 

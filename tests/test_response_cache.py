@@ -2,8 +2,8 @@
 
 import time
 
-from llmops.engine import Sampling
-from llmops.response_cache import Answer, ResponseCache
+from llmops.serving.engine import Sampling
+from llmops.serving.cache import Answer, ResponseCache
 
 
 def test_the_response_cache_is_bounded_and_expires():

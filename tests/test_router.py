@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import BIN, _wait_http, base_env, free_port, run, toy_model
-from llmops.apikeys import hash_key
+from llmops.governance.apikeys import hash_key
 
 pytestmark = pytest.mark.services
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from conftest import make_project, BIN, _wait_http, base_env, free_port, run
-from llmops.datasets import read_jsonl
-from llmops.requestlog import read_window
-from llmops.apikeys import hash_key
+from llmops.data.datasets import read_jsonl
+from llmops.serving.requestlog import read_window
+from llmops.governance.apikeys import hash_key
 
 pytestmark = [pytest.mark.services, pytest.mark.training]
 

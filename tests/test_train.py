@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import BIN, run, set_params
-from llmops import provenance
+from llmops.core import provenance
 
 pytestmark = pytest.mark.training
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from conftest import BIN, run, set_params, snapshot
-from llmops import checkpoints
-from llmops.config import FinetuneParams, ModelParams, PretrainParams
-from llmops.fit import GIB, Devices, FitError, Shape, check_fit, estimate
-from llmops.modeling import (
+from llmops.training import checkpoints
+from llmops.core.config import FinetuneParams, ModelParams, PretrainParams
+from llmops.training.fit import GIB, Devices, FitError, Shape, check_fit, estimate
+from llmops.training.modeling import (
     IGNORE, ParamCount, encode_row, instruction_tensors, llama_config, train_tokenizer,
 )
-from llmops.trainer import (Batches, clear_stale_build_locks, deepspeed_config, sanitize_cuda_arch_list,
+from llmops.training.trainer import (Batches, clear_stale_build_locks, deepspeed_config, sanitize_cuda_arch_list,
                             sanitized_env)
 
 
@@ -24,7 +24,7 @@ def llmops(project: Path, *args: str):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from llmops import sample_data
+    from llmops.data import sample_data
 
     return train_tokenizer(sample_data.corpus(0, 300).splitlines(), 300, 128)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, base_env, run, set_params
-from llmops import checkpoints
+from llmops.training import checkpoints
 
 pytestmark = pytest.mark.training
 EVERY = 10
@@ -96,7 +96,7 @@ def _trainers(project: Path) -> list[str]:
             args = cmdline.read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"llmops.trainer" in args and any(str(project).encode() in a for a in args):
+        if b"llmops.training.trainer" in args and any(str(project).encode() in a for a in args):
             found.append(cmdline.parent.name)
     return found
 

@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llmops.config import DeepSpeedParams, FinetuneParams
-from llmops.trainer import Batches, TrainJob, build_model, sanitized_env, start_engine, train_steps
+from llmops.core.config import DeepSpeedParams, FinetuneParams
+from llmops.training.trainer import Batches, TrainJob, build_model, sanitized_env, start_engine, train_steps
 from conftest import free_port
 
 pytestmark = pytest.mark.training  # DeepSpeed optimizer steps, in this process

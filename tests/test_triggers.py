@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 
 from conftest import base_env, run
-from llmops.triggers import watched
+from llmops.pipeline.triggers import watched
 
 DEAD_API = "http://127.0.0.1:9/api"  # the discard port: nothing answers
 
 
 def test_only_what_the_pipeline_builds_from_retrains():
     assert watched(["params.yaml", "dvc.yaml", "data/corpus.txt.dvc", "README.md", "tests/test_a.py",
-                    "configs/params.yaml", "llmops/cli.py"]) == ["params.yaml", "dvc.yaml", "data/corpus.txt.dvc"]
+                    "configs/params.yaml", "llmops/cli/main.py"]) == ["params.yaml", "dvc.yaml", "data/corpus.txt.dvc"]
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def test_install_hook_refuses_what_it_cannot_do(shared, tmp_path):
     assert out.returncode == 1 and "exists and is not llmops's; pass --force" in out.stderr
     assert "deploy the website" in theirs.read_text()  # left as it was
     run(["llmops", "install-hook", str(bare), "--force"], dev, env=env)
-    assert "llmops.triggers" in theirs.read_text()
+    assert "llmops.pipeline.triggers" in theirs.read_text()
 
 
 @pytest.mark.services

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from llmops import sample_data
-from llmops.config import ValidateDataParams
-from llmops.datasets import DataError, write_jsonl
-from llmops.fs import write_text
-from llmops.stage import StageFailed
-from tasks.validate_data import run_validate_data
+from llmops.data import sample_data
+from llmops.core.config import ValidateDataParams
+from llmops.data.datasets import DataError, write_jsonl
+from llmops.core.fs import write_text
+from llmops.pipeline.stage import StageFailed
+from llmops.pipeline.stages.validate_data import run_validate_data
 
 
 def _splits():
@@ -156,7 +156,7 @@ def test_missing_split_file_is_a_clear_error(tmp_path):
 
 
 def test_report_shows_data_as_text_never_as_markup_that_loads():
-    from tasks.validate_data import CheckResult, ValidationResult, report_markdown
+    from llmops.pipeline.stages.validate_data import CheckResult, ValidationResult, report_markdown
 
     row = {"line": "3", "prompt": "![x](http://evil.example/p.png)", "response": "<img src=http://evil.example/q>|"}
     check = CheckResult(split="train", check="duplicate_rate", expectation="expect_compound_columns_to_be_unique",

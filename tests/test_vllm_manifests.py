@@ -22,8 +22,9 @@ def test_kserve_and_kubernetes_manifests_serve_production_and_its_canary(version
     """v1 in production, v2 its canary: the manifests in both formats; then `deploy.target: vllm` deploys v2."""
     import kubernetes_validate
 
-    from llmops import deploy, registry
-    from llmops.config import load_params
+    from llmops.serving import deploy
+    from llmops.registry import versions as registry
+    from llmops.core.config import load_params
 
     project = versioned_project
     origin = project.parent / "origin.git"
@@ -93,7 +94,7 @@ def test_kserve_and_kubernetes_manifests_serve_production_and_its_canary(version
 
 
 def test_a_manifest_the_schema_refuses_names_the_field():
-    from llmops.vllm_manifests import ManifestError, validate
+    from llmops.serving.vllm_manifests import ManifestError, validate
 
     deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "m"},
                   "spec": {"replicas": "two", "selector": {"matchLabels": {"a": "b"}},
@@ -110,8 +111,8 @@ def test_a_manifest_the_schema_refuses_names_the_field():
 
 
 def test_a_version_without_a_lora_adapter_is_refused_for_vllm():
-    from llmops import registry
-    from llmops.vllm_manifests import ManifestError, _served
+    from llmops.registry import versions as registry
+    from llmops.serving.vllm_manifests import ManifestError, _served
 
     prompt_tuned = registry.Version("v9.0.0", "0" * 40, "", "", {"lineage": {"variant": "quantized/nf4",
                                                                              "adapter": None}})

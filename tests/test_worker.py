@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import BIN, REPO, base_env, copy_ran_project, free_port, run, snapshot, stop_servers
-from llmops.config import load_params
+from llmops.core.config import load_params
 from test_flow import _against
 
 pytestmark = [pytest.mark.services, pytest.mark.training]
@@ -291,7 +291,7 @@ def test_a_release_waits_for_a_reviewer(worker):
 
         assert _against(api_url, reject).status.value == "ACCEPT"
         # bob approves with his own key (an admin made it; the policy makes him an approver): --reviewer is checked
-        from llmops.apikeys import hash_key
+        from llmops.governance.apikeys import hash_key
         (project / ".llmops/serve").mkdir(parents=True, exist_ok=True)
         with open(project / ".llmops/serve/api_keys", "a") as keys:
             keys.write(f"{hash_key('sk-llmops-bob')} bob\n")
@@ -372,7 +372,7 @@ def test_a_push_that_changes_params_retrains_that_commit(worker, tmp_path):
     # of the pushed commit) asks the same question; for the push the hook already handled it finds that run
     workflow = REPO / ".github/workflows/retrain.yml"
     run([str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.github-workflows", str(workflow)], REPO)
-    step = [s for s in yaml.safe_load(workflow.read_text())["jobs"]["retrain"]["steps"] if "llmops.triggers" in
+    step = [s for s in yaml.safe_load(workflow.read_text())["jobs"]["retrain"]["steps"] if "llmops.pipeline.triggers" in
             s.get("run", "")][0]["run"]
     for expr, value in (("github.event.before", before), ("github.sha", good), ("github.ref", "refs/heads/main")):
         step = step.replace("${{ %s }}" % expr, value)

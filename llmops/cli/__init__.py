@@ -1,0 +1,1 @@
+"""The `llmops` command (main) and its verbs."""

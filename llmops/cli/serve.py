@@ -1,0 +1,302 @@
+"""`llmops serve`: run the OpenAI-compatible server on a model directory or a registered version; make API keys."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+from llmops.governance import apikeys
+from llmops.governance import audit
+from llmops.registry import versions as registry
+from llmops.serving import instances as servers
+from llmops.core.config import PARAMS_FILE
+from llmops.core.errors import LlmopsError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API (continuous batching, API keys, metrics)",
+        description="Serve the production version (default), a registered version, or a model directory. "
+        "status, stop and reload act on this project's running servers; keygen, revoke and keys manage its API keys "
+        "(allowed by the access policy, recorded in the audit trail).")
+    parser.add_argument("action", nargs="?", choices=["keygen", "revoke", "keys", "status", "stop", "reload",
+                                                      "manifests"],
+                        help="keygen: make an API key named --name, store its hash; revoke: remove the key named "
+                        "--name (servers drop it on reload); keys: list the keys' names; status: the running servers; "
+                        "stop: stop them (finishing requests in flight); reload: make them load what their ref names "
+                        "now, and the keys and the access policy; manifests: write the Kubernetes manifests for vLLM "
+                        "serving production and its canary (deploy.vllm; --out DIR)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--version", help="a registered version (v3) or stage (production, staging); a server on a "
+                       "stage follows it on reload")
+    which.add_argument("--model", help="a model directory (safetensors weights, tokenizer)")
+    parser.add_argument("--out", help="manifests: the directory (default deploy.vllm.out)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, help="default 8000; for stop and reload: only the server on this port")
+    parser.add_argument("--keys", default=str(apikeys.DEFAULT_FILE),
+                        help=f"file of accepted keys' hashes and names (default {apikeys.DEFAULT_FILE}; also "
+                        f"${{{apikeys.KEYS_ENV}}})")
+    parser.add_argument("--name", help="keygen, revoke: the key's name (its identity in the access policy: key:NAME)")
+    parser.add_argument("--max-concurrency", type=int, default=16, help="requests generated together")
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        help="where the model runs (default: a CUDA GPU when there is one); a replica declares it to "
+                        "`llmops route` this way, and cuda on a machine without one is refused")
+    parser.add_argument("--context", type=int, help="at most this many tokens per request (prompt and answer; default "
+                        "the model's): a smaller KV cache, for a replica with little memory")
+    parser.add_argument("--cache-entries", type=int, help="greedy answers the response cache keeps; 0: no cache "
+                        "(default: the project's deploy.cache_entries, else 1024)")
+    parser.add_argument("--adapters", action="store_true",
+                        help="hold the followed version's base once and serve, as LoRA adapters on it, every registered "
+                        "version built on it (asked for as model@vN; deploy.max_adapters of them), loading new ones "
+                        "as they are registered (deploy.watch_s)")
+    parser.add_argument("--read-timeout", type=float, help="seconds a request's head and body have to arrive "
+                        "(default deploy.read_timeout_s)")
+    parser.add_argument("--privacy", choices=["mask", "refuse", "log"],
+                        help="personal data in prompts and answers (default: the project's deploy.privacy, else mask)")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        if args.action in ("keygen", "revoke"):
+            if not args.name:
+                raise LlmopsError(f"{args.action} needs --name NAME (the key's identity in the access policy)")
+            if not (Path.cwd() / PARAMS_FILE).is_file():
+                raise LlmopsError(f"{args.action}: run it in the project whose access policy allows it and whose audit "
+                                  f"trail records it (no {PARAMS_FILE} here)")
+            if args.action == "keygen":
+                print(apikeys.create(Path.cwd(), args.keys, args.name))
+                print(f"(only its hash is kept, in {args.keys}; this is the one time the key is shown)", file=sys.stderr)
+            else:
+                apikeys.revoke(Path.cwd(), args.keys, args.name)
+                print(f"revoked {args.name}; running servers drop it on `llmops serve reload`")
+            return 0
+        if args.action == "keys":
+            for name in sorted(apikeys.load(args.keys).values()):
+                print(name)
+            return 0
+        if args.action == "status":
+            return _status()
+        if args.action == "manifests":
+            from llmops.serving import vllm_manifests
+
+            print(f"wrote {vllm_manifests.write(Path.cwd(), _params(Path.cwd()), args.out)} (kubectl apply -f it)")
+            return 0
+        if args.action in ("stop", "reload"):
+            return _each(args.action, args.port)
+        return _serve(args)
+    except LlmopsError as exc:
+        print(f"error: serve: {exc}", file=sys.stderr)
+        return 1
+
+
+def describe(server: servers.Server) -> str:
+    what = f"{registry.ARTIFACT} {server.version}" if server.version else server.model
+    if server.adapters:
+        what += f" (adapters on one base: {', '.join(server.adapters)})"
+    if server.canary:
+        what += f", canary {server.canary}"
+    follows = f", follows {server.ref}" if server.ref != server.version else ""
+    error = f"; last reload failed: {server.reload_error}" if server.reload_error else ""
+    return f"{server.url}  {what}{follows}  (pid {server.pid}, up since {server.started[:19]}){error}"
+
+
+def _status() -> int:
+    found = servers.running(Path.cwd())
+    for server in found:
+        print(describe(server))
+    if not found:
+        print("no llmops server is running in this project (`llmops serve`, or `llmops run` deploys one)")
+        return 3  # as `systemctl status` does for a unit that is not running
+    return 0
+
+
+def _each(action: str, port: int | None) -> int:
+    root = Path.cwd()
+    # in a project, the policy's to allow and the trail's to record: it changes what production answers (outside one,
+    # a server of `--model DIR` has neither)
+    project = (root / PARAMS_FILE).is_file()
+    who = audit.require(root, f"serve.{action}", "servers", ("operate", "servers")) if project else None
+    found = [s for s in servers.running(root) if port is None or s.port == port]
+    if not found:
+        raise LlmopsError(f"no llmops server is running in this project{f' on port {port}' if port else ''}")
+    for server in found:
+        with (audit.recorded(root, f"serve.{action}", f"server:{server.port}", server.version, who=who) if project
+              else contextlib.nullcontext()):
+            if action == "stop":
+                servers.stop(root, server)
+                print(f"stopped {server.url} ({server.version or server.model})")
+            else:
+                print(f"reloaded {describe(servers.reload(root, server, timeout_s=600))}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from llmops.serving import http_server
+    from llmops.serving.engine import Engine
+    from llmops.serving.feedback import Store, database_url
+    from llmops.core.config import DeployParams
+    from llmops.core.layout import REQUESTS as LOG_DIR
+    from llmops.serving.cache import ResponseCache
+    from llmops.serving.app import CanaryLimits, Callers, Served, create_app
+
+    root = Path.cwd()
+    in_project = (root / PARAMS_FILE).is_file()
+    callers = Callers(lambda: apikeys.load(args.keys) | _deploy_key(root), root if in_project else None)
+    if not callers.keys:
+        raise LlmopsError(f"no API keys: make one with `llmops serve keygen --name NAME` (stored hashed in {args.keys}) "
+                          f"or set {apikeys.KEYS_ENV}")
+    if not in_project:
+        print(f"note: no {PARAMS_FILE} here, so no access policy: every valid key may call", flush=True)
+    params = _params(root) if in_project else None
+    privacy = _privacy(params, args.privacy)
+    port = args.port or 8000
+    ref = args.model or args.version or "production"  # what the server follows: a directory, a stage or a version
+    if not args.model and ref not in registry.STAGES:
+        ref = registry.normalize(ref)
+
+    if args.adapters and (args.model or not in_project):
+        raise LlmopsError("--adapters serves registered versions: run it in the project, without --model")
+    deploy = params.deploy if params is not None else DeployParams()
+    if args.context is not None and args.context < 2:
+        raise LlmopsError(f"--context {args.context}: a request needs at least 2 tokens (a prompt and an answer)")
+    if args.read_timeout is not None and not args.read_timeout > 0:
+        raise LlmopsError(f"--read-timeout {args.read_timeout}: give a number of seconds above 0")
+    options = {"max_concurrency": args.max_concurrency, "device": args.device, "max_context": args.context}
+
+    def load(now: Served | None = None) -> Served:
+        if args.model:
+            return Served(Engine(args.model, **options), Path(args.model).resolve().name)
+        if args.adapters:
+            return _adapters(root, ref, now, options, deploy.max_adapters)
+        version = _resolve(root, ref)
+        if now is not None and now.version == version:  # only the canary changed: production stays loaded
+            engine = now.engine
+        elif now is not None and now.canary_engine is not None and now.canary[0] == version:  # the canary promoted
+            engine = now.canary_engine
+        else:
+            engine = Engine(servers.model_dir(root, version), **options)
+        held = registry.canary(root) if ref == "production" else None
+        if held is None or held.version.version == version:
+            return Served(engine, registry.ARTIFACT, version)
+        canary = held.version.version  # a second engine: a one-model server holds the canary's model beside it
+        reuse = now is not None and now.canary_engine is not None and now.canary[0] == canary
+        canary_engine = now.canary_engine if reuse else Engine(servers.model_dir(root, canary), **options)
+        return Served(engine, registry.ARTIFACT, version, canary=(canary, held.share), canary_engine=canary_engine)
+
+    url = f"http://{args.host}:{port}/v1"
+    started = servers.now()
+
+    state = {"loaded": started, "reloads": -1}  # the first call is the start
+
+    def on_change(served: Served, error: str | None) -> None:
+        state["reloads"] += 1
+        if error is None:
+            state["loaded"] = servers.now()
+        servers.record(root, servers.Server(pid=os.getpid(), url=url, port=port, ref=ref, model=served.name,
+                                            version=served.version, started=started, loaded=state["loaded"],
+                                            reload_error=error, reloads=state["reloads"],
+                                            adapters=list(served.adapters),
+                                            canary=served.canary and f"{served.canary[0]} at {served.canary[1]:g}%"))
+
+    store = Store(database_url(root))  # an unusable feedback database stops here, before the model loads
+    served = load()  # a bad model or an unknown version stops here, with its reason
+    watch = None
+    if args.adapters and deploy.watch_s > 0:  # new versions, and stage moves, are served without a reload
+        watch = (deploy.watch_s, lambda: [(v.version, tuple(v.stages)) for v in registry.versions(root)])
+    canary = None
+    if not args.model:  # a server of registered versions serves production's canary, and drops one that fares worse
+        limits = CanaryLimits(deploy.canary_min_requests, deploy.canary_max_error_rate_increase,
+                              deploy.canary_max_latency_ratio)
+        canary = (limits, lambda version, reason: registry.drop(root, "canary", f"automatic rollback of {version}: "
+                                                                                  f"{reason}"))
+    app = create_app(served, callers, root / LOG_DIR, store, reload=load, on_change=on_change, privacy=privacy,
+                     watch=watch, cache=ResponseCache(deploy.cache_entries if args.cache_entries is None
+                                                      else args.cache_entries, deploy.cache_ttl_s), canary=canary)
+    print(f"serving {served.label} at {url} (OpenAI-compatible; Authorization: Bearer <key>)", flush=True)
+    try:
+        http_server.run(app, args.host, port, args.read_timeout or deploy.read_timeout_s)
+    finally:
+        servers.forget(root, port, os.getpid())
+    return 0
+
+
+def _adapters(root: Path, ref: str, now, options: dict, max_adapters: int):
+    """What a server of adapters serves: the catalog's versions on its base, on `now`'s engine if the base is the
+    same (loading the new adapters into it), else on a new engine."""
+    from llmops.serving import adapter_catalog
+    from llmops.serving.engine import Engine
+    from llmops.serving.multilora import AdapterError
+    from llmops.serving.app import Served
+
+    try:
+        catalog = adapter_catalog.plan(root, ref, max_adapters)
+        follows = catalog.follows
+        if now is not None and now.engine.lora is not None and now.base_id == catalog.base_id:
+            engine = now.engine
+        else:
+            engine = Engine(adapter_catalog.base_dir(root, catalog), adapters=True,
+                            tokenizer_dir=adapter_catalog.adapter_dir(root, follows), **options)  # its chat template
+        refused = dict(catalog.refused)
+        served = []
+        for version in catalog.served:
+            try:
+                if version.version not in engine.lora.names:
+                    engine.lora.load(version.version, adapter_catalog.adapter_dir(root, version))
+                served.append(version.version)
+            except (AdapterError, adapter_catalog.CatalogError) as exc:
+                if version.version == follows.version:
+                    raise
+                refused[version.version] = str(exc)  # the others are served all the same
+    except adapter_catalog.CatalogError as exc:
+        raise LlmopsError(str(exc)) from None
+    held = catalog.canary
+    canary = (held.version.version, held.share) if held and held.version.version in served else None
+    if held and canary is None:
+        print(f"canary {held.version.version} is not served: {refused.get(held.version.version)}", flush=True)
+    return Served(engine, registry.ARTIFACT, follows.version, tuple(served), refused, catalog.base_id, canary)
+
+
+def _deploy_key(root: Path) -> dict[str, str]:
+    """The project's deploy key (hash -> name), when it has one: a server started by hand accepts it as a deployed
+    one does, so the README's examples and the monitor's probes (which call with it) work against either."""
+    from llmops.serving.deploy import DEPLOY_KEY_NAME, KEY_FILE
+
+    path = root / KEY_FILE
+    return {apikeys.hash_key(path.read_text().strip()): DEPLOY_KEY_NAME} if path.is_file() else {}
+
+
+def _params(root: Path):
+    from llmops.core.config import ConfigError, load_params
+
+    try:
+        return load_params(root / PARAMS_FILE)
+    except ConfigError as exc:
+        raise LlmopsError(str(exc)) from None
+
+
+def _privacy(params, mode: str | None):
+    """The project's privacy policy (deploy.privacy, with validate_data's detectors; none: mask), `mode` overriding
+    its mode."""
+    from llmops.governance.privacy import Privacy
+
+    if params is None:
+        return Privacy(mode=mode or "mask")
+    return Privacy(mode=mode or params.deploy.privacy, kinds=tuple(params.validate_data.pii),
+                   regions=tuple(params.validate_data.phone_regions))
+
+
+def _resolve(root: Path, ref: str) -> str:
+    made = registry.unaudited(root)
+    if made:  # a hand-made tag can move production to any commit: nothing is served from such a registry
+        raise LlmopsError(f"the registry holds tags made outside llmops ({', '.join(made)}; no audit record names "
+                          "them): delete them (`git tag -d TAG`) and change the registry with `llmops registry`; if "
+                          "the storage remote moved, its audit/ records must move with it")
+    try:
+        return registry.resolve(root, ref).version
+    except registry.RegistryError as exc:
+        hint = ("; promote one (`llmops registry promote vN --to production --why ...`) or pass --model DIR"
+                if ref in registry.STAGES else "")
+        raise LlmopsError(f"{exc}{hint}") from None

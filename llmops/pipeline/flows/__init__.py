@@ -1,0 +1,1 @@
+"""The Prefect flows: build_model (the pipeline) and monitor. flows/ at the top holds their entry points."""

@@ -1,0 +1,163 @@
+"""What a stage is, declared once: an entry in dvc.yaml, a module llmops/pipeline/stages/<name>.py, a params section <name>.
+
+dvc.yaml is the declaration: the stage's command, inputs, outputs and `desc`. The CLI
+(`llmops <name>`), the flow (its order is dvc.yaml's DAG) and the tests read the stages
+from it. The module `llmops/pipeline/stages/<name>.py` holds the work and defines:
+
+    main(*keys) -> int          the command dvc.yaml runs (`llmops <name> [<key>]`), through run_cli
+    publish(root, run) -> Any   after DVC ran the stage (or found it unchanged) in a flow: its
+                                Prefect artifacts and the flow's result for it
+    publish_failed(root, stage) optional: what a failed run still shows (a report, a verdict)
+    summary(result, previous)   optional: the lines `llmops run` ends with (and a reviewer reads before
+                                approving); `previous` is the stage's metrics file as the last run left it
+
+A foreach stage (train) has one DVC stage per key (train@pretrain, train@finetune), one CLI
+command with the key as its argument, and one Prefect task run per key.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib import import_module
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+from llmops.governance import audit
+from llmops.core.config import ConfigError, Params, load_params
+from llmops.core.errors import LlmopsError, Refused
+
+EXIT_BAD_PARAMS = 2
+EXIT_FAILED = 1
+DVC_YAML = "dvc.yaml"
+
+
+class StageFailed(LlmopsError):
+    """The stage ran and its verdict is no (e.g. the data failed validation, the gate refused)."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str  # the dvc.yaml stage, the CLI command, the params section, the Prefect task, its module in llmops/pipeline/stages/
+    desc: str
+    keys: tuple[str, ...] = ()  # foreach keys: the DVC stages are <name>@<key>
+
+    @property
+    def module(self) -> ModuleType:
+        return import_module(f"llmops.pipeline.stages.{self.name}")
+
+
+def declared(root: str | Path | None = None) -> dict[str, StageSpec]:
+    """The stages of dvc.yaml, in file order (read as YAML: cheap enough for `llmops --help`).
+
+    `root` defaults to the working directory when it holds a dvc.yaml, else the project
+    this package was installed from.
+    """
+    from ruamel.yaml import YAML
+
+    path = _dvc_yaml(root)
+    if path is None:
+        return {}
+    stages = YAML(typ="safe").load(path.read_text()).get("stages") or {}
+    return {
+        name: StageSpec(name=name, desc=str(body.get("desc") or body.get("do", {}).get("desc") or ""),
+                        keys=tuple(body.get("foreach") or ()))
+        for name, body in stages.items()
+    }
+
+
+def _dvc_yaml(root: str | Path | None) -> Path | None:
+    for base in ([Path(root)] if root is not None else [Path.cwd(), Path(__file__).resolve().parents[2]]):
+        if (base / DVC_YAML).is_file():
+            return base / DVC_YAML
+    return None
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    dvc_name: str  # e.g. train@pretrain
+    spec: StageSpec
+    outs: tuple[str, ...]
+    metrics: tuple[str, ...]  # the outs that are DVC metrics
+
+
+def plan(root: str | Path) -> list[PlannedStage]:
+    """Every DVC stage in the order it must run: dvc.yaml's DAG, file order between independent stages.
+
+    Raises:
+        StageError: dvc.yaml cannot be read as a pipeline.
+    """
+    import networkx as nx
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+    from dvc.stage import PipelineStage
+
+    from llmops.pipeline.repro import StageError
+
+    specs = declared(root)
+    try:
+        repo = Repo(str(root))
+        # dvc.yaml's stages; a *.dvc pointer (data added with `dvc add`, the monitor's corrections) is a stage of
+        # DVC's graph too, with no command and no name
+        stages = [s for s in repo.index.stages if isinstance(s, PipelineStage)]
+    except DvcException as exc:  # a malformed dvc.yaml, a missing stage file: DVC's message says where
+        raise StageError(f"{DVC_YAML}: {exc}") from None
+    with repo:
+        # names, not DVC's addressing: that is relative to the working directory, which a run in a workspace is not in
+        # (every stage is in the root dvc.yaml, so a name is unique)
+        position = {s.name: i for i, s in enumerate(stages)}
+        # DVC's edges run from a stage to the stages it depends on
+        ordered = nx.lexicographical_topological_sort(repo.index.graph.reverse(),
+                                                      key=lambda s: position.get(getattr(s, "name", None), -1))
+        return [
+            PlannedStage(dvc_name=s.name, spec=specs[s.name.split("@")[0]],
+                         outs=tuple(str(o.def_path) for o in s.outs),
+                         metrics=tuple(str(o.def_path) for o in s.outs if o.metric))
+            for s in ordered if isinstance(s, PipelineStage)
+        ]
+
+
+def run_cli(stage: str, body: Callable[[Params], str], params_file: str = "params.yaml") -> int:
+    """Run `body(params)` as the CLI of `stage`: print its summary, or one clear error.
+
+    Exit codes: 0 done, 1 bad input or failed verdict, 2 refused before any work (bad params, an unusable
+    base model or chat template, data that cannot be trained on as params say; llmops.core.errors.Refused). The error
+    starts with "error: <stage>:" so a caller (the flow, through DVC) can pick it out.
+    """
+    try:
+        params = load_params(params_file)
+    except ConfigError as exc:
+        _print_error(stage, exc)
+        return EXIT_BAD_PARAMS
+    try:
+        # audited here, where every stage passes whether DVC, the flow or a person runs it; `version`: the code and
+        # params it ran with
+        with audit.recorded(".", f"stage.{stage}", stage, _head(), allow=("run", "pipeline")) as note:
+            summary = body(params)
+            note["summary"] = summary.splitlines()[0] if summary else ""
+        print(summary)
+    except Refused as exc:  # found before any work: a contradiction only the stage can see, an unusable base...
+        _print_error(stage, exc)
+        return EXIT_BAD_PARAMS
+    except LlmopsError as exc:
+        _print_error(stage, exc)
+        return EXIT_FAILED
+    return 0
+
+
+def _head() -> str | None:
+    proc = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() or None
+
+
+def _print_error(stage: str, exc: Exception) -> None:
+    print(f"error: {stage}: {exc}", file=sys.stderr)
+
+
+def summaries(root: str | Path, results: dict[str, Any], previous: dict[str, Any] | None = None) -> list[str]:
+    """What each stage's result (DVC stage name -> publish()'s value) means, in the stage's own words, in run order."""
+    stages = declared(root)
+    return [stages[name.split("@")[0]].module.summary(value, (previous or {}).get(name))
+            for name, value in results.items() if hasattr(stages[name.split("@")[0]].module, "summary")]
