@@ -930,15 +930,12 @@ def project_id(root: str | os.PathLike) -> str:
     Outside git, a hash of the directory's path.
     """
     import hashlib
-    import subprocess
 
     root = Path(root).resolve()
-    try:
-        out = subprocess.run(["git", "rev-list", "--max-parents=0", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=30)
-        first = out.stdout.split()[-1][:12] if out.returncode == 0 and out.stdout.split() else None
-    except (OSError, subprocess.TimeoutExpired):
-        first = None
+    from llmops.core import git
+
+    roots = (git.answer(root, "rev-list", "--max-parents=0", "HEAD", timeout=30) or "").split()
+    first = roots[-1][:12] if roots else None
     return first or "path-" + hashlib.sha256(str(root).encode()).hexdigest()[:12]
 
 

@@ -6,9 +6,9 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import subprocess
 from pathlib import Path
 from typing import Any, Iterable
+from llmops.core import git
 
 LIBRARIES = (
     "llmops", "torch", "deepspeed", "transformers", "peft", "tokenizers", "safetensors",
@@ -26,14 +26,8 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def git_commit(root: str | os.PathLike = ".") -> dict[str, object]:
     """The commit the code was run from, and whether the work tree had uncommitted changes."""
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    return {"commit": git.answer(root, "rev-parse", "HEAD", timeout=30),
+            "dirty": bool(git.answer(root, "status", "--porcelain", "--untracked-files=no", timeout=30))}
 
 
 def library_versions() -> dict[str, str | None]:

@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -39,6 +38,7 @@ from typing import Any, Iterable, Iterator
 
 from llmops.core.config import StorageParams
 from llmops.core.errors import LlmopsError
+from llmops.core import git
 
 logger = logging.getLogger("llmops.governance.audit")
 PREFIX = "audit"
@@ -324,15 +324,13 @@ def _anchor(root: Path, record: Record, remote: str | None, trail: str) -> None:
     alone cannot rewrite once it is pushed (a tag that exists is refused without --force)."""
     tag = f"{TAGS}/{trail}/{record.seq}"
     env = {**os.environ, "GIT_COMMITTER_NAME": record.who, "GIT_COMMITTER_EMAIL": "llmops-audit@localhost"}
-    made = subprocess.run(["git", "tag", "-a", tag, "-m", f"sha256:{record.hash}", "HEAD"], cwd=root,
-                          capture_output=True, text=True, env=env)
+    made = git.run(root, "tag", "-a", tag, "-m", f"sha256:{record.hash}", "HEAD", env=env)
     if made.returncode != 0:
         raise AuditError(f"audit trail: record {record.seq} was written but its anchor tag {tag} was not: "
                          f"{made.stderr.strip()}")
     if remote:  # this anchor and any an earlier push could not deliver
         refs = f"refs/tags/{TAGS}/{trail}/*"
-        pushed = subprocess.run(["git", "push", "--quiet", remote, f"{refs}:{refs}"], cwd=root, capture_output=True,
-                                text=True, timeout=120)
+        pushed = git.run(root, "push", "--quiet", remote, f"{refs}:{refs}")
         if pushed.returncode != 0:  # the record is written and anchored here; the next append pushes it
             logger.warning("audit trail: record %s is anchored in this clone but not yet on %s: %s", record.seq,
                            remote, (pushed.stderr.strip().splitlines() or ["no answer"])[-1])
@@ -353,10 +351,10 @@ def anchors(root: str | os.PathLike) -> dict[int, str]:
 
 
 def _anchors(root: Path, trail: str, refs: str = "refs/tags") -> dict[int, str]:
-    out = subprocess.run(["git", "for-each-ref", "--format=%(refname:strip=-1) %(contents:subject)",
-                          f"{refs}/{TAGS}/{trail}/"], cwd=root, capture_output=True, text=True)
+    listed = git.answer(root, "for-each-ref", "--format=%(refname:strip=-1) %(contents:subject)",
+                        f"{refs}/{TAGS}/{trail}/") or ""
     found = {}
-    for line in out.stdout.splitlines():
+    for line in listed.splitlines():
         name, _, subject = line.partition(" ")
         if name.isdigit() and subject.startswith("sha256:"):
             found[int(name)] = subject.removeprefix("sha256:")
@@ -366,9 +364,7 @@ def _anchors(root: Path, trail: str, refs: str = "refs/tags") -> dict[int, str]:
 def _remote_anchors(root: Path, remote: str, trail: str) -> dict[int, str]:
     """The anchors on the registry's git remote, fetched aside (refs/llmops/anchors/...): this clone's tags stay."""
     aside = "refs/llmops/anchors"
-    fetched = subprocess.run(["git", "fetch", "--quiet", "--no-tags", remote,
-                              f"+refs/tags/{TAGS}/{trail}/*:{aside}/{TAGS}/{trail}/*"], cwd=root, capture_output=True,
-                             text=True, timeout=120)
+    fetched = git.run(root, "fetch", "--quiet", "--no-tags", remote, f"+refs/tags/{TAGS}/{trail}/*:{aside}/{TAGS}/{trail}/*")
     if fetched.returncode != 0:
         raise AuditError(f"audit trail: cannot read the anchors on {remote} (registry.git_remote): "
                          f"{(fetched.stderr.strip().splitlines() or ['no answer'])[-1]}")

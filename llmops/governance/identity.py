@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import os
 import pwd
-import subprocess
 from pathlib import Path
 
 from llmops.core.errors import LlmopsError
+from llmops.core import git
 
 TOKEN_ENV = "LLMOPS_TOKEN"
 RETIRED_ENV = "LLMOPS_USER"
@@ -63,5 +63,4 @@ def check_named(root: str | os.PathLike, named: str | None) -> str:
 
 def git_user() -> str | None:
     """git's configured user.name, if any (a commit's author; never an identity)."""
-    proc = subprocess.run(["git", "config", "user.name"], capture_output=True, text=True)
-    return proc.stdout.strip() or None
+    return git.answer(".", "config", "user.name") or None

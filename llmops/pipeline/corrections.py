@@ -10,9 +10,9 @@ through llmops.pipeline.triggers, as a git push of that commit would start it.
 
 from __future__ import annotations
 
+from functools import partial
 import json
 import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from llmops.serving.feedback import Store, database_url
 from llmops.monitoring.report import Figures
 from llmops.pipeline.prefect_api import OWN
 from llmops.pipeline.repro import dvc
+from llmops.core import git
 
 DIR = Path("data/corrections")
 
@@ -35,11 +36,7 @@ class LoopError(LlmopsError):
     """No new dataset version or no run; the message says why and what to do."""
 
 
-def _git(root: Path, *args: str) -> str:
-    proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-    if proc.returncode:
-        raise LoopError(f"git {' '.join(args)}: {(proc.stderr or proc.stdout).strip()}")
-    return proc.stdout.strip()
+_git = partial(git.out, error=LoopError)  # git's failures as the loop's own error
 
 
 @dataclass(frozen=True)
@@ -105,7 +102,7 @@ def new_version(root: Path, store: Store, check: Checker) -> DatasetVersion | No
 def _undo(root: Path, path: Path, previous: str | None) -> None:
     """Put params.yaml and data/corrections/ back as HEAD has them, the previous version's file included."""
     def git(*args: str) -> None:  # each step on its own: a path HEAD lacks must not stop the others
-        subprocess.run(["git", *args], cwd=root, capture_output=True)
+        git.run(root, *args)
 
     (root / path).unlink(missing_ok=True)
     git("reset", "-q", "--", PARAMS_FILE, str(DIR))

@@ -29,18 +29,19 @@ the subject is named, with the command that rewrites history, and the erasure fa
 
 from __future__ import annotations
 
+from functools import partial
 import hashlib
 import json
 import os
 import re
 import shutil
 import sqlite3
-import subprocess
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmops.core.errors import LlmopsError
+from llmops.core import git
 
 MIN_SUBJECT = 3  # characters: anything shorter would match half the data
 TEXT = (".jsonl", ".json", ".csv", ".txt", ".text", ".md")
@@ -89,11 +90,7 @@ def _mentions(subject: str):
     return lambda text: wanted in _as_read(text)
 
 
-def _git(root: Path, *args: str, check: bool = True) -> str:
-    proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-    if check and proc.returncode:
-        raise ErasureError(f"git {args[0]}: {(proc.stderr or proc.stdout).strip()}")
-    return proc.stdout
+_git = partial(git.out, error=ErasureError)  # git's failures as erasure's own error
 
 
 def _tracked_files(root: Path, rev: str | None) -> dict[str, str]:
@@ -444,8 +441,9 @@ def erase(root: str | os.PathLike, subject: str, retrain: bool = False) -> Erasu
                         subject_sha256=result.subject_sha256) as note:
         params = load_params(root / PARAMS_FILE)
         mentions = _mentions(subject)
-        in_git = sorted(set(_git(root, "grep", "-l", "-i", "-F", "-e", subject, *_git(root, "rev-list", "--all")
-                                 .split(), "--", check=False).split()))
+        found = git.answer(root, "grep", "-l", "-i", "-F", "-e", subject, *_git(root, "rev-list", "--all").split(),
+                           "--")  # exit status 1: no match
+        in_git = sorted(set((found or "").split()))
         if in_git:
             paths = sorted({line.split(":", 1)[1] for line in in_git})
             raise ErasureError(f"git history holds the subject in {', '.join(paths)}: llmops does not rewrite shared "
@@ -493,7 +491,7 @@ def erase(root: str | os.PathLike, subject: str, retrain: bool = False) -> Erasu
             remote.push(root, storage)  # the new version to the remote, as a run's push does
             changed = ["dvc.lock", PARAMS_FILE, *(str(p.relative_to(root)) for p in pointers)]
             changed += [str(p.relative_to(root)) for p in inputs if p.with_name(p.name + ".dvc") not in pointers
-                        and _git(root, "ls-files", "--", str(p.relative_to(root)), check=False).strip()]
+                        and git.answer(root, "ls-files", "--", str(p.relative_to(root)))]
             _git(root, "add", "-A", "--", *changed)
             if _git(root, "diff", "--cached", "--name-only", "--", *changed).strip():
                 _git(root, "commit", "-q", "-m", f"llmops erase: a data subject (sha256 {result.subject_sha256[:12]}) "

@@ -14,9 +14,9 @@ import argparse
 import asyncio
 import os
 import stat
-import subprocess
 import sys
 from pathlib import Path
+from llmops.core import git
 
 DEPLOYMENT = "build-model/on-push"  # deployments/prefect.yaml
 WATCHED = ("params.yaml", "dvc.yaml")  # and every *.dvc pointer
@@ -28,16 +28,12 @@ class TriggerError(Exception):
     """A push that should start a run could not; the message says why."""
 
 
-def _git(git_dir: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", *args], cwd=git_dir, capture_output=True, text=True)
-
-
 def changed(git_dir: str, before: str, after: str) -> list[str]:
     """The paths a push changed: `before..after`, or the tip commit's own changes when `before` is unknown
     (a new branch, or a history the clone does not have)."""
-    diff = _git(git_dir, "diff", "--name-only", before, after) if before != ZERO else None
+    diff = git.run(git_dir, "diff", "--name-only", before, after) if before != ZERO else None
     if diff is None or diff.returncode:
-        diff = _git(git_dir, "diff-tree", "--no-commit-id", "--name-only", "-r", "--root", after)
+        diff = git.run(git_dir, "diff-tree", "--no-commit-id", "--name-only", "-r", "--root", after)
     if diff.returncode:
         raise TriggerError(f"git cannot list what {after[:12]} changed: {diff.stderr.strip()}")
     return diff.stdout.split()
@@ -93,7 +89,7 @@ def install_hook(repo: str | os.PathLike, branch: str, deployment: str = DEPLOYM
     api = os.environ.get("PREFECT_API_URL")
     if not api:
         raise TriggerError("PREFECT_API_URL is not set: name the Prefect server the hook starts runs on")
-    found = _git(str(repo), "rev-parse", "--absolute-git-dir") if Path(repo).is_dir() else None
+    found = git.run(str(repo), "rev-parse", "--absolute-git-dir") if Path(repo).is_dir() else None
     if found is None or found.returncode:
         raise TriggerError(f"{repo}: not a git repository")
     hook = Path(found.stdout.strip()) / "hooks" / "post-receive"

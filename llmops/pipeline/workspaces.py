@@ -14,11 +14,11 @@ failure, for inspection (`llmops workspaces`).
 
 from __future__ import annotations
 
+from functools import partial
 import hashlib
 import os
 import shutil
 import signal
-import subprocess
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +28,7 @@ from typing import Iterator
 from llmops.governance import apikeys
 from llmops.core.errors import LlmopsError
 from llmops.core.layout import WORKSPACES
+from llmops.core import git
 
 
 
@@ -48,12 +49,7 @@ class Workspace:
     landed: bool = False  # what the run changed is in the checkout (land)
 
 
-def _git(root: Path, *args: str) -> str:
-    proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-    if proc.returncode:
-        said = (proc.stderr or proc.stdout).strip().splitlines() or [f"exit status {proc.returncode}"]
-        raise WorkspaceError(f"git {' '.join(args)}: {said[-1]}")
-    return proc.stdout.strip()
+_git = partial(git.out, error=WorkspaceError)  # git's failures as a workspace's own error
 
 
 def resolve(root: str | os.PathLike, ref: str, fetch: bool = False) -> str:

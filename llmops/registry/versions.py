@@ -25,9 +25,9 @@ whole, where MLflow keeps no alias history and needs a database.
 
 from __future__ import annotations
 
+from functools import partial
 import json
 import os
-import subprocess
 import tempfile
 import time
 from datetime import datetime
@@ -40,6 +40,7 @@ from typing import Any, Iterator
 from llmops.governance import audit
 from llmops.governance import identity
 from llmops.core.errors import LlmopsError
+from llmops.core import git
 
 ARTIFACT = "model"  # the dvc.yaml `artifacts:` entry (models/release)
 STAGES = ("staging", "canary", "production")  # canary: a share of production's traffic (its assignment says how much)
@@ -66,16 +67,12 @@ class Version:
         return self.record.get("lineage", {})
 
 
-def _git(root: Path, *args: str, env: dict | None = None) -> str:
-    proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, env=env, timeout=120)
-    if proc.returncode != 0:
-        raise RegistryError(f"git {args[0]} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
-    return proc.stdout.strip()
+_git = partial(git.out, error=RegistryError)  # git's failures as the registry's own error
 
 
 def _repo(root: str | os.PathLike) -> Path:
     root = Path(root).resolve()
-    if subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True).returncode:
+    if not git.ok(root, "rev-parse", "--verify", "-q", "HEAD"):
         raise RegistryError(f"{root} is not a git repository with a commit; the registry keeps versions as git "
                             "tags (`git init && git add -A && git commit -m start`)")
     return root
@@ -202,8 +199,7 @@ def _change(root: Path, write) -> Any:
                 made.extend(created)  # undone below if the push fails: the retry makes its own
             if not created or remote is None:
                 return result
-            push = subprocess.run(["git", "push", "--quiet", "--atomic", remote, *(f"refs/tags/{t}" for t in created)],
-                                  cwd=root, capture_output=True, text=True, timeout=120)
+            push = git.run(root, "push", "--quiet", "--atomic", remote, *(f"refs/tags/{t}" for t in created))
             if push.returncode == 0:
                 return result
             _undo(root, created)
@@ -217,7 +213,7 @@ def _change(root: Path, write) -> Any:
 
 def _undo(root: Path, tags: list[str]) -> None:
     for tag in tags:
-        subprocess.run(["git", "tag", "-d", tag], cwd=root, capture_output=True)
+        git.run(root, "tag", "-d", tag)
 
 
 def _record(message: str) -> dict[str, Any]:
@@ -325,10 +321,8 @@ def locked_stages(root: str | os.PathLike, commit: str) -> dict[str, dict]:
     """The stages of that commit's dvc.lock (each with its deps and outs, hashed); empty if it has none."""
     from ruamel.yaml import YAML
 
-    proc = subprocess.run(["git", "show", f"{commit}:dvc.lock"], cwd=root, capture_output=True, text=True)
-    if proc.returncode:
-        return {}
-    return (YAML(typ="safe").load(proc.stdout) or {}).get("stages", {})
+    text = git.answer(root, "show", f"{commit}:dvc.lock")
+    return (YAML(typ="safe").load(text) or {}).get("stages", {}) if text else {}
 
 
 def _release_hash(root: Path, commit: str) -> str | None:

@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shlex
-import subprocess
 from pathlib import Path
 
 from llmops.serving import adapter_catalog
@@ -37,6 +36,7 @@ from llmops.registry import versions as registry
 from llmops.core.config import Params
 from llmops.core.errors import LlmopsError
 from llmops.core.fs import write_text
+from llmops.core import git
 
 PORT = 8000
 MODELS = "/models"
@@ -52,10 +52,10 @@ def _git_url(root: Path, params: Params) -> str:
     if remote is None:
         raise ManifestError("registry.git_remote is not set: the cluster fetches each version from the registry's git "
                             "remote (`dvc get URL PATH --rev COMMIT`); set it (e.g. origin) and push the registry")
-    proc = subprocess.run(["git", "remote", "get-url", remote], cwd=root, capture_output=True, text=True)
-    if proc.returncode:
+    url = git.answer(root, "remote", "get-url", remote)
+    if url is None:
         raise ManifestError(f"registry.git_remote: this clone has no git remote {remote!r}")
-    return proc.stdout.strip()
+    return url
 
 
 def _served(version: registry.Version) -> None:
