@@ -2,14 +2,9 @@
 
 dvc.yaml is the declaration: the stage's command, inputs, outputs and `desc`. The CLI
 (`llmops <name>`), the flow (its order is dvc.yaml's DAG) and the tests read the stages
-from it. The module `llmops/pipeline/stages/<name>.py` holds the work and defines:
-
-    main(*keys) -> int          the command dvc.yaml runs (`llmops <name> [<key>]`), through run_cli
-    publish(root, run) -> Any   after DVC ran the stage (or found it unchanged) in a flow: its
-                                Prefect artifacts and the flow's result for it
-    publish_failed(root, stage) optional: what a failed run still shows (a report, a verdict)
-    summary(result, previous)   optional: the lines `llmops run` ends with (and a reviewer reads before
-                                approving); `previous` is the stage's metrics file as the last run left it
+from it; a test (tests/test_stage_deps.py) checks that its deps list the code the stage runs.
+The module `llmops/pipeline/stages/<name>.py` holds the work and is a `Stage` (below); it may also
+be `Summarised` and `ShowsFailure`.
 
 A foreach stage (train) has one DVC stage per key (train@pretrain, train@finetune), one CLI
 command with the key as its argument, and one Prefect task run per key.
@@ -17,21 +12,44 @@ command with the key as its argument, and one Prefect task run per key.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
-from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, cast, runtime_checkable
 
 from llmops.governance import audit
 from llmops.core.config import ConfigError, Params, load_params
 from llmops.core.errors import LlmopsError, Refused
+from llmops.core import git
 
 EXIT_BAD_PARAMS = 2
 EXIT_FAILED = 1
 DVC_YAML = "dvc.yaml"
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """What every stage module defines."""
+
+    def main(self, *keys: str) -> int:
+        """The command dvc.yaml runs (`llmops <name> [<key>]`), through run_cli."""
+
+    def publish(self, root: Path, run: Any) -> Any:
+        """After DVC ran the stage (or found it unchanged) in a flow: its Prefect artifacts and the flow's result."""
+
+
+@runtime_checkable
+class Summarised(Protocol):
+    def summary(self, result: Any, previous: dict | None) -> str:
+        """The lines `llmops run` ends with (and a reviewer reads before approving); `previous` is the stage's
+        metrics file as the last run left it."""
+
+
+@runtime_checkable
+class ShowsFailure(Protocol):
+    def publish_failed(self, root: Path, stage: str) -> None:
+        """What a failed run still shows (a report, a verdict)."""
 
 
 class StageFailed(LlmopsError):
@@ -45,8 +63,11 @@ class StageSpec:
     keys: tuple[str, ...] = ()  # foreach keys: the DVC stages are <name>@<key>
 
     @property
-    def module(self) -> ModuleType:
-        return import_module(f"llmops.pipeline.stages.{self.name}")
+    def module(self) -> Stage:
+        module = import_module(f"llmops.pipeline.stages.{self.name}")
+        if not isinstance(module, Stage):
+            raise TypeError(f"{module.__name__} is not a stage: it must define main and publish")
+        return cast(Stage, module)
 
 
 def declared(root: str | Path | None = None) -> dict[str, StageSpec]:
@@ -148,8 +169,7 @@ def run_cli(stage: str, body: Callable[[Params], str], params_file: str = "param
 
 
 def _head() -> str | None:
-    proc = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
-    return proc.stdout.strip() or None
+    return git.answer(".", "rev-parse", "--short=12", "HEAD") or None
 
 
 def _print_error(stage: str, exc: Exception) -> None:
@@ -159,5 +179,6 @@ def _print_error(stage: str, exc: Exception) -> None:
 def summaries(root: str | Path, results: dict[str, Any], previous: dict[str, Any] | None = None) -> list[str]:
     """What each stage's result (DVC stage name -> publish()'s value) means, in the stage's own words, in run order."""
     stages = declared(root)
-    return [stages[name.split("@")[0]].module.summary(value, (previous or {}).get(name))
-            for name, value in results.items() if hasattr(stages[name.split("@")[0]].module, "summary")]
+    modules = {name: stages[name.split("@")[0]].module for name in results}
+    return [module.summary(results[name], (previous or {}).get(name))
+            for name, module in modules.items() if isinstance(module, Summarised)]

@@ -35,7 +35,7 @@ from llmops.core.errors import LlmopsError
 from llmops.pipeline.orchestration import Busy, one_run_at_a_time
 from llmops.pipeline.preflight import check_inputs
 from llmops.pipeline.repro import StageError, repro
-from llmops.pipeline.stage import declared, plan, summaries
+from llmops.pipeline.stage import ShowsFailure, declared, plan, summaries
 from llmops.core.storage import check_remote
 
 
@@ -59,7 +59,7 @@ def run_stage(root: str, stage: str) -> Any:
     try:
         run = repro(root, stage)
     except StageError as exc:  # an expected failure: its message, not a traceback
-        if hasattr(module, "publish_failed"):
+        if isinstance(module, ShowsFailure):
             module.publish_failed(Path(root), stage)
         return Failed(message=str(exc))
     return module.publish(Path(root), run)
