@@ -3,8 +3,8 @@
     python benchmarks/load_test.py --project DIR [--canary v2 --share 25] [--users 16] [--seconds 60]
 
 DIR is a project with a version in production and others on the same base (after `llmops run`, another
-fine-tune registered: README, Many adapters on one base). The test starts --replicas servers of adapters
-(`llmops serve --adapters`) in DIR and `llmops route` in front of them, then:
+fine-tune registered: docs/serving.md, Many adapters on one base). The test starts --replicas servers of adapters
+(`llmops serve start --adapters`) in DIR and `llmops route` in front of them, then:
 
 1. mixed traffic through the router: every model the servers list (production's `model` and each
    `model@vN`), callers with their own `user` (a canary's share is sticky per caller), and
@@ -155,8 +155,9 @@ def main() -> int:
         replicas = []
         for i in range(args.replicas):
             port = _port()
-            procs.append(subprocess.Popen([llmops, "serve", "--adapters", "--port", str(port)], cwd=project, env=env,
-                                          stdout=open(work / f"replica{i}.log", "w"), stderr=subprocess.STDOUT))
+            procs.append(subprocess.Popen([llmops, "serve", "start", "--adapters", "--port", str(port)], cwd=project,
+                                          env=env, stdout=open(work / f"replica{i}.log", "w"),
+                                          stderr=subprocess.STDOUT))
             replicas.append(f"http://127.0.0.1:{port}")
         health = [_wait(f"{url}/health", proc) for url, proc in zip(replicas, procs)]
         (work / "router").mkdir()

@@ -9,7 +9,7 @@ A stand-in base of the named model's architecture and shape (random weights: not
 BPE tokenizer trained on the data, its family's chat template, a licence in its card) is saved as a local model
 directory, and a fresh copy of this project is pointed at it with `llmops params --apply`. Then every stage runs
 as a user runs it, by its command (`llmops prepare_data`, ... `llmops release`), and the release is served
-(`llmops serve --model models/release`) and sent chat requests through the `openai` client, `--concurrency` at a
+(`llmops serve start --model models/release`) and sent chat requests through the `openai` client, `--concurrency` at a
 time. Each stage is timed from its command's start to its exit (Python start-up, imports, model loading and the
 work; the first fine-tune on a machine also JIT-builds DeepSpeed's fused Adam). Peak memory: the host's, the
 resident memory of the command's process tree; the GPU's, what nvidia-smi reports in use on the card, minus what
@@ -251,18 +251,18 @@ def _measured(stage: list[str], project: Path, env: dict) -> dict:
 
 
 def _serve(project: Path, env: dict, work: Path, args) -> dict:
-    """`llmops serve --model models/release`, then `--requests` chat requests, `--concurrency` at a time, each a
+    """`llmops serve start --model models/release`, then `--requests` chat requests, `--concurrency` at a time, each a
     different eval question (no response-cache hits), `--max-tokens` each, greedy."""
     from openai import OpenAI
 
     from llmops.serving.instances import free_port
 
-    key = _cli(["serve", "keygen", "--name", "bench"], project, env).stdout.split()[0]
+    key = _cli(["serve", "keygen", "bench"], project, env).stdout.split()[0]
     port = free_port()
     questions = _questions(project, args.requests)
     start = time.perf_counter()
     log = open(project / "serve.log", "w")
-    proc = subprocess.Popen(["llmops", "serve", "--model", "models/release", "--port", str(port),
+    proc = subprocess.Popen(["llmops", "serve", "start", "--model", "models/release", "--port", str(port),
                              "--max-concurrency", str(args.concurrency)],
                             cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT)
     peaks = Peaks(proc.pid)

@@ -8,7 +8,7 @@
    the model alone (no adapters: CUDA graphs on a GPU), one LoRA adapter for every request, and
    --adapters adapters mixed in the same batches (llmops/serving/multilora.py). The ratios printed are
    mixed / one adapter (the cost of mixing) and one adapter / model alone (the cost of LoRA).
-2. The response cache through the real server (`llmops serve --model DIR`, the openai client):
+2. The response cache through the real server (`llmops serve start --model DIR`, the openai client):
    the latency of a greedy request that generates (miss) against the same request again (hit).
 
 Weights are random (no hub here); LoRA adapters have random, non-zero weights (r=--rank on every

@@ -4,7 +4,7 @@
     python benchmarks/serve_throughput.py                # GPU: the ~374M Llama of GPU.md, bf16
     python benchmarks/serve_throughput.py --device cpu   # CPU: a ~40M Llama (compute dominates), float32
 
-The server is the real one (`llmops serve --model DIR` in its own process, continuous batching,
+The server is the real one (`llmops serve start --model DIR` in its own process, continuous batching,
 API key, SSE streaming); clients are threads of the official `openai` client, each sending its
 requests one after another. Every request asks for exactly --new-tokens tokens (`ignore_eos`),
 greedy, so the work is the same at every concurrency. The `generate()` loop runs first, in this
@@ -108,8 +108,8 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
         # `llmops serve`, through its entry point (the console script may not be installed where this runs)
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from llmops.cli.main import main; sys.exit(main())", "serve", "--model",
-             str(model_dir), "--port", str(port), "--max-concurrency", str(concurrency),
+            [sys.executable, "-c", "import sys; from llmops.cli.main import main; sys.exit(main())", "serve", "start",
+             "--model", str(model_dir), "--port", str(port), "--max-concurrency", str(concurrency),
              "--cache-entries", str(cache_entries)],  # 0 here: the prompts repeat across the runs
             cwd=model_dir.parent,
             env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)

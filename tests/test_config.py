@@ -14,6 +14,7 @@ OTHER_YAML = {
     "dvc.yaml": "test_dvc.py (dvc repro)",
     "dvc.lock": "written by DVC",
     "deployments/prefect.yaml": "test_flow.py (prefect deploy)",
+    "mkdocs.yml": "the docs site (mkdocs build --strict in .ci/run)",
 }
 
 

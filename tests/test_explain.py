@@ -98,8 +98,8 @@ def test_the_server_explains_under_the_same_keys(toy, tmp_path):
     from llmops.governance.apikeys import hash_key
 
     key, port = "sk-test-explain", free_port()
-    proc = subprocess.Popen([str(BIN / "llmops"), "serve", "--model", str(toy), "--port", str(port)], cwd=tmp_path,
-                            env=base_env(LLMOPS_API_KEY_HASHES=hash_key(key)), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([str(BIN / "llmops"), "serve", "start", "--model", str(toy), "--port", str(port)],
+                            cwd=tmp_path, env=base_env(LLMOPS_API_KEY_HASHES=hash_key(key)), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", proc, 120)

@@ -83,13 +83,13 @@ def test_a_run_lands_all_or_nothing_and_the_next_reuses_what_a_failed_one_comput
     assert before["reports/evaluate/metrics.json"] != (project / "reports/evaluate/metrics.json").read_bytes()
     status = run(["dvc", "status"], project).stdout  # outputs, dvc.lock and params.yaml agree
     assert status.split() == ["inputs:", "always", "changed"], status
-    kept = run([str(BIN / "llmops"), "workspaces"], project).stdout.splitlines()
+    kept = run([str(BIN / "llmops"), "workspaces"], project).stdout.splitlines()[1:]  # under the header
     assert len(kept) == 1 and "min_score: 0.99" in (Path(kept[0].split()[0]) / "params.yaml").read_text()  # the failed
     # a workspace's records speak for its checkout, whose repository holds their anchors
-    records = [json.loads(line) for line in run([str(BIN / "llmops"), "audit", "log", "--json"], project).stdout
+    records = [json.loads(line) for line in run([str(BIN / "llmops"), "trail", "log", "--json"], project).stdout
                .splitlines()]
     assert [r for r in records if r["action"] == "stage.evaluate"][-1]["detail"]["where"].endswith(f":{project}")
-    assert "intact" in run([str(BIN / "llmops"), "audit", "verify"], project).stdout
+    assert "intact" in run([str(BIN / "llmops"), "trail", "verify"], project).stdout
 
 
 def test_a_checkout_edited_while_a_run_builds_is_not_overwritten(ran_project, tmp_path):
@@ -113,7 +113,7 @@ def test_a_checkout_edited_while_a_run_builds_is_not_overwritten(ran_project, tm
     assert first.returncode == 1, log
     assert "params.yaml changed in the checkout while the run built; nothing of the run was put there" in log
     assert params.read_text() == edited and (project / "dvc.lock").read_text() == lock
-    assert "registry.register" not in run([str(BIN / "llmops"), "audit", "log"], project).stdout  # nothing registered
+    assert "registry.register" not in run([str(BIN / "llmops"), "trail", "log"], project).stdout  # nothing registered
 
 
 def test_a_plain_dvc_repro_that_fails_leaves_dvc_checkout_to_restore(ran_project):

@@ -29,7 +29,7 @@ def _append(project: Path, n: int) -> list[audit.Record]:
 
 
 def _verify(project: Path) -> subprocess.CompletedProcess:
-    return run([str(BIN / "llmops"), "audit", "verify"], project, check=False)
+    return run([str(BIN / "llmops"), "trail", "verify"], project, check=False)
 
 
 def test_records_chain_and_verify(project):
@@ -42,7 +42,7 @@ def test_records_chain_and_verify(project):
     assert audit.anchors(project) == {r.seq: r.hash for r in records}  # one annotated tag audit/<trail>/<n> each
     ok = _verify(project)
     assert ok.returncode == 0 and f"intact: 3 records, head {records[-1].hash}" in ok.stdout
-    log = run([str(BIN / "llmops"), "audit", "log", "--json"], project).stdout.splitlines()
+    log = run([str(BIN / "llmops"), "trail", "log", "--json"], project).stdout.splitlines()
     assert [json.loads(line)["seq"] for line in log] == [1, 2, 3]
 
 
@@ -253,7 +253,7 @@ def test_denied_actions_are_refused_clearly_and_audited(project):
     assert refused.returncode == 1
     assert ("error: registry: key:operator-person (role operator) may not rollback stage:production: the access "
             f"policy {project}/governance/policy.csv gives that to admin, approver") in refused.stderr
-    keys = run([llmops, "serve", "keygen", "--name", "ci"], project, env=env, check=False)
+    keys = run([llmops, "serve", "keygen", "ci"], project, env=env, check=False)
     assert keys.returncode == 1 and "may not manage keys" in keys.stderr
     assert "ci" not in (project / ".llmops/serve/api_keys").read_text()
     viewer = run([llmops, "run", "--no-push"], project, env=_as(project, "viewer-person"), check=False)
@@ -269,15 +269,15 @@ def test_keys_made_and_revoked_by_an_admin_are_audited(project):
     llmops = str(BIN / "llmops")
     _people(project)
     env = _as(project, "admin-person")
-    key = run([llmops, "serve", "keygen", "--name", "chatbot"], project, env=env).stdout.strip()
+    key = run([llmops, "serve", "keygen", "chatbot"], project, env=env).stdout.strip()
     stored = (project / ".llmops/serve/api_keys").read_text()
     assert key.startswith("sk-llmops-") and key not in stored and stored.endswith(" chatbot\n")
     assert run([llmops, "serve", "keys"], project, env=env).stdout == "admin-person\nchatbot\n"
-    taken = run([llmops, "serve", "keygen", "--name", "chatbot"], project, env=env, check=False)
+    taken = run([llmops, "serve", "keygen", "chatbot"], project, env=env, check=False)
     assert taken.returncode == 1 and "a key named 'chatbot' exists" in taken.stderr
-    run([llmops, "serve", "revoke", "--name", "chatbot"], project, env=env)
+    run([llmops, "serve", "revoke", "chatbot"], project, env=env)
     assert "chatbot" not in (project / ".llmops/serve/api_keys").read_text()
-    unknown = run([llmops, "serve", "revoke", "--name", "chatbot"], project, env=env, check=False)
+    unknown = run([llmops, "serve", "revoke", "chatbot"], project, env=env, check=False)
     assert unknown.returncode == 1 and "no key named 'chatbot'" in unknown.stderr
     trail = [(r.who, r.action, r.object, r.outcome) for r in audit.records(project)]
     assert trail == [("key:admin-person", "serve.keygen", "key:chatbot", "ok"),
@@ -322,12 +322,12 @@ def test_the_server_lets_each_key_call_only_what_the_policy_allows(project, pipe
     llmops = str(BIN / "llmops")
     _people(project)  # key:partner may call model:model only
     admin = _as(project, "admin-person")
-    partner = run([llmops, "serve", "keygen", "--name", "partner"], project, env=admin).stdout.strip()
-    chatbot = run([llmops, "serve", "keygen", "--name", "chatbot"], project, env=admin).stdout.strip()
+    partner = run([llmops, "serve", "keygen", "partner"], project, env=admin).stdout.strip()
+    chatbot = run([llmops, "serve", "keygen", "chatbot"], project, env=admin).stdout.strip()
     served = project.parent / "other"  # a model directory whose name is not `model`
     shutil.copytree(pipeline / "models/release", served)
     port = free_port()
-    proc = subprocess.Popen([llmops, "serve", "--model", str(served), "--port", str(port)], cwd=project,
+    proc = subprocess.Popen([llmops, "serve", "start", "--model", str(served), "--port", str(port)], cwd=project,
                             env=admin, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", proc, 120)
@@ -342,7 +342,7 @@ def test_the_server_lets_each_key_call_only_what_the_policy_allows(project, pipe
         [denied] = [r for r in audit.records(project) if r.outcome == "denied"]
         assert (denied.who, denied.action, denied.object) == ("key:partner", "serve.call", "model:other")
         # a revoked key stops working once the server reloads, without a restart
-        run([llmops, "serve", "revoke", "--name", "chatbot"], project, env=admin)
+        run([llmops, "serve", "revoke", "chatbot"], project, env=admin)
         run([llmops, "serve", "reload"], project, env=admin)
         with pytest.raises(AuthenticationError):
             OpenAI(base_url=url, api_key=chatbot, max_retries=0).models.list()
@@ -476,17 +476,17 @@ def test_a_hand_edit_of_the_policy_is_named_by_verify_and_cannot_record_itself(p
     _people(project)
     llmops = str(BIN / "llmops")
     admin, viewer = _as(project, "admin-person"), _as(project, "viewer-person")
-    assert "recorded the access policy as record 1" in run([llmops, "audit", "policy", "--why", "people"], project,
+    assert "recorded the access policy as record 1" in run([llmops, "trail", "policy", "--why", "people"], project,
                                                             env=admin).stdout
-    assert run([llmops, "audit", "verify"], project).returncode == 0
+    assert run([llmops, "trail", "verify"], project).returncode == 0
     policy = project / "governance/policy.csv"
     policy.write_text(policy.read_text() + "g, key:viewer-person, admin\n")  # a viewer makes themselves admin
-    verify = run([llmops, "audit", "verify"], project, check=False)
+    verify = run([llmops, "trail", "verify"], project, check=False)
     assert verify.returncode == 3 and "is not the one record 1 recorded: it was changed outside llmops" \
         in verify.stderr
     # the edit cannot record itself: the change is judged by the policy last recorded, where they are a viewer
-    selfmade = run([llmops, "audit", "policy", "--why", "me"], project, env=viewer, check=False)
+    selfmade = run([llmops, "trail", "policy", "--why", "me"], project, env=viewer, check=False)
     assert selfmade.returncode == 1 and "key:viewer-person (role viewer) may not change policy" in selfmade.stderr
-    run([llmops, "audit", "policy", "--why", "promoted the viewer"], project, env=admin)  # an admin's decision
-    assert run([llmops, "audit", "verify"], project).returncode == 0
+    run([llmops, "trail", "policy", "--why", "promoted the viewer"], project, env=admin)  # an admin's decision
+    assert run([llmops, "trail", "verify"], project).returncode == 0
     assert [r.outcome for r in audit.records(project) if r.action == "policy.change"] == ["ok", "denied", "ok"]

@@ -86,7 +86,7 @@ def test_a_server_configured_with_postgresql_keeps_its_feedback_there(tmp_path):
     model, port, key = toy_model(tmp_path / "toy"), free_port(), "sk-llmops-feedback-test"
     with postgres() as url:
         env = base_env(LLMOPS_FEEDBACK_DB=url, LLMOPS_API_KEY_HASHES=hash_key(key))
-        proc = subprocess.Popen([str(BIN / "llmops"), "serve", "--model", str(model), "--port", str(port)],
+        proc = subprocess.Popen([str(BIN / "llmops"), "serve", "start", "--model", str(model), "--port", str(port)],
                                 cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "err", "w"))
         try:
             _wait_http(f"http://127.0.0.1:{port}/health", proc, 120)

@@ -140,7 +140,7 @@ def test_an_adapter_of_another_base_or_kind_is_refused_and_the_rest_keeps_servin
 @pytest.mark.services
 @pytest.mark.training
 def test_a_server_of_adapters_serves_every_version_on_its_base_and_follows_the_registry(versioned_project):
-    """`llmops serve --adapters`: v1 (production) and v2 (another fine-tune of the same base) from one process, each
+    """`llmops serve start --adapters`: v1 (production) and v2 (another fine-tune of the same base) from one process, each
     answering as its adapter alone; v2 as a canary (below); a version registered later is served without a restart,
     and the oldest one not holding a stage leaves (deploy.max_adapters)."""
     import subprocess
@@ -151,13 +151,13 @@ def test_a_server_of_adapters_serves_every_version_on_its_base_and_follows_the_r
 
     project = versioned_project  # v1 in production, v2 another adapter on the same base
     llmops = [str(BIN / "llmops")]
-    key = run(llmops + ["serve", "keygen", "--name", "tests"], project).stdout.strip()
+    key = run(llmops + ["serve", "keygen", "tests"], project).stdout.strip()
     # canary_*: judged after 10 requests each; dropped unless twice as fast as production (_canary checks it is)
     set_params(project, "deploy.max_adapters=2", "deploy.watch_s=1", "deploy.canary_min_requests=10",
                "deploy.canary_max_latency_ratio=0.5")
     port = free_port()
     log = open(project / "adapters.log", "w")
-    proc = subprocess.Popen(llmops + ["serve", "--adapters", "--port", str(port)], cwd=project, env=base_env(),
+    proc = subprocess.Popen(llmops + ["serve", "start", "--adapters", "--port", str(port)], cwd=project, env=base_env(),
                             stdout=log, stderr=log)
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", proc, 180)
@@ -220,7 +220,7 @@ def test_a_server_of_one_model_serves_the_canary_from_a_second_engine(versioned_
     set_params(project, "deploy.canary_min_requests=10", "deploy.canary_max_latency_ratio=0.5")
     port = free_port()
     log = open(project / "one.log", "w")
-    proc = subprocess.Popen(llmops + ["serve", "--port", str(port)], cwd=project, env=base_env(), stdout=log,
+    proc = subprocess.Popen(llmops + ["serve", "start", "--port", str(port)], cwd=project, env=base_env(), stdout=log,
                             stderr=log)
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", proc, 180)
@@ -281,7 +281,7 @@ def _canary(project, api, port, key):
     deadline = time.monotonic() + 30
     while any(ask(u) != "model@v1.0.0" for u in users):  # the server reloaded without it
         assert time.monotonic() < deadline
-    logged = run(llmops + ["audit", "log", "--action", "registry.drop"], project).stdout
+    logged = run(llmops + ["trail", "log", "--action", "registry.drop"], project).stdout
     assert "registry.drop" in logged and "ok" in logged
 
     run(llmops + ["registry", "canary", "v2", "--share", "10", "--why", "again"], project)

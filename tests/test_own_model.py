@@ -58,10 +58,10 @@ def _serve_and_chat(project: Path, env: dict, messages: list[dict]) -> tuple[dic
     from transformers import AutoModelForCausalLM
 
     release = project / "models/release"
-    key = run([str(BIN / "llmops"), "serve", "keygen", "--name", "t"], project, env=env).stdout.split()[0]
+    key = run([str(BIN / "llmops"), "serve", "keygen", "t"], project, env=env).stdout.split()[0]
     port = free_port()
     with open(project / "server.log", "w") as log:
-        proc = subprocess.Popen([str(BIN / "llmops"), "serve", "--model", str(release), "--port", str(port)],
+        proc = subprocess.Popen([str(BIN / "llmops"), "serve", "start", "--model", str(release), "--port", str(port)],
                                 cwd=project, env=env, stdout=log, stderr=log)
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", proc, 120)

@@ -66,7 +66,7 @@ def production_rev(repo: Path) -> str:
 
 def test_promote_and_rollback_keep_the_whole_history_and_agree_with_dvc(origin, tmp_path):
     repo = clone(origin, tmp_path / "clone")
-    listed = llmops(repo, "list").stdout.splitlines()
+    listed = llmops(repo, "list").stdout.splitlines()[1:]  # under the header row
     assert [line.split()[0] for line in listed] == ["v2.0.0", "v1.0.0"]  # the tags came with the clone
     assert "quantized/nf4" in listed[0] and "quantized/int8_weight_only" in listed[1]
 
@@ -83,7 +83,7 @@ def test_promote_and_rollback_keep_the_whole_history_and_agree_with_dvc(origin, 
     v1 = json.loads(llmops(repo, "show", "production", "--json").stdout)
     assert v1["version"] == "v1.0.0" and production_rev(repo) == v1["commit"]
 
-    events = [line.split()[2:5] for line in llmops(repo, "history", "--stage", "production").stdout.splitlines()]
+    events = [line.split()[2:5] for line in llmops(repo, "history", "--stage", "production").stdout.splitlines()[1:]]
     assert events == [["assignment", "v1.0.0", "production"], ["unassignment", "v1.0.0", "production"],
                       ["assignment", "v2.0.0", "production"], ["unassignment", "v2.0.0", "production"],
                       ["assignment", "v1.0.0", "production"]]
@@ -127,7 +127,7 @@ def test_racing_promotions_from_two_clones_lose_nothing(origin, tmp_path):
     history = llmops(judge, "history").stdout.splitlines()
     assigned = sorted(tuple(line.split()[3:5]) for line in history if line.split()[2] == "assignment")
     assert assigned == sorted([("v1.0.0", "production"), ("v2.0.0", "staging"), ("v2.0.0", "production")])
-    listed = {line.split()[0]: line.split()[1] for line in llmops(judge, "list").stdout.splitlines()}
+    listed = {line.split()[0]: line.split()[1] for line in llmops(judge, "list").stdout.splitlines()[1:]}
     assert sorted(listed.values()) in (["-", "production,staging"], ["production", "staging"])  # one holder per stage
     holder = json.loads(llmops(judge, "show", "production", "--json").stdout)["version"]
     assert production_rev(judge) == json.loads(llmops(judge, "show", holder, "--json").stdout)["commit"]
@@ -165,13 +165,13 @@ def test_registry_tags_made_by_hand_are_named_and_refused(origin, tmp_path):
     and promoted, and a second version tag on one commit crashed `registry list`."""
     repo = clone(origin, tmp_path / "clone")
     llmops(repo, "promote", "v1", "--to", "production", "--why", "first")
-    assert run([str(BIN / "llmops"), "audit", "verify"], repo).returncode == 0
+    assert run([str(BIN / "llmops"), "trail", "verify"], repo).returncode == 0
     v1, v2 = (json.loads(llmops(repo, "show", v, "--json").stdout)["commit"] for v in ("v1", "v2"))
     run(["git", "tag", "-a", "model#production#99", v2, "-m", json.dumps({"by": "mallory", "why": "x"})], repo)
-    verify = run([str(BIN / "llmops"), "audit", "verify"], repo, check=False)
+    verify = run([str(BIN / "llmops"), "trail", "verify"], repo, check=False)
     assert verify.returncode == 3 and "registry tag model#production#99 was made outside llmops" in verify.stderr
     from llmops.governance.apikeys import hash_key
-    served = run([str(BIN / "llmops"), "serve", "--port", "1"], repo, check=False,
+    served = run([str(BIN / "llmops"), "serve", "start", "--port", "1"], repo, check=False,
                  env=base_env(LLMOPS_API_KEY_HASHES=hash_key("sk-x")))
     assert served.returncode == 1 and "the registry holds tags made outside llmops (model#production#99" \
         in served.stderr, served.stderr

@@ -36,7 +36,7 @@ def _env() -> dict[str, str]:
 
 
 class Fleet:
-    """Replicas (`llmops serve --model`) in one directory and a router in a project directory of its own."""
+    """Replicas (`llmops serve start --model`) in one directory and a router in a project directory of its own."""
 
     def __init__(self, root: Path, model: Path):
         self.root, self.model = root, model
@@ -49,7 +49,7 @@ class Fleet:
         port = self.ports[name] = free_port()
         log = open(self.root / f"{name}.log", "w")
         self.procs[name] = subprocess.Popen(
-            [str(BIN / "llmops"), "serve", "--model", str(self.model), "--port", str(port), "--device", "cpu",
+            [str(BIN / "llmops"), "serve", "start", "--model", str(self.model), "--port", str(port), "--device", "cpu",
              "--cache-entries", "0", *args], cwd=self.root / "replicas", env=_env(), stdout=log, stderr=log)
         return f"http://127.0.0.1:{port}"
 
@@ -177,7 +177,7 @@ def test_requests_go_by_class_context_and_load_and_bad_declarations_are_refused(
         assert _complete(url, 5)[0] == "small"
 
         # a replica declaring hardware it lacks refuses to start
-        no_gpu = run([str(BIN / "llmops"), "serve", "--model", str(toy), "--device", "cuda", "--port",
+        no_gpu = run([str(BIN / "llmops"), "serve", "start", "--model", str(toy), "--device", "cuda", "--port",
                       str(free_port())], tmp_path / "replicas", env=_env(), check=False)
         assert no_gpu.returncode == 1 and "device cuda: this machine has no CUDA GPU" in no_gpu.stderr
         # the load test's locust users (benchmarks/load_test.py), briefly: every request answered and counted

@@ -29,12 +29,12 @@ def server(pipeline, tmp_path_factory):
     model = shutil.copytree(pipeline / "models/release", tmp / "release")
     keys = tmp / "keys"
     project = make_project((tmp / "project").resolve(), tmp / "remote")  # keygen is allowed and audited in a project
-    key = run([str(BIN / "llmops"), "serve", "keygen", "--name", "tests", "--keys", str(keys)], project).stdout.strip()
+    key = run([str(BIN / "llmops"), "serve", "keygen", "tests", "--keys", str(keys)], project).stdout.strip()
     assert key.startswith("sk-llmops-") and key not in keys.read_text()  # only its hash is stored
     port = free_port()
     log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen([str(BIN / "llmops"), "serve", "--model", str(model), "--keys", str(keys), "--port",
-                             str(port)], cwd=tmp, env=base_env(), stdout=log, stderr=log)
+    proc = subprocess.Popen([str(BIN / "llmops"), "serve", "start", "--model", str(model), "--keys", str(keys),
+                             "--port", str(port)], cwd=tmp, env=base_env(), stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_http(f"{url}/health", proc, 120)
@@ -302,7 +302,7 @@ def test_a_model_directory_without_safetensors_is_refused(tmp_path):
     (model / "config.json").write_text("{}")
     (model / "pytorch_model.bin").write_bytes(b"pickle")
     env = base_env(LLMOPS_API_KEY_HASHES="0" * 64)
-    proc = subprocess.run([str(BIN / "llmops"), "serve", "--model", str(model), "--port", str(free_port())],
+    proc = subprocess.run([str(BIN / "llmops"), "serve", "start", "--model", str(model), "--port", str(free_port())],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.startswith("error: serve: ") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -355,8 +355,8 @@ def test_a_deployment_that_refuses_personal_data(pipeline, tmp_path):
 
     key, port = "sk-test-privacy", free_port()
     log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([str(BIN / "llmops"), "serve", "--model", str(pipeline / "models/release"), "--port",
-                             str(port), "--privacy", "refuse"], cwd=tmp_path,
+    proc = subprocess.Popen([str(BIN / "llmops"), "serve", "start", "--model", str(pipeline / "models/release"),
+                             "--port", str(port), "--privacy", "refuse"], cwd=tmp_path,
                             env=base_env(LLMOPS_API_KEY_HASHES=hash_key(key)), stdout=log, stderr=log)
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", proc, 120)
@@ -385,8 +385,8 @@ def test_sigterm_finishes_the_requests_in_flight(pipeline, tmp_path):
 
     key = "sk-test-graceful"
     port = free_port()
-    proc = subprocess.Popen([str(BIN / "llmops"), "serve", "--model", str(pipeline / "models/release"), "--port",
-                             str(port)], cwd=tmp_path, env=base_env(LLMOPS_API_KEY_HASHES=hash_key(key)),
+    proc = subprocess.Popen([str(BIN / "llmops"), "serve", "start", "--model", str(pipeline / "models/release"),
+                             "--port", str(port)], cwd=tmp_path, env=base_env(LLMOPS_API_KEY_HASHES=hash_key(key)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", proc, 120)
@@ -409,8 +409,8 @@ def test_the_first_explanations_asked_at_once_all_succeed(pipeline, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     key, port = "sk-test-explain-race", free_port()
-    proc = subprocess.Popen([str(BIN / "llmops"), "serve", "--model", str(pipeline / "models/release"), "--port",
-                             str(port)], cwd=tmp_path, env=base_env(LLMOPS_API_KEY_HASHES=hash_key(key)),
+    proc = subprocess.Popen([str(BIN / "llmops"), "serve", "start", "--model", str(pipeline / "models/release"),
+                             "--port", str(port)], cwd=tmp_path, env=base_env(LLMOPS_API_KEY_HASHES=hash_key(key)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", proc, 120)

@@ -44,7 +44,7 @@ def test_a_failed_run_keeps_its_workspace_until_cleaned(committed):
     proc = run(["llmops", "run", "--no-push", "--commit", "HEAD", "-S", "gate.min_score=0.99"], project,
                check=False)
     assert proc.returncode == 1 and "gate failed" in proc.stderr and "workspace kept: " in proc.stderr
-    kept = run(["llmops", "workspaces"], project).stdout.strip().splitlines()
+    kept = run(["llmops", "workspaces"], project).stdout.strip().splitlines()[1:]  # under the header row
     assert len(kept) == 1 and ".llmops/workspaces/" in kept[0]
     path = kept[0].split()[0]
     assert "min_score: 0.99" in (project / path / "params.yaml").read_text()  # its own params, as it failed

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from llmops.cli import output
 from llmops.core.errors import LlmopsError
 from llmops.core.layout import EXPLAIN as OUT_DIR
 
@@ -26,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--answer", help="the answer to explain (default: the model's greedy answer)")
     parser.add_argument("--max-tokens", type=int, default=16, help="the greedy answer's length bound")
     parser.add_argument("--out", help=f"where to write explanation.json and attributions.png (default {OUT_DIR}/<time>)")
+    output.add_json(parser, "explanation.json's document, not the table")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -48,6 +50,9 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "explanation.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     result.plot(out / "attributions.png")
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
     print(result.table())
     print(f"\n{out}/explanation.json, {out}/attributions.png")
     return 0

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
+import shutil
 import signal
 import sys
+import textwrap
 from importlib.metadata import version
 from pathlib import Path
 
 from llmops.governance import audit
-from llmops.cli import audit as audit_cli
+from llmops.cli import trail as trail_cli
 from llmops.cli import explain as explain_cli
 from llmops.governance import identity
 from llmops.core import locks
 from llmops.cli import monitor as monitor_cli
+from llmops.cli import output
 from llmops.registry import versions as registry
 from llmops.cli import registry as registry_cli
 from llmops.cli import route as route_cli
@@ -28,15 +32,46 @@ from llmops.pipeline.stage import declared, summaries
 from llmops.core.storage import StorageError, check_remote
 
 EXIT_BAD_PARAMS = 2
+# commands that were renamed: the old name is refused with the new one, not with a near miss (`audit` is closer to the
+# stage audit_bias than to the trail it named)
+RENAMED = {"audit": ("trail", "the audit trail: trail verify|log|policy; the bias audit is the stage audit_bias")}
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, suggesting the choice meant by a mistyped one, as Python 3.14's suggest_on_error does (and in
+    its words); subparsers are of this class too (add_subparsers' parser_class), so actions and values get it."""
+
+    def _check_value(self, action: argparse.Action, value) -> None:
+        # where 3.11's argparse refuses a value outside `choices`: a command, an action, a --device
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError:
+            choices = [str(c) for c in action.choices]
+            if value in RENAMED and RENAMED[value][0] in choices:
+                new, why = RENAMED[value]
+                raise argparse.ArgumentError(action, f"{value!r} is now {new!r} ({why})") from None
+            # a beginning typed (`llmops reg`) names what it begins; else the closest (`llmops serv`)
+            begun = [c for c in choices if c.startswith(str(value))]
+            close = begun[:1] or difflib.get_close_matches(str(value), choices, n=1)
+            if not close:
+                raise
+            raise argparse.ArgumentError(action, f"invalid choice: {value!r}, maybe you meant {close[0]!r}? "
+                                         f"(choose from {', '.join(map(repr, choices))})") from None
+
+
+def _parser(list_stages: bool = False) -> argparse.ArgumentParser:
+    """The parser; `list_stages`: the stages among the commands (a subcommand with help), as shell completion needs
+    them, rather than apart in the epilog."""
+    stages = declared()
+    parser = _Parser(
         prog="llmops",
         description="LLMOps pipeline: Prefect orchestrates, DVC versions, each stage does one job.",
+        epilog=None if list_stages else _stages_help(stages), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"llmops {version('llmops')}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # the stages are listed apart, in the epilog (argparse lists one group of subcommands): a stage is one step of
+    # the pipeline, a command acts on what the pipeline made
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
     run = sub.add_parser(
         "run",
@@ -94,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
         "workspaces", help="the workspaces of runs that built a commit (kept after a failure)",
         description="List the workspaces under .llmops/workspaces/ (a run that failed leaves its own), or remove them.")
     spaces.add_argument("action", nargs="?", choices=["clean"], help="clean: remove those no run is using")
+    output.add_json(spaces, "one JSON object per workspace and line (path, commit)")
 
     params = sub.add_parser(
         "params", help="validate params.yaml (with overrides) and print the values a run will use",
@@ -104,22 +140,41 @@ def _parser() -> argparse.ArgumentParser:
     params.add_argument("--apply", metavar="FILE", help="lay the values FILE sets (a params file, whole or in part, "
                         "e.g. one of configs/) over params.yaml and write them into it, every other key and comment "
                         "kept; prints the keys that changed")
+    output.add_json(params, "the values as one JSON document")
 
     registry_cli.add_parser(sub)
     serve_cli.add_parser(sub)
     route_cli.add_parser(sub)
     monitor_cli.add_parser(sub)
-    audit_cli.add_parser(sub)
+    trail_cli.add_parser(sub)
     explain_cli.add_parser(sub)
 
-    for spec in declared().values():
-        cmd = sub.add_parser(
-            spec.name, help=f"stage: {spec.desc}",
+    completion = sub.add_parser(
+        "completion", help="print the shell completion script: llmops completion bash|zsh|tcsh",
+        description="Print a completion script for SHELL, generated from these commands (shtab), e.g. "
+        "`llmops completion bash > ~/.local/share/bash-completion/completions/llmops`, or "
+        "`llmops completion zsh > \"${fpath[1]}/_llmops\"`. Generate it again after dvc.yaml's stages change.")
+    completion.add_argument("shell", choices=["bash", "zsh", "tcsh"])
+
+    for spec in stages.values():
+        cmd = sub.add_parser(  # without help=, a subcommand is left out of the commands' list
+            spec.name, **({"help": f"stage: {spec.desc}"} if list_stages else {}),
             description=f"Run the {spec.name} stage alone with params.yaml (this is the command dvc.yaml runs).",
         )
         if spec.keys:
             cmd.add_argument("key", choices=spec.keys, help=f"which one: params section {spec.name}.<key>")
     return parser
+
+
+def _stages_help(stages: dict) -> str | None:
+    """The stages, listed as argparse lists commands: the name, then its help wrapped beside it (to the width argparse
+    wraps to)."""
+    if not stages:
+        return None
+    width, columns = max(map(len, stages)), shutil.get_terminal_size().columns - 2
+    return "\n".join(["stages, in pipeline order (each runs alone, as dvc.yaml runs it):", *(
+        textwrap.fill(spec.desc, width=columns, initial_indent=f"  {spec.name:<{width}}  ",
+                      subsequent_indent=" " * (width + 4)) for spec in stages.values())])
 
 
 def _add_overrides(parser: argparse.ArgumentParser) -> None:
@@ -132,8 +187,10 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return _main(argv)
-    except BrokenPipeError:  # `llmops audit log | head`: the reader has what it wanted, no traceback
+        status = _main(argv)
+        sys.stdout.flush()  # here, not at exit, where a reader gone would be an "Exception ignored" message
+        return status
+    except BrokenPipeError:  # `llmops trail log | head`: the reader has what it wanted, no traceback
         # (Python's recipe: point stdout at /dev/null, or its flush at exit fails again)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # what a shell reports for a command that SIGPIPE ended
@@ -152,14 +209,16 @@ def _main(argv: list[str] | None) -> int:
         return route_cli.main(args)
     if args.command in ("monitor", "feedback"):
         return monitor_cli.main(args)
-    if args.command == "audit":
-        return audit_cli.main(args)
+    if args.command == "trail":
+        return trail_cli.main(args)
     if args.command == "explain":
         return explain_cli.main(args)
     if args.command == "erase":
         return _erase(args)
     if args.command == "workspaces":
-        return _workspaces(Path.cwd(), args.action)
+        return _workspaces(Path.cwd(), args.action, args.json)
+    if args.command == "completion":
+        return _completion(args.shell)
     if args.command == "setup":
         return _setup(Path.cwd())
     if args.command in ("approve", "reject"):
@@ -175,9 +234,13 @@ def _main(argv: list[str] | None) -> int:
         params = load_params(PARAMS_FILE, args.overrides)
         storage = storage_for(params.storage, root)  # what the run uses (LLMOPS_S3_*); never written to params.yaml
         if args.command == "params":
-            from ruamel.yaml import YAML
+            values = params.model_copy(update={"storage": storage}).model_dump(mode="json")
+            if args.json:
+                print(json.dumps(values, indent=2))
+            else:
+                from ruamel.yaml import YAML
 
-            YAML().dump(params.model_copy(update={"storage": storage}).model_dump(mode="json"), sys.stdout)
+                YAML().dump(values, sys.stdout)
             return 0
         check_inputs(params, root)
         if args.commit is not None:  # that commit's params.yaml, with the overrides (the flow checks its inputs)
@@ -277,22 +340,34 @@ def _commit_params(root: Path, ref: str, overrides: list[str]):
     return params if overrides else None
 
 
-def _workspaces(root: Path, action: str | None) -> int:
+def _workspaces(root: Path, action: str | None, as_json: bool) -> int:
     from llmops.pipeline import workspaces
 
+    if action == "clean" and as_json:
+        print("error: workspaces: --json lists them; clean takes none", file=sys.stderr)
+        return EXIT_BAD_PARAMS
     try:
         found = workspaces.kept(root)
-        for ws in found:
-            if action == "clean":
-                print(f"removed {ws.path}" if workspaces.discard(root, ws) else
-                      f"in use by a running pipeline, kept: {ws.path}")
-            else:
-                print(f"{ws.path}  commit {ws.commit[:12]}")
+        for ws in found if action == "clean" else ():
+            print(f"removed {ws.path}" if workspaces.discard(root, ws) else
+                  f"in use by a running pipeline, kept: {ws.path}")
     except workspaces.WorkspaceError as exc:
         print(f"error: workspaces: {exc}", file=sys.stderr)
         return 1
-    if not found:
+    if as_json:
+        output.show(output.json_lines({"path": str(ws.path), "commit": ws.commit} for ws in found))
+    elif not found:
         print("no workspaces: every run succeeded, and its workspace was removed")
+    elif action != "clean":
+        print(output.table(["PATH", "COMMIT"], ([ws.path, ws.commit[:12]] for ws in found)))
+    return 0
+
+
+def _completion(shell: str) -> int:
+    # shtab writes a static script from the parser: nothing of llmops runs while a shell completes
+    import shtab
+
+    print(shtab.complete(_parser(list_stages=True), shell))
     return 0
 
 

@@ -8,6 +8,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from llmops.cli import output
 from llmops.core.errors import LlmopsError
 
 
@@ -24,11 +25,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "feedback", help="the review queue of flagged responses; accept a correction into the training data",
         description="queue: the flagged responses of the latest monitor report that nobody reviewed yet. accept: the "
         "correction (the user's, or yours with --correction) joins the next dataset version; reject: it does not.")
-    fb.add_argument("action", choices=["queue", "accept", "reject"])
-    fb.add_argument("request_id", nargs="?", help="the response's id (accept, reject)")
-    fb.add_argument("--correction", help="the right answer (default: the user's correction, or the checker's answer)")
-    fb.add_argument("--reason", help="why (accept, reject)")
-    fb.add_argument("--reviewer", help="who decides: must be you (your OS account, or LLMOPS_TOKEN's key); checked")
+    # each action its own subcommand: a flag is accepted only by the action it means something to
+    actions = fb.add_subparsers(dest="action", required=True, metavar="ACTION")
+    queue = actions.add_parser("queue", help="the flagged responses that wait for review")
+    output.add_json(queue, "one JSON object per flagged response and line (as in the report's queue.jsonl)")
+    for name, does in (("accept", "the correction joins the next dataset version"), ("reject", "it does not")):
+        review = actions.add_parser(name, help=f"{name} a flagged response: {does}")
+        review.add_argument("request_id", help="the response's id (`llmops feedback queue` lists them)")
+        review.add_argument("--reason", required=True, help="why; kept with the review and in the audit trail")
+        if name == "accept":
+            review.add_argument("--correction", help="the right answer (default: the user's correction, or the "
+                                "checker's answer)")
+        review.add_argument("--reviewer", help="who decides: must be you (your OS account, or LLMOPS_TOKEN's key); "
+                            "checked")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -97,20 +106,20 @@ def _feedback(root: Path, args: argparse.Namespace) -> int:
         queue = latest_queue(root)
         done = store.reviewed([q["request_id"] for q in queue])
         waiting = [q for q in queue if q["request_id"] not in done]
-        for q in waiting:
+        if args.json:
+            output.show(output.json_lines(waiting))
+            return 0
+        for q in waiting:  # a record of several lines each, not a table: prompts and answers are long
             print(f"{q['request_id']}  [{q['why']}]  {q['task']}\n  prompt:    {q['prompt']!r}\n  answer:    "
                   f"{q['answer']!r}\n  suggested: {q['suggested']!r}")
         print(f"{len(waiting)} flagged responses wait for review" + (
             " (`llmops feedback accept|reject REQUEST_ID --reason ...`)" if waiting else ""))
         return 0
-    if not args.request_id or not args.reason:
-        print(f"error: feedback {args.action}: needs REQUEST_ID and --reason", file=sys.stderr)
-        return 2
     reviewer = identity.check_named(root, args.reviewer)
     # a correction becomes training data: reviewing is the policy's to allow, and the trail's to record
     with audit.recorded(root, f"feedback.{args.action}", f"request:{args.request_id}", who=reviewer,
                         allow=("review", "feedback")):
-        correction = args.correction
+        correction = getattr(args, "correction", None)  # reject takes none
         if args.action == "accept" and correction is None:  # the user's correction, else the queue's suggestion
             given = store.feedback_for([args.request_id]).get(args.request_id)
             correction = given and given["correction"]

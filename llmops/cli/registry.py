@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from llmops.cli import output
 from llmops.registry import versions as registry
 from llmops.serving import instances as servers
 from llmops.core.errors import LlmopsError
@@ -18,15 +19,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="The model registry: GTO git tags on commits whose dvc.lock pins models/release/. "
         "Works from a fresh clone (the tags come with it, the files from the DVC remote).")
     cmds = parser.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
-    cmds.add_parser("list", help="every version, newest first, with its stages and headline scores")
+    listing = cmds.add_parser("list", help="every version, newest first, with its stages and headline scores")
+    output.add_json(listing, "one JSON object per version and line (as `show --json` prints it)")
     show = cmds.add_parser("show", help="one version's model card, with its registry history (--json: its record)")
     show.add_argument("version", help="e.g. v3 or v3.0.0, or a stage: production")
-    show.add_argument("--json", action="store_true", help="the version's record (lineage, who, why) as JSON")
+    output.add_json(show, "the version's record (lineage, who, why) as one JSON document")
     show.add_argument("--html", metavar="FILE", help="also write the card as a self-contained HTML page")
     lineage = cmds.add_parser("lineage", help="the chain from the data files to the version and its stages")
     lineage.add_argument("version", help="e.g. v3, or a stage: production")
+    output.add_json(lineage, "one JSON document: the version's record, its data and models (outs), its stage "
+                    "events and the servers serving it")
     hist = cmds.add_parser("history", help="every registration and stage change: when, who, why")
     hist.add_argument("--stage", choices=registry.STAGES)
+    output.add_json(hist, "one JSON object per event and line")
     reg = cmds.add_parser("register", help="register models/release/ (what the gate passed) as the next version")
     reg.add_argument("--why", default="registered by hand", help="kept in the version's record")
     promote = cmds.add_parser("promote", help="give a version a stage (the current holder is unassigned)")
@@ -57,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
             warning = registry.refresh(root)
             if warning:
                 print(warning, file=sys.stderr)
-        print(_ACTIONS[args.registry_command](root, args))
+        output.show(_ACTIONS[args.registry_command](root, args))
     except LlmopsError as exc:  # the registry's own, the access policy's, the audit trail's
         print(f"error: registry: {exc}", file=sys.stderr)
         return 1
@@ -72,17 +77,22 @@ def _headline(v: registry.Version) -> str:
 
 def _list(root: Path, args) -> str:
     found = registry.versions(root)
+    if args.json:
+        return output.json_lines(map(_record, found))
     if not found:
         return "no versions registered yet (a run that passes the gate registers one)"
-    return "\n".join(f"{v.version:<9} {','.join(v.stages) or '-':<20} {v.created_at[:19]}  {v.author:<12} "
-                     f"{_headline(v)}" for v in found)
+    return output.table(["VERSION", "STAGES", "CREATED", "AUTHOR", "SCORES"], (
+        [v.version, ",".join(v.stages), v.created_at[:19], v.author, _headline(v)] for v in found))
+
+
+def _record(v: registry.Version) -> dict:
+    return {"version": v.version, "commit": v.commit, "created_at": v.created_at, "stages": v.stages, **v.record}
 
 
 def _show(root: Path, args) -> str:
     v = registry.resolve(root, args.version)
     if args.json:
-        return json.dumps({"version": v.version, "commit": v.commit, "created_at": v.created_at, "stages": v.stages,
-                           **v.record}, indent=2)
+        return json.dumps(_record(v), indent=2)
     from llmops.registry import model_card
 
     card = registry.card(root, v) + model_card.registry_section(v, registry.history(root))
@@ -94,11 +104,17 @@ def _show(root: Path, args) -> str:
 def _lineage(root: Path, args) -> str:
     v = registry.resolve(root, args.version)
     lin = v.lineage
+    outs = [{"stage": name, "path": out["path"], "md5": out["md5"]}
+            for name, stage in registry.locked_stages(root, v.commit).items() for out in stage.get("outs", [])
+            if out.get("md5") and out["path"].startswith(("data/", "models/"))]  # the data and weights, not reports
+    events = [e for e in registry.history(root) if e["version"] == v.version and e["event"] != "registration"]
+    serving = [s for s in servers.running(root) if s.version == v.version]
+    if args.json:
+        return json.dumps({**_record(v), "outs": outs, "events": events,
+                           "served": [{"url": s.url, "since": s.loaded, "pid": s.pid, "follows": s.ref}
+                                      for s in serving]}, indent=2)
     lines = [f"data and models (dvc.lock of commit {v.commit[:12]}):"]
-    for name, stage in registry.locked_stages(root, v.commit).items():
-        for out in stage.get("outs", []):
-            if out.get("md5") and out["path"].startswith(("data/", "models/")):  # the data and weights, not reports
-                lines.append(f"  {name:<16} -> {out['path']} (md5 {out['md5']})")
+    lines += [f"  {o['stage']:<16} -> {o['path']} (md5 {o['md5']})" for o in outs]
     gate = lin.get("gate", {})
     ev = lin.get("scores", {}).get("evaluate", {})
     audit = lin.get("scores", {}).get("audit_bias", {})
@@ -111,11 +127,8 @@ def _lineage(root: Path, args) -> str:
         f"exact match {ev.get('exact_match', float('nan')):.1%}, perplexity {ev.get('perplexity', float('nan')):.3f}, "
         f"pct_stereotype {audit.get('pct_stereotype', float('nan')):.1f}",
     ]
-    for e in registry.history(root):
-        if e["version"] == v.version and e["event"] != "registration":
-            lines.append(f"  -> {e['event']} {e['stage']} {e['time'][:19]} by {e['by']}: {e['why']}")
+    lines += [f"  -> {e['event']} {e['stage']} {e['time'][:19]} by {e['by']}: {e['why']}" for e in events]
     lines.append(f"  -> holds now: {', '.join(v.stages) or 'no stage'}")
-    serving = [s for s in servers.running(root) if s.version == v.version]
     lines += [f"  -> served at {s.url} since {s.loaded[:19]} (pid {s.pid}, follows {s.ref})" for s in serving]
     if not serving:
         lines.append("  -> served by no server of this project (`llmops serve status`)")
@@ -124,8 +137,12 @@ def _lineage(root: Path, args) -> str:
 
 def _history(root: Path, args) -> str:
     events = registry.history(root, args.stage)
-    return "\n".join(f"{e['time'][:19]}  {e['event']:<13} {e['version']:<9} {e['stage'] or '':<11} {e['by']}: "
-                     f"{e['why']}" for e in events) or "no registry events yet"
+    if args.json:
+        return output.json_lines(events)
+    if not events:
+        return "no registry events yet"
+    return output.table(["TIME", "EVENT", "VERSION", "STAGE", "BY", "WHY"], (
+        [e["time"][:19], e["event"], e["version"], e["stage"], e["by"], e["why"]] for e in events))
 
 
 def _register(root: Path, args) -> str:

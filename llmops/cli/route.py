@@ -14,7 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "route", help="one OpenAI-compatible endpoint in front of several servers, routing by hardware class, "
         "context and load (params: route)",
-        description="Route requests to the replicas in params.yaml's route section (each an `llmops serve`, started "
+        description="Route requests to the replicas in params.yaml's route section (each an `llmops serve start`, "
         "with --device and, for a small one, --context), by route.policy; health-checked, with retries. SIGHUP "
         "reads the route section and the API keys again.")
     parser.add_argument("--host", help="default route.host")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
+from llmops.cli import output
 from llmops.governance import apikeys
 from llmops.governance import audit
 from llmops.registry import versions as registry
@@ -19,98 +21,127 @@ from llmops.core.errors import LlmopsError
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API (continuous batching, API keys, metrics)",
-        description="Serve the production version (default), a registered version, or a model directory. "
-        "status, stop and reload act on this project's running servers; keygen, revoke and keys manage its API keys "
-        "(allowed by the access policy, recorded in the audit trail).")
-    parser.add_argument("action", nargs="?", choices=["keygen", "revoke", "keys", "status", "stop", "reload",
-                                                      "manifests"],
-                        help="keygen: make an API key named --name, store its hash; revoke: remove the key named "
-                        "--name (servers drop it on reload); keys: list the keys' names; status: the running servers; "
-                        "stop: stop them (finishing requests in flight); reload: make them load what their ref names "
-                        "now, and the keys and the access policy; manifests: write the Kubernetes manifests for vLLM "
-                        "serving production and its canary (deploy.vllm; --out DIR)")
-    which = parser.add_mutually_exclusive_group()
+        description="start: serve a model. status, stop and reload act on this project's running servers; keygen, "
+        "revoke and keys manage its API keys (allowed by the access policy, recorded in the audit trail); manifests "
+        "writes the Kubernetes manifests for vLLM.")
+    # each action its own subcommand, so that a flag of the server is refused with an action (and each help is short)
+    actions = parser.add_subparsers(dest="serve_action", required=True, metavar="ACTION")
+
+    start = actions.add_parser(
+        "start", help="serve production (default), a registered version or a model directory",
+        description="Serve the production version (default), a registered version, or a model directory over an "
+        "OpenAI-compatible HTTP API, until stopped (Ctrl-C, SIGTERM or `llmops serve stop`).")
+    which = start.add_mutually_exclusive_group()
     which.add_argument("--version", help="a registered version (v3) or stage (production, staging); a server on a "
                        "stage follows it on reload")
     which.add_argument("--model", help="a model directory (safetensors weights, tokenizer)")
-    parser.add_argument("--out", help="manifests: the directory (default deploy.vllm.out)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, help="default 8000; for stop and reload: only the server on this port")
+    start.add_argument("--host", default="127.0.0.1")
+    start.add_argument("--port", type=int, help="default 8000")
+    _keys_file(start)
+    start.add_argument("--max-concurrency", type=int, default=16, help="requests generated together")
+    start.add_argument("--device", choices=["cpu", "cuda"],
+                       help="where the model runs (default: a CUDA GPU when there is one); a replica declares it to "
+                       "`llmops route` this way, and cuda on a machine without one is refused")
+    start.add_argument("--context", type=int, help="at most this many tokens per request (prompt and answer; default "
+                       "the model's): a smaller KV cache, for a replica with little memory")
+    start.add_argument("--cache-entries", type=int, help="greedy answers the response cache keeps; 0: no cache "
+                       "(default: the project's deploy.cache_entries, else 1024)")
+    start.add_argument("--adapters", action="store_true",
+                       help="hold the followed version's base once and serve, as LoRA adapters on it, every registered "
+                       "version built on it (asked for as model@vN; deploy.max_adapters of them), loading new ones "
+                       "as they are registered (deploy.watch_s)")
+    start.add_argument("--read-timeout", type=float, help="seconds a request's head and body have to arrive "
+                       "(default deploy.read_timeout_s)")
+    start.add_argument("--privacy", choices=["mask", "refuse", "log"],
+                       help="personal data in prompts and answers (default: the project's deploy.privacy, else mask)")
+
+    for name, does in (("keygen", "make an API key NAME and print it; only its hash is stored"),
+                       ("revoke", "remove the API key NAME (running servers drop it on `llmops serve reload`)")):
+        key = actions.add_parser(name, help=does, description=f"{does[0].upper()}{does[1:]}. Allowed by the access "
+                                 "policy, recorded in the audit trail: run it in the project.")
+        key.add_argument("name", metavar="NAME", help="the key's name (its identity in the access policy: key:NAME)")
+        _keys_file(key)
+    keys = actions.add_parser("keys", help="the API keys' names, one a line")
+    _keys_file(keys)
+    output.add_json(keys, "one JSON object per key and line (name)")
+    status = actions.add_parser("status", help="this project's running servers (exit 3 if none)")
+    output.add_json(status, "one JSON object per server and line")
+    for name, does in (("stop", "stop this project's running servers, finishing requests in flight"),
+                       ("reload", ("make this project's running servers load what their ref names now, and the API "
+                                   "keys and the access policy"))):
+        each = actions.add_parser(name, help=does)
+        each.add_argument("--port", type=int, help="only the server on this port")
+    manifests = actions.add_parser("manifests", help="write the Kubernetes manifests for vLLM serving production and "
+                                   "its canary (deploy.vllm)")
+    manifests.add_argument("--out", help="the directory (default deploy.vllm.out)")
+
+
+def _keys_file(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keys", default=str(apikeys.DEFAULT_FILE),
                         help=f"file of accepted keys' hashes and names (default {apikeys.DEFAULT_FILE}; also "
                         f"${{{apikeys.KEYS_ENV}}})")
-    parser.add_argument("--name", help="keygen, revoke: the key's name (its identity in the access policy: key:NAME)")
-    parser.add_argument("--max-concurrency", type=int, default=16, help="requests generated together")
-    parser.add_argument("--device", choices=["cpu", "cuda"],
-                        help="where the model runs (default: a CUDA GPU when there is one); a replica declares it to "
-                        "`llmops route` this way, and cuda on a machine without one is refused")
-    parser.add_argument("--context", type=int, help="at most this many tokens per request (prompt and answer; default "
-                        "the model's): a smaller KV cache, for a replica with little memory")
-    parser.add_argument("--cache-entries", type=int, help="greedy answers the response cache keeps; 0: no cache "
-                        "(default: the project's deploy.cache_entries, else 1024)")
-    parser.add_argument("--adapters", action="store_true",
-                        help="hold the followed version's base once and serve, as LoRA adapters on it, every registered "
-                        "version built on it (asked for as model@vN; deploy.max_adapters of them), loading new ones "
-                        "as they are registered (deploy.watch_s)")
-    parser.add_argument("--read-timeout", type=float, help="seconds a request's head and body have to arrive "
-                        "(default deploy.read_timeout_s)")
-    parser.add_argument("--privacy", choices=["mask", "refuse", "log"],
-                        help="personal data in prompts and answers (default: the project's deploy.privacy, else mask)")
 
 
 def main(args: argparse.Namespace) -> int:
+    action = args.serve_action
     try:
-        if args.action in ("keygen", "revoke"):
-            if not args.name:
-                raise LlmopsError(f"{args.action} needs --name NAME (the key's identity in the access policy)")
+        if action in ("keygen", "revoke"):
             if not (Path.cwd() / PARAMS_FILE).is_file():
-                raise LlmopsError(f"{args.action}: run it in the project whose access policy allows it and whose audit "
+                raise LlmopsError(f"{action}: run it in the project whose access policy allows it and whose audit "
                                   f"trail records it (no {PARAMS_FILE} here)")
-            if args.action == "keygen":
+            if action == "keygen":
                 print(apikeys.create(Path.cwd(), args.keys, args.name))
                 print(f"(only its hash is kept, in {args.keys}; this is the one time the key is shown)", file=sys.stderr)
             else:
                 apikeys.revoke(Path.cwd(), args.keys, args.name)
                 print(f"revoked {args.name}; running servers drop it on `llmops serve reload`")
             return 0
-        if args.action == "keys":
-            for name in sorted(apikeys.load(args.keys).values()):
-                print(name)
+        if action == "keys":
+            names = sorted(apikeys.load(args.keys).values())
+            # one name a line, no header: a list of names, for `for k in $(llmops serve keys)`
+            output.show(output.json_lines({"name": n} for n in names) if args.json else "\n".join(names))
             return 0
-        if args.action == "status":
-            return _status()
-        if args.action == "manifests":
+        if action == "status":
+            return _status(args.json)
+        if action == "manifests":
             from llmops.serving import vllm_manifests
 
             print(f"wrote {vllm_manifests.write(Path.cwd(), _params(Path.cwd()), args.out)} (kubectl apply -f it)")
             return 0
-        if args.action in ("stop", "reload"):
-            return _each(args.action, args.port)
+        if action in ("stop", "reload"):
+            return _each(action, args.port)
         return _serve(args)
     except LlmopsError as exc:
         print(f"error: serve: {exc}", file=sys.stderr)
         return 1
 
 
-def describe(server: servers.Server) -> str:
+def _serves(server: servers.Server) -> str:
     what = f"{registry.ARTIFACT} {server.version}" if server.version else server.model
     if server.adapters:
         what += f" (adapters on one base: {', '.join(server.adapters)})"
     if server.canary:
         what += f", canary {server.canary}"
-    follows = f", follows {server.ref}" if server.ref != server.version else ""
+    return what + (f", follows {server.ref}" if server.ref != server.version else "")
+
+
+def describe(server: servers.Server) -> str:
     error = f"; last reload failed: {server.reload_error}" if server.reload_error else ""
-    return f"{server.url}  {what}{follows}  (pid {server.pid}, up since {server.started[:19]}){error}"
+    return f"{server.url}  {_serves(server)}  (pid {server.pid}, up since {server.started[:19]}){error}"
 
 
-def _status() -> int:
+def _status(as_json: bool) -> int:
     found = servers.running(Path.cwd())
-    for server in found:
-        print(describe(server))
-    if not found:
-        print("no llmops server is running in this project (`llmops serve`, or `llmops run` deploys one)")
-        return 3  # as `systemctl status` does for a unit that is not running
-    return 0
+    if as_json:
+        text = output.json_lines(dataclasses.asdict(s) for s in found)
+    elif found:
+        text = output.table(["URL", "PID", "SINCE", "SERVES"], (
+            [s.url, s.pid, s.started[:19], _serves(s) + (f"; last reload failed: {s.reload_error}" if s.reload_error
+                                                         else "")] for s in found))
+    else:
+        text = "no llmops server is running in this project (`llmops serve start`, or `llmops run` deploys one)"
+    output.show(text)
+    return 0 if found else 3  # as `systemctl status` does for a unit that is not running
 
 
 def _each(action: str, port: int | None) -> int:
@@ -146,7 +177,7 @@ def _serve(args: argparse.Namespace) -> int:
     in_project = (root / PARAMS_FILE).is_file()
     callers = Callers(lambda: apikeys.load(args.keys) | _deploy_key(root), root if in_project else None)
     if not callers.keys:
-        raise LlmopsError(f"no API keys: make one with `llmops serve keygen --name NAME` (stored hashed in {args.keys}) "
+        raise LlmopsError(f"no API keys: make one with `llmops serve keygen NAME` (stored hashed in {args.keys}) "
                           f"or set {apikeys.KEYS_ENV}")
     if not in_project:
         print(f"note: no {PARAMS_FILE} here, so no access policy: every valid key may call", flush=True)

@@ -6,11 +6,12 @@ impossible combinations fail here, before any work, with the dotted key named.
 
 from __future__ import annotations
 
+import difflib
 import io
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Literal
+from typing import Annotated, Any, Iterable, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from ruamel.yaml import YAML
@@ -459,7 +460,7 @@ class RegistryParams(Section):
 
 
 class GovernanceParams(Section):
-    """governance: the audit trail (`llmops audit`), who may do what (llmops/governance/access.py), the inputs' licences."""
+    """governance: the audit trail (`llmops trail`), who may do what (llmops/governance/access.py), the inputs' licences."""
 
     policy: str = Field("governance/policy.csv", min_length=1,
                         description="the access policy (casbin CSV: roles' permissions, identities' roles)")
@@ -839,6 +840,20 @@ def _plain(node: Any) -> Any:
     return node
 
 
+def _near(loc: tuple) -> str:
+    """'; did you mean KEY?' for an unknown key at `loc` a typo away from a key its section takes."""
+    model = Params
+    for part in loc[:-1]:  # a list's index or a mapping's key is not a field: its items are of the same model
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is not None:  # the model the field is or holds: X, X | None, list[X], dict[str, X]
+            model = next((t for t in (field.annotation, *get_args(field.annotation))
+                          if isinstance(t, type) and issubclass(t, BaseModel)), None)
+            if model is None:
+                return ""
+    close = difflib.get_close_matches(str(loc[-1]), [f.alias or n for n, f in model.model_fields.items()], n=1)
+    return f"; did you mean {'.'.join(map(str, (*loc[:-1], close[0])))}?" if close else ""
+
+
 def _format_errors(exc: ValidationError, source: str, overridden: set[str]) -> str:
     lines = []
     for err in exc.errors():
@@ -849,7 +864,7 @@ def _format_errors(exc: ValidationError, source: str, overridden: set[str]) -> s
             sub, _, msg = msg[1:].partition(": ")
             key += "." + sub
         if err["type"] == "extra_forbidden":
-            msg = f"unknown key (renamed {RENAMED[key]})" if key in RENAMED else "unknown key"
+            msg = f"unknown key (renamed {RENAMED[key]})" if key in RENAMED else "unknown key" + _near(err["loc"])
         elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
             msg += f" (got {err['input']!r})"
         lines.append(f"-S {key}: {msg}" if where == "-S" else f"{where}: {key}: {msg}")

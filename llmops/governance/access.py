@@ -27,7 +27,7 @@ CLI, a Prefect flow, the UI's approval form):
     servers             operate    stop or reload the project's running servers (`llmops serve stop|reload`)
     feedback            review     accept or reject a flagged answer's correction (`llmops feedback accept|reject`):
                                    an accepted one becomes training data
-    policy              change     change the access policy (governance/policy.csv): `llmops audit verify`
+    policy              change     change the access policy (governance/policy.csv): `llmops trail verify`
                                    names every change to the file that no `policy.change` record covers
     model:<name>        call       call a served model (the server, per API key)
 

@@ -176,7 +176,7 @@ def _load(store, seq: int) -> Record:
     try:
         return Record(**json.loads(store.read(seq)))
     except (ValueError, TypeError) as exc:
-        raise AuditError(f"audit trail: record {seq} in {store.where} is not a record ({exc}); run `llmops audit "
+        raise AuditError(f"audit trail: record {seq} in {store.where} is not a record ({exc}); run `llmops trail "
                          "verify`") from None
 
 
@@ -375,7 +375,7 @@ POLICY_CHANGE = "policy.change"
 
 
 def record_policy(root: str | os.PathLike, why: str) -> Record:
-    """Record the access policy file as it is now: who may do what from here on (`llmops audit policy`).
+    """Record the access policy file as it is now: who may do what from here on (`llmops trail policy`).
 
     The one recording must hold `change policy` under the policy last recorded, not under the file as it is now
     (whoever edited it could have given themselves that); the first record is judged by the file itself. The record
@@ -489,5 +489,5 @@ def verify(root: str | os.PathLike) -> Verdict:
         now = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
         if now != policy.detail.get("sha256"):
             problems.append(f"the access policy {path} is not the one record {policy.seq} recorded: it was changed "
-                            "outside llmops (an admin records a change: `llmops audit policy --why ...`)")
+                            "outside llmops (an admin records a change: `llmops trail policy --why ...`)")
     return Verdict(records=len(seqs), head=head, anchored=max(marks) if marks else 0, problems=problems)

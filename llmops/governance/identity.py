@@ -3,7 +3,7 @@
 Nothing a user can just set. The CLI acts as the OS account that runs it (the kernel's user id, looked
 up in the password database; not $USER, $LOGNAME or git's user.name, which anyone sets), or, where
 LLMOPS_TOKEN holds one of the project's keys, as `key:<name>`: a CI runner's or a Prefect worker's
-service identity, or a person's own key. Keys are made by an admin (`llmops serve keygen --name NAME`,
+service identity, or a person's own key. Keys are made by an admin (`llmops serve keygen NAME`,
 audited) and kept hashed in the project's keys file; LLMOPS_API_KEY_HASHES, which a server also reads,
 names no CLI identity, since anyone could set it. The server's identity is the calling key's name
 (`llmops.serving.app`). LLMOPS_USER, once the identity itself, is refused, saying so.
@@ -35,7 +35,7 @@ def current(root: str | os.PathLike = ".") -> str:
     if os.environ.get(RETIRED_ENV):
         raise IdentityError(f"{RETIRED_ENV} names no identity any more (anyone can set a variable): you act as your "
                             f"OS account, or as a key with {TOKEN_ENV}=<key> (an admin makes one: `llmops serve "
-                            f"keygen --name NAME`); unset {RETIRED_ENV}")
+                            f"keygen NAME`); unset {RETIRED_ENV}")
     token = os.environ.get(TOKEN_ENV)
     if token:
         from llmops.governance import apikeys

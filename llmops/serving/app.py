@@ -297,8 +297,8 @@ def _bucket(who: str) -> float:
 class Callers:
     """Who may call: the API keys (hash -> name) and, in a project, its access policy; both read again on SIGHUP.
 
-    Outside a project (`llmops serve --model DIR` in a directory with no params.yaml) there is no policy and no audit
-    trail: any valid key may call.
+    Outside a project (`llmops serve start --model DIR` in a directory with no params.yaml) there is no policy and no
+    audit trail: any valid key may call.
     """
 
     def __init__(self, load_keys: Callable[[], dict[str, str]], root: Path | None) -> None:

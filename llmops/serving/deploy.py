@@ -184,14 +184,14 @@ def summary(deployed: Deployed) -> str:
         return "\n".join([
             f"Deployed {registry.ARTIFACT} {deployed.version} to production{changed}: vLLM manifests in {manifest}",
             f"  asked {deployed.prompt!r} here, it answered {deployed.answer!r}",
-            f"  on the cluster: kubectl apply -f {manifest} (README: The production engine path)",
+            f"  on the cluster: kubectl apply -f {manifest} (docs/serving.md: The production engine path)",
         ])
     body = ('{"model": "' + deployed.model + '", "temperature": 0, "messages": [{"role": "user", "content": '
             + _json_str(deployed.prompt) + '}]}')
     return "\n".join([
         f"Deployed {registry.ARTIFACT} {deployed.version} to production{changed}, served at {deployed.url}",
         f"  asked {deployed.prompt!r}, it answered {deployed.answer!r}",
-        f"  call it with the key in {KEY_FILE} (or your own: `llmops serve keygen --name NAME`):",
+        f"  call it with the key in {KEY_FILE} (or your own: `llmops serve keygen NAME`):",
         f"    curl {deployed.url}/chat/completions -H \"Authorization: Bearer {key}\" "
         f"-H 'Content-Type: application/json' -d '{body}'",
         f"    python -c 'from openai import OpenAI; c = OpenAI(base_url=\"{deployed.url}\", "

@@ -142,11 +142,11 @@ def start(root: Path, ref: str, host: str, port: int, max_concurrency: int, time
     log_path = root / LOG
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
-        log.write(f"--- {now()} llmops serve --version {ref} --port {port}\n")
+        log.write(f"--- {now()} llmops serve start --version {ref} --port {port}\n")
         log.flush()
         proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "llmops"), "serve", "--version", ref, "--host", host, "--port", str(port),
-             "--max-concurrency", str(max_concurrency), *(["--adapters"] if adapters else [])],
+            [str(Path(sys.executable).parent / "llmops"), "serve", "start", "--version", ref, "--host", host, "--port",
+             str(port), "--max-concurrency", str(max_concurrency), *(["--adapters"] if adapters else [])],
             cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     def answering() -> Server | None:
         server = on_port(root, port)

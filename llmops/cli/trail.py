@@ -1,13 +1,13 @@
-"""`llmops audit verify|log|policy`: check the audit trail's chain, anchors and the access policy; read its records;
-record a change of the access policy."""
+"""`llmops trail verify|log|policy`: check the audit trail's chain, anchors and the access policy; read its records;
+record a change of the access policy. (Named trail, not audit: `audit_bias` is a pipeline stage.)"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from llmops.cli import output
 from llmops.governance import audit
 from llmops.registry import versions as registry
 from llmops.core.errors import LlmopsError
@@ -17,14 +17,14 @@ EXIT_TAMPERED = 3
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "audit", help="the audit trail: who did what to which model, data or key, and when",
+        "trail", help="the audit trail: who did what to which model, data or key, and when",
         description="The hash-chained audit trail kept beside the DVC remote's files (<remote>/audit/), "
         "anchored by git tags audit/<n>.")
-    cmds = parser.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    cmds = parser.add_subparsers(dest="trail_command", required=True, metavar="ACTION")
     cmds.add_parser("verify", help="recompute the chain and check it against its anchors (exit 3 if tampered)")
     log = cmds.add_parser("log", help="the records, oldest first")
     log.add_argument("--action", help="only records whose action starts with this (e.g. registry.)")
-    log.add_argument("--json", action="store_true", help="one JSON record per line")
+    output.add_json(log, "one JSON object per record and line")
     policy = cmds.add_parser("policy", help="record governance/policy.csv as it is now (who may do what from here on); "
                              "needs `change policy` under the policy last recorded")
     policy.add_argument("--why", required=True, help="why it changed; kept in the record")
@@ -33,15 +33,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     root = Path.cwd()
     try:
-        if args.audit_command == "verify":
+        if args.trail_command == "verify":
             return _verify(root)
-        if args.audit_command == "policy":
+        if args.trail_command == "policy":
             record = audit.record_policy(root, args.why)
             print(f"recorded the access policy as record {record.seq} (sha256 {record.detail['sha256'][:12]}...)")
             return 0
         return _log(root, args.action, args.json)
     except LlmopsError as exc:
-        print(f"error: audit: {exc}", file=sys.stderr)
+        print(f"error: trail: {exc}", file=sys.stderr)
         return 1
 
 
@@ -60,14 +60,13 @@ def _verify(root: Path) -> int:
 
 
 def _log(root: Path, action: str | None, as_json: bool) -> int:
-    for record in audit.records(root):
-        if action and not record.action.startswith(action):
-            continue
-        if as_json:
-            print(json.dumps(record.__dict__, sort_keys=True))
-        else:
-            version = f"@{record.version}" if record.version else ""
-            detail = " ".join(f"{k}={v}" for k, v in record.detail.items() if k != "text")  # a policy: its sha256
-            print(f"{record.seq:>5}  {record.at[:19]}  {record.who:<16} {record.action:<24} {record.outcome:<7} "
-                  f"{record.object}{version}  {detail}".rstrip())
+    found = [r for r in audit.records(root) if not action or r.action.startswith(action)]
+    if as_json:
+        text = output.json_lines(r.__dict__ for r in found)
+    else:
+        text = output.table(["SEQ", "TIME", "WHO", "ACTION", "OUTCOME", "OBJECT", "DETAIL"], (
+            [r.seq, r.at[:19], r.who, r.action, r.outcome, r.object + (f"@{r.version}" if r.version else ""),
+             " ".join(f"{k}={v}" for k, v in r.detail.items() if k != "text")]  # a policy: its sha256, not its text
+            for r in found))
+    output.show(text)
     return 0
