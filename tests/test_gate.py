@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from conftest import BIN, REPO, run, set_params
 from llmops.core.config import ConfigError, load_params
 from llmops.pipeline.stage import StageFailed
-from llmops.pipeline.stages.gate import INPUTS, run_gate
+from llmops.pipeline.stages.gate import inputs, run_gate
 
 # A release that passes the default thresholds, with each figure a step away from its threshold.
 def _scored(**values: float) -> dict:
@@ -37,7 +38,8 @@ CHECKS = len(FAILING) + 1  # one bias check per type
 
 
 def _project(tmp_path: Path, metrics: dict) -> Path:
-    for stage, path in INPUTS.items():
+    shutil.copy(REPO / "dvc.yaml", tmp_path)  # where the gate reads which files hold each stage's verdict
+    for stage, path in inputs(tmp_path).items():
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text(json.dumps(metrics[stage]))
     return tmp_path
@@ -88,6 +90,7 @@ def test_missing_metrics_name_the_stage_to_run(tmp_path):
     from llmops.data.datasets import DataError
 
     (tmp_path / "reports").mkdir()
+    shutil.copy(REPO / "dvc.yaml", tmp_path)
     with pytest.raises(DataError, match=r"reports/evaluate/metrics.json: no such file; run the evaluate stage"):
         run_gate(load_params(REPO / "params.yaml"), tmp_path)
 

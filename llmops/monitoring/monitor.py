@@ -31,6 +31,7 @@ from llmops.monitoring.report import Figures
 from llmops.monitoring.probes import PROBE_USER
 from llmops.serving.requestlog import LOG_DIR, Window, read_window
 from llmops.core.layout import MONITOR as OUT_DIR
+from llmops.core import dvcyaml
 
 OWN_USERS = {PROBE_USER, DEPLOY_USER}  # requests llmops sends itself are not traffic
 
@@ -97,12 +98,13 @@ def _reference(root: Path, params: Params, version: str | None, start: datetime,
     import dvc.api
 
     found = registry.get(root, version)
+    prepared = Path(dvcyaml.stage(root, "prepare_data").outs[0])  # the splits' directory, as dvc.yaml declares it
     data = []
     for split in ("train", "eval"):
         try:
-            text = dvc.api.read(f"data/prepared/{split}.jsonl", repo=str(root), rev=found.commit)
+            text = dvc.api.read(str(prepared / f"{split}.jsonl"), repo=str(root), rev=found.commit)
         except Exception as exc:  # DVC's errors are many; each means the same here: the reference is not there
-            raise MonitorError(f"the reference data of {version} (data/prepared/{split}.jsonl at commit "
+            raise MonitorError(f"the reference data of {version} ({prepared}/{split}.jsonl at commit "
                                f"{found.commit[:12]}) cannot be read from the DVC cache or remote: "
                                f"{str(exc).splitlines()[0]}") from None
         data += [json.loads(line) for line in jsonl_lines(text) if line.strip()]

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, cast, runtime_checkable
 
 from llmops.governance import audit
+from llmops.core import dvcyaml
 from llmops.core.config import ConfigError, Params, load_params
 from llmops.core.errors import LlmopsError, Refused
 from llmops.core import git
 
 EXIT_BAD_PARAMS = 2
 EXIT_FAILED = 1
-DVC_YAML = "dvc.yaml"
 
 
 @runtime_checkable
@@ -71,29 +71,13 @@ class StageSpec:
 
 
 def declared(root: str | Path | None = None) -> dict[str, StageSpec]:
-    """The stages of dvc.yaml, in file order (read as YAML: cheap enough for `llmops --help`).
-
-    `root` defaults to the working directory when it holds a dvc.yaml, else the project
-    this package was installed from.
-    """
-    from ruamel.yaml import YAML
-
-    path = _dvc_yaml(root)
-    if path is None:
-        return {}
-    stages = YAML(typ="safe").load(path.read_text()).get("stages") or {}
+    """The stages of dvc.yaml, in file order (llmops.core.dvcyaml: `root` defaults to the working directory when it
+    holds a dvc.yaml, else the project this package was installed from)."""
     return {
         name: StageSpec(name=name, desc=str(body.get("desc") or body.get("do", {}).get("desc") or ""),
                         keys=tuple(body.get("foreach") or ()))
-        for name, body in stages.items()
+        for name, body in dvcyaml.raw(root).items()
     }
-
-
-def _dvc_yaml(root: str | Path | None) -> Path | None:
-    for base in ([Path(root)] if root is not None else [Path.cwd(), Path(__file__).resolve().parents[2]]):
-        if (base / DVC_YAML).is_file():
-            return base / DVC_YAML
-    return None
 
 
 @dataclass(frozen=True)
@@ -124,7 +108,7 @@ def plan(root: str | Path) -> list[PlannedStage]:
         # DVC's graph too, with no command and no name
         stages = [s for s in repo.index.stages if isinstance(s, PipelineStage)]
     except DvcException as exc:  # a malformed dvc.yaml, a missing stage file: DVC's message says where
-        raise StageError(f"{DVC_YAML}: {exc}") from None
+        raise StageError(f"{dvcyaml.DVC_YAML}: {exc}") from None
     with repo:
         # names, not DVC's addressing: that is relative to the working directory, which a run in a workspace is not in
         # (every stage is in the root dvc.yaml, so a name is unique)

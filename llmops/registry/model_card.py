@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llmops.core import dvcyaml
+
 CARD = "README.md"
 HTML = "model_card.html"
 
@@ -41,7 +43,7 @@ def _ci(stats: dict, key: str, pct: bool = False) -> str:
 def _base_line(root: Path, pt, ft) -> str:
     """What the fine-tuning started from: the fetched base (hub id or directory, commit, licence), or the demo's
     pretraining."""
-    fetched = _read(root, "reports/train/pretrain/summary.json")
+    fetched = _read(root, dvcyaml.stage(root, "train@pretrain").verdict)
     if "fetched" in fetched:
         return (f"- base model: {fetched['fetched']}" + (f" at commit {fetched['revision']}" if fetched["revision"] else "")
                 + f", {fetched['params_total']:,} parameters, licence {fetched['licence'] or 'not stated'} (not "
@@ -59,8 +61,9 @@ def markdown(params, root: str | Path, release: dict[str, Any]) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     root = Path(root)
-    ev, bias = _read(root, "reports/evaluate/metrics.json"), _read(root, "reports/audit_bias/metrics.json")
-    quant, valid = _read(root, "reports/quantize/metrics.json"), _read(root, "reports/validate_data/result.json")
+    # each stage's verdict, where dvc.yaml declares it
+    ev, bias, quant, valid = (_read(root, dvcyaml.stage(root, name).verdict)
+                              for name in ("evaluate", "audit_bias", "quantize", "validate_data"))
     gov, ft, pt = params.governance, params.train.finetune, params.train.pretrain
     licences = sorted({e["licence"] for e in release["licences"]})
     data = ModelCardData(
@@ -86,7 +89,8 @@ def markdown(params, root: str | Path, release: dict[str, Any]) -> str:
         + (f", LoRA r={ft.lora.r}" if ft.method == "lora" else ""),
         *(f"- {mode} loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}"
           + (f" (eval {s['final_eval_loss']:.4f})" if s.get("final_eval_loss") is not None else "")
-          for mode in ("pretrain", "finetune") if "first_loss" in (s := _read(root, f"reports/train/{mode}/summary.json"))),
+          for mode in ("pretrain", "finetune")
+          if "first_loss" in (s := _read(root, dvcyaml.stage(root, f"train@{mode}").verdict))),
         "",
         "## Evaluation", "",
     ]

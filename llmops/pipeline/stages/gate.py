@@ -28,13 +28,19 @@ from llmops.core.fs import write_text
 from llmops.pipeline.repro import StageRun
 from llmops.pipeline.stage import StageFailed, run_cli
 from llmops.core.stats import CONFIDENCE, wilson
+from llmops.core import dvcyaml
 
-OUT_DIR = Path("reports/gate")
-INPUTS = {
-    "evaluate": Path("reports/evaluate/metrics.json"),
-    "audit_bias": Path("reports/audit_bias/metrics.json"),
-    "quantize": Path("reports/quantize/metrics.json"),
-}
+JUDGED = ("evaluate", "audit_bias", "quantize")  # the stages whose verdicts the gate reads
+
+
+def inputs(root: str | Path) -> dict[str, Path]:
+    """Each judged stage's verdict, its first metrics file as dvc.yaml declares it (gate's deps there too)."""
+    return {name: dvcyaml.stage(root, name).verdict for name in JUDGED}
+
+
+def verdict_path(root: str | Path) -> Path:
+    """Where the gate's own verdict goes: its metrics file in dvc.yaml."""
+    return dvcyaml.stage(root, "gate").verdict
 
 
 class Check(BaseModel):
@@ -155,11 +161,11 @@ def run_gate(params: Params, root: str | Path = ".") -> Verdict:
         StageFailed: a check failed; the message lists every failing check.
     """
     root = Path(root)
-    metrics = read_reports(root, INPUTS)
+    judged, path = inputs(root), root / verdict_path(root)
+    metrics = read_reports(root, judged)
     verdict = decide(params.gate, metrics["evaluate"], metrics["audit_bias"], metrics["quantize"])
-    out = root / OUT_DIR
-    write_text(out / "verdict.json", json.dumps(verdict.model_dump(), indent=2) + "\n")
-    provenance.write_report_manifest(out, params.gate, root, data=list(INPUTS.values()))
+    write_text(path, json.dumps(verdict.model_dump(), indent=2) + "\n")
+    provenance.write_report_manifest(path.parent, params.gate, root, data=list(judged.values()))
     if not verdict.passed:
         raise StageFailed(f"{len(verdict.failed)} of {len(verdict.checks)} release checks failed:\n"
                           + "\n".join(describe(c) for c in verdict.failed))
@@ -169,7 +175,7 @@ def run_gate(params: Params, root: str | Path = ".") -> Verdict:
 def _cli_body(params: Params) -> str:
     verdict = run_gate(params)
     return (f"gate: all {len(verdict.checks)} release checks passed; release candidate: {verdict.release_candidate}"
-            f"\n-> {OUT_DIR}/verdict.json")
+            f"\n-> {verdict_path('.')}")
 
 
 def main() -> int:
@@ -181,7 +187,7 @@ def summary(verdict: Verdict, previous: dict | None) -> str:
 
 
 def _artifact(root: Path, ran: str) -> Verdict | None:
-    path = root / OUT_DIR / "verdict.json"
+    path = root / verdict_path(root)
     if not path.is_file():
         return None
     verdict = Verdict.model_validate_json(path.read_text())

@@ -33,7 +33,6 @@ from llmops.pipeline.stages import gate
 
 OUT = Path("models/release")
 ADAPTER_DIR = "adapter"  # models/release/adapter/: the LoRA adapter, for serving many versions on one base
-VERDICT = gate.OUT_DIR / "verdict.json"
 
 
 class Release(BaseModel):
@@ -71,13 +70,14 @@ def run_release(params: Params, root: str | Path = ".") -> Release:
         ModelError: a source model is missing or damaged.
     """
     root = Path(root)
-    reports = gate.read_reports(root, {"gate": VERDICT, **gate.INPUTS})  # the verdict and what it weighed
+    judged = gate.verdict_path(root)
+    reports = gate.read_reports(root, {"gate": judged, **gate.inputs(root)})  # the verdict and what it weighed
     verdict = reports.pop("gate")
     if not verdict["passed"]:
-        raise StageFailed("the release gate refused this model (reports/gate/verdict.json); nothing to release")
+        raise StageFailed(f"the release gate refused this model ({judged}); nothing to release")
     candidate = verdict["release_candidate"]
     if candidate != params.gate.release_candidate:
-        raise DataError(f"{VERDICT} is for release candidate {candidate!r} but gate.release_candidate is "
+        raise DataError(f"{judged} is for release candidate {candidate!r} but gate.release_candidate is "
                         f"{params.gate.release_candidate!r}; run the gate again (`llmops run`)")
 
     tmp = root / "models/.release.tmp"
