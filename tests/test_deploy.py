@@ -3,6 +3,7 @@ with the version before; promotions and rollbacks move the running server withou
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -43,8 +44,9 @@ def test_a_broken_smoke_test_leaves_production_serving_the_version_before(versio
                                                      "the smoke answer"):
             deploy.deploy(project, "v2.0.0", params.model_copy(update={"smoke_expect": "an answer no model gives"}),
                           "a test")
-        listing = run(["llmops", "registry", "list"], project).stdout
-        assert listing.startswith("v2.0.0    staging ") and "\nv1.0.0    production " in listing
+        listing = run(["llmops", "registry", "list", "--json"], project).stdout.splitlines()
+        assert [(v["version"], v["stages"]) for v in map(json.loads, listing)] == [("v2.0.0", ["staging"]),
+                                                                                   ("v1.0.0", ["production"])]
         assert ask(client) == "model@v1.0.0"  # the same server, untouched
         assert [s.port for s in servers.running(project)] == [port]  # the candidate's server is gone
 

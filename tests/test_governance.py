@@ -180,7 +180,7 @@ def test_unreachable_trail_storage_is_a_clear_error(project):
     with pytest.raises(audit.AuditError, match="audit trail: cannot list s3://nowhere/llmops/audit/: cannot reach"):
         audit.append(project, "registry.promote", "model")
     result = _verify(project)
-    assert result.returncode == 1 and "error: audit: audit trail: cannot list" in result.stderr
+    assert result.returncode == 1 and "error: trail: audit trail: cannot list" in result.stderr
 
 
 # --- roles ----------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ created through the API (what the UI's Run button does) and by the schedule."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -312,11 +313,13 @@ def test_a_release_waits_for_a_reviewer(worker):
         again = run(["llmops", "approve", approved[1], "--reason", "twice"], project,
                     env=base_env(PREFECT_API_URL=api_url), check=False)
         assert again.returncode == 1 and "is not waiting for approval (it is Completed)" in again.stderr
-        history = run(["llmops", "registry", "history"], project).stdout
-        assert "rejected      v1.0.0    production  alice: too slow on long prompts" in history
-        assert "nobody: no decision within 10 s" in history and "approved      v1.0.0    production  key:bob" \
-            in history
-        assert history.count("assignment    v1.0.0    production") == 1
+        history = [json.loads(line) for line in
+                   run(["llmops", "registry", "history", "--json"], project).stdout.splitlines()]
+        events = [(e["event"], e["version"], e["stage"], e["by"], e["why"]) for e in history]
+        assert ("rejected", "v1.0.0", "production", "alice", "too slow on long prompts") in events
+        assert any(e[3] == "nobody" and e[4].startswith("no decision within 10 s") for e in events)
+        assert any(e[:4] == ("approved", "v1.0.0", "production", "key:bob") for e in events)
+        assert [e[:3] for e in events].count(("assignment", "v1.0.0", "production")) == 1
         assert "production" in run(["llmops", "registry", "show", "v1.0.0"], project).stdout
     finally:
         stop_servers(project)

@@ -101,14 +101,12 @@ def new_version(root: Path, store: Store, check: Checker) -> DatasetVersion | No
 
 def _undo(root: Path, path: Path, previous: str | None) -> None:
     """Put params.yaml and data/corrections/ back as HEAD has them, the previous version's file included."""
-    def git(*args: str) -> None:  # each step on its own: a path HEAD lacks must not stop the others
-        git.run(root, *args)
-
     (root / path).unlink(missing_ok=True)
-    git("reset", "-q", "--", PARAMS_FILE, str(DIR))
-    git("checkout", "-q", "HEAD", "--", PARAMS_FILE)
-    git("checkout", "-q", "HEAD", "--", str(DIR))
-    git("clean", "-fdq", "--", str(DIR))  # the new pointer and .gitignore, and the directory if it was new
+    # each step on its own, its failure ignored: a path HEAD lacks must not stop the others
+    git.run(root, "reset", "-q", "--", PARAMS_FILE, str(DIR))
+    git.run(root, "checkout", "-q", "HEAD", "--", PARAMS_FILE)
+    git.run(root, "checkout", "-q", "HEAD", "--", str(DIR))
+    git.run(root, "clean", "-fdq", "--", str(DIR))  # the new pointer and .gitignore, and the directory if it was new
     if previous:
         try:
             dvc(root, "checkout", "--quiet", f"{previous}.dvc", what="dvc checkout")
