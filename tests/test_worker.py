@@ -316,7 +316,8 @@ def test_a_release_waits_for_a_reviewer(worker):
         history = [json.loads(line) for line in
                    run(["llmops", "registry", "history", "--json"], project).stdout.splitlines()]
         events = [(e["event"], e["version"], e["stage"], e["by"], e["why"]) for e in history]
-        assert ("rejected", "v1.0.0", "production", "alice", "too slow on long prompts") in events
+        assert any(e[:4] == ("rejected", "v1.0.0", "production", "alice") and e[4].startswith("too slow on long prompts")
+                   for e in events)
         assert any(e[3] == "nobody" and e[4].startswith("no decision within 10 s") for e in events)
         assert any(e[:4] == ("approved", "v1.0.0", "production", "key:bob") for e in events)
         assert [e[:3] for e in events].count(("assignment", "v1.0.0", "production")) == 1
