@@ -13,7 +13,6 @@ from llmops.core.errors import LlmopsError
 from llmops.core.layout import EXPLAIN as OUT_DIR
 
 
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "explain", help="token-level attributions of an answer to the prompt's tokens (feature ablation, captum)",

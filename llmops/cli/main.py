@@ -13,23 +13,22 @@ import textwrap
 from importlib.metadata import version
 from pathlib import Path
 
-from llmops.governance import audit
-from llmops.cli import trail as trail_cli
 from llmops.cli import explain as explain_cli
-from llmops.governance import identity
-from llmops.core import locks
 from llmops.cli import monitor as monitor_cli
 from llmops.cli import output
-from llmops.registry import versions as registry
 from llmops.cli import registry as registry_cli
 from llmops.cli import route as route_cli
 from llmops.cli import serve as serve_cli
+from llmops.cli import trail as trail_cli
+from llmops.core import locks
 from llmops.core.config import PARAMS_FILE, ConfigError, load_params, overlay, storage_for, write_params
 from llmops.core.errors import LlmopsError
+from llmops.core.storage import StorageError, check_remote
+from llmops.governance import audit, identity
 from llmops.pipeline.prefect_api import PrefectUnavailable, prefect_api
 from llmops.pipeline.preflight import check_inputs
 from llmops.pipeline.stage import declared, summaries
-from llmops.core.storage import StorageError, check_remote
+from llmops.registry import versions as registry
 
 EXIT_BAD_PARAMS = 2
 # commands that were renamed: the old name is refused with the new one, not with a near miss (`audit` is closer to the

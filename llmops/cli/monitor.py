@@ -97,8 +97,7 @@ def latest_queue(root: Path) -> list[dict]:
 
 
 def _feedback(root: Path, args: argparse.Namespace) -> int:
-    from llmops.governance import audit
-    from llmops.governance import identity
+    from llmops.governance import audit, identity
     from llmops.serving.feedback import Store, database_url
 
     store = Store(database_url(root))

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from llmops.cli import output
+from llmops.core.errors import LlmopsError
 from llmops.registry import versions as registry
 from llmops.serving import instances as servers
-from llmops.core.errors import LlmopsError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from llmops.cli import output
+from llmops.core.errors import LlmopsError
 from llmops.governance import audit
 from llmops.registry import versions as registry
-from llmops.core.errors import LlmopsError
 
 EXIT_TAMPERED = 3
 

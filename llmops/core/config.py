@@ -18,9 +18,9 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 
-from llmops.core.peft_methods import METHODS, LoraParams, PromptTuningParams
 from llmops.core.errors import Refused
 from llmops.core.fs import write_text
+from llmops.core.peft_methods import METHODS, LoraParams, PromptTuningParams
 
 PARAMS_FILE = "params.yaml"
 # keys a release renamed: a params.yaml that still has one is told the new name

@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from llmops.core.errors import LlmopsError
 from llmops.core import layout
+from llmops.core.errors import LlmopsError
 
 RUN_LOCK = layout.RUN_LOCK  # one pipeline run per checkout
 

@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Iterable
+
 from llmops.core import git
 
 LIBRARIES = (

@@ -16,8 +16,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from llmops.core.config import ConfigError
-from llmops.data.datasets import DataError
 from llmops.core.stats import Interval
+from llmops.data.datasets import DataError
 
 Z95 = 1.959963984540054  # the standard normal quantile of a two-sided 95% interval
 

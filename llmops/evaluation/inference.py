@@ -15,12 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from llmops.training import chat
+from llmops.core.config import Params
 from llmops.data import formats
 from llmops.evaluation import metrics
-from llmops.core.config import Params
+from llmops.training import chat
 from llmops.training.modeling import (
-    ModelError, answer_start, encode_row, fit_to_length, load_adapter, load_causal_lm, load_tokenizer, resolve_base,
+    ModelError,
+    answer_start,
+    encode_row,
+    fit_to_length,
+    load_adapter,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_base,
 )
 
 ADAPTER = Path("models/finetune")

@@ -14,9 +14,9 @@ import re
 import secrets
 from pathlib import Path
 
+from llmops.core import layout
 from llmops.core.errors import LlmopsError
 from llmops.core.fs import write_text
-from llmops.core import layout
 
 DEFAULT_FILE = layout.API_KEYS
 

@@ -36,9 +36,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from llmops.core import git
 from llmops.core.config import StorageParams
 from llmops.core.errors import LlmopsError
-from llmops.core import git
 
 logger = logging.getLogger("llmops.governance.audit")
 PREFIX = "audit"
@@ -228,8 +228,7 @@ def require(root: str | os.PathLike, action: str, object: str, allow: tuple[str,
     Raises:
         AccessDenied: the policy does not allow it. PolicyError: the policy cannot be used.
     """
-    from llmops.governance import access
-    from llmops.governance import identity
+    from llmops.governance import access, identity
 
     who = who or identity.current(root)
     try:
@@ -384,8 +383,7 @@ def record_policy(root: str | os.PathLike, why: str) -> Record:
     Raises:
         AccessDenied: not allowed (recorded as denied). PolicyError: the file is no valid policy.
     """
-    from llmops.governance import access
-    from llmops.governance import identity
+    from llmops.governance import access, identity
 
     root = Path(root)
     text = access.path_of(root).read_text()

@@ -17,21 +17,21 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from llmops.core import dvcyaml
+from llmops.core.config import AlertParams, MonitorParams, Params, RetrainParams, storage_for
+from llmops.core.errors import LlmopsError
+from llmops.core.layout import MONITOR as OUT_DIR
+from llmops.data.datasets import jsonl_lines
 from llmops.monitoring import report
+from llmops.monitoring.checks import Checker, checker, detectors
+from llmops.monitoring.probes import PROBE_USER
+from llmops.monitoring.report import Figures
 from llmops.registry import versions as registry
 from llmops.serving import instances as servers
-from llmops.monitoring.checks import Checker, checker, detectors
-from llmops.data.datasets import jsonl_lines
-from llmops.core.config import AlertParams, MonitorParams, Params, RetrainParams, storage_for
 from llmops.serving.deploy import DEPLOY_USER
-from llmops.core.errors import LlmopsError
 from llmops.serving.feedback import Store, database_url
 from llmops.serving.http_server import CLIENT_CLOSED
-from llmops.monitoring.report import Figures
-from llmops.monitoring.probes import PROBE_USER
 from llmops.serving.requestlog import LOG_DIR, Window, read_window
-from llmops.core.layout import MONITOR as OUT_DIR
-from llmops.core import dvcyaml
 
 OWN_USERS = {PROBE_USER, DEPLOY_USER}  # requests llmops sends itself are not traffic
 

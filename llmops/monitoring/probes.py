@@ -10,8 +10,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from difflib import SequenceMatcher
 
-from llmops.evaluation import bias_pairs
 from llmops.core.config import ConsistencyParams, FairnessParams
+from llmops.evaluation import bias_pairs
 
 PROBE_USER = "llmops-monitor"
 PARALLEL = 8  # requests in flight: the server batches them

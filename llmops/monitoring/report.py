@@ -23,9 +23,9 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
+from llmops.core.config import MonitorParams
 from llmops.governance import pii
 from llmops.monitoring.checks import Checker, Detector, is_correct
-from llmops.core.config import MonitorParams
 
 DRIFT_COLUMNS = ("prompt_length", "prompt_words", "oov_share", "task", "pii", "answer_length")
 CATEGORICAL = ("task", "pii")

@@ -15,8 +15,8 @@ import httpx
 from prefect.input import RunInput
 from pydantic import Field
 
-from llmops.governance import identity
 from llmops.core.errors import LlmopsError
+from llmops.governance import identity
 
 NOBODY = "nobody"  # the reviewer of a review that timed out (a rejection nobody made)
 GRACE_S = 60

@@ -10,24 +10,23 @@ through llmops.pipeline.triggers, as a git push of that commit would start it.
 
 from __future__ import annotations
 
-from functools import partial
 import json
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-from llmops.governance import identity
-from llmops.core import locks
-from llmops.pipeline import triggers
-from llmops.monitoring.checks import Checker, checker
+from llmops.core import git, locks
 from llmops.core.config import PARAMS_FILE, Params, load_params, with_changes, write_params
-from llmops.core.fs import write_text
 from llmops.core.errors import LlmopsError
-from llmops.serving.feedback import Store, database_url
+from llmops.core.fs import write_text
+from llmops.governance import identity
+from llmops.monitoring.checks import Checker, checker
 from llmops.monitoring.report import Figures
+from llmops.pipeline import triggers
 from llmops.pipeline.prefect_api import OWN
 from llmops.pipeline.repro import dvc
-from llmops.core import git
+from llmops.serving.feedback import Store, database_url
 
 DIR = Path("data/corrections")
 

@@ -29,7 +29,6 @@ the subject is named, with the command that rewrites history, and the erasure fa
 
 from __future__ import annotations
 
-from functools import partial
 import hashlib
 import json
 import os
@@ -38,10 +37,11 @@ import shutil
 import sqlite3
 import unicodedata
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-from llmops.core.errors import LlmopsError
 from llmops.core import git
+from llmops.core.errors import LlmopsError
 
 MIN_SUBJECT = 3  # characters: anything shorter would match half the data
 TEXT = (".jsonl", ".json", ".csv", ".txt", ".text", ".md")
@@ -425,11 +425,11 @@ def erase(root: str | os.PathLike, subject: str, retrain: bool = False) -> Erasu
             failed (the message says which, and what was already done).
         AccessDenied: the identity may not erase.
     """
-    from llmops.governance import audit
-    from llmops.registry import versions as registry
-    from llmops.pipeline import remote
     from llmops.core.config import PARAMS_FILE, load_params, storage_for, with_changes, write_params
+    from llmops.governance import audit
+    from llmops.pipeline import remote
     from llmops.pipeline.repro import dvc
+    from llmops.registry import versions as registry
 
     root = Path(root).resolve()
     subject = subject.strip()

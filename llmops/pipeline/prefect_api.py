@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Iterator
 
 from llmops.core.errors import LlmopsError
+from llmops.core.layout import PREFECT as STATE_DIR
 from llmops.core.procs import Exited, die_with_parent, wait_until
 from llmops.serving.instances import free_port
-from llmops.core.layout import PREFECT as STATE_DIR
 
 START_TIMEOUT_S = 300
 

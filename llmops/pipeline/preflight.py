@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from llmops.training import base_model
 from llmops.core.config import ConfigError, Params, stage_inputs
+from llmops.training import base_model
 
 
 def check_inputs(params: Params, root: str | os.PathLike = ".") -> None:

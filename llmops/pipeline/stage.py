@@ -18,11 +18,10 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable, Protocol, cast, runtime_checkable
 
-from llmops.governance import audit
-from llmops.core import dvcyaml
+from llmops.core import dvcyaml, git
 from llmops.core.config import ConfigError, Params, load_params
 from llmops.core.errors import LlmopsError, Refused
-from llmops.core import git
+from llmops.governance import audit
 
 EXIT_BAD_PARAMS = 2
 EXIT_FAILED = 1

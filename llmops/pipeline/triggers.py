@@ -16,6 +16,7 @@ import os
 import stat
 import sys
 from pathlib import Path
+
 from llmops.core import git
 
 DEPLOYMENT = "build-model/on-push"  # deployments/prefect.yaml

@@ -14,7 +14,6 @@ failure, for inspection (`llmops workspaces`).
 
 from __future__ import annotations
 
-from functools import partial
 import hashlib
 import os
 import shutil
@@ -22,14 +21,14 @@ import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
-from llmops.governance import apikeys
+from llmops.core import git
 from llmops.core.errors import LlmopsError
 from llmops.core.layout import WORKSPACES
-from llmops.core import git
-
+from llmops.governance import apikeys
 
 
 class WorkspaceError(LlmopsError):

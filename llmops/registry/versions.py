@@ -25,22 +25,21 @@ whole, where MLflow keeps no alias history and needs a database.
 
 from __future__ import annotations
 
-from functools import partial
 import json
 import os
 import tempfile
 import time
-from datetime import datetime
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
-from llmops.governance import audit
-from llmops.governance import identity
-from llmops.core.errors import LlmopsError
 from llmops.core import git
+from llmops.core.errors import LlmopsError
+from llmops.governance import audit, identity
 
 ARTIFACT = "model"  # the dvc.yaml `artifacts:` entry (models/release)
 STAGES = ("staging", "canary", "production")  # canary: a share of production's traffic (its assignment says how much)

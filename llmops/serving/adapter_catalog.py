@@ -17,9 +17,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmops.registry import versions as registry
 from llmops.core.errors import LlmopsError
 from llmops.core.fs import fetch_into
+from llmops.registry import versions as registry
 from llmops.serving.instances import SERVE_DIR
 
 BASES_DIR = SERVE_DIR / "bases"

@@ -12,13 +12,13 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from llmops.governance import audit
-from llmops.registry import versions as registry
-from llmops.serving import instances as servers
 from llmops.core.config import DeployParams
 from llmops.core.errors import LlmopsError
 from llmops.core.fs import write_text
+from llmops.governance import audit
 from llmops.governance.apikeys import hash_key, new_key
+from llmops.registry import versions as registry
+from llmops.serving import instances as servers
 
 DEPLOY_USER = "llmops-deploy"
 KEY_FILE = servers.SERVE_DIR / "api_key"  # the key the deploy step (and the README's examples) call with
@@ -136,8 +136,8 @@ def _deploy_vllm(root: Path, version: str, params: DeployParams, source: str) ->
     """The cluster manifests for vLLM are rendered and validated (deploy.vllm; a refusal leaves production as it
     was), the candidate answers its smoke request on our server here, takes production, and the manifests are
     written."""
-    from llmops.serving import vllm_manifests
     from llmops.core.config import PARAMS_FILE, load_params
+    from llmops.serving import vllm_manifests
 
     everything = load_params(root / PARAMS_FILE)  # the manifests need the storage and registry sections too
     try:  # everything the manifests need is checked before production moves

@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-from pathlib import Path
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from llmops.core.errors import LlmopsError

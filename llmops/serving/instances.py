@@ -23,8 +23,8 @@ from pathlib import Path
 
 from llmops.core.errors import LlmopsError
 from llmops.core.fs import fetch_into, write_text
-from llmops.core.procs import Exited, wait_until
 from llmops.core.layout import SERVE as SERVE_DIR
+from llmops.core.procs import Exited, wait_until
 
 STATE_DIR = SERVE_DIR / "servers"
 MODELS_DIR = SERVE_DIR / "models"

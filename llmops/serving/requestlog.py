@@ -19,10 +19,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from llmops.core.config import StorageParams
-from llmops.data.datasets import jsonl_lines
-from llmops.core.errors import LlmopsError
 from llmops.core import layout
+from llmops.core.config import StorageParams
+from llmops.core.errors import LlmopsError
+from llmops.data.datasets import jsonl_lines
 
 LOG_DIR = layout.REQUESTS
 

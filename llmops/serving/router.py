@@ -43,8 +43,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.requests import ClientDisconnect
 
-from llmops.serving.body_limit import MAX_BODY_BYTES, BodyLimit
 from llmops.core.config import Replica, RouteParams
+from llmops.serving.body_limit import MAX_BODY_BYTES, BodyLimit
 from llmops.serving.http_server import CLIENT_CLOSED
 
 PRIORITY_HEADER = "X-LLMOps-Priority"  # latency: a latency-sensitive request (route.policy.latency)

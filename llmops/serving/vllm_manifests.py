@@ -31,12 +31,12 @@ import re
 import shlex
 from pathlib import Path
 
-from llmops.serving import adapter_catalog
-from llmops.registry import versions as registry
+from llmops.core import git
 from llmops.core.config import Params
 from llmops.core.errors import LlmopsError
 from llmops.core.fs import write_text
-from llmops.core import git
+from llmops.registry import versions as registry
+from llmops.serving import adapter_catalog
 
 PORT = 8000
 MODELS = "/models"

@@ -58,7 +58,11 @@ def locate(base_model: str, revision: str | None, root: str | os.PathLike = ".")
         return path, None
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
-        GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     at = f"{base_model}@{revision or 'main'}"

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from llmops.core.config import ModelParams
+from llmops.core.errors import LlmopsError
+from llmops.data import formats
+from llmops.data.datasets import DataError
 from llmops.training import base_model as bases
 from llmops.training import chat
-from llmops.data import formats
-from llmops.core.config import ModelParams
-from llmops.data.datasets import DataError
-from llmops.core.errors import LlmopsError
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -165,7 +165,6 @@ def load_causal_lm(name: str, **kwargs: Any) -> Any:
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     verify_model_dir(name)

@@ -27,10 +27,10 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel
 
-from llmops.training import checkpoints
-from llmops.core.peft_methods import METHODS
 from llmops.core.config import FinetuneParams, PretrainParams, TrainRunParams
+from llmops.core.peft_methods import METHODS
 from llmops.core.procs import die_with_parent
+from llmops.training import checkpoints
 
 LOG_COLUMNS = ["step", "loss", "eval_loss", "grad_norm", "lr", "tokens_per_s", "elapsed_s"]
 FAILURE = "failure.json"  # what rank 0 writes when training stops on an expected failure (e.g. divergence)

@@ -21,22 +21,31 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Cancelled, Failed
 from pydantic import BaseModel
 
-from llmops.pipeline.flows.states import completed, quiet_failed_states
-from llmops.governance import audit
 from llmops.core import locks
-from llmops.registry import versions as registry
-from llmops.pipeline import remote
-from llmops.pipeline import workspaces
-from llmops.pipeline.approval import NOBODY, Decision, Rejected, wait_for_decision
-from llmops.core.config import (PARAMS_FILE, DeployParams, Params, StorageParams, changes, load_params, stage_inputs,
-                           storage_for, with_changes, write_params)
-from llmops.serving.deploy import Deployed, check_target, deploy, summary
+from llmops.core.config import (
+    PARAMS_FILE,
+    DeployParams,
+    Params,
+    StorageParams,
+    changes,
+    load_params,
+    stage_inputs,
+    storage_for,
+    with_changes,
+    write_params,
+)
 from llmops.core.errors import LlmopsError
+from llmops.core.storage import check_remote
+from llmops.governance import audit
+from llmops.pipeline import remote, workspaces
+from llmops.pipeline.approval import NOBODY, Decision, Rejected, wait_for_decision
+from llmops.pipeline.flows.states import completed, quiet_failed_states
 from llmops.pipeline.orchestration import Busy, one_run_at_a_time
 from llmops.pipeline.preflight import check_inputs
 from llmops.pipeline.repro import StageError, repro
 from llmops.pipeline.stage import ShowsFailure, declared, plan, summaries
-from llmops.core.storage import check_remote
+from llmops.registry import versions as registry
+from llmops.serving.deploy import Deployed, check_target, deploy, summary
 
 
 class PipelineResult(BaseModel):

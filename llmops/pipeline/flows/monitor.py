@@ -21,13 +21,13 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.states import Failed
 from pydantic import BaseModel
 
-from llmops.pipeline.flows.states import completed, failed_as_state, quiet_failed_states
-from llmops.pipeline import corrections
-from llmops.monitoring import monitor
 from llmops.core.config import PARAMS_FILE, Params, load_params
 from llmops.core.errors import LlmopsError
+from llmops.monitoring import monitor
 from llmops.monitoring.monitor import Judged
 from llmops.monitoring.report import summary
+from llmops.pipeline import corrections
+from llmops.pipeline.flows.states import completed, failed_as_state, quiet_failed_states
 
 
 class MonitorResult(BaseModel):

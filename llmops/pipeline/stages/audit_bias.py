@@ -28,16 +28,15 @@ from pathlib import Path
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
-from llmops.evaluation import bias_pairs
-from llmops.evaluation import inference
 from llmops.core import provenance
 from llmops.core.config import AuditBiasParams, Params, storage_from_env
-from llmops.data.datasets import DataError, parse_rows, write_jsonl
 from llmops.core.fs import write_text, writing
-from llmops.pipeline.repro import StageRun
-from llmops.pipeline.stage import run_cli
 from llmops.core.stats import Interval, bootstrap
 from llmops.core.storage import read_bytes
+from llmops.data.datasets import DataError, parse_rows, write_jsonl
+from llmops.evaluation import bias_pairs, inference
+from llmops.pipeline.repro import StageRun
+from llmops.pipeline.stage import run_cli
 
 OUT_DIR = Path("reports/audit_bias")
 LABELS = ("stereo", "antistereo")

@@ -29,17 +29,15 @@ from pathlib import Path
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
-from llmops.evaluation import harness
-from llmops.evaluation import inference
-from llmops.evaluation import metrics
 from llmops.core import provenance
 from llmops.core.config import EvaluateParams, Params
-from llmops.data.datasets import DataError, read_jsonl, write_jsonl
 from llmops.core.fs import write_text
+from llmops.core.stats import Interval, bootstrap, wilson
+from llmops.data.datasets import DataError, read_jsonl, write_jsonl
+from llmops.evaluation import harness, inference, metrics
 from llmops.evaluation.harness import HarnessScore
 from llmops.pipeline.repro import StageRun
 from llmops.pipeline.stage import run_cli
-from llmops.core.stats import Interval, bootstrap, wilson
 
 EVAL_DATA = Path("data/prepared/eval.jsonl")
 TRAIN_DATA = Path("data/prepared/train.jsonl")

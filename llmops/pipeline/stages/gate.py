@@ -21,14 +21,13 @@ from typing import Callable
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
-from llmops.core import provenance
+from llmops.core import dvcyaml, provenance
 from llmops.core.config import GateParams, Params
-from llmops.data.datasets import DataError
 from llmops.core.fs import write_text
+from llmops.core.stats import CONFIDENCE, wilson
+from llmops.data.datasets import DataError
 from llmops.pipeline.repro import StageRun
 from llmops.pipeline.stage import StageFailed, run_cli
-from llmops.core.stats import CONFIDENCE, wilson
-from llmops.core import dvcyaml
 
 JUDGED = ("evaluate", "audit_bias", "quantize")  # the stages whose verdicts the gate reads
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llmops.pipeline import fingerprints
 from llmops.core.config import Params, readers, storage_from_env
+from llmops.pipeline import fingerprints
 from llmops.pipeline.repro import StageRun
 from llmops.pipeline.stage import run_cli
 

@@ -14,15 +14,14 @@ from pathlib import Path
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
-from llmops.data import formats
 from llmops.core import provenance
-from llmops.data import sample_data
 from llmops.core.config import DataParams, Params, StorageParams, storage_from_env
-from llmops.data.datasets import DataError, parse_rows, write_jsonl
 from llmops.core.fs import replace_dir, write_text
+from llmops.core.storage import read_bytes
+from llmops.data import formats, sample_data
+from llmops.data.datasets import DataError, parse_rows, write_jsonl
 from llmops.pipeline.repro import StageRun
 from llmops.pipeline.stage import run_cli
-from llmops.core.storage import read_bytes
 
 OUT_DIR = Path("data/prepared")
 

@@ -19,15 +19,15 @@ from pathlib import Path
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
-from llmops.evaluation import inference
 from llmops.core import provenance
-from llmops.training import quantization
 from llmops.core.config import ConfigError, Params
-from llmops.data.datasets import DataError, read_jsonl
 from llmops.core.fs import replace_dir, write_text
-from llmops.training.modeling import load_causal_lm
+from llmops.data.datasets import DataError, read_jsonl
+from llmops.evaluation import inference
 from llmops.pipeline.repro import StageRun
 from llmops.pipeline.stage import run_cli
+from llmops.training import quantization
+from llmops.training.modeling import load_causal_lm
 
 EVAL_DATA = Path("data/prepared/eval.jsonl")
 MODELS = Path("models/quantized")

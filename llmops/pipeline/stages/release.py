@@ -19,17 +19,17 @@ from pathlib import Path
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
-from llmops.evaluation import inference
-from llmops.training import licences
-from llmops.registry import model_card
 from llmops.core import provenance
 from llmops.core.config import ConfigError, Params
-from llmops.data.datasets import DataError
 from llmops.core.fs import replace_dir, write_text
-from llmops.training.modeling import load_tokenizer
+from llmops.data.datasets import DataError
+from llmops.evaluation import inference
 from llmops.pipeline.repro import StageRun
 from llmops.pipeline.stage import StageFailed, run_cli
 from llmops.pipeline.stages import gate
+from llmops.registry import model_card
+from llmops.training import licences
+from llmops.training.modeling import load_tokenizer
 
 OUT = Path("models/release")
 ADAPTER_DIR = "adapter"  # models/release/adapter/: the LoRA adapter, for serving many versions on one base

@@ -34,26 +34,33 @@ from typing import Any, Literal
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
-from llmops.training import base_model
-from llmops.training import chat
-from llmops.training import checkpoints
-from llmops.training import licences
-from llmops.core import locks
-from llmops.core import provenance
-from llmops.training import quantization
-from llmops.core.peft_methods import METHODS
+from llmops.core import locks, provenance
 from llmops.core.config import ConfigError, FinetuneParams, Params, PretrainParams, TrainRunParams
-from llmops.data.datasets import DataError, DataRefused, read_jsonl
 from llmops.core.fs import replace_dir, write_text
+from llmops.core.peft_methods import METHODS
+from llmops.data.datasets import DataError, DataRefused, read_jsonl
+from llmops.pipeline.repro import StageRun
+from llmops.pipeline.stage import StageFailed, run_cli
+from llmops.training import base_model, chat, checkpoints, licences, quantization
 from llmops.training.fit import Shape, check_fit, describe, devices
 from llmops.training.launch import check_qlora, rendezvous_endpoint, resolve_kernels, torchrun_args
 from llmops.training.modeling import (
-    check_adapter, corpus_tensors, count_params, encode_row, example_tensors, fit_to_length, llama_config,
-    load_config, load_tokenizer, meta_model, model_card, padding_share, resolve_base, train_tokenizer,
+    check_adapter,
+    corpus_tensors,
+    count_params,
+    encode_row,
+    example_tensors,
+    fit_to_length,
+    llama_config,
+    load_config,
+    load_tokenizer,
+    meta_model,
+    model_card,
+    padding_share,
+    resolve_base,
+    train_tokenizer,
     verify_model_dir,
 )
-from llmops.pipeline.repro import StageRun
-from llmops.pipeline.stage import StageFailed, run_cli
 from llmops.training.trainer import FAILURE, LOG_COLUMNS, TrainJob, clear_stale_build_locks, sanitized_env
 
 Mode = Literal["pretrain", "finetune"]

@@ -24,11 +24,11 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
-from llmops.governance import pii
 from llmops.core import provenance
 from llmops.core.config import Params, ValidateDataParams
-from llmops.data.datasets import DataError, read_jsonl
 from llmops.core.fs import write_text
+from llmops.data.datasets import DataError, read_jsonl
+from llmops.governance import pii
 from llmops.pipeline.repro import StageRun
 from llmops.pipeline.stage import StageFailed, run_cli
 
