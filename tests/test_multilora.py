@@ -249,7 +249,7 @@ def _canary(project, api, port, key):
 
     from conftest import BIN, run
     from llmops.registry import versions as registry
-    from llmops.serving.app import _bucket
+    from llmops.serving.runtime import _bucket
 
     llmops = [str(BIN / "llmops")]
     bad = run(llmops + ["registry", "canary", "v2", "--share", "150", "--why", "x"], project, check=False)

@@ -43,7 +43,7 @@ def _section(root: Path):
 def _route(root: Path, args: argparse.Namespace) -> int:
     from llmops.serving import http_server
     from llmops.serving.router import Router, create_app, token_counter
-    from llmops.serving.app import Callers
+    from llmops.serving.callers import Callers
 
     params = _section(root)
     if not params.replicas:

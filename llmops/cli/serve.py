@@ -166,50 +166,38 @@ def _each(action: str, port: int | None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from llmops.serving import http_server
+    from llmops.serving import settings as server_settings
+    from llmops.serving.app import create_app
+    from llmops.serving.callers import Callers
     from llmops.serving.engine import Engine
     from llmops.serving.feedback import Store, database_url
-    from llmops.core.config import DeployParams
-    from llmops.core.layout import REQUESTS as LOG_DIR
-    from llmops.serving.cache import ResponseCache
-    from llmops.serving.app import CanaryLimits, Callers, Served, create_app
+    from llmops.serving.runtime import Served
 
     root = Path.cwd()
     in_project = (root / PARAMS_FILE).is_file()
-    callers = Callers(lambda: apikeys.load(args.keys) | _deploy_key(root), root if in_project else None)
+    settings = server_settings.resolve(root, _params(root) if in_project else None, args)
+    # from here on, the settings alone: no flag and no params.yaml value is read again
+    callers = Callers(lambda: apikeys.load(settings.keys) | _deploy_key(root), root if settings.project else None)
     if not callers.keys:
-        raise LlmopsError(f"no API keys: make one with `llmops serve keygen NAME` (stored hashed in {args.keys}) "
+        raise LlmopsError(f"no API keys: make one with `llmops serve keygen NAME` (stored hashed in {settings.keys}) "
                           f"or set {apikeys.KEYS_ENV}")
-    if not in_project:
+    if not settings.project:
         print(f"note: no {PARAMS_FILE} here, so no access policy: every valid key may call", flush=True)
-    params = _params(root) if in_project else None
-    privacy = _privacy(params, args.privacy)
-    port = args.port or 8000
-    ref = args.model or args.version or "production"  # what the server follows: a directory, a stage or a version
-    if not args.model and ref not in registry.STAGES:
-        ref = registry.normalize(ref)
-
-    if args.adapters and (args.model or not in_project):
-        raise LlmopsError("--adapters serves registered versions: run it in the project, without --model")
-    deploy = params.deploy if params is not None else DeployParams()
-    if args.context is not None and args.context < 2:
-        raise LlmopsError(f"--context {args.context}: a request needs at least 2 tokens (a prompt and an answer)")
-    if args.read_timeout is not None and not args.read_timeout > 0:
-        raise LlmopsError(f"--read-timeout {args.read_timeout}: give a number of seconds above 0")
-    options = {"max_concurrency": args.max_concurrency, "device": args.device, "max_context": args.context}
+    options = settings.engine_options
 
     def load(now: Served | None = None) -> Served:
-        if args.model:
-            return Served(Engine(args.model, **options), Path(args.model).resolve().name)
-        if args.adapters:
-            return _adapters(root, ref, now, options, deploy.max_adapters)
-        version = _resolve(root, ref)
+        if settings.model:
+            return Served(Engine(settings.model, **options), Path(settings.model).resolve().name)
+        if settings.adapters:
+            return _adapters(settings, now)
+        version = _resolve(root, settings.ref)
         if now is not None and now.version == version:  # only the canary changed: production stays loaded
             engine = now.engine
         elif now is not None and now.canary_engine is not None and now.canary[0] == version:  # the canary promoted
             engine = now.canary_engine
         else:
             engine = Engine(servers.model_dir(root, version), **options)
-        held = registry.canary(root) if ref == "production" else None
+        held = registry.canary(root) if settings.ref == "production" else None
         if held is None or held.version.version == version:
             return Served(engine, registry.ARTIFACT, version)
         canary = held.version.version  # a second engine: a one-model server holds the canary's model beside it
@@ -217,7 +205,6 @@ def _serve(args: argparse.Namespace) -> int:
         canary_engine = now.canary_engine if reuse else Engine(servers.model_dir(root, canary), **options)
         return Served(engine, registry.ARTIFACT, version, canary=(canary, held.share), canary_engine=canary_engine)
 
-    url = f"http://{args.host}:{port}/v1"
     started = servers.now()
 
     state = {"loaded": started, "reloads": -1}  # the first call is the start
@@ -226,50 +213,47 @@ def _serve(args: argparse.Namespace) -> int:
         state["reloads"] += 1
         if error is None:
             state["loaded"] = servers.now()
-        servers.record(root, servers.Server(pid=os.getpid(), url=url, port=port, ref=ref, model=served.name,
-                                            version=served.version, started=started, loaded=state["loaded"],
-                                            reload_error=error, reloads=state["reloads"],
+        servers.record(root, servers.Server(pid=os.getpid(), url=settings.url, port=settings.port, ref=settings.ref,
+                                            model=served.name, version=served.version, started=started,
+                                            loaded=state["loaded"], reload_error=error, reloads=state["reloads"],
                                             adapters=list(served.adapters),
                                             canary=served.canary and f"{served.canary[0]} at {served.canary[1]:g}%"))
 
+    def look():  # what a server of adapters watches: new versions, and stage moves, are served without a reload
+        return [(v.version, tuple(v.stages)) for v in registry.versions(root)]
+
+    def drop(version: str, reason: str) -> None:
+        registry.drop(root, "canary", f"automatic rollback of {version}: {reason}")
+
     store = Store(database_url(root))  # an unusable feedback database stops here, before the model loads
     served = load()  # a bad model or an unknown version stops here, with its reason
-    watch = None
-    if args.adapters and deploy.watch_s > 0:  # new versions, and stage moves, are served without a reload
-        watch = (deploy.watch_s, lambda: [(v.version, tuple(v.stages)) for v in registry.versions(root)])
-    canary = None
-    if not args.model:  # a server of registered versions serves production's canary, and drops one that fares worse
-        limits = CanaryLimits(deploy.canary_min_requests, deploy.canary_max_error_rate_increase,
-                              deploy.canary_max_latency_ratio)
-        canary = (limits, lambda version, reason: registry.drop(root, "canary", f"automatic rollback of {version}: "
-                                                                                  f"{reason}"))
-    app = create_app(served, callers, root / LOG_DIR, store, reload=load, on_change=on_change, privacy=privacy,
-                     watch=watch, cache=ResponseCache(deploy.cache_entries if args.cache_entries is None
-                                                      else args.cache_entries, deploy.cache_ttl_s), canary=canary)
-    print(f"serving {served.label} at {url} (OpenAI-compatible; Authorization: Bearer <key>)", flush=True)
+    app = create_app(settings, served, callers, store, reload=load, on_change=on_change, look=look, drop=drop)
+    print(f"serving {served.label} at {settings.url} (OpenAI-compatible; Authorization: Bearer <key>)", flush=True)
     try:
-        http_server.run(app, args.host, port, args.read_timeout or deploy.read_timeout_s)
+        http_server.run(app, settings.host, settings.port, settings.read_timeout_s)
     finally:
-        servers.forget(root, port, os.getpid())
+        servers.forget(root, settings.port, os.getpid())
     return 0
 
 
-def _adapters(root: Path, ref: str, now, options: dict, max_adapters: int):
+def _adapters(settings, now):
     """What a server of adapters serves: the catalog's versions on its base, on `now`'s engine if the base is the
     same (loading the new adapters into it), else on a new engine."""
     from llmops.serving import adapter_catalog
     from llmops.serving.engine import Engine
     from llmops.serving.multilora import AdapterError
-    from llmops.serving.app import Served
+    from llmops.serving.runtime import Served
 
+    root = settings.root
     try:
-        catalog = adapter_catalog.plan(root, ref, max_adapters)
+        catalog = adapter_catalog.plan(root, settings.ref, settings.max_adapters)
         follows = catalog.follows
         if now is not None and now.engine.lora is not None and now.base_id == catalog.base_id:
             engine = now.engine
         else:
             engine = Engine(adapter_catalog.base_dir(root, catalog), adapters=True,
-                            tokenizer_dir=adapter_catalog.adapter_dir(root, follows), **options)  # its chat template
+                            tokenizer_dir=adapter_catalog.adapter_dir(root, follows),  # its chat template
+                            **settings.engine_options)
         refused = dict(catalog.refused)
         served = []
         for version in catalog.served:
@@ -306,17 +290,6 @@ def _params(root: Path):
         return load_params(root / PARAMS_FILE)
     except ConfigError as exc:
         raise LlmopsError(str(exc)) from None
-
-
-def _privacy(params, mode: str | None):
-    """The project's privacy policy (deploy.privacy, with validate_data's detectors; none: mask), `mode` overriding
-    its mode."""
-    from llmops.governance.privacy import Privacy
-
-    if params is None:
-        return Privacy(mode=mode or "mask")
-    return Privacy(mode=mode or params.deploy.privacy, kinds=tuple(params.validate_data.pii),
-                   regions=tuple(params.validate_data.phone_regions))
 
 
 def _resolve(root: Path, ref: str) -> str:

@@ -6,7 +6,7 @@ LLMOPS_TOKEN holds one of the project's keys, as `key:<name>`: a CI runner's or 
 service identity, or a person's own key. Keys are made by an admin (`llmops serve keygen NAME`,
 audited) and kept hashed in the project's keys file; LLMOPS_API_KEY_HASHES, which a server also reads,
 names no CLI identity, since anyone could set it. The server's identity is the calling key's name
-(`llmops.serving.app`). LLMOPS_USER, once the identity itself, is refused, saying so.
+(`llmops.serving.callers`). LLMOPS_USER, once the identity itself, is refused, saying so.
 """
 
 from __future__ import annotations
