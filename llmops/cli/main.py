@@ -322,17 +322,16 @@ def _setup(root: Path) -> int:
 
 def _commit_params(root: Path, ref: str, overrides: list[str]):
     """The params a run of commit `ref` uses: its own params.yaml with the -S overrides (None when there are none)."""
-    import subprocess
     import tempfile
 
+    from llmops.core import git
     from llmops.pipeline import workspaces
 
     try:
         sha = workspaces.resolve(root, ref)
     except workspaces.WorkspaceError as exc:
         raise ConfigError(f"--commit: {exc}") from None
-    text = subprocess.run(["git", "show", f"{sha}:{PARAMS_FILE}"], cwd=root, capture_output=True, text=True,
-                          check=True).stdout
+    text = git.out(root, "show", f"{sha}:{PARAMS_FILE}", error=ConfigError)  # a commit without one: said, not a traceback
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / PARAMS_FILE).write_text(text)
         params = load_params(Path(tmp) / PARAMS_FILE, overrides)  # checked here, before anything starts

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from llmops.core.errors import LlmopsError
@@ -42,16 +43,31 @@ def find(root: str | Path | None = None) -> Path | None:
 
 def raw(root: str | Path | None = None) -> dict:
     """dvc.yaml's `stages`, as written (templates unfilled); {} where there is no dvc.yaml."""
+    path = find(root)
+    return _load(path) if path is not None else {}
+
+
+def _load(path: Path) -> dict:
     from ruamel.yaml import YAML
 
-    path = find(root)
-    return (YAML(typ="safe").load(path.read_text()).get("stages") or {}) if path is not None else {}
+    return YAML(typ="safe").load(path.read_text()).get("stages") or {}
 
 
 def stages(root: str | Path | None = None) -> dict[str, Declared]:
     """Every DVC stage of dvc.yaml, in file order, its paths filled in."""
+    path = find(root)
+    if path is None:
+        return {}
+    stat = path.stat()
+    return dict(_expanded(path.resolve(), stat.st_mtime_ns, stat.st_size))  # a copy: the cached one stays as read
+
+
+@lru_cache(maxsize=8)
+def _expanded(path: Path, mtime_ns: int, size: int) -> dict[str, Declared]:
+    """Read once per version of the file (its mtime and size in the key): the gate, the release and the model card
+    each ask for several stages."""
     found: dict[str, Declared] = {}
-    for name, body in raw(root).items():
+    for name, body in _load(path).items():
         items = body.get("foreach")
         if items is None:
             found[name] = _declared(name, body, ())
