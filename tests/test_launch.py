@@ -1,17 +1,20 @@
-"""What a training run may use on this machine (kernels, QLoRA) and how torchrun starts it (one node or several)."""
+"""What a training run may use on this machine (kernels, QLoRA) and how its processes start (one directly; several, or
+several nodes, through torchrun)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from llmops.core.config import ConfigError, FinetuneParams, PretrainParams, load_params
-from llmops.training.launch import LaunchError, check_qlora, rendezvous_endpoint, resolve_kernels, torchrun_args
+from llmops.training.launch import (LaunchError, check_qlora, command, rendezvous_endpoint, resolve_kernels,
+                                    torchrun_args)
 from conftest import BIN, free_port, set_params
 
 KEY = "train.pretrain"
@@ -64,6 +67,19 @@ def test_qlora_without_a_gpu_is_refused_and_needs_lora_in_bf16():
 def test_one_node_is_standalone():
     assert torchrun_args(PretrainParams(deepspeed={"num_procs": 2}), KEY, "id", env={}) == [
         "--standalone", "--nproc_per_node=2"]
+
+
+def test_one_process_starts_without_a_launcher_and_more_through_torchrun():
+    one, ranks = command(PretrainParams(deepspeed={"num_procs": 1}), KEY, "id", "job.json", env={})
+    assert one == [sys.executable, "-m", "llmops.training.trainer", "job.json"]
+    assert ranks["RANK"] == "0" and ranks["WORLD_SIZE"] == "1" and ranks["MASTER_PORT"] == "0"
+    two, ranks = command(PretrainParams(deepspeed={"num_procs": 2}), KEY, "id", "job.json", env={})
+    assert two[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                       "llmops.training.trainer", "job.json"] and ranks == {}
+    # one process on each of two nodes: still torchrun's, which meets the other node
+    nodes, _ = command(PretrainParams(deepspeed={"num_procs": 1, "nnodes": 2}), KEY, "id", "job.json",
+                       env={"LLMOPS_RDZV_ENDPOINT": "a:1"})
+    assert "torch.distributed.run" in nodes and "--rdzv_endpoint=a:1" in nodes
 
 
 @pytest.mark.parametrize("params, env, endpoint", [

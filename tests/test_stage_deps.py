@@ -3,11 +3,17 @@ again when that module changes, and its outputs would go stale without DVC knowi
 
 from __future__ import annotations
 
+import ast
+import importlib.util
+import re
+from pathlib import Path
+
 import grimp
 import pytest
 from ruamel.yaml import YAML
 
 from conftest import REPO
+from llmops.core import dvcyaml
 from llmops.pipeline.stage import declared
 
 # What runs and records a stage, not what it computes: a change there changes no output, so it does not run the
@@ -78,3 +84,41 @@ def test_a_module_without_publish_is_not_a_stage(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "llmops.pipeline.stages.half", types.ModuleType("half"))
     with pytest.raises(TypeError, match="not a stage"):
         StageSpec(name="half", desc="").module
+
+
+_PROJECT_PATH = re.compile(r"(data|reports|models)(/[\w.@-]+)+/?")
+
+
+def _path_literals(graph: grimp.ImportGraph, module: str) -> set[str]:
+    """Every string constant that names a project path (data/..., reports/..., models/...) in the code `module` runs."""
+    found = set()
+    for name in _runs(graph, module):
+        tree = ast.parse(Path(importlib.util.find_spec(name).origin).read_text())
+        found |= {node.value.rstrip("/") for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                  and _PROJECT_PATH.fullmatch(node.value)}
+    return found
+
+
+def _undeclared(literals: set[str], declared_paths: set[str]) -> set[str]:
+    """The literals that are neither a declared path, nor inside one, nor a folder holding one."""
+    def related(literal: str, path: str) -> bool:
+        return literal == path or literal.startswith(path + "/") or path.startswith(literal + "/")
+    return {lit for lit in literals if not any(related(lit, p) for p in declared_paths)}
+
+
+@pytest.mark.parametrize("name", list(declared(REPO)))
+def test_the_paths_a_stage_names_are_the_ones_dvc_yaml_declares(name, graph):
+    """A stage's code names its paths only as dvc.yaml declares them: a path changed there and not in the code (or
+    the other way round) fails here, not as a stage that writes an output DVC does not know."""
+    entries = [d for key, d in dvcyaml.stages(REPO).items() if key == name or key.startswith(f"{name}@")]
+    paths = {p.rstrip("/") for d in entries for p in d.deps + d.outs + d.metrics + d.plots}
+    literals = _path_literals(graph, f"llmops.pipeline.stages.{name}")
+    undeclared = _undeclared(literals, paths)
+    assert not undeclared, f"{name}'s code names paths dvc.yaml does not declare for it: {sorted(undeclared)}"
+
+
+def test_the_path_check_sees_an_undeclared_path(graph):
+    literals = _path_literals(graph, "llmops.pipeline.stages.evaluate")
+    assert "reports/evaluate" in literals
+    assert _undeclared(literals, {"data/prepared/eval.jsonl"}) >= {"reports/evaluate"}

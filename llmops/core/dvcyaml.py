@@ -27,6 +27,13 @@ class Declared:
     deps: tuple[str, ...]
     outs: tuple[str, ...]
     metrics: tuple[str, ...]  # metrics files, in dvc.yaml's order: the first is the stage's verdict
+    plots: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()  # the outs annotated `type: model` (weights, not data)
+
+    @property
+    def data(self) -> tuple[str, ...]:
+        """Every output but the models: what may hold rows of the data (erasure scans these)."""
+        return tuple(p for p in self.outs + self.metrics + self.plots if p not in self.models)
 
     @property
     def verdict(self) -> Path:
@@ -99,12 +106,14 @@ def stage(root: str | Path | None, name: str) -> Declared:
 
 def _declared(name: str, body: dict, keys: tuple[str, ...], desc: str | None = None,
               values: dict | None = None) -> Declared:
-    def paths(field: str) -> tuple[str, ...]:
-        entries = body.get(field) or []
-        return tuple(_fill(str(next(iter(e)) if isinstance(e, dict) else e), values) for e in entries)
+    def paths(field: str, kind: str | None = None) -> tuple[str, ...]:
+        entries = [e if isinstance(e, dict) else {e: {}} for e in body.get(field) or []]
+        return tuple(_fill(str(path), values) for e in entries for path, opts in e.items()
+                     if kind is None or (opts or {}).get("type") == kind)
 
     return Declared(name=name, desc=str(desc or body.get("desc") or ""), keys=keys, deps=paths("deps"),
-                    outs=paths("outs"), metrics=paths("metrics"))
+                    outs=paths("outs"), metrics=paths("metrics"), plots=paths("plots"),
+                    models=paths("outs", "model"))
 
 
 def _fill(text: str, values: dict | None) -> str:

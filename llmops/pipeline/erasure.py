@@ -2,7 +2,7 @@
 
 `llmops erase --subject VALUE` (an admin's action, audited without the value itself):
 
-1. finds every dataset file, in every version DVC tracks under data/ (each commit of the
+1. finds every dataset file, in every version DVC tracks but the models dvc.yaml declares (each commit of the
    repository, the registry's included, and the workspace), that mentions the subject,
    reading each distinct file once from the DVC cache or the remote. Text is compared as
    read: JSON escapes decoded (`\u00d8lmann` is `Ølmann`), Unicode NFKC-normalised, case folded;
@@ -40,12 +40,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from llmops.core import git
+from llmops.core import dvcyaml, git
 from llmops.core.errors import LlmopsError
 
 MIN_SUBJECT = 3  # characters: anything shorter would match half the data
 TEXT = (".jsonl", ".json", ".csv", ".txt", ".text", ".md")
-TRACKED = ("data", "reports")
+REBUILT = ("prepare_data", "validate_data")  # the stages an erasure runs again on the new data
 SCAN_MAX_BYTES = 256 << 20  # the final scan reads files up to this size: datasets and logs, not model weights
 WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".png")  # never text: not scanned
 
@@ -94,19 +94,16 @@ _git = partial(git.out, error=ErasureError)  # git's failures as erasure's own e
 
 
 def _tracked_files(root: Path, rev: str | None) -> dict[str, str]:
-    """path -> md5 of every DVC-cached text file under data/ and reports/ at `rev` (None: the workspace): the
-    datasets, and the reports that quote their rows (evaluate's samples and baseline answers)."""
+    """path -> md5 of every DVC-cached text file at `rev` (None: the workspace) but the models dvc.yaml declares
+    (`type: model`): the datasets (the stages' and any `dvc add`-ed), and the reports that quote their rows (evaluate's
+    samples and baseline answers)."""
     from dvc.api import DVCFileSystem
 
-    fs = DVCFileSystem(str(root), rev=rev)
-    found = {}
-    for top in TRACKED:
-        try:
-            found.update(fs.find(top, detail=True))
-        except FileNotFoundError:
-            continue
+    models = tuple(f"{m.strip('/')}/" for d in dvcyaml.stages(root).values() for m in d.models)
+    found = DVCFileSystem(str(root), rev=rev).find("/", detail=True)
     return {path: info["dvc_info"]["md5"] for path, info in found.items()
-            if (info.get("dvc_info") or {}).get("md5") and path.endswith(TEXT)}
+            if (info.get("dvc_info") or {}).get("md5") and path.endswith(TEXT)
+            and not f"{path.lstrip('/')}/".startswith(models)}
 
 
 def scan(root: Path, mentions) -> tuple[dict[str, str], dict[str, set[str]]]:
@@ -405,12 +402,12 @@ def _remote_objects(root: Path, storage):
 
 
 def _inputs(root: Path, params) -> list[Path]:
-    """The current input files the pipeline reads from this checkout: dvc-added files under data/, and the local
-    files params name for prepare_data (data.instructions, eval_instructions, corpus, corrections: the fields
-    config.py marks read_by("prepare_data"))."""
+    """The current input files the pipeline reads from this checkout: the dvc-added files (their .dvc files in git),
+    and the local files params name for prepare_data (data.instructions, eval_instructions, corpus, corrections: the
+    fields config.py marks read_by("prepare_data"))."""
     from llmops.core.config import stage_inputs
 
-    found = {p.with_suffix("") for p in (root / "data").rglob("*.dvc")}
+    found = {(root / p).with_suffix("") for p in _git(root, "ls-files", "-z", "*.dvc").split("\0") if p}
     for _, value in stage_inputs(params).get("prepare_data", []):
         if "://" not in value:
             found.add((root / value).resolve())
@@ -473,10 +470,12 @@ def erase(root: str | os.PathLike, subject: str, retrain: bool = False) -> Erasu
                 dvc(root, "add", "--quiet", str(pointer.with_suffix("").relative_to(root)), what="dvc add")
         rebuilt = bool(set(result.objects) & set().union(*by_rev.values()))  # a version pins one: a new version
         if rebuilt:
-            dvc(root, "repro", "--quiet", "prepare_data", "validate_data", what="dvc repro")
+            dvc(root, "repro", "--quiet", *REBUILT, what="dvc repro")
         storage = storage_for(params.storage, root)
-        for path in {root / p for p in result.objects.values()}:  # reports in the workspace that still quote it
-            if path.is_file() and path.is_relative_to(root / "reports") and _cleaned(path, mentions, remove=False):
+        later = [root / p for d in dvcyaml.stages(root).values() if d.name not in REBUILT for p in d.data]
+        for path in {root / p for p in result.objects.values()}:  # later stages' reports that still quote it
+            if path.is_file() and any(path.is_relative_to(out) for out in later) \
+                    and _cleaned(path, mentions, remove=False):
                 _cleaned(path, mentions) if path.suffix == ".jsonl" else path.unlink()  # the next run writes it again
         _remove_objects(root, result.objects, storage)
         if result.objects:  # DVC's run-cache: entries naming removed objects (and their params' values) go too

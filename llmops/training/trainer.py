@@ -1,6 +1,7 @@
 """The training core: one DeepSpeed loop for pretraining and every fine-tuning method.
 
-Runs in each process that torchrun starts (`python -m torch.distributed.run ... -m llmops.training.trainer job.json`).
+Runs in each training process (`python -m llmops.training.trainer job.json`, started by torchrun where there are
+several: llmops/training/launch.py).
 The parent (llmops/pipeline/stages/train.py) has already tokenized the data, checked the fit and
 written the job; this module builds the model, wraps it in a DeepSpeed engine,
 resumes from the latest complete checkpoint, trains, and saves safetensors.
@@ -428,8 +429,18 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _ask_for_the_cpu_once() -> None:
+    """DeepSpeed asks py-cpuinfo what the CPU is in its op loader and again in its CPU Adam, and each ask starts a
+    Python interpreter that probes the CPU (about a second of CPU time): the first answer is kept for the process."""
+    import functools
+
+    import cpuinfo
+
+    cpuinfo.get_cpu_info = functools.cache(cpuinfo.get_cpu_info)
+
+
 def main(argv: list[str]) -> int:
-    # torchrun starts every worker in a session of its own: without this, killing the launcher's
+    # torchrun starts every worker in a session of its own: without this, killing the launcher's (or the stage's)
     # process group would leave workers training on, writing into the checkpoints a re-run resumes from
     die_with_parent()
     job = TrainJob.model_validate_json(Path(argv[0]).read_text())
@@ -439,6 +450,7 @@ def main(argv: list[str]) -> int:
         # the build is silent for minutes: say why nothing moves
         print(f"train@{job.mode}: DeepSpeed builds its C++ ops once for this environment (about 2 minutes on "
               f"2 CPU cores) into {ops}", flush=True)
+    _ask_for_the_cpu_once()
     import deepspeed
     import torch
     import torch.distributed as dist

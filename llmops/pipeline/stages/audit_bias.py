@@ -25,7 +25,6 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
 from llmops.core import provenance
@@ -216,6 +215,7 @@ def summary(r: AuditResult, previous: dict | None) -> str:
 
 def publish(root: Path, run: StageRun) -> AuditResult:
     """pct_stereotype and likelihood_diff per bias type, base vs fine-tuned, as a table; the plot as markdown."""
+    from prefect.artifacts import create_table_artifact  # (only a flow publishes)
     result = AuditResult.model_validate_json((root / OUT_DIR / "metrics.json").read_text())
     rows = [("all", result.base, result.finetuned)] + [
         (t, result.base_by_type[t], result.finetuned_by_type[t]) for t in result.base_by_type]

@@ -26,7 +26,6 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
 from llmops.core import provenance
@@ -225,6 +224,7 @@ def summary(r: EvalResult, previous: dict | None) -> str:
 
 def publish(root: Path, run: StageRun) -> EvalResult:
     """Base vs fine-tuned, overall and per task, as a table."""
+    from prefect.artifacts import create_table_artifact  # (only a flow publishes)
     result = EvalResult.model_validate_json((root / OUT_DIR / "metrics.json").read_text())
     def ci(i: Interval) -> str:
         return f"{i.low:.4g} to {i.high:.4g}"

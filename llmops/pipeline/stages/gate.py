@@ -18,7 +18,6 @@ import operator
 from pathlib import Path
 from typing import Callable
 
-from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
 from llmops.core import dvcyaml, provenance
@@ -186,6 +185,7 @@ def summary(verdict: Verdict, previous: dict | None) -> str:
 
 
 def _artifact(root: Path, ran: str) -> Verdict | None:
+    from prefect.artifacts import create_table_artifact  # (only a flow publishes)
     path = root / verdict_path(root)
     if not path.is_file():
         return None

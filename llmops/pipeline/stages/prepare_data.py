@@ -11,7 +11,6 @@ import json
 import shutil
 from pathlib import Path
 
-from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
 from llmops.core import provenance
@@ -124,6 +123,7 @@ def main() -> int:
 
 def publish(root: Path, run: StageRun) -> PrepareResult:
     """The flow's summary of the stage: a table of the files it wrote, with their hashes."""
+    from prefect.artifacts import create_table_artifact  # (only a flow publishes)
     manifest = json.loads((root / OUT_DIR / "manifest.json").read_text())
     result = PrepareResult.model_validate(manifest["result"])
     create_table_artifact(

@@ -16,7 +16,6 @@ import json
 import shutil
 from pathlib import Path
 
-from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
 from llmops.core import provenance
@@ -102,7 +101,7 @@ def run_quantize(params: Params, root: str | Path = ".") -> QuantizeResult:
 
     parent = {"base": provenance.model_hashes(loaded.base_path, root),
               "adapter": provenance.model_hashes(inference.ADAPTER, root)}
-    tmp = root / "models/.quantized.tmp"
+    tmp = root / MODELS.with_name(f".{MODELS.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         reference, methods = _quantize_all(params, loaded, rows, tmp, parent, dev)
@@ -185,6 +184,7 @@ def summary(r: QuantizeResult, previous: dict | None) -> str:
 
 def publish(root: Path, run: StageRun) -> QuantizeResult:
     """Each method against the unquantized model, as a table."""
+    from prefect.artifacts import create_table_artifact  # (only a flow publishes)
     r = QuantizeResult.model_validate_json((root / OUT_DIR / "metrics.json").read_text())
     ref = r.reference
     table = [{"method": "none (unquantized)", "size MB": round(ref.size_bytes / 1e6, 3), "size ratio": 1.0,

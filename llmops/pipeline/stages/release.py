@@ -16,7 +16,6 @@ import json
 import shutil
 from pathlib import Path
 
-from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
 from llmops.core import provenance
@@ -80,7 +79,7 @@ def run_release(params: Params, root: str | Path = ".") -> Release:
         raise DataError(f"{judged} is for release candidate {candidate!r} but gate.release_candidate is "
                         f"{params.gate.release_candidate!r}; run the gate again (`llmops run`)")
 
-    tmp = root / "models/.release.tmp"
+    tmp = root / OUT.with_name(f".{OUT.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         sources = _build(params, root, candidate, tmp)
@@ -152,6 +151,7 @@ def summary(release: Release, previous: dict | None) -> str:
 
 
 def publish(root: Path, run: StageRun) -> Release | None:
+    from prefect.artifacts import create_markdown_artifact  # (only a flow publishes)
     path = root / OUT / "release.json"
     if not path.is_file():
         return None

@@ -7,7 +7,7 @@ model instead (llmops/training/base_model.py), so that DVC versions it like any 
 
 This process prepares and checks everything before any training process starts
 (tokenizer, tokenized data, base model and adapter, the memory fit), then
-launches `deepspeed.num_procs` processes with torchrun (llmops/training/trainer.py) and
+launches `deepspeed.num_procs` training processes (llmops/training/trainer.py; several through torchrun) and
 finally publishes their weights atomically with the tokenizer and a manifest.
 
 Outputs (train@<mode> in dvc.yaml):
@@ -27,11 +27,9 @@ import json
 import shutil
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
 from llmops.core import locks, provenance
@@ -43,7 +41,7 @@ from llmops.pipeline.repro import StageRun
 from llmops.pipeline.stage import StageFailed, run_cli
 from llmops.training import base_model, chat, checkpoints, licences, quantization
 from llmops.training.fit import Shape, check_fit, describe, devices
-from llmops.training.launch import check_qlora, rendezvous_endpoint, resolve_kernels, torchrun_args
+from llmops.training.launch import check_qlora, command, rendezvous_endpoint, resolve_kernels
 from llmops.training.modeling import (
     check_adapter,
     corpus_tensors,
@@ -412,7 +410,6 @@ def _train(mode: Mode, params: Params, root: Path, run_dir: Path, kernels: str,
                    from_weights=prep.fetched is not None)
     job_file = run_dir / "job.json"
     job_file.write_text(job.model_dump_json(indent=2))
-    launch = torchrun_args(cfg, f"train.{mode}", f"llmops-{mode}-{fingerprint[:16]}")
     world = cfg.deepspeed.num_procs * cfg.deepspeed.nnodes
     print(f"train@{mode}: {counts.total:,} parameters ({counts.trainable:,} trainable), "
           f"{tensors['input_ids'].shape[0]} sequences ({100 * padding_share(tensors):.1f}% padding), kernels "
@@ -422,8 +419,8 @@ def _train(mode: Mode, params: Params, root: Path, run_dir: Path, kernels: str,
     env = sanitized_env()
     for op in clear_stale_build_locks(Path(env["TORCH_EXTENSIONS_DIR"])):
         print(f"train@{mode}: removed {op}/lock, left by a DeepSpeed op build that was killed", flush=True)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", *launch, "-m", "llmops.training.trainer",
-                           str(job_file)], cwd=root, env=env)
+    cmd, ranks = command(cfg, f"train.{mode}", f"llmops-{mode}-{fingerprint[:16]}", str(job_file))
+    proc = subprocess.run(cmd, cwd=root, env={**env, **ranks})
     failure = tmp_out / FAILURE  # an expected failure, e.g. divergence, explained by rank 0
     if proc.returncode != 0 or failure.exists():
         reason = json.loads(failure.read_text())["error"] if failure.exists() else (
@@ -515,6 +512,7 @@ def main(mode: Mode) -> int:
 
 def publish(root: Path, run: StageRun) -> TrainResult | FetchedBase:
     """The loss curve (every 5%) as a table, and the run's summary (a fetched base: what was fetched)."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact  # (only a flow publishes)
     mode = run.stage.split("@")[1]
     summary = json.loads((root / REPORTS / mode / "summary.json").read_text())
     if "fetched" in summary:

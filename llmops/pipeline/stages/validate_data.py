@@ -21,7 +21,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
 from llmops.core import provenance
@@ -316,6 +315,7 @@ def publish(root: Path, run: StageRun) -> dict:
 
 def publish_failed(root: Path, stage: str) -> None:
     """A failed validation still shows its report: which expectations failed, with examples."""
+    from prefect.artifacts import create_markdown_artifact  # (only a flow publishes)
     report = root / OUT_DIR / "report.md"
     if report.exists():
         create_markdown_artifact(key="validate-data", markdown=report.read_text(), description="Data validation")
