@@ -101,7 +101,7 @@ def _tracked_files(root: Path, rev: str | None) -> dict[str, str]:
 
     models = tuple(f"{m.strip('/')}/" for d in dvcyaml.stages(root).values() for m in d.models)
     found = DVCFileSystem(str(root), rev=rev).find("/", detail=True)
-    return {path: info["dvc_info"]["md5"] for path, info in found.items()
+    return {path.lstrip("/"): info["dvc_info"]["md5"] for path, info in found.items()  # relative to the root
             if (info.get("dvc_info") or {}).get("md5") and path.endswith(TEXT)
             and not f"{path.lstrip('/')}/".startswith(models)}
 
