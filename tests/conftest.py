@@ -15,6 +15,7 @@ import pytest
 
 os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # before torch is imported here (base_env says why)
 
+from llmops.pipeline.prefect_api import from_template, save_template
 from llmops.serving.instances import free_port  # (the tests' ports, found as the project finds its own)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -372,6 +373,7 @@ def prefect_server(home: Path) -> Iterator[str]:
         PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api",  # the UI a browser test opens
     )
     log = open(home / "server.log", "w")
+    migrates = not from_template(home / "prefect.db")  # as a project's own server starts (llmops/pipeline/prefect_api.py)
     proc = subprocess.Popen(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         stdout=log, stderr=log, env=env,
@@ -379,6 +381,8 @@ def prefect_server(home: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}/api"
     try:
         _wait_http(f"{url}/health", proc, 120)
+        if migrates:
+            save_template(home / "prefect.db")
         yield url
     finally:
         proc.terminate()

@@ -240,3 +240,32 @@ def _pushed(s3_endpoint: str, bucket: str) -> list[str]:
     """What DVC pushed to the bucket (the audit trail beside it records the run's stages either way)."""
     listed = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket=bucket).get("Contents", [])
     return [o["Key"] for o in listed if "audit" not in o["Key"].split("/")[:-1]]
+
+
+@pytest.mark.services
+def test_a_new_project_starts_its_prefect_server_on_a_migrated_copy(tmp_path, monkeypatch):
+    """A project's first run migrates its new Prefect database once for the machine: the next new one starts on a
+    copy, which the API works on as on a database it migrated itself."""
+    import sqlite3
+    import urllib.request
+
+    from llmops.pipeline import prefect_api
+
+    monkeypatch.setattr(prefect_api, "TEMPLATES", tmp_path / "templates")
+    tables = {}
+    for name in ("first", "second"):
+        for var in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_API_DATABASE_CONNECTION_URL"):
+            monkeypatch.delenv(var, raising=False)
+        copied = bool(list((tmp_path / "templates").glob("prefect-*.db")))
+        assert copied == (name == "second")
+        with prefect_api.prefect_api(tmp_path / name) as url:
+            created = urllib.request.urlopen(urllib.request.Request(
+                f"{url}/flows/", data=json.dumps({"name": f"flow-{name}"}).encode(),
+                headers={"Content-Type": "application/json"}))
+            assert created.status in (200, 201)
+        db = tmp_path / name / ".llmops/prefect/prefect.db"
+        with sqlite3.connect(db) as conn:
+            tables[name] = {row[0] for row in conn.execute("select name from sqlite_master where type='table'")}
+            flows = [row[0] for row in conn.execute("select name from flow")]
+        assert flows == [f"flow-{name}"]  # the copy holds none of the first project's runs
+    assert "alembic_version" in tables["first"] and tables["first"] == tables["second"]

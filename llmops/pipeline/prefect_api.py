@@ -12,11 +12,13 @@ kernel, if the run is killed outright).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import urllib.request
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -26,6 +28,10 @@ from llmops.core.procs import Exited, die_with_parent, wait_until
 from llmops.serving.instances import free_port
 
 START_TIMEOUT_S = 300
+# Databases this machine's Prefect versions migrated, one a version: a server started on a new database migrates it
+# first (about 6 s of CPU on 2 cores, twice what the rest of its start costs), so a project's first run, and every run
+# in a fresh clone or workspace, starts on a copy instead.
+TEMPLATES = Path("~/.cache/llmops/prefect").expanduser()
 
 OWN = "LLMOPS_OWN_PREFECT_API"  # set while the API is this run's own server, which no other run shares
 
@@ -73,6 +79,9 @@ def prefect_api(root: str | os.PathLike) -> Iterator[str]:
     home = Path(root).resolve() / STATE_DIR
     home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(home))
+    db = Path(os.environ["PREFECT_HOME"]) / "prefect.db"  # Prefect's default database, unless one is configured
+    # a new database, and no migrated copy to start from: the server migrates it, and a copy is kept
+    migrates = "PREFECT_API_DATABASE_CONNECTION_URL" not in os.environ and not db.exists() and not from_template(db)
     port = free_port("127.0.0.1")
     url = f"http://127.0.0.1:{port}/api"
     env = dict(os.environ, PREFECT_UI_ENABLED="0", PREFECT_SERVER_ANALYTICS_ENABLED="false",
@@ -91,6 +100,8 @@ def prefect_api(root: str | os.PathLike) -> Iterator[str]:
             raise PrefectUnavailable(
                 f"the local Prefect server did not answer within {START_TIMEOUT_S} s (log: {log}); "
                 "the machine may be overloaded: try again, or point PREFECT_API_URL at a running server")
+        if migrates:
+            save_template(db)
         os.environ["PREFECT_API_URL"] = url
         os.environ[OWN] = url
         yield url
@@ -105,6 +116,39 @@ def prefect_api(root: str | os.PathLike) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def _template() -> Path:
+    from importlib.metadata import version
+
+    return TEMPLATES / f"prefect-{version('prefect')}.db"
+
+
+def from_template(db: Path) -> bool:
+    """Put a copy of the migrated database this Prefect version left (`save_template`) at `db`; False if there is
+    none yet."""
+    template = _template()
+    if not template.is_file():
+        return False
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+    shutil.copyfile(template, tmp)
+    os.replace(tmp, db)
+    return True
+
+
+def save_template(db: Path) -> None:
+    """Keep a copy of `db`, which a server started on this Prefect version has just migrated, for `from_template`. A
+    consistent copy (SQLite's backup) though the server runs; one that cannot be made is no error: the next new
+    database migrates again."""
+    template = _template()
+    tmp = template.with_name(f".{template.name}.{os.getpid()}.tmp")
+    try:
+        template.parent.mkdir(parents=True, exist_ok=True)
+        with closing(sqlite3.connect(db, timeout=30)) as src, closing(sqlite3.connect(tmp)) as dst:
+            src.backup(dst)
+        os.replace(tmp, template)
+    except (OSError, sqlite3.Error):
+        tmp.unlink(missing_ok=True)
 
 
 def _serve(port: int) -> None:
