@@ -130,6 +130,7 @@ def from_template(db: Path) -> bool:
     template = _template()
     if not template.is_file():
         return False
+    db.parent.mkdir(parents=True, exist_ok=True)  # a PREFECT_HOME not made yet, as Prefect would make it
     tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
     shutil.copyfile(template, tmp)
     os.replace(tmp, db)
