@@ -209,9 +209,19 @@ def pipeline(tmp_path_factory) -> Path:
     return built_once(tmp_path_factory, "pipeline", _run_pipeline) / "project"
 
 
+TRAINED_FIXTURES = {"pipeline", "trained", "two_versions"}  # (and every fixture built on them)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """One test that needs the run pipeline first, the rest of those last: the first xdist worker builds
-    the pipeline while the other runs tests that need none (xdist hands out contiguous chunks in order)."""
+    the pipeline while the other runs tests that need none (xdist hands out contiguous chunks in order).
+
+    A test that needs a trained fixture launches training (when it is the first to ask): without the `training`
+    marker, `-m "not training"` would train anyway, for minutes."""
+    unmarked = [item.nodeid for item in items if TRAINED_FIXTURES & set(getattr(item, "fixturenames", ()))
+                and item.get_closest_marker("training") is None]
+    if unmarked:
+        raise pytest.UsageError(f"tests that need a trained fixture lack the training marker: {unmarked}")
     needs = [item for item in items if "pipeline" in getattr(item, "fixturenames", ())]
     others = [item for item in items if "pipeline" not in getattr(item, "fixturenames", ())]
     items[:] = needs[:1] + others + needs[1:]

@@ -203,6 +203,8 @@ def test_a_server_of_adapters_serves_every_version_on_its_base_and_follows_the_r
         stop_servers(project)
 
 
+@pytest.mark.services
+@pytest.mark.training
 def test_a_server_of_one_model_serves_the_canary_from_a_second_engine(versioned_project):
     """Without --adapters, the production server loads the canary's model beside production's: the same routing,
     labels, automatic rollback and promotion as a server of adapters."""
