@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import compileall
 import os
 import shutil
 import subprocess
@@ -20,6 +21,9 @@ from llmops.serving.instances import free_port  # (the tests' ports, found as th
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# The package's bytecode, written once here: the editable install compiles nothing, and with PYTHONDONTWRITEBYTECODE
+# set (as on the CI machines) each of the suite's hundreds of interpreters would compile what it imports anew.
+compileall.compile_dir(REPO / "llmops", quiet=1)
 
 
 def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -125,6 +129,9 @@ def make_project(dest: Path, remote: Path) -> Path:
                 and name != "dvc.lock":
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
+    for compiled in (REPO / "llmops").rglob("__pycache__/*.pyc"):  # a worker run as `python -m` imports the copy
+        (dest / compiled.relative_to(REPO)).parent.mkdir(exist_ok=True)
+        shutil.copy2(compiled, dest / compiled.relative_to(REPO))
     params = dest / "params.yaml"
     params.write_text(
         params.read_text()
