@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # before torch is imported here (base_env says why)
+# One compute thread a process, this one (set before torch is imported here) and every one it starts: the suite runs
+# two pytest-xdist workers on two cores, and a second OpenMP thread would only wait, spinning, for a core the other
+# worker holds (the tiny pipeline ran 15% slower).
+os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 from llmops.pipeline.prefect_api import from_template, save_template
 from llmops.serving.instances import free_port  # (the tests' ports, found as the project finds its own)
@@ -47,9 +50,6 @@ def base_env(**extra: str) -> dict[str, str]:
         AWS_DEFAULT_REGION="us-east-1",
         GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
         GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com",
-        # One compute thread a process: the suite runs two pytest-xdist workers on two cores, and a second OpenMP
-        # thread would only wait, spinning, for a core the other worker holds (the tiny pipeline ran 15% slower).
-        OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
     )
     for var in ("LLMOPS_S3_BUCKET", "LLMOPS_S3_PREFIX", "LLMOPS_S3_ENDPOINT_URL", "LLMOPS_S3_REGION", "PREFECT_API_URL"):
         env.pop(var, None)
@@ -90,7 +90,7 @@ def toy_model(path: Path, poison: str | None = None) -> Path:
 def _aws_env(monkeypatch):
     """In-process boto3 calls use fake credentials and never the developer's real ones."""
     for key, value in base_env().items():
-        if key.startswith(("AWS_", "DVC_", "GX_", "HF_", "TOKENIZERS_", "OMP_", "MKL_")):
+        if key.startswith(("AWS_", "DVC_", "GX_", "HF_", "TOKENIZERS_")):
             monkeypatch.setenv(key, value)
     for var in ("LLMOPS_S3_BUCKET", "LLMOPS_S3_PREFIX", "LLMOPS_S3_ENDPOINT_URL", "LLMOPS_S3_REGION"):
         monkeypatch.delenv(var, raising=False)
