@@ -19,6 +19,14 @@ import pytest
 # worker holds (the tiny pipeline ran 15% slower).
 os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
+# The fork server (llmops.core.forkserver) of the session's commands: a folder of the session's own, shared by the
+# xdist workers (they inherit it), its servers stopped at the end (pytest_unconfigure).
+if not os.environ.get("PYTEST_XDIST_WORKER"):
+    import tempfile
+
+    os.environ["LLMOPS_FORKSERVER_DIR"] = tempfile.mkdtemp(prefix="llmops-forkserver-")
+
+from llmops.core import forkserver
 from llmops.pipeline.prefect_api import from_template, save_template
 from llmops.serving.instances import free_port  # (the tests' ports, found as the project finds its own)
 
@@ -43,6 +51,7 @@ def base_env(**extra: str) -> dict[str, str]:
         DVC_NO_ANALYTICS="1",
         GX_ANALYTICS_ENABLED="false",
         HF_HUB_OFFLINE="1",  # tests never reach a model hub
+        HF_HUB_DISABLE_PROGRESS_BARS="1",  # as `llmops run` sets it: its stages and the tests' share a fork server
         TOKENIZERS_PARALLELISM="false",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         AWS_ACCESS_KEY_ID="testing",
@@ -413,3 +422,10 @@ def prefect_api(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect_home")
     with prefect_server(home) as url:
         yield url, home
+
+
+def pytest_unconfigure(config) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = Path(os.environ["LLMOPS_FORKSERVER_DIR"])
+        forkserver.stop_all(folder)
+        shutil.rmtree(folder, ignore_errors=True)

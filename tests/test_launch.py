@@ -71,7 +71,7 @@ def test_one_node_is_standalone():
 
 def test_one_process_starts_without_a_launcher_and_more_through_torchrun():
     one, ranks = command(PretrainParams(deepspeed={"num_procs": 1}), KEY, "id", "job.json", env={})
-    assert one == [sys.executable, "-m", "llmops.training.trainer", "job.json"]
+    assert one == [sys.executable, "-P", "-m", "llmops.core.forkserver", "-m", "llmops.training.trainer", "job.json"]
     assert ranks["RANK"] == "0" and ranks["WORLD_SIZE"] == "1" and ranks["MASTER_PORT"] == "0"
     two, ranks = command(PretrainParams(deepspeed={"num_procs": 2}), KEY, "id", "job.json", env={})
     assert two[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",

@@ -89,11 +89,12 @@ class _RunsCode:
 
 
 def _trainers(project: Path) -> list[str]:
-    """Live training processes of this project."""
+    """Live training processes of this project (started by torchrun, or forked by the fork server, whose processes
+    show their command line as one string)."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            args = cmdline.read_bytes().split(b"\0")
+            args = cmdline.read_bytes().replace(b"\0", b" ").split()
         except OSError:
             continue
         if b"llmops.training.trainer" in args and any(str(project).encode() in a for a in args):

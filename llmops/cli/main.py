@@ -20,7 +20,7 @@ from llmops.cli import registry as registry_cli
 from llmops.cli import route as route_cli
 from llmops.cli import serve as serve_cli
 from llmops.cli import trail as trail_cli
-from llmops.core import locks
+from llmops.core import forkserver, locks
 from llmops.core.config import PARAMS_FILE, ConfigError, load_params, overlay, storage_for, write_params
 from llmops.core.errors import LlmopsError
 from llmops.core.storage import StorageError, check_remote
@@ -185,6 +185,10 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] and sys.argv[1] in declared():  # a stage, as DVC runs it: in a preloaded fork
+        status = forkserver.forward(sys.argv, entry="llmops.cli.main:main")
+        if status is not None:
+            return status
     try:
         status = _main(argv)
         sys.stdout.flush()  # here, not at exit, where a reader gone would be an "Exception ignored" message

@@ -31,7 +31,8 @@ def dvc_env() -> dict[str, str]:
     """The environment for DVC and the stage commands it runs: this interpreter's scripts first on PATH."""
     env = dict(os.environ)
     bin_dir = str(Path(sys.executable).parent)
-    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
+    if not env.get("PATH", "").startswith(bin_dir + os.pathsep):  # (once: the fork server keys on PATH)
+        env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
     env.setdefault("DVC_NO_ANALYTICS", "1")
     env["PYTHONUNBUFFERED"] = "1"  # the stage's progress reaches us line by line, not in 8 KiB blocks
     env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # bars redrawn through a pipe are noise in a log

@@ -1,0 +1,112 @@
+"""The fork server: a command it forks runs as it would have alone (streams, directory, environment, arguments,
+exit status, signals), dies with its caller, and a server never forks beside a thread."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import _exited, base_env
+from llmops.core import forkserver
+from llmops.core.procs import wait_until
+
+pytestmark = pytest.mark.services
+
+# A command of our own, importable by the server through PYTHONPATH (a variable its key includes).
+COMMAND = '''
+import json, os, sys, time
+import setproctitle  # something to import that the server then learns
+if sys.argv[1:2] == ["sleep"]:
+    try:
+        print(json.dumps({"pid": os.getpid()}), flush=True)
+        time.sleep(120)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(130)
+if sys.argv[1:2] == ["die"]:
+    os.kill(os.getpid(), 15)
+print(json.dumps({"pid": os.getpid(), "argv": sys.argv[1:], "cwd": os.getcwd(), "var": os.environ.get("LLMOPS_X"),
+                  "stdin": sys.stdin.read(), "title": open("/proc/self/cmdline").read()}))
+sys.exit(int(os.environ.get("LLMOPS_EXIT", "0")))
+'''
+
+
+@pytest.fixture
+def env(tmp_path):
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods/fs_command.py").write_text(COMMAND)
+    (tmp_path / "mods/fs_thread.py").write_text("import threading, time\n"
+                                                "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n")
+    folder = tmp_path / "fs"
+    env = base_env(PYTHONPATH=str(tmp_path / "mods"), LLMOPS_FORKSERVER_DIR=str(folder))
+    yield env
+    if folder.is_dir():
+        forkserver.stop_all(folder)
+
+
+def _call(env: dict, *args: str, cwd: Path | None = None, stdin: str = "", **extra: str) -> tuple[int, dict, int]:
+    """`python -m llmops.core.forkserver -m fs_command ARGS`: (exit status, what the command saw, the caller's pid)."""
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "llmops.core.forkserver", "-m", "fs_command", *args],
+                            cwd=cwd or Path.home(), env={**env, **extra}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    out, _ = proc.communicate(stdin, timeout=60)
+    return proc.returncode, (json.loads(out) if out.strip() else {}), proc.pid
+
+
+def _serving(env: dict) -> Path:
+    """Wait for the server of this environment to listen, and to have learned what its first command imported."""
+    folder = Path(env["LLMOPS_FORKSERVER_DIR"])
+    assert wait_until(lambda: list(folder.glob("*.sock")) and (folder / "modules.json").is_file() and "setproctitle" in
+                      json.loads((folder / "modules.json").read_text())["import"], 60)
+    return folder
+
+
+def test_a_forked_command_sees_what_it_would_see_alone_and_exits_as_it_exits(env, tmp_path):
+    status, alone, caller = _call(env, "a", cwd=tmp_path, stdin="in", LLMOPS_X="1")
+    assert status == 0 and alone["pid"] == caller  # no server yet: it ran in the caller, and started one
+    _serving(env)
+    status, forked, caller = _call(env, "b", "c d", cwd=tmp_path, stdin="piped", LLMOPS_X="2", LLMOPS_EXIT="3")
+    assert status == 3 and forked["pid"] != caller  # forked by the server, its exit status the caller's
+    assert forked["argv"] == ["b", "c d"] and forked["cwd"] == str(tmp_path) and forked["stdin"] == "piped"
+    assert forked["var"] == "2"  # the caller's environment, not the server's
+    assert "-m fs_command b c d" in forked["title"]  # ps shows the command, not the server
+    assert _call(env, "e", MY_OTHER_SETTING="1")[1]["pid"] != _call(env, "e")[1]["pid"]
+    assert len(list(Path(env["LLMOPS_FORKSERVER_DIR"]).glob("*.sock"))) == 2  # another environment, another server
+
+
+def test_signals_reach_the_forked_command_and_it_dies_with_its_caller(env):
+    _call(env, "start")
+    _serving(env)
+    for sig, expect in ((signal.SIGINT, 130), (signal.SIGKILL, -signal.SIGKILL)):
+        proc = subprocess.Popen([sys.executable, "-P", "-m", "llmops.core.forkserver", "-m", "fs_command", "sleep"],
+                                env=env, stdout=subprocess.PIPE, text=True)
+        pid = json.loads(proc.stdout.readline())["pid"]
+        assert pid != proc.pid
+        proc.send_signal(sig)
+        assert proc.wait(30) == expect
+        if sig == signal.SIGINT:
+            assert proc.stdout.read() == "interrupted\n"  # Ctrl-C went through its own handler
+        assert wait_until(lambda: _exited(pid), 10)
+    assert _call(env, "die")[0] == -signal.SIGTERM  # killed by a signal: so is the caller
+
+
+def test_a_server_never_forks_beside_a_thread_and_the_next_one_skips_what_started_it(env, tmp_path):
+    (tmp_path / "mods/fs_command.py").write_text("import fs_thread\n" + COMMAND)
+    folder = Path(env["LLMOPS_FORKSERVER_DIR"])
+    _call(env)
+    # the server learned fs_thread from that command, found a thread of its own after importing it, and stopped
+    assert wait_until(lambda: (folder / "modules.json").is_file() and
+                      json.loads((folder / "modules.json").read_text())["skip"] == ["fs_thread"], 60)
+    assert wait_until(lambda: not list(folder.glob("*.sock")), 30)
+    _call(env)
+    _serving(env)
+    _, forked, caller = _call(env)
+    assert forked["pid"] != caller  # the next server serves, without it
+    time.sleep(2)  # (what it would learn from that command, it skips)
+    assert len(list(folder.glob("*.sock"))) == 1 and _call(env)[1]["pid"] != caller
