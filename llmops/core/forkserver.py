@@ -124,32 +124,35 @@ def forward(argv: list[str], entry: str | None = None, module: str | None = None
         _start_server(path)
         import atexit
 
-        atexit.register(_leave_imports, set(sys.modules))  # what this command imports, the server learns
+        atexit.register(_leave_imports, set(sys.modules), path)  # what this command imports, the server learns
         return None
     with sock:
-        request = json.dumps({"argv": argv, "entry": entry, "module": module, "cwd": os.getcwd(), "env": dict(os.environ),
-                              "title": " ".join(_own_cmdline())}).encode()
+        request = json.dumps({"argv": argv, "entry": entry, "module": module, "cwd": os.getcwd(),
+                              "env": dict(os.environ), "title": " ".join(_own_cmdline())}).encode()
         replies = sock.makefile("rb")
         # our signals go to the command's process group; one that comes before we know it waits for it
         group: list[int] = []
         early: list[int] = []
-        forwarded = {sig: signal.signal(sig, lambda sig, _: _signal_group(group[0], sig) if group else early.append(sig))
-                     for sig in _SIGNALS}
+        def forward_signal(sig: int, _) -> None:
+            _signal_group(group[0], sig) if group else early.append(sig)
+
+        forwarded = {sig: signal.signal(sig, forward_signal) for sig in _SIGNALS}
         try:
             socket.send_fds(sock, [_HEADER.pack(len(request)) + request], [0, 1, 2])
-            group += [_read(replies).get("pid")]
+            pid = _read(replies).get("pid")
         except OSError:
-            group = [None]
-        if group[0] is not None:
+            pid = None
+        if pid is not None:
+            group.append(pid)
             for sig in early:
-                _signal_group(group[0], sig)
+                _signal_group(pid, sig)
             ended = _read(replies)
         for sig, handler in forwarded.items():
             signal.signal(sig, handler)
-        if group[0] is None:  # the server went away before forking (it was stopping): nothing ran
-            for sig in early:
-                signal.raise_signal(sig)
-            return None
+    if pid is None:  # the server went away before forking (it was stopping): nothing ran, the caller runs it
+        for sig in early:
+            signal.raise_signal(sig)
+        return None
     if "signal" in ended:  # die as it died, so our parent (DVC, a shell) sees what it would have seen
         sys.stdout.flush()
         signal.signal(ended["signal"], signal.SIG_DFL)
@@ -226,12 +229,24 @@ class _Stop(Exception):
     pass
 
 
+class _HandedOver(Exception):
+    pass
+
+
 def _stop(*_) -> None:
     raise _Stop()
 
 
+def _handed_over(*_) -> None:
+    raise _HandedOver()
+
+
 def serve(path: Path) -> Request | None:
-    """Serve until idle; returns only in a forked command, with what it is to run."""
+    """Serve until idle; returns only in a forked command, with what it is to run.
+
+    What the commands left to learn is imported by a fork of the server (the next generation), while this one goes
+    on serving; once its imports are done, it takes over the socket and this one exits.
+    """
     import fcntl
 
     lock = open(path.with_suffix(".lock"), "w")
@@ -239,33 +254,44 @@ def serve(path: Path) -> Request | None:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return None  # another server for this key is starting or serving
-    lock.write(str(os.getpid()))
-    lock.flush()
-    learned = path.parent / "modules.json"
+    _claim(lock)
     global _STARTED_WITH
     _STARTED_WITH = dict(os.environ)
-    known, skip = _load(learned, "import"), _load(learned, "skip")
-    if not _import(known):
+    if not _learn(path):
         return None
+    seen = _mtime(path.parent / "modules.json")
     path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen(64)
     inode = path.stat().st_ino
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGUSR1, _handed_over)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     idle_s = float(os.environ.get("LLMOPS_FORKSERVER_IDLE_S", IDLE_S))
     last = time.monotonic()
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
+    learner = None
     try:
         while time.monotonic() - last < idle_s:
-            _reap()
+            if learner in _reap():
+                learner = None  # it found a module that starts a thread, and left this server serving
             if not path.exists() or path.stat().st_ino != inode:
-                break  # taken over, or removed: stop serving
+                break  # removed, or taken over by another server: stop serving
             if not selector.select(timeout=1.0):
-                if not _learn(path.parent, learned, known, skip):
-                    break
+                # something to learn: from our commands, or from another server (another environment's)
+                news = any(path.parent.glob(f"{path.stem}.learn-*.json"))
+                if learner is None and (news or _mtime(path.parent / "modules.json") != seen):
+                    seen = _mtime(path.parent / "modules.json")
+                    learner = os.fork()
+                    if learner == 0:  # the next generation: it takes over once it imported something more
+                        parent, imported = os.getppid(), len(sys.modules)
+                        if not _learn(path) or len(sys.modules) == imported:
+                            os._exit(0)
+                        learner, seen = None, _mtime(path.parent / "modules.json")
+                        _claim(lock)
+                        os.kill(parent, signal.SIGUSR1)
                 continue
             conn, _ = listener.accept()
             last = time.monotonic()
@@ -283,6 +309,8 @@ def serve(path: Path) -> Request | None:
                 lock.close()
                 return _supervise(conn)
             conn.close()
+    except _HandedOver:
+        return None  # the next generation serves the socket now
     except _Stop:
         pass
     if path.exists() and path.stat().st_ino == inode:
@@ -290,17 +318,28 @@ def serve(path: Path) -> Request | None:
     return None
 
 
+def _claim(lock) -> None:
+    """Write our pid into the lock we hold (stop_all reads it)."""
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+
+
 def _same_user(conn: socket.socket) -> bool:
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)[1] == os.getuid()
 
 
-def _reap() -> None:
+def _reap() -> list[int]:
+    """The children that exited (reaped)."""
+    reaped = []
     try:
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
+        while pid := os.waitpid(-1, os.WNOHANG)[0]:
+            reaped.append(pid)
     except ChildProcessError:
         pass
+    return reaped
 
 
 def _supervise(conn: socket.socket) -> Request | None:
@@ -383,12 +422,12 @@ def _become(request: Request) -> None:
         torch.default_generator.manual_seed(torch.initial_seed())
 
 
-def _run(request: Request) -> int:
+def _run(request: Request, path: Path) -> int:
     import atexit
     import importlib
 
     before = set(sys.modules)
-    atexit.register(_leave_imports, before)
+    atexit.register(_leave_imports, before, path)
     _become(request)
     sys.argv = list(request.argv)
     if request.module:
@@ -401,21 +440,28 @@ def _run_module(name: str) -> int:
     """`python -P -m name` (the installed module, not one the working directory holds), sys.argv its arguments."""
     import runpy
 
+    sys.modules.pop(name, None)  # the server may hold it imported: run as __main__ afresh, as a new interpreter would
     runpy.run_module(name, run_name="__main__", alter_sys=True)
     return 0
 
 
-def _leave_imports(before: set[str]) -> None:
-    """At the command's exit: what it imported that the server lacks, for the server to import."""
+def _leave_imports(before: set[str], path: Path) -> None:
+    """At the command's exit: what it imported that the server at `path` lacks, for that server to import."""
     new = [name for name in sys.modules if name not in before and not name.startswith(_NEVER_IMPORTED)]
     if new:
-        folder = _folder(os.environ)
-        tmp = folder / f".learn-{os.getpid()}.tmp"
+        tmp = path.with_name(f".{path.stem}.learn-{os.getpid()}.tmp")
         try:
             tmp.write_text(json.dumps(new))
-            tmp.rename(folder / f"learn-{os.getpid()}.json")
+            tmp.rename(path.with_name(f"{path.stem}.learn-{os.getpid()}.json"))
         except OSError:
             pass
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
 
 
 def _load(path: Path, part: str = "") -> list[str]:
@@ -433,8 +479,8 @@ def _one_thread() -> bool:
     return len(os.listdir("/proc/self/task")) == 1
 
 
-def _import(names: list[str]) -> bool:
-    """Import `names`, in order, those that import here; False (stop serving) once one started a thread."""
+def _import(names: list[str]) -> str | None:
+    """Import `names`, in order, those that import here; the first that started a thread (stop there), if one did."""
     import importlib
 
     for name in names:
@@ -445,34 +491,35 @@ def _import(names: list[str]) -> bool:
         except BaseException:  # noqa: BLE001 - a module importable only in its own context (or not at all here)
             continue
         if not _one_thread():
-            return False
-    return True
+            return name
+    return None
 
 
-def _learn(folder: Path, learned: Path, known: list[str], skip: list[str]) -> bool:
-    """Import what the commands left to learn (`known` grows), and remember it for the next server; a module that
-    starts a thread goes to `skip` instead. Whether this server can still fork."""
+def _learn(path: Path) -> bool:
+    """Import what servers learned (the folder's modules.json), and what the commands of the server at `path` left to
+    learn, and remember it for every server; a module that starts a thread is remembered apart, never to be imported
+    again. Whether this process has one thread still (and can serve)."""
+    learned = path.parent / "modules.json"
+    known, skip = _load(learned, "import"), _load(learned, "skip")
     new: list[str] = []
-    for note in folder.glob("learn-*.json"):
+    for note in path.parent.glob(f"{path.stem}.learn-*.json"):
         new += [name for name in _load(note) if name not in known and name not in skip and name not in new]
         note.unlink(missing_ok=True)
-    safe = True
-    for name in new:
-        safe = _import([name])
-        (known if safe else skip).append(name)
-        if not safe:
-            break
-    if new:
+    threaded = _import([name for name in known if name not in skip]) or _import(new)
+    if threaded:
+        skip.append(threaded)
+    if new or threaded:
+        known += [name for name in new if name in sys.modules and name not in known]
         tmp = learned.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"import": known, "skip": skip}))
+        tmp.write_text(json.dumps({"import": [name for name in known if name not in skip], "skip": skip}))
         tmp.rename(learned)
-    return safe
+    return threaded is None
 
 
 def _main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "serve":
         request = serve(Path(sys.argv[2]))
-        return 0 if request is None else _run(request)
+        return 0 if request is None else _run(request, Path(sys.argv[2]))
     if len(sys.argv) >= 3 and sys.argv[1] == "-m":  # `-m MODULE ARGS`: run MODULE as `python -P -m` would, forked
         sys.argv = sys.argv[2:]
         status = forward(sys.argv, module=sys.argv[0])
