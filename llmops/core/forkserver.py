@@ -17,7 +17,7 @@ What is imported at start is read from the environment, so a server only serves 
 one it started with, but for variables nothing it imports reads (`_keyless`): a server is found by a hash of the
 rest, of the interpreter and of the package's code. It imports, between requests, what its commands imported
 (each leaves the list in the server's folder), and remembers the list for the next server. It forks only while
-it has one thread, and stops after IDLE_S idle seconds, at SIGTERM, or when its socket is taken over.
+it has one Python thread, and stops after IDLE_S idle seconds, at SIGTERM, or when its socket is taken over.
 
 LLMOPS_FORKSERVER=0 turns it off (every command then starts as a plain interpreter); LLMOPS_FORKSERVER_DIR moves its
 sockets (default: a folder of this user's in the temporary directory).
@@ -475,8 +475,12 @@ def _load(path: Path, part: str = "") -> list[str]:
 
 
 def _one_thread() -> bool:
-    """A fork copies only the thread that forks: beside another, it could copy a lock that one held, forever."""
-    return len(os.listdir("/proc/self/task")) == 1
+    """A fork copies only the thread that forks: beside another Python thread, it could copy a lock that one held
+    (the import lock, a logging handler's), forever. (Native pools started by imports are made for fork: OpenBLAS's
+    and jemalloc's, under numpy and pyarrow, stop or restart theirs through pthread_atfork handlers.)"""
+    import threading
+
+    return threading.active_count() == 1
 
 
 def _import(names: list[str]) -> str | None:
@@ -498,7 +502,7 @@ def _import(names: list[str]) -> str | None:
 def _learn(path: Path) -> bool:
     """Import what servers learned (the folder's modules.json), and what the commands of the server at `path` left to
     learn, and remember it for every server; a module that starts a thread is remembered apart, never to be imported
-    again. Whether this process has one thread still (and can serve)."""
+    again. Whether this process has one Python thread still (and can serve)."""
     learned = path.parent / "modules.json"
     known, skip = _load(learned, "import"), _load(learned, "skip")
     new: list[str] = []
