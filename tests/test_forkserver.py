@@ -44,7 +44,7 @@ def env(tmp_path):
     (tmp_path / "mods/fs_thread.py").write_text(
         "import threading, time\nthreading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n")
     folder = tmp_path / "fs"
-    env = base_env(PYTHONPATH=str(tmp_path / "mods"), LLMOPS_FORKSERVER_DIR=str(folder))
+    env = base_env(PYTHONPATH=str(tmp_path / "mods"), LLMOPS_FORKSERVER="1", LLMOPS_FORKSERVER_DIR=str(folder))
     yield env
     if folder.is_dir():
         forkserver.stop_all(folder)
@@ -112,3 +112,11 @@ def test_a_server_never_forks_beside_a_thread_and_the_next_one_skips_what_starte
     _, forked, caller = _call(env)
     server = int(next(folder.glob("*.lock")).read_text())
     assert forked["pid"] != caller and len(list(Path(f"/proc/{server}/task").iterdir())) == 1
+
+
+def test_off_unless_asked_for(env):
+    unset = {name: value for name, value in env.items() if name != "LLMOPS_FORKSERVER"}
+    for off in (unset, {**env, "LLMOPS_FORKSERVER": "0"}):
+        status, ran, caller = _call(off, "a")
+        assert status == 0 and ran["pid"] == caller  # the caller ran it, and started no server
+    assert not Path(env["LLMOPS_FORKSERVER_DIR"]).exists()

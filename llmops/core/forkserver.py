@@ -2,9 +2,9 @@
 
 A stage that loads a model spends most of its CPU importing (torch, transformers, peft, DeepSpeed, Great
 Expectations: about 5 s of a 7 s `llmops evaluate` on a tiny model), and a pipeline runs a dozen such
-processes. The first stage command of a run starts a server in the background (`python -m llmops.core.forkserver
-serve`) and runs itself as usual; the next ones ask the server, which forks a process that is already past those
-imports. Python's own forkserver (multiprocessing) serves the children of one interpreter, and these commands are
+processes. With LLMOPS_FORKSERVER=1, the first stage command of a run starts a server in the background (`python -m
+llmops.core.forkserver serve`) and runs itself as usual; the next ones ask the server, which forks a process that is
+already past those imports. Python's own forkserver (multiprocessing) serves the children of one interpreter, and these commands are
 started by DVC, each a new interpreter: hence ours, after the same pattern.
 
 The forked process is the command as it would have run: it gets the caller's arguments, working directory,
@@ -15,12 +15,13 @@ killed with it.
 
 What is imported at start is read from the environment, so a server only serves callers whose environment is the
 one it started with, but for variables nothing it imports reads (`_keyless`): a server is found by a hash of the
-rest, of the interpreter and of the package's code. It imports, between requests, what its commands imported
-(each leaves the list in the server's folder), and remembers the list for the next server. It forks only while
-it has one Python thread, and stops after IDLE_S idle seconds, at SIGTERM, or when its socket is taken over.
+rest, of the interpreter and of the package's code. What its commands imported (each leaves the list in the
+server's folder), a fork of the server imports while the server goes on serving, then takes its place; the list is
+kept for the next server. It forks only while it has one Python thread, and stops after IDLE_S idle seconds, at
+SIGTERM, or when its socket is taken over.
 
-LLMOPS_FORKSERVER=0 turns it off (every command then starts as a plain interpreter); LLMOPS_FORKSERVER_DIR moves its
-sockets (default: a folder of this user's in the temporary directory).
+LLMOPS_FORKSERVER=1 turns it on (without it, every command starts as a plain interpreter); LLMOPS_FORKSERVER_DIR
+moves its sockets (default: a folder of this user's in the temporary directory).
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ GPU_DRIVERS = ("/proc/driver/nvidia", "/dev/kfd")
 
 
 def enabled() -> bool:
-    return (os.environ.get("LLMOPS_FORKSERVER", "1") != "0" and hasattr(os, "pidfd_open")
+    """LLMOPS_FORKSERVER=1, on Linux, without a GPU driver. Opt-in for now: on a machine running many environments at
+    once (the test suite: a server each, each importing everything learned) it cost more CPU than it saved."""
+    return (os.environ.get("LLMOPS_FORKSERVER") == "1" and hasattr(os, "pidfd_open")
             and not any(os.path.exists(path) for path in GPU_DRIVERS))
 
 
