@@ -4,8 +4,8 @@ A stage that loads a model spends most of its CPU importing (torch, transformers
 Expectations: about 5 s of a 7 s `llmops evaluate` on a tiny model), and a pipeline runs a dozen such
 processes. With LLMOPS_FORKSERVER=1, the first stage command of a run starts a server in the background (`python -m
 llmops.core.forkserver serve`) and runs itself as usual; the next ones ask the server, which forks a process that is
-already past those imports. Python's own forkserver (multiprocessing) serves the children of one interpreter, and these commands are
-started by DVC, each a new interpreter: hence ours, after the same pattern.
+already past those imports. Python's own forkserver (multiprocessing) serves the children of one interpreter, and
+these commands are started by DVC, each a new interpreter: hence ours, after the same pattern.
 
 The forked process is the command as it would have run: it gets the caller's arguments, working directory,
 environment and standard streams (the descriptors themselves, passed over the socket), a process group of its
