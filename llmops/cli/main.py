@@ -185,7 +185,8 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None and sys.argv[1:2] and sys.argv[1] in declared():  # a stage, as DVC runs it: in a preloaded fork
+    # a stage, as DVC runs it: forked past its imports where a fork server serves (LLMOPS_FORKSERVER=1)
+    if argv is None and sys.argv[1:2] and sys.argv[1] in declared():
         status = forkserver.forward(sys.argv, entry="llmops.cli.main:main")
         if status is not None:
             return status

@@ -109,12 +109,14 @@ def command(cfg: TrainRunParams, key: str, run_id: str, job: str,
     environment.
 
     One process on one node starts directly as rank 0 of 1 (torchrun's launcher would cost an interpreter of its own,
-    about 1.5 s of CPU, to start one process), forked by the fork server where one is ready (llmops.core.forkserver:
-    its imports done), of the installed package as `llmops train` is (-P: not a copy the working directory holds);
-    its process group meets at a port the OS picks, which no other rank needs to know. More processes, or several nodes, start through torchrun (`torchrun_args`).
+    about 1.5 s of CPU, to start one process), forked by the fork server where one serves (llmops.core.forkserver,
+    LLMOPS_FORKSERVER=1: its imports done), of the installed package as `llmops train` is (-P: never a copy the
+    working directory holds); its process group meets at a port the OS picks, which no other rank needs to know. More
+    processes, or several nodes, start through torchrun (`torchrun_args`).
     """
     worker = ["-m", "llmops.training.trainer", job]
-    if cfg.deepspeed.num_procs == 1 and rendezvous_endpoint(cfg, key, env) is None:  # (a fork of llmops.core.forkserver)
-        return [sys.executable, "-P", "-m", "llmops.core.forkserver", *worker], {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
+    if cfg.deepspeed.num_procs == 1 and rendezvous_endpoint(cfg, key, env) is None:
+        return [sys.executable, "-P", "-m", "llmops.core.forkserver", *worker], {
+            "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "0"}
     return [sys.executable, "-m", "torch.distributed.run", *torchrun_args(cfg, key, run_id, env), *worker], {}
