@@ -27,7 +27,7 @@ if not os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["LLMOPS_FORKSERVER_DIR"] = tempfile.mkdtemp(prefix="llmops-forkserver-")
 
 from llmops.core import forkserver
-from llmops.pipeline.prefect_api import from_template, save_template
+from llmops.pipeline.prefect_api import seeded
 from llmops.serving.instances import free_port  # (the tests' ports, found as the project finds its own)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -399,7 +399,7 @@ def prefect_server(home: Path) -> Iterator[str]:
         PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api",  # the UI a browser test opens
     )
     log = open(home / "server.log", "w")
-    migrates = not from_template(home / "prefect.db")  # as a project's own server starts (llmops/pipeline/prefect_api.py)
+    keep_migrated = seeded(home / "prefect.db")  # as a project's own server starts (llmops/pipeline/prefect_api.py)
     proc = subprocess.Popen(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         stdout=log, stderr=log, env=env,
@@ -407,8 +407,7 @@ def prefect_server(home: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}/api"
     try:
         _wait_http(f"{url}/health", proc, 120)
-        if migrates:
-            save_template(home / "prefect.db")
+        keep_migrated()
         yield url
     finally:
         proc.terminate()

@@ -186,7 +186,7 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     # a stage, as DVC runs it: forked past its imports where a fork server serves (LLMOPS_FORKSERVER=1)
-    if argv is None and sys.argv[1:2] and sys.argv[1] in declared():
+    if argv is None and forkserver.enabled() and sys.argv[1:2] and sys.argv[1] in declared():
         status = forkserver.forward(sys.argv, entry="llmops.cli.main:main")
         if status is not None:
             return status

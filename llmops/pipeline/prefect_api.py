@@ -20,7 +20,7 @@ import sys
 import urllib.request
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from llmops.core.errors import LlmopsError
 from llmops.core.layout import PREFECT as STATE_DIR
@@ -79,9 +79,7 @@ def prefect_api(root: str | os.PathLike) -> Iterator[str]:
     home = Path(root).resolve() / STATE_DIR
     home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(home))
-    db = Path(os.environ["PREFECT_HOME"]) / "prefect.db"  # Prefect's default database, unless one is configured
-    # a new database, and no migrated copy to start from: the server migrates it, and a copy is kept
-    migrates = "PREFECT_API_DATABASE_CONNECTION_URL" not in os.environ and not db.exists() and not from_template(db)
+    keep_migrated = seeded(Path(os.environ["PREFECT_HOME"]) / "prefect.db")
     port = free_port("127.0.0.1")
     url = f"http://127.0.0.1:{port}/api"
     env = dict(os.environ, PREFECT_UI_ENABLED="0", PREFECT_SERVER_ANALYTICS_ENABLED="false",
@@ -100,8 +98,7 @@ def prefect_api(root: str | os.PathLike) -> Iterator[str]:
             raise PrefectUnavailable(
                 f"the local Prefect server did not answer within {START_TIMEOUT_S} s (log: {log}); "
                 "the machine may be overloaded: try again, or point PREFECT_API_URL at a running server")
-        if migrates:
-            save_template(db)
+        keep_migrated()
         os.environ["PREFECT_API_URL"] = url
         os.environ[OWN] = url
         yield url
@@ -124,8 +121,17 @@ def _template() -> Path:
     return TEMPLATES / f"prefect-{version('prefect')}.db"
 
 
-def from_template(db: Path) -> bool:
-    """Put a copy of the migrated database this Prefect version left (`save_template`) at `db`; False if there is
+def seeded(db: Path) -> Callable[[], None]:
+    """Start a server's new database `db` (Prefect's default, in PREFECT_HOME) on a copy of one this Prefect version
+    migrated before; returns what to call once that server answers, which keeps a copy of the database it migrated
+    where there was none to start from. Nothing to do for a database that exists, or one configured elsewhere."""
+    if "PREFECT_API_DATABASE_CONNECTION_URL" in os.environ or db.exists() or _from_template(db):
+        return lambda: None
+    return lambda: _save_template(db)
+
+
+def _from_template(db: Path) -> bool:
+    """Put a copy of the migrated database this Prefect version left (`_save_template`) at `db`; False if there is
     none yet."""
     template = _template()
     if not template.is_file():
@@ -137,8 +143,8 @@ def from_template(db: Path) -> bool:
     return True
 
 
-def save_template(db: Path) -> None:
-    """Keep a copy of `db`, which a server started on this Prefect version has just migrated, for `from_template`. A
+def _save_template(db: Path) -> None:
+    """Keep a copy of `db`, which a server started on this Prefect version has just migrated, for `_from_template`. A
     consistent copy (SQLite's backup) though the server runs; one that cannot be made is no error: the next new
     database migrates again."""
     template = _template()
