@@ -41,6 +41,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmops.core import fs
+
 IDLE_S = 300.0
 # Variables read when a command runs, never when a library the server holds is imported: they may differ between a
 # server and its callers. (DVC names the stage; torch.distributed reads its rendezvous at init; our own settings,
@@ -452,10 +454,8 @@ def _leave_imports(before: set[str], path: Path) -> None:
     """At the command's exit: what it imported that the server at `path` lacks, for that server to import."""
     new = [name for name in sys.modules if name not in before and not name.startswith(_NEVER_IMPORTED)]
     if new:
-        tmp = path.with_name(f".{path.stem}.learn-{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps(new))
-            tmp.rename(path.with_name(f"{path.stem}.learn-{os.getpid()}.json"))
+            fs.write_text(path.with_name(f"{path.stem}.learn-{os.getpid()}.json"), json.dumps(new))
         except OSError:
             pass
 
@@ -517,9 +517,7 @@ def _learn(path: Path) -> bool:
         skip.append(threaded)
     if new or threaded:
         known += [name for name in new if name in sys.modules and name not in known]
-        tmp = learned.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"import": [name for name in known if name not in skip], "skip": skip}))
-        tmp.rename(learned)
+        fs.write_text(learned, json.dumps({"import": [name for name in known if name not in skip], "skip": skip}))
     return threaded is None
 
 

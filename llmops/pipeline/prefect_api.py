@@ -22,6 +22,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from llmops.core import fs
 from llmops.core.errors import LlmopsError
 from llmops.core.layout import PREFECT as STATE_DIR
 from llmops.core.procs import Exited, die_with_parent, wait_until
@@ -136,10 +137,8 @@ def _from_template(db: Path) -> bool:
     template = _template()
     if not template.is_file():
         return False
-    db.parent.mkdir(parents=True, exist_ok=True)  # a PREFECT_HOME not made yet, as Prefect would make it
-    tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
-    shutil.copyfile(template, tmp)
-    os.replace(tmp, db)
+    with fs.writing(db) as tmp:  # (in a PREFECT_HOME not made yet, made, as Prefect would make it)
+        shutil.copyfile(template, tmp)
     return True
 
 
@@ -147,15 +146,12 @@ def _save_template(db: Path) -> None:
     """Keep a copy of `db`, which a server started on this Prefect version has just migrated, for `_from_template`. A
     consistent copy (SQLite's backup) though the server runs; one that cannot be made is no error: the next new
     database migrates again."""
-    template = _template()
-    tmp = template.with_name(f".{template.name}.{os.getpid()}.tmp")
     try:
-        template.parent.mkdir(parents=True, exist_ok=True)
-        with closing(sqlite3.connect(db, timeout=30)) as src, closing(sqlite3.connect(tmp)) as dst:
+        with fs.writing(_template()) as tmp, closing(sqlite3.connect(db, timeout=30)) as src, \
+                closing(sqlite3.connect(tmp)) as dst:
             src.backup(dst)
-        os.replace(tmp, template)
     except (OSError, sqlite3.Error):
-        tmp.unlink(missing_ok=True)
+        pass
 
 
 def _serve(port: int) -> None:
