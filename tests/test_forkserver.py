@@ -4,7 +4,9 @@ exit status, signals), dies with its caller, and a server never forks beside a t
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -94,6 +96,21 @@ def test_signals_reach_the_forked_command_and_it_dies_with_its_caller(env):
             assert proc.stdout.read() == "interrupted\n"  # Ctrl-C went through its own handler
         assert wait_until(lambda: _exited(pid), 10)
     assert _call(env, "die")[0] == -signal.SIGTERM  # killed by a signal: so is the caller
+
+
+def test_a_caller_killed_before_it_read_the_reply_takes_its_command_with_it(env):
+    """Its end of the socket then resets (ECONNRESET) rather than closes: the command is killed all the same."""
+    _call(env, "start")
+    (path,) = _serving(env).glob("*.sock")
+    request = json.dumps({"argv": ["fs_command", "sleep"], "entry": None, "module": "fs_command", "cwd": "/",
+                          "env": env, "title": "t"}).encode()
+    read, write = os.pipe()
+    with socket.socket(socket.AF_UNIX) as caller, os.fdopen(read) as out:
+        caller.connect(str(path))
+        socket.send_fds(caller, [forkserver._HEADER.pack(len(request)) + request], [0, write, 2])
+        os.close(write)
+        pid = json.loads(out.readline())["pid"]  # the command runs; the server's reply (its pid) is left unread
+    assert wait_until(lambda: _exited(pid), 10)
 
 
 def test_a_server_never_forks_beside_a_thread_and_the_next_one_skips_what_started_it(env, tmp_path):

@@ -374,29 +374,33 @@ def _supervise(conn: socket.socket) -> Request | None:
         pass  # it did so itself already, or has exited
     for fd in fds:
         os.close(fd)
-    conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
-    pidfd = os.pidfd_open(pid)
-    selector = selectors.DefaultSelector()
-    selector.register(conn, selectors.EVENT_READ)
-    selector.register(pidfd, selectors.EVENT_READ)
-    while True:
-        for key, _ in selector.select():
-            if key.fileobj is conn and not conn.recv(1):  # the caller is gone
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                os.waitpid(pid, 0)
-                os._exit(0)
-            if key.fileobj == pidfd:
-                _, status = os.waitpid(pid, 0)
-                ended = ({"signal": os.WTERMSIG(status)} if os.WIFSIGNALED(status)
-                         else {"exit": os.waitstatus_to_exitcode(status)})
-                try:
-                    conn.sendall(json.dumps(ended).encode() + b"\n")
-                except OSError:
-                    pass
-                os._exit(0)
+    try:
+        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+        pidfd = os.pidfd_open(pid)
+        selector = selectors.DefaultSelector()
+        selector.register(conn, selectors.EVENT_READ)
+        selector.register(pidfd, selectors.EVENT_READ)
+        while True:
+            for key, _ in selector.select():
+                if key.fileobj is conn and not conn.recv(1):
+                    raise ConnectionResetError  # the caller is gone
+                if key.fileobj == pidfd:
+                    _, status = os.waitpid(pid, 0)
+                    ended = ({"signal": os.WTERMSIG(status)} if os.WIFSIGNALED(status)
+                             else {"exit": os.waitstatus_to_exitcode(status)})
+                    try:
+                        conn.sendall(json.dumps(ended).encode() + b"\n")
+                    except OSError:
+                        pass
+                    os._exit(0)
+    except OSError:
+        # The caller is gone: it closed, or was killed (before reading our reply, its end resets: ECONNRESET).
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+        os._exit(0)
 
 
 def _become(request: Request) -> None:
