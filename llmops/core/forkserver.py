@@ -26,6 +26,7 @@ moves its sockets (default: a folder of this user's in the temporary directory).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -38,8 +39,10 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from llmops.core import fs
 
@@ -47,11 +50,12 @@ IDLE_S = 300.0
 # Variables read when a command runs, never when a library the server holds is imported: they may differ between a
 # server and its callers. (DVC names the stage; torch.distributed reads its rendezvous at init; our own settings,
 # Prefect's, AWS's and git's are read by our code and by subprocesses, and the server never imports prefect; pytest's
-# name the test and the worker; DeepSpeed's import sets the last two, read when CUDA is first asked for and by
-# torch.compile: a command that imported it passes them on, one that did not does not.)
+# name the test and the worker; torch reads TORCH_EXTENSIONS_DIR when it builds an op (the trainer sets it); DeepSpeed's
+# import sets the last two, read when CUDA is first asked for and by torch.compile: a command that imported it passes
+# them on, one that did not does not.)
 _KEYLESS = {"PWD", "OLDPWD", "SHLVL", "_", "DVC_ROOT", "DVC_STAGE", "RANK", "LOCAL_RANK", "WORLD_SIZE",
-            "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PYTHONUNBUFFERED", "PYTORCH_NVML_BASED_CUDA_CHECK",
-            "TORCHINDUCTOR_CACHE_DIR"}
+            "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PYTHONUNBUFFERED", "TORCH_EXTENSIONS_DIR",
+            "PYTORCH_NVML_BASED_CUDA_CHECK", "TORCHINDUCTOR_CACHE_DIR"}
 _KEYLESS_PREFIXES = ("LLMOPS_", "PREFECT_", "AWS_", "GIT_", "PYTEST_")
 _NEVER_IMPORTED = ("prefect", "__main__", "__mp_main__", "llmops.core.forkserver")
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -308,6 +312,7 @@ def serve(path: Path) -> Request | None:
                 break
             sys.stdout.flush()
             sys.stderr.flush()
+            gc.freeze()  # what the server holds, the fork's collections leave alone (else they copy its memory)
             if os.fork() == 0:
                 selector.close()
                 listener.close()
@@ -445,6 +450,41 @@ def _run(request: Request, path: Path) -> int:
     return getattr(importlib.import_module(module), function)(request.argv[1:])
 
 
+def _end(command: Callable[[], int | None]) -> NoReturn:
+    """Run the forked command and end the process as the interpreter would (an uncaught exception printed, SystemExit's
+    code, a Ctrl-C left unhandled ending it by SIGINT, non-daemon threads waited for, atexit run, streams flushed), but
+    for its teardown of every module: the server's thousands, whose memory the fork shares with the server until
+    touched; tearing them down copied it all (~2 s of CPU a command, more than `llmops gate` itself)."""
+    import atexit
+    import threading
+
+    interrupted = False
+    try:
+        code = command()
+    except SystemExit as exc:
+        code = exc.code
+    except KeyboardInterrupt:
+        sys.excepthook(*sys.exc_info())
+        code, interrupted = 130, True
+    except BaseException:  # noqa: BLE001 - printed and exit status 1, as the interpreter does
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    threading._shutdown()  # what the interpreter's own exit runs first (private, stable since 3.4)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    if interrupted:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit((code or 0) & 0xFF)
+
+
 def _run_module(name: str) -> int:
     """`python -P -m name` (the installed module, not one the working directory holds), sys.argv its arguments."""
     import runpy
@@ -528,7 +568,9 @@ def _learn(path: Path) -> bool:
 def _main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "serve":
         request = serve(Path(sys.argv[2]))
-        return 0 if request is None else _run(request, Path(sys.argv[2]))
+        if request is not None:
+            _end(lambda: _run(request, Path(sys.argv[2])))
+        return 0
     if len(sys.argv) >= 3 and sys.argv[1] == "-m":  # `-m MODULE ARGS`: run MODULE as `python -P -m` would, forked
         sys.argv = sys.argv[2:]
         status = forward(sys.argv, module=sys.argv[0])
