@@ -19,7 +19,7 @@ import pytest
 # worker holds (the tiny pipeline ran 15% slower).
 os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
-# The fork server (llmops.core.forkserver; opt-in: LLMOPS_FORKSERVER=1 runs the suite's commands through it): a folder
+# The fork server (llmops.core.forkserver; on unless LLMOPS_FORKSERVER=0, which runs the suite without it): a folder
 # of the session's own, shared by the xdist workers (they inherit it), its servers stopped at the end.
 if not os.environ.get("PYTEST_XDIST_WORKER"):
     import tempfile

@@ -33,8 +33,10 @@ if sys.argv[1:2] == ["sleep"]:
         sys.exit(130)
 if sys.argv[1:2] == ["die"]:
     os.kill(os.getpid(), 15)
-print(json.dumps({"pid": os.getpid(), "argv": sys.argv[1:], "cwd": os.getcwd(), "var": os.environ.get("LLMOPS_X"),
-                  "stdin": sys.stdin.read(), "title": open("/proc/self/cmdline").read()}))
+from llmops.core.forkserver import own_pid
+print(json.dumps({"pid": os.getpid(), "own": own_pid(), "argv": sys.argv[1:], "cwd": os.getcwd(),
+                  "var": os.environ.get("LLMOPS_X"), "stdin": sys.stdin.read(),
+                  "title": open("/proc/self/cmdline").read()}))
 sys.exit(int(os.environ.get("LLMOPS_EXIT", "0")))
 '''
 
@@ -52,11 +54,12 @@ def env(tmp_path):
         forkserver.stop_all(folder)
 
 
-def _call(env: dict, *args: str, cwd: Path | None = None, stdin: str = "", **extra: str) -> tuple[int, dict, int]:
+def _call(env: dict, *args: str, cwd: Path | None = None, stdin: str = "", nice: int = 0,
+          **extra: str) -> tuple[int, dict, int]:
     """`python -m llmops.core.forkserver -m fs_command ARGS`: (exit status, what the command saw, the caller's pid)."""
     proc = subprocess.Popen([sys.executable, "-P", "-m", "llmops.core.forkserver", "-m", "fs_command", *args],
                             cwd=cwd or Path.home(), env={**env, **extra}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=(lambda: os.nice(nice)) if nice else None)
     out, _ = proc.communicate(stdin, timeout=60)
     return proc.returncode, (json.loads(out) if out.strip() else {}), proc.pid
 
@@ -76,10 +79,13 @@ def test_a_forked_command_sees_what_it_would_see_alone_and_exits_as_it_exits(env
     status, forked, caller = _call(env, "b", "c d", cwd=tmp_path, stdin="piped", LLMOPS_X="2", LLMOPS_EXIT="3")
     assert status == 3 and forked["pid"] != caller  # forked by the server, its exit status the caller's
     assert forked["argv"] == ["b", "c d"] and forked["cwd"] == str(tmp_path) and forked["stdin"] == "piped"
+    assert forked["own"] == caller  # the pid it gives as its own: the one its starter knows, and signals
     assert forked["var"] == "2"  # the caller's environment, not the server's
     assert "-m fs_command b c d" in forked["title"]  # ps shows the command, not the server
     assert _call(env, "e", MY_OTHER_SETTING="1")[1]["pid"] != _call(env, "e")[1]["pid"]
     assert len(list(Path(env["LLMOPS_FORKSERVER_DIR"]).glob("*.sock"))) == 2  # another environment, another server
+    # a caller the kernel holds to other limits, CPUs, niceness or control group: not forked by a server that has others
+    assert _call(env, "e", nice=5)[1]["pid"] != _call(env, "e")[1]["pid"]
 
 
 def test_signals_reach_the_forked_command_and_it_dies_with_its_caller(env):
@@ -131,9 +137,11 @@ def test_a_server_never_forks_beside_a_thread_and_the_next_one_skips_what_starte
     assert forked["pid"] != caller and len(list(Path(f"/proc/{server}/task").iterdir())) == 1
 
 
-def test_off_unless_asked_for(env):
-    unset = {name: value for name, value in env.items() if name != "LLMOPS_FORKSERVER"}
-    for off in (unset, {**env, "LLMOPS_FORKSERVER": "0"}):
-        status, ran, caller = _call(off, "a")
-        assert status == 0 and ran["pid"] == caller  # the caller ran it, and started no server
+def test_off_when_asked_or_where_a_gpu_driver_is(env, monkeypatch):
+    status, ran, caller = _call({**env, "LLMOPS_FORKSERVER": "0"}, "a")
+    assert status == 0 and ran["pid"] == caller  # the caller ran it, and started no server
     assert not Path(env["LLMOPS_FORKSERVER_DIR"]).exists()
+    monkeypatch.delenv("LLMOPS_FORKSERVER", raising=False)
+    assert forkserver.enabled()  # on by default
+    monkeypatch.setattr(forkserver, "GPU_DRIVERS", (str(Path(env["PYTHONPATH"]) / "fs_command.py"),))
+    assert not forkserver.enabled()

@@ -185,8 +185,9 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # a stage, as DVC runs it: forked past its imports where a fork server serves (LLMOPS_FORKSERVER=1)
-    if argv is None and forkserver.enabled() and sys.argv[1:2] and sys.argv[1] in declared():
+    # a stage, as DVC runs it, or a server: forked past its imports where a fork server serves
+    if argv is None and forkserver.enabled() and (sys.argv[1:2] and sys.argv[1] in declared()
+                                                   or sys.argv[1:3] == ["serve", "start"]):
         status = forkserver.forward(sys.argv, entry="llmops.cli.main:main")
         if status is not None:
             return status

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import os
 import sys
 from pathlib import Path
 
 from llmops.cli import output
+from llmops.core import forkserver
 from llmops.governance import apikeys
 from llmops.governance import audit
 from llmops.registry import versions as registry
@@ -213,8 +213,8 @@ def _serve(args: argparse.Namespace) -> int:
         state["reloads"] += 1
         if error is None:
             state["loaded"] = servers.now()
-        servers.record(root, servers.Server(pid=os.getpid(), url=settings.url, port=settings.port, ref=settings.ref,
-                                            model=served.name, version=served.version, started=started,
+        servers.record(root, servers.Server(pid=forkserver.own_pid(), url=settings.url, port=settings.port,
+                                            ref=settings.ref, model=served.name, version=served.version, started=started,
                                             loaded=state["loaded"], reload_error=error, reloads=state["reloads"],
                                             adapters=list(served.adapters),
                                             canary=served.canary and f"{served.canary[0]} at {served.canary[1]:g}%"))
@@ -232,7 +232,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         http_server.run(app, settings.host, settings.port, settings.read_timeout_s)
     finally:
-        servers.forget(root, settings.port, os.getpid())
+        servers.forget(root, settings.port, forkserver.own_pid())
     return 0
 
 

@@ -2,26 +2,28 @@
 
 A stage that loads a model spends most of its CPU importing (torch, transformers, peft, DeepSpeed, Great
 Expectations: about 5 s of a 7 s `llmops evaluate` on a tiny model), and a pipeline runs a dozen such
-processes. With LLMOPS_FORKSERVER=1, the first stage command of a run starts a server in the background (`python -m
-llmops.core.forkserver serve`) and runs itself as usual; the next ones ask the server, which forks a process that is
-already past those imports. Python's own forkserver (multiprocessing) serves the children of one interpreter, and
-these commands are started by DVC, each a new interpreter: hence ours, after the same pattern.
+processes. The first stage command of a run starts a server in the background (`python -m llmops.core.forkserver
+serve`) and runs itself as usual; the next ones (and `llmops serve start`, and a single training process) ask the
+server, which forks a process that is already past those imports. Python's own forkserver (multiprocessing) serves
+the children of one interpreter, and these commands are started by DVC, each a new interpreter: hence ours, after
+the same pattern.
 
 The forked process is the command as it would have run: it gets the caller's arguments, working directory,
 environment and standard streams (the descriptors themselves, passed over the socket), a process group of its
 own that the caller's signals are forwarded to, the caller's command line as its title (`ps`), and the caller
 exits as it does (its status, or the signal that ended it). If the caller dies (SIGKILL), its forked process is
-killed with it.
+killed with it. To the world, the command's pid is the caller's (`own_pid`).
 
 What is imported at start is read from the environment, so a server only serves callers whose environment is the
 one it started with, but for variables nothing it imports reads (`_keyless`): a server is found by a hash of the
-rest, of the interpreter and of the package's code. What its commands imported (each leaves the list in the
+rest, of the interpreter, of the package's code, and of what the kernel holds a process to (its control group,
+limits, CPUs and niceness: a forked process keeps the server's). What its commands imported (each leaves the list in the
 server's folder), a fork of the server imports while the server goes on serving, then takes its place; the list is
 kept for the next server. It forks only while it has one Python thread, and stops after IDLE_S idle seconds, at
 SIGTERM, or when its socket is taken over.
 
-LLMOPS_FORKSERVER=1 turns it on (without it, every command starts as a plain interpreter); LLMOPS_FORKSERVER_DIR
-moves its sockets (default: a folder of this user's in the temporary directory).
+LLMOPS_FORKSERVER=0 turns it off (every command then starts as a plain interpreter), as does a GPU driver;
+LLMOPS_FORKSERVER_DIR moves its sockets (default: a folder of this user's in the temporary directory).
 """
 
 from __future__ import annotations
@@ -81,7 +83,22 @@ def _key(env: dict[str, str] | os._Environ) -> str:
     for name, value in sorted(env.items()):
         if not _keyless(name):
             digest.update(f"{name}={value}\0".encode())
+    digest.update(_placement().encode())
     return digest.hexdigest()[:20]
+
+
+def _placement() -> str:
+    """What the kernel holds a forked process to, which it gets from the server, not from its caller: the control
+    group (a service manager stops a service by its group: a command forked for one service must not belong to
+    another's), the resource limits, the CPUs and the niceness."""
+    import resource
+
+    try:
+        group = Path("/proc/self/cgroup").read_text()
+    except OSError:
+        group = ""
+    limits = [resource.getrlimit(getattr(resource, name)) for name in dir(resource) if name.startswith("RLIMIT_")]
+    return f"{group}\0{limits}\0{sorted(os.sched_getaffinity(0))}\0{os.nice(0)}"
 
 
 def _private(folder: Path) -> Path:
@@ -100,9 +117,8 @@ GPU_DRIVERS = ("/proc/driver/nvidia", "/dev/kfd")
 
 
 def enabled() -> bool:
-    """LLMOPS_FORKSERVER=1, on Linux, without a GPU driver. Opt-in for now: on a machine running many environments at
-    once (the test suite: a server each, each importing everything learned) it cost more CPU than it saved."""
-    return (os.environ.get("LLMOPS_FORKSERVER") == "1" and hasattr(os, "pidfd_open")
+    """On Linux, without a GPU driver, unless LLMOPS_FORKSERVER=0."""
+    return (os.environ.get("LLMOPS_FORKSERVER", "1") != "0" and hasattr(os, "pidfd_open")
             and not any(os.path.exists(path) for path in GPU_DRIVERS))
 
 
@@ -229,9 +245,17 @@ class Request:
     env: dict[str, str]
     title: str
     fds: list[int] = field(default_factory=list)
+    caller: int = 0  # the caller's pid (SO_PEERCRED)
 
 
 _STARTED_WITH: dict[str, str] = {}  # the server's environment before its imports
+_CALLER = 0  # in a forked command: its caller's pid
+
+
+def own_pid() -> int:
+    """This command's pid as the world knows it: where it was forked for a caller, the caller's (the process its
+    starter waits for, and whose signals reach this one); else its own."""
+    return _CALLER or os.getpid()
 
 
 class _Stop(Exception):
@@ -304,7 +328,8 @@ def serve(path: Path) -> Request | None:
                 continue
             conn, _ = listener.accept()
             last = time.monotonic()
-            if not _same_user(conn):
+            caller, uid = _peer(conn)
+            if uid != os.getuid():
                 conn.close()
                 continue
             if not _one_thread():
@@ -317,7 +342,7 @@ def serve(path: Path) -> Request | None:
                 selector.close()
                 listener.close()
                 lock.close()
-                return _supervise(conn)
+                return _supervise(conn, caller)
             conn.close()
     except _HandedOver:
         return None  # the next generation serves the socket now
@@ -336,9 +361,10 @@ def _claim(lock) -> None:
     lock.flush()
 
 
-def _same_user(conn: socket.socket) -> bool:
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[1] == os.getuid()
+def _peer(conn: socket.socket) -> tuple[int, int]:
+    """The connecting process's pid and uid (as the kernel saw them at connect)."""
+    pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return pid, uid
 
 
 def _reap() -> list[int]:
@@ -352,7 +378,7 @@ def _reap() -> list[int]:
     return reaped
 
 
-def _supervise(conn: socket.socket) -> Request | None:
+def _supervise(conn: socket.socket, caller: int) -> Request | None:
     """In the fork that serves one caller: read its request, fork the command, tell the caller its pid and how it
     ended; kill it if the caller dies first. Returns only in the command's process."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -365,7 +391,7 @@ def _supervise(conn: socket.socket) -> Request | None:
             if not chunk:
                 os._exit(0)
             body += chunk
-        request = Request(**json.loads(body), fds=fds)
+        request = Request(**json.loads(body), fds=fds, caller=caller)
     except (OSError, ValueError, struct.error):
         os._exit(0)
     pid = os.fork()
@@ -412,6 +438,8 @@ def _become(request: Request) -> None:
     """This forked process takes on the caller's place: streams, directory, environment, arguments, title."""
     import setproctitle
 
+    global _CALLER
+    _CALLER = request.caller
     setproctitle.setproctitle(request.title)  # (before the environment changes: it moves it to make room)
     for sig in (*_SIGNALS, signal.SIGCHLD):
         signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
@@ -579,5 +607,7 @@ def _main() -> int:
     return 2
 
 
-if __name__ == "__main__":
-    sys.exit(_main())
+if __name__ == "__main__":  # run as the package's module, not as __main__: own_pid() reads what the server set there
+    from llmops.core import forkserver
+
+    sys.exit(forkserver._main())

@@ -109,8 +109,8 @@ def command(cfg: TrainRunParams, key: str, run_id: str, job: str,
     environment.
 
     One process on one node starts directly as rank 0 of 1 (torchrun's launcher would cost an interpreter of its own,
-    about 1.5 s of CPU, to start one process), forked by the fork server where one serves (llmops.core.forkserver,
-    LLMOPS_FORKSERVER=1: its imports done), of the installed package as `llmops train` is (-P: never a copy the
+    about 1.5 s of CPU, to start one process), forked by the fork server where one serves (llmops.core.forkserver:
+    its imports done), of the installed package as `llmops train` is (-P: never a copy the
     working directory holds); its process group meets at a port the OS picks, which no other rank needs to know. More
     processes, or several nodes, start through torchrun (`torchrun_args`).
     """
