@@ -515,12 +515,9 @@ def _end(command: Callable[[], int | None]) -> NoReturn:
 
 def _run_module(name: str) -> int:
     """`python -P -m name` (the installed module, not one the working directory holds), sys.argv its arguments."""
-    import importlib.util
     import runpy
 
-    spec = importlib.util.find_spec(name)
-    main = f"{name}.__main__" if spec and spec.submodule_search_locations is not None else name  # a package runs that
-    sys.modules.pop(main, None)  # the server may hold it imported: run as __main__ afresh, as a new interpreter would
+    sys.modules.pop(name, None)  # the server may hold it imported: run as __main__ afresh, as a new interpreter would
     runpy.run_module(name, run_name="__main__", alter_sys=True)
     return 0
 

@@ -51,9 +51,9 @@ def dvc(root: str | os.PathLike, *args: str, what: str | None = None,
         StageError: non-zero exit. The message is the stage's "error:" line and what
             follows it, or DVC's own error, never a wall of traceback.
     """
-    proc = subprocess.Popen(  # `python -m dvc`, forked past DVC's imports where a fork server serves
-        [sys.executable, "-P", "-m", "llmops.core.forkserver", "-m", "dvc", *args], cwd=root, env=dvc_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True,
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dvc", *args], cwd=root, env=dvc_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True,
     )
     lines = []
     try:
