@@ -302,7 +302,7 @@ def _exited(pid: int) -> bool:
     """Gone, or a zombie (exited; its parent, the run that started it, is gone too, and init reaps it)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # (gone before, or while, it was read)
         return True
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
