@@ -426,10 +426,7 @@ def _supervise(conn: socket.socket, caller: int) -> Request | None:
                     os._exit(0)
     except OSError:
         # The caller is gone: it closed, or was killed (before reading our reply, its end resets: ECONNRESET).
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _signal_group(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         os._exit(0)
 
